@@ -1,0 +1,37 @@
+"""Prediction rules for (possibly randomized) models.
+
+A randomized model's label for x is a random variable. The paper reports one draw per input;
+PixelDP predicts with the Monte-Carlo mean of the softmax over n draws, which estimates the
+expected scores E[softmax(f(x))] (error O(1/sqrt(n))). Every reported accuracy names its rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def prediction_rule(model: nn.Module, mc_samples: int) -> str:
+    """Human-readable name of the rule ``predict_proba(model, x, mc_samples)`` applies."""
+    if not getattr(model, "is_randomized", False):
+        return "deterministic"
+    if mc_samples <= 1:
+        return "single draw"
+    return f"mean softmax over {mc_samples} draws"
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, x: np.ndarray | torch.Tensor, mc_samples: int = 1, batch_size: int = 1000
+) -> np.ndarray:
+    """Class probabilities for ``x`` (eval mode; noise layers stay on), averaged over draws."""
+    model.eval()
+    draws = mc_samples if getattr(model, "is_randomized", False) else 1
+    inputs = torch.as_tensor(x)
+    chunks = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        probs = sum(torch.softmax(model(batch), dim=1) for _ in range(draws)) / draws
+        chunks.append(probs.numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
