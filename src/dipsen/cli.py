@@ -1,0 +1,149 @@
+"""Command-line interface: a thin layer over dipsen's packages.
+
+User errors (bad files, bad values, bad run folders) are printed as one line, without traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .config import TrainConfig, load_config
+from .errors import DipsenError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Federated CNN / DiPSeN training and robustness evaluation.")
+data_app = typer.Typer(no_args_is_help=True, help="Manage the embedded data sets.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+_TRAIN_OPTIONS = {f for f in TrainConfig.__dataclass_fields__}
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of options; flags override it.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="mnist | socofing | ctu13")] = None,
+    model: Annotated[Optional[str], typer.Option(help="cnn | dipsen | noise-only | selu-only")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Your own copy of the original files (default: embedded data).")] = None,
+    clients: Annotated[Optional[int], typer.Option(help="K, number of clients.")] = None,
+    fraction: Annotated[Optional[float], typer.Option(help="C, fraction of clients per round.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Maximum number of rounds.")] = None,
+    target_accuracy: Annotated[Optional[float], typer.Option(help="Stop once test accuracy reaches this.")] = None,
+    partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet | shards")] = None,
+    dirichlet_alpha: Annotated[Optional[float], typer.Option()] = None,
+    shards_per_client: Annotated[Optional[int], typer.Option()] = None,
+    local_epochs: Annotated[Optional[int], typer.Option(help="E, local epochs per round.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="B, local batch size.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd | adam")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Local learning rate.")] = None,
+    momentum: Annotated[Optional[float], typer.Option()] = None,
+    sigma: Annotated[Optional[float], typer.Option(help="Noise multiplier; default derived from (epsilon, delta, L).")] = None,
+    dp_epsilon: Annotated[Optional[float], typer.Option()] = None,
+    dp_delta: Annotated[Optional[float], typer.Option()] = None,
+    dp_attack_bound: Annotated[Optional[float], typer.Option(help="L, the L2 attack size the DP guarantee is for.")] = None,
+    alpha_dropout: Annotated[Optional[float], typer.Option()] = None,
+    mc_samples: Annotated[Optional[int], typer.Option(help="Predict with the mean softmax of n noise draws.")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    train_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the training set.")] = None,
+    test_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the test set.")] = None,
+    include_background: Annotated[Optional[bool], typer.Option("--include-background/--exclude-background", help="CTU-13: count Background flows as normal.")] = None,
+    bad_rows: Annotated[Optional[str], typer.Option(help="CTU-13 malformed rows: error | skip")] = None,
+    out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
+    resume: Annotated[Optional[Path], typer.Option(help="Resume the run in this folder from its last finished round.")] = None,
+) -> None:
+    """Train a model by federated averaging and write a run folder."""
+    from .data import load_dataset
+    from .federated import RunDir
+    from .federated import train as run_training
+
+    overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
+    if resume is not None:
+        given = sorted(k for k, v in overrides.items() if v is not None)
+        if config is not None or given:
+            raise DipsenError(f"--resume reads its options from {resume}/config.json; drop {', '.join(given) or '--config'}")
+        run = RunDir.open(resume)
+        cfg = run.config()
+    else:
+        cfg = load_config(config, overrides)
+        run = None
+    data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seed,
+                        include_background=cfg.include_background, bad_rows=cfg.bad_rows)
+    if run is None:
+        run = RunDir.create(out, cfg)
+    console.print(f"run folder: [bold]{run.path}[/]  ({cfg.dataset}, {cfg.model}, K={cfg.clients}, "
+                  f"m={cfg.clients_per_round}/round, up to {cfg.rounds} rounds)")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = progress.add_task("training", total=cfg.rounds)
+
+    def on_round(result, start_round):
+        if result is None:
+            progress.update(task, completed=start_round)
+            return
+        progress.update(task, completed=result.round,
+                        description=f"round {result.round} acc {result.test_accuracy:.4f} loss {result.train_loss:.3f}")
+
+    try:
+        with progress:
+            metrics = run_training(cfg, data, run, resume=resume is not None, on_round=on_round)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; resume with: dipsen train --resume {run.path}")
+        raise typer.Exit(130) from None
+    _print_metrics(metrics)
+    console.print(f"saved: {run.path}")
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+    """Print the final metrics of a finished run."""
+    from .federated import RunDir
+
+    run = RunDir.open(run_dir)
+    if not (run.path / "final_metrics.json").exists():
+        raise DipsenError(f"{run_dir}: run has not finished (no final_metrics.json); resume it with --resume")
+    _print_metrics(run.read_json("final_metrics.json"))
+
+
+@data_app.command("build-socofing-cache")
+def build_socofing_cache_cmd(
+    source: Annotated[Path, typer.Argument(help="SOCOFing Real folder or SOCOFing_Real.tar.gz")],
+    out: Annotated[Optional[Path], typer.Option(help="Output .npz (default: the embedded cache).")] = None,
+) -> None:
+    """Regenerate the compact SOCOFing cache from the original BMP files."""
+    from .data import socofing
+
+    path = socofing.build_socofing_cache(source, out or socofing.EMBEDDED_CACHE)
+    console.print(f"wrote {path}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    table = Table(title=f"final global model, round {metrics.get('rounds')} ({metrics['prediction_rule']})")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in metrics["per_class"]:
+        table.add_row(row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    for average in ("macro", "weighted"):
+        m = metrics[average]
+        table.add_row(f"[bold]{average} avg", f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(metrics["samples"]))
+    console.print(table)
+    console.print(f"accuracy: [bold]{metrics['accuracy']:.4f}[/]")
+    cost = metrics.get("cost") or {}
+    if cost.get("mean_step_seconds"):
+        console.print(f"cost: {cost['mean_step_seconds'] * 1e3:.2f} ms per local step, "
+                      f"{cost['mean_round_seconds']:.2f} s per round, {cost['train_samples_per_second']:.0f} samples/s")
+
+
+def main() -> None:
+    try:
+        app()
+    except DipsenError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

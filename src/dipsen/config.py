@@ -1,0 +1,117 @@
+"""Training configuration: defaults, TOML files, command-line overrides, validation.
+
+Precedence: built-in defaults < ``--config FILE`` (TOML, flat keys named as the fields below)
+< command-line flags. The resolved config is saved in every run folder and is what ``--resume``
+reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    include_background: bool = False
+    bad_rows: str = "error"
+    # model
+    model: str = "dipsen"
+    sigma: float | None = None
+    dp_epsilon: float = 1.0
+    dp_delta: float = 0.05
+    dp_attack_bound: float = 0.1
+    alpha_dropout: float = 0.05
+    mc_samples: int = 1
+    # federation
+    clients: int = 200
+    fraction: float = 0.1
+    rounds: int = 30
+    target_accuracy: float | None = None
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    # local training
+    local_epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    # reproducibility
+    seed: int = 0
+
+    @property
+    def clients_per_round(self) -> int:
+        """m = max(1, C * K)."""
+        return max(1, int(self.fraction * self.clients))
+
+    def validate(self) -> "TrainConfig":
+        from .data import DATASETS
+        from .models import MODELS
+        from .partition import SCHEMES
+
+        choices = {"dataset": DATASETS, "model": MODELS, "partition": SCHEMES, "optimizer": OPTIMIZERS,
+                   "bad_rows": ("error", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        positive_ints = ("clients", "rounds", "local_epochs", "batch_size", "mc_samples")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.alpha_dropout < 1:
+            raise ConfigError(f"alpha_dropout must be in [0, 1), got {self.alpha_dropout}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.from_dict(values, source=str(path or "options")).validate()
+    except TypeError as exc:
+        raise ConfigError(f"{path or 'options'}: {exc}") from None

@@ -1,0 +1,73 @@
+"""One client's local update: engine-independent, used by every federation engine.
+
+The client receives the global weights, trains E local epochs on its own data only (mini-batches
+of size B, reshuffled each epoch) and returns its new weights with its sample count, which FedAvg
+uses as its weight. All randomness (shuffling, noise draws, AlphaDropout) comes from ``seed``, so an
+update is a pure function of (global weights, data, settings, seed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    state: StateDict
+    num_samples: int
+    mean_loss: float
+    steps: int
+    seconds: float
+
+
+def client_update(
+    model: nn.Module,
+    global_state: StateDict,
+    x: Tensor,
+    y: Tensor,
+    training: LocalTraining,
+    seed: int,
+) -> ClientUpdate:
+    """Train ``model`` from ``global_state`` on (x, y) and return the updated weights.
+
+    ``model`` is a reusable worker: its weights are overwritten by ``global_state`` first.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # noise layer and AlphaDropout draw from the global generator
+    shuffle = torch.Generator().manual_seed(seed)
+    model.load_state_dict(global_state)
+    model.train()
+    optimizer = training.make_optimizer(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, steps = 0.0, 0
+    for _ in range(training.epochs):
+        order = torch.randperm(len(x), generator=shuffle)
+        for batch in order.split(training.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item()
+            steps += 1
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ClientUpdate(state, len(x), total_loss / max(steps, 1), steps, time.perf_counter() - start)

@@ -1,0 +1,200 @@
+"""The in-process federation engine: FedAvg rounds on one machine, with checkpoints and resume.
+
+Each round t the aggregator samples m = max(1, C*K) of the K clients without replacement, every
+sampled client runs :func:`client_update` from the global weights on its own partition, and
+:func:`fedavg` combines the results weighted by sample counts. The global model is evaluated on
+the held-out test set after every round; training stops after ``rounds`` rounds or as soon as the
+test accuracy reaches ``target_accuracy``.
+
+Reproducibility: every random choice is seeded from (seed, purpose, round, client), never from
+state carried between rounds, so a run resumed from the checkpoint of round t ends with exactly
+the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from ..data import Dataset
+from ..metrics import evaluate_model, predict_labels
+from ..models import build_model, calibrate_noise, prediction_rule
+from ..partition import partition, summarize
+from .aggregate import fedavg
+from .client import LocalTraining, client_update
+from .run_dir import RunDir
+
+_INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION = range(6)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on every key (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    test_accuracy: float
+    train_loss: float
+    clients: list[int]
+    samples: int
+    steps: int
+    round_seconds: float
+    step_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_clients(config: TrainConfig, round_: int) -> list[int]:
+    rng = np.random.default_rng(derive_seed(config.seed, _SAMPLE, round_))
+    return sorted(rng.choice(config.clients, size=config.clients_per_round, replace=False).tolist())
+
+
+def _subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if size is None or size >= len(y):
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).choice(len(y), size=size, replace=False))
+    return x[keep], y[keep]
+
+
+class FederatedTraining:
+    """Everything one federated run needs: data, partition, model, and the round loop."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset, run: RunDir) -> None:
+        self.config, self.dataset, self.run = config, dataset, run
+        seed = config.seed
+        x_train, y_train = _subset(dataset.x_train, dataset.y_train, config.train_subset, derive_seed(seed, _SUBSET, 0))
+        self.x_test, self.y_test = _subset(dataset.x_test, dataset.y_test, config.test_subset, derive_seed(seed, _SUBSET, 1))
+        self.x_train, self.y_train = torch.from_numpy(x_train), torch.from_numpy(y_train)
+        self.parts = partition(
+            y_train, config.clients, config.partition, alpha=config.dirichlet_alpha,
+            shards_per_client=config.shards_per_client, seed=derive_seed(seed, _PARTITION),
+        )
+        self.noise = calibrate_noise(config.sigma, config.dp_epsilon, config.dp_delta, config.dp_attack_bound)
+        torch.manual_seed(derive_seed(seed, _INIT))
+        self.model = build_model(
+            config.model, tuple(x_train.shape[1:]), len(dataset.classes), self.noise, config.alpha_dropout
+        )
+        self.training = LocalTraining(
+            config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum
+        )
+
+    def describe(self) -> dict:
+        """What run_info.json records: data, model, noise calibration, prediction rule."""
+        return {
+            "dataset": self.dataset.info,
+            "classes": list(self.dataset.classes),
+            "train_samples": int(len(self.y_train)),
+            "test_samples": int(len(self.y_test)),
+            "model": self.config.model,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "noise": {**asdict(self.noise), "std": self.noise.std} if self.model.is_randomized else None,
+            "prediction_rule": prediction_rule(self.model, self.config.mc_samples),
+            "clients_per_round": self.config.clients_per_round,
+        }
+
+    def test_accuracy(self, round_: int) -> float:
+        torch.manual_seed(derive_seed(self.config.seed, _EVAL, round_))
+        predictions = predict_labels(self.model, self.x_test, self.config.mc_samples)
+        return float((predictions == self.y_test).mean())
+
+    def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
+        start = time.perf_counter()
+        clients = sample_clients(self.config, round_)
+        updates = []
+        for client in clients:
+            idx = torch.from_numpy(self.parts[client])
+            updates.append(
+                client_update(
+                    self.model, global_state, self.x_train[idx], self.y_train[idx], self.training,
+                    derive_seed(self.config.seed, _CLIENT, round_, client),
+                )
+            )
+        new_state = fedavg([u.state for u in updates], [u.num_samples for u in updates])
+        self.model.load_state_dict(new_state)
+        accuracy = self.test_accuracy(round_)
+        steps = sum(u.steps for u in updates)
+        samples = sum(u.num_samples for u in updates) * self.config.local_epochs
+        result = RoundResult(
+            round=round_,
+            test_accuracy=accuracy,
+            train_loss=float(np.average([u.mean_loss for u in updates], weights=[u.num_samples for u in updates])),
+            clients=clients,
+            samples=samples,
+            steps=steps,
+            round_seconds=time.perf_counter() - start,
+            step_seconds=sum(u.seconds for u in updates) / max(steps, 1),
+        )
+        return new_state, result
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset,
+    run: RunDir,
+    *,
+    resume: bool = False,
+    on_round: Callable[[RoundResult | None, int], None] | None = None,
+) -> dict:
+    """Run (or resume) federated training in ``run``; returns the final metrics.
+
+    ``on_round(result, start_round)`` is called once before the first round (result None) and after
+    every finished round, for progress display.
+    """
+    job = FederatedTraining(config, dataset, run)
+    history: list[dict] = []
+    last = run.last_round() if resume else None
+    if last is None:
+        run.write_json("run_info.json", job.describe())
+        run.write_json("partition.json", summarize(job.parts, job.y_train.numpy(), len(dataset.classes)))
+        state = {k: v.clone() for k, v in job.model.state_dict().items()}
+        run.save_checkpoint(0, state)
+        start_round = 0
+    else:
+        history = run.keep_metrics_through(last)
+        state = run.load_checkpoint(last)
+        job.model.load_state_dict(state)
+        start_round = last
+    if on_round:
+        on_round(None, start_round)
+    done = _target_reached(config, history)
+    round_ = start_round
+    while not done and round_ < config.rounds:
+        round_ += 1
+        state, result = job.run_round(round_, state)
+        run.append_metrics(result.to_dict())  # before the checkpoint: see RunDir.keep_metrics_through
+        run.save_checkpoint(round_, state)
+        history.append(result.to_dict())
+        if on_round:
+            on_round(result, start_round)
+        done = _target_reached(config, history)
+    return _finish(job, run, history)
+
+
+def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
+    return bool(history) and config.target_accuracy is not None and history[-1]["test_accuracy"] >= config.target_accuracy
+
+
+def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:
+    final_round = history[-1]["round"] if history else 0
+    torch.manual_seed(derive_seed(job.config.seed, _EVAL, final_round))
+    metrics = evaluate_model(job.model, job.x_test, job.y_test, job.dataset.classes, job.config.mc_samples)
+    step_times = [r["step_seconds"] for r in history]
+    round_times = [r["round_seconds"] for r in history]
+    metrics["rounds"] = final_round
+    metrics["cost"] = {
+        "mean_step_seconds": float(np.mean(step_times)) if step_times else None,
+        "mean_round_seconds": float(np.mean(round_times)) if round_times else None,
+        "train_samples_per_second": (
+            float(sum(r["samples"] for r in history) / sum(round_times)) if round_times else None
+        ),
+    }
+    run.write_json("final_metrics.json", metrics)
+    return metrics
