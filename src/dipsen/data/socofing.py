@@ -1,0 +1,216 @@
+"""SOCOFing fingerprints (Shehu et al. 2018) from the original BMP files or this package's cache of them.
+
+Task: 10 classes, hand x finger (``Left_thumb`` ... ``Right_little``), from a 28x28 grayscale image.
+
+Originals are read from a folder (searched recursively for ``*.BMP``) or a ``.tar`` / ``.tar.gz`` archive,
+named ``<subject>__<M|F>_<Left|Right>_<finger>_finger[_CR|_Obl|_Zcut].BMP`` (the suffix marks the
+Altered-* variants of the full download). Each image is converted to grayscale with PIL's ``convert("L")``
+(the RGBA files' alpha only masks a 4-pixel black frame, so it is ignored) and resized to 28x28 with the
+Lanczos filter, which antialiases when shrinking. The 241x298 files are resized the same way, so their
+aspect ratio changes slightly more than the 96x103 ones'.
+
+The embedded default is ``embedded/socofing/socofing_real_28x28.npz``, built from the 6,000 real originals
+by :func:`build_socofing_cache`. Loading it and loading the originals go through the same split code
+(:mod:`dipsen.data.socofing_split`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import PIL
+from PIL import Image
+
+from dipsen.data._io import embedded_dir, sha256_hex, write_atomic
+from dipsen.data.dataset import Dataset
+from dipsen.data.socofing_split import split_by_subject
+from dipsen.errors import DataError
+
+HANDS = ("Left", "Right")
+FINGERS = ("thumb", "index", "middle", "ring", "little")
+CLASSES = tuple(f"{hand}_{finger}" for hand in HANDS for finger in FINGERS)
+VARIANTS = ("", "CR", "Obl", "Zcut")  # "" = real; the others are the Altered-* alterations
+SIDE = 28
+CACHE_NAME = "socofing_real_28x28.npz"
+CACHE_FIELDS = ("images", "subject", "gender", "hand", "finger", "variant", "sha256", "source")
+NAME_PATTERN = re.compile(
+    r"(?P<subject>\d+)__(?P<gender>[MF])_(?P<hand>Left|Right)_(?P<finger>thumb|index|middle|ring|little)"
+    r"_finger(?:_(?P<variant>CR|Obl|Zcut))?\.bmp",
+    re.IGNORECASE,
+)
+PREPROCESSING = {
+    "grayscale": "PIL convert('L') (ITU-R 601 luma; alpha ignored)",
+    "resize": f"PIL resize to {SIDE}x{SIDE}, Image.Resampling.LANCZOS, aspect ratio not kept",
+    "dtype": "uint8 in the cache; float32 / 255 in the Dataset",
+}
+
+Records = dict[str, np.ndarray]
+
+
+def parse_name(name: str, origin: str) -> dict:
+    """Subject id, gender, hand, finger and variant from a SOCOFing file name; DataError naming ``origin``."""
+    match = NAME_PATTERN.fullmatch(name)
+    if match is None:
+        raise DataError(
+            f"{origin}: not a SOCOFing file name (expected <subject>__<M|F>_<Left|Right>_<finger>_finger.BMP)"
+        )
+    fields = match.groupdict()
+    # Normalise case so that labels do not depend on how a copy spelled the name.
+    return {
+        "subject": int(fields["subject"]),
+        "gender": fields["gender"].upper(),
+        "hand": fields["hand"].capitalize(),
+        "finger": fields["finger"].lower(),
+        "variant": next(v for v in VARIANTS if v.lower() == (fields["variant"] or "").lower()),
+    }
+
+
+def decode_image(data: bytes, origin: str) -> np.ndarray:
+    """(28, 28) uint8 grayscale thumbnail of BMP bytes; DataError naming ``origin`` if they do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "BMP":
+                raise DataError(f"{origin}: not a BMP image (found {image.format or 'unknown format'})")
+            image.load()
+            gray = image.convert("L").resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{origin}: cannot decode BMP image: {exc}") from None
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def read_originals(source: Path) -> Records:
+    """Records of every SOCOFing BMP under ``source`` (a folder or a tar archive), in a fixed order.
+
+    A folder is searched recursively for ``*.BMP``; if it holds none, the ``*.tar.gz``/``*.tgz``/``*.tar``
+    archives in it are read instead. Other files are ignored. Records are sorted by subject, hand,
+    finger, variant and source name, so the result does not depend on how the files were stored.
+    """
+    rows = []
+    for origin, name, data in _iter_files(Path(source)):
+        row = parse_name(name.rsplit("/", 1)[-1], origin)
+        row.update(images=decode_image(data, origin), sha256=sha256_hex(data), source=name)
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{source}: no SOCOFing BMP files found")
+    rows.sort(
+        key=lambda r: (r["subject"], HANDS.index(r["hand"]), FINGERS.index(r["finger"]),
+                       VARIANTS.index(r["variant"]), r["source"])
+    )
+    records = {field: np.array([row[field] for row in rows]) for field in CACHE_FIELDS}
+    records["subject"] = records["subject"].astype(np.int32)
+    return records
+
+
+def build_socofing_cache(source: Path, out: Path) -> Path:
+    """Write the compact cache of the originals under ``source`` to ``out`` and return its path.
+
+    ``out`` may be a folder, in which case the file is ``out/socofing_real_28x28.npz``. The file appears
+    complete or not at all. It holds, per image: the 28x28 uint8 image, subject, gender, hand, finger,
+    variant ("" for real images), the sha256 of the original file bytes and the source name.
+    """
+    out = Path(out)
+    if out.is_dir():
+        out = out / CACHE_NAME
+    records = read_originals(Path(source))
+    meta = dict(PREPROCESSING, pillow=PIL.__version__, source=Path(source).name, count=len(records["subject"]))
+    write_atomic(out, lambda f: np.savez_compressed(f, meta=np.array(json.dumps(meta)), **records))
+    return out
+
+
+def read_cache(path: Path) -> tuple[Records, dict]:
+    """Records and build metadata from a cache written by :func:`build_socofing_cache`.
+
+    Raises DataError naming the file if it is missing, not a cache, or its arrays are inconsistent.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in (*CACHE_FIELDS, "meta") if key not in npz.files]
+            if missing:
+                raise DataError(f"{path}: not a SOCOFing cache: missing arrays {', '.join(missing)}")
+            records = {field: npz[field] for field in CACHE_FIELDS}
+            meta = json.loads(str(npz["meta"]))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read SOCOFing cache: {exc}") from None
+    n = len(records["subject"])
+    if records["images"].shape != (n, SIDE, SIDE) or records["images"].dtype != np.uint8:
+        raise DataError(f"{path}: images must be uint8 ({n}, {SIDE}, {SIDE}), found {records['images'].shape}")
+    if any(len(records[field]) != n for field in CACHE_FIELDS):
+        raise DataError(f"{path}: arrays have different lengths")
+    if not (np.isin(records["hand"], HANDS).all() and np.isin(records["finger"], FINGERS).all()):
+        raise DataError(f"{path}: unknown hand or finger value")
+    return records, meta
+
+
+def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
+    """The hand x finger task, split by subject with ``seed`` (see :mod:`dipsen.data.socofing_split`).
+
+    ``data_dir`` may be None (the embedded cache), a ``.npz`` cache, a folder of originals or a tar archive
+    of them. Guarantees: no subject and no image content (sha256 of the original file) in both splits.
+    """
+    if data_dir is None or Path(data_dir).suffix == ".npz":
+        path = embedded_dir("socofing") / CACHE_NAME if data_dir is None else Path(data_dir)
+        records, meta = read_cache(path)
+        source = {"cache": path.name, "cache_sha256": sha256_hex(path.read_bytes()), "built_with": meta}
+        if data_dir is None:
+            source["embedded"] = True
+    else:
+        records = read_originals(Path(data_dir))
+        source = {"originals": str(data_dir), "preprocessing": PREPROCESSING}
+    split = split_by_subject(records, seed=seed)
+    labels = np.array([CLASSES.index(f"{h}_{f}") for h, f in zip(records["hand"], records["finger"])], np.int64)
+    images = records["images"][:, None].astype(np.float32) / np.float32(255)
+    counts = {
+        name: np.bincount(labels[idx], minlength=len(CLASSES)).tolist()
+        for name, idx in (("train", split.train), ("test", split.test))
+    }
+    info = {
+        "source": source,
+        "task": "10 classes: hand x finger, label = index in classes",
+        "variants": {v or "real": int((records["variant"] == v).sum()) for v in VARIANTS},
+        **split.info,
+        "class_counts": counts,
+    }
+    return Dataset(
+        "socofing",
+        images[split.train], labels[split.train], images[split.test], labels[split.test],
+        classes=CLASSES, info=info,
+    )
+
+
+def _iter_files(source: Path) -> Iterator[tuple[str, str, bytes]]:
+    """(origin for messages, name relative to the source, bytes) of each BMP file in ``source``."""
+    if source.is_file():
+        yield from _iter_archive(source, prefix="")
+        return
+    bmps = sorted(p for p in source.rglob("*") if p.suffix.lower() == ".bmp" and p.is_file())
+    if bmps:
+        for path in bmps:
+            try:
+                yield str(path), path.relative_to(source).as_posix(), path.read_bytes()
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+        return
+    archives = sorted(p for p in source.rglob("*") if p.name.endswith((".tar.gz", ".tgz", ".tar")) and p.is_file())
+    for archive in archives:
+        yield from _iter_archive(archive, prefix=archive.relative_to(source).as_posix() + ":")
+
+
+def _iter_archive(archive: Path, prefix: str) -> Iterator[tuple[str, str, bytes]]:
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.lower().endswith(".bmp"):
+                    data = tar.extractfile(member).read()
+                    yield f"{archive}:{member.name}", prefix + member.name, data
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise DataError(f"{archive}: cannot read tar archive: {exc}") from None
