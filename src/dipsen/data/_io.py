@@ -47,6 +47,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def describe_file(path: Path) -> dict:
+    """Name, size and sha256 of a file as stored (compressed or not), for provenance records."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
 def write_atomic(out: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``out`` through ``write(file)`` so that readers only ever see the complete file.
 

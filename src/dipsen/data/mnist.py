@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dipsen.data._io import embedded_dir, read_bytes, sha256_hex
+from dipsen.data._io import describe_file, embedded_dir, read_bytes
 from dipsen.data.dataset import Dataset
 from dipsen.errors import DataError
 
@@ -72,7 +72,7 @@ def load_mnist(data_dir: Path | None = None) -> Dataset:
         splits[split] = (images[:, None].astype(np.float32) / np.float32(255), labels.astype(np.int64))
     info = {
         "source": "embedded" if data_dir is None else str(folder),
-        "files": {key: _describe(path) for key, path in paths.items()},
+        "files": {key: describe_file(path) for key, path in paths.items()},
         "split": "original MNIST train (60,000) / t10k test (10,000) files",
         "preprocessing": "uint8 pixels divided by 255; no normalisation, no augmentation",
         "counts": {split: len(y) for split, (_, y) in splits.items()},
@@ -103,7 +103,3 @@ def _find(folder: Path, stem: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise DataError(f"{folder / stem}: file not found (also looked for {stem}.gz)")
-
-
-def _describe(path: Path) -> dict:
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_hex(path.read_bytes())}

@@ -29,7 +29,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from dipsen.data._io import embedded_dir, sha256_hex, write_atomic
+from dipsen.data._io import describe_file, embedded_dir, sha256_hex, write_atomic
 from dipsen.data.dataset import Dataset
 from dipsen.data.socofing_split import split_by_subject
 from dipsen.errors import DataError
@@ -160,7 +160,7 @@ def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
     if data_dir is None or Path(data_dir).suffix == ".npz":
         path = embedded_dir("socofing") / CACHE_NAME if data_dir is None else Path(data_dir)
         records, meta = read_cache(path)
-        source = {"cache": path.name, "cache_sha256": sha256_hex(path.read_bytes()), "built_with": meta}
+        source = {"cache": describe_file(path), "built_with": meta}
         if data_dir is None:
             source["embedded"] = True
     else:
