@@ -3,7 +3,8 @@
 Layout (all datasets; inputs are (1, H, W) with H, W even-friendly, e.g. 28x28 or 28x6):
 
 - block 1: conv 3x3 (32 channels, 'same' padding) -> ReLU -> max-pool 2x2
-- [noise] Gaussian noise layer, std S_f * sigma (block 1's conv is then a :class:`BoundedConv2d`)
+- [noise] Gaussian noise layer, std S_f * sigma (block 1's conv is then a :class:`BoundedConv2d`),
+  followed by a constant gain (see ``POST_NOISE_GAIN``)
 - block 2: conv 3x3 (64 channels, 'same' padding) -> ReLU -> max-pool 2x2
 - hidden dense layer, 128 units: ReLU (CNN) or [selu] a :class:`SeluLayer` (LeCun-uniform, SELU,
   AlphaDropout)
@@ -22,6 +23,11 @@ from .selu import SeluLayer, lecun_uniform_
 
 CONV_CHANNELS = (32, 64)
 HIDDEN_UNITS = 128
+POST_NOISE_GAIN = 4.0
+"""Bounding block 1 to S_f = 1 shrinks its output about 4x against an unconstrained convolution
+at initialisation, which slows learning in block 2 (measured: 84% vs 93% MNIST test accuracy
+after 2 centralised epochs, noise off). A constant gain after the noise restores the scale block
+2's initialisation expects; as post-processing it changes neither S_f nor the DP guarantee."""
 
 
 class FederatedNet(nn.Module):
@@ -41,7 +47,7 @@ class FederatedNet(nn.Module):
         c1, c2 = CONV_CHANNELS
         conv1_cls = BoundedConv2d if noise_std is not None else nn.Conv2d
         self.block1 = nn.Sequential(conv1_cls(channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.noise = GaussianNoiseLayer(noise_std) if noise_std is not None else nn.Identity()
+        self.noise = GaussianNoiseLayer(noise_std) if noise_std is not None else None
         self.block2 = nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         flat = c2 * (height // 4) * (width // 4)
         if selu:
@@ -56,9 +62,11 @@ class FederatedNet(nn.Module):
     @property
     def is_randomized(self) -> bool:
         """True when predictions depend on noise draws even in evaluation mode."""
-        return isinstance(self.noise, GaussianNoiseLayer) and self.noise.std > 0
+        return self.noise is not None and self.noise.std > 0
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.noise(self.block1(x.float()))
+        x = self.block1(x.float())
+        if self.noise is not None:
+            x = self.noise(x) * POST_NOISE_GAIN
         x = self.block2(x).flatten(1)
         return self.output(self.hidden(x))
