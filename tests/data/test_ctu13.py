@@ -165,10 +165,11 @@ def test_missing_column_is_named(tmp_path):
         (lambda line: line.rsplit(",", 1)[0], "expected 15 fields, found 14"),
         (lambda line: edit_field(line, 1, "fast"), "Dur is not a non-negative number"),
         (lambda line: edit_field(line, 11, "-3"), "TotPkts is not a non-negative number"),
+        (lambda line: edit_field(line, 13, "inf"), "SrcBytes is not a non-negative number"),
         (lambda line: edit_field(line, 0, "yesterday"), "StartTime is not a date"),
         (lambda line: "", "expected 15 fields, found 1"),
     ],
-    ids=["long", "short", "text", "negative", "time", "blank"],
+    ids=["long", "short", "text", "negative", "infinite", "time", "blank"],
 )
 def test_malformed_row_names_file_and_line_or_is_skipped(tmp_path, edit, reason, fixture_ds):
     lines = fixture_lines()
@@ -218,3 +219,9 @@ def test_embedded_scenario_6():
     assert counts["train"]["normal"] + counts["test"]["normal"] == 7494
     assert ds.x_train.shape == (counts["train"]["botnet"] + counts["train"]["normal"], 1, 28, 6)
     assert ds.info["source"]["files"][0]["flows"] == 558919
+
+
+def test_a_utf8_byte_order_mark_before_the_header_is_accepted(tmp_path, fixture_ds):
+    path = tmp_path / "bom.binetflow"
+    path.write_text("\n".join(fixture_lines()), encoding="utf-8-sig")
+    np.testing.assert_array_equal(load_dataset("ctu13", path).x_test, fixture_ds.x_test)

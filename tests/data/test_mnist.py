@@ -91,7 +91,8 @@ def test_wrong_magic_names_the_file(tmp_path, test_split):
 def test_truncated_pixels_report_expected_and_found_bytes(tmp_path, test_split):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(idx_images(test_split[0][:3])[:-10])
-    with pytest.raises(DataError, match=naming(path, ": truncated: expected 2352 bytes of pixel data, found 2342")):
+    message = ": truncated: expected 2352 bytes of pixel data, found 2342"  # 3 images of 784 bytes, 10 cut off
+    with pytest.raises(DataError, match=naming(path, message)):
         read_idx_images(path)
 
 

@@ -118,7 +118,9 @@ def test_duplicates_on_the_fixtures(fixture_records):
     split = split_by_subject(fixture_records, seed=0)
     kept = fixture_records["source"][np.concatenate([split.train, split.test])]
     # 64 and 203 agree (Left_little): one copy kept. 511 and 590 conflict: both dropped.
-    assert sorted(kept) == ["1__M_Left_index_finger.BMP", "53__M_Left_index_finger.BMP", "64__M_Left_little_finger.BMP"]
+    assert sorted(kept) == [
+        "1__M_Left_index_finger.BMP", "53__M_Left_index_finger.BMP", "64__M_Left_little_finger.BMP"
+    ]
     assert split.info["duplicates"]["dropped_identical_copies"] == ["203__M_Left_little_finger.BMP"]
     assert len(split.info["duplicates"]["dropped_conflicting_labels"]) == 2
     assert split.info["split"]["joined_subject_groups"] == [[64, 203], [511, 590]]

@@ -33,9 +33,10 @@ _UNKNOWN = 127
 class Flows:
     """Validated flows of one file, in file order.
 
-    ``frame`` columns: time (int64 microseconds since the epoch, as written, no time zone), SrcAddr, Proto, Dport (str), Dur, TotPkts,
-    TotBytes, SrcBytes (float64, >= 0), kind (int8: BOTNET, NORMAL or BACKGROUND), line (1-based line
-    number in the file). ``skipped_lines`` lists malformed lines dropped with ``bad_rows="skip"``.
+    ``frame`` columns: time (int64 microseconds since the epoch, as written, no time zone), SrcAddr,
+    Proto, Dport (str), Dur, TotPkts, TotBytes, SrcBytes (float64, finite, >= 0), kind (int8: BOTNET,
+    NORMAL or BACKGROUND), line (1-based line number in the file). ``skipped_lines`` lists the malformed
+    lines dropped with ``bad_rows="skip"``.
     """
 
     path: Path
@@ -71,7 +72,7 @@ def read_binetflow(path: Path, bad_rows: str = "error") -> Flows:
     bad[times.isna()] = "StartTime is not a date"
     for column in COUNTERS:
         values = pd.to_numeric(frame[column], errors="coerce")
-        bad[(bad == "") & ~(values >= 0)] = f"{column} is not a non-negative number"
+        bad[(bad == "") & ~((values >= 0) & (values < np.inf))] = f"{column} is not a non-negative number"
         flows[column] = values.astype(np.float64)
     bad[(bad == "") & (frame["SrcAddr"] == "")] = "SrcAddr is empty"
     value_errors = {int(line): reason for line, reason in zip(lines[bad != ""], bad[bad != ""])}
@@ -94,7 +95,8 @@ def read_binetflow(path: Path, bad_rows: str = "error") -> Flows:
 
 
 def _header(path: Path, raw: bytes) -> list[str]:
-    first = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()
+    end = raw.find(b"\n")
+    first = raw[: end if end >= 0 else len(raw)].decode("utf-8-sig", errors="replace").strip()
     if not first:
         raise DataError(f"{path}: empty file or empty header line")
     names = [name.strip() for name in first.split(",")]
@@ -114,7 +116,8 @@ def _field_count_errors(raw: bytes, n_fields: int) -> dict[int, str]:
     line_ends = np.flatnonzero(buf == ord("\n"))
     if len(buf) and buf[-1] != ord("\n"):
         line_ends = np.append(line_ends, len(buf))  # last line without a newline
-    commas = np.bincount(np.searchsorted(line_ends, np.flatnonzero(buf == ord(","))), minlength=len(line_ends))
+    comma_lines = np.searchsorted(line_ends, np.flatnonzero(buf == ord(",")))
+    commas = np.bincount(comma_lines, minlength=len(line_ends))
     wrong = np.flatnonzero(commas[1:] != n_fields - 1) + 1  # skip the header (index 0)
     return {int(i) + 1: f"expected {n_fields} fields, found {commas[i] + 1}" for i in wrong}
 
@@ -126,8 +129,8 @@ def _kinds(path: Path, labels: pd.Series, lines: pd.Series) -> np.ndarray:
     if len(unknown):
         i = unknown[0]
         raise DataError(
-            f"{path}: line {lines[i]}: unknown label {labels[i]!r} (expected one containing Botnet, Normal or "
-            f"Background); {len(unknown)} such row(s)"
+            f"{path}: line {lines[i]}: unknown label {labels[i]!r} "
+            f"(expected one containing Botnet, Normal or Background); {len(unknown)} such row(s)"
         )
     return kind
 

@@ -63,7 +63,9 @@ FEATURE_DOC = [
 ]
 
 
-def load_ctu13(data_dir: Path | None = None, *, include_background: bool = False, bad_rows: str = "error") -> Dataset:
+def load_ctu13(
+    data_dir: Path | None = None, *, include_background: bool = False, bad_rows: str = "error"
+) -> Dataset:
     """Windows of flows as a (N, 1, 28, 6) Dataset; see the module docstring for features, layout and split.
 
     ``data_dir`` may be None (embedded scenario 6), one .binetflow[.gz] file, or a folder searched
@@ -72,31 +74,7 @@ def load_ctu13(data_dir: Path | None = None, *, include_background: bool = False
     """
     paths = _scenario_files(data_dir)
     where = str(paths[0] if len(paths) == 1 else data_dir)
-    frames, files = [], []
-    for path in paths:
-        flows = read_binetflow(path, bad_rows)
-        frame = flows.frame.sort_values("time", kind="stable", ignore_index=True)
-        sample = (frame["kind"] != BACKGROUND).to_numpy() | include_background
-        if not sample.any():
-            raise DataError(f"{path}: no botnet or normal flows")
-        split_time = int(np.quantile(frame["time"].to_numpy()[sample], TEST_QUANTILE, method="lower"))
-        frame["test"] = frame["time"] >= split_time
-        frame["sample"] = sample
-        frames.append(frame)
-        files.append(
-            {
-                **describe_file(path),
-                "path": None if data_dir is None else str(path),
-                "flows": len(frame),
-                "skipped_malformed_rows": len(flows.skipped_lines),
-                "split_time": pd.Timestamp(split_time, unit="us").isoformat(),
-                "flows_per_period": {
-                    period: {KIND_NAMES[k]: int(((frame["kind"] == k) & (frame["test"] == is_test)).sum())
-                             for k in (BOTNET, NORMAL, BACKGROUND)}
-                    for period, is_test in (("train", False), ("test", True))
-                },
-            }
-        )
+    frames, files = zip(*(_read_scenario(path, include_background, bad_rows) for path in paths))
     host = np.concatenate(_host_ids(frames))
     flows = pd.concat(frames, ignore_index=True)
     test = flows["test"].to_numpy()
@@ -112,24 +90,23 @@ def load_ctu13(data_dir: Path | None = None, *, include_background: bool = False
             if not (y[rows] == label).any():
                 raise DataError(f"{where}: the {split} split has no {name} flows (split at 70% of StartTime)")
 
-    raw = _raw_features(flows)
-    lo, hi = raw[~test, :4].min(axis=0), raw[~test, :4].max(axis=0)
-    features = raw.copy()
-    features[:, :4] = np.clip((raw[:, :4] - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0)
+    features = _raw_features(flows)
+    lo, hi = features[~test, :4].min(axis=0), features[~test, :4].max(axis=0)
+    features[:, :4] = np.clip((features[:, :4] - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0)
     windows = _WindowBuilder(features.astype(np.float32), host, test)
 
     info = {
         "source": {"embedded": data_dir is None, "data_dir": None if data_dir is None else str(data_dir),
-                   "files": files},
+                   "files": list(files)},
         "task": "binary: label containing 'Botnet' = 1, 'Normal' = 0"
         + ("; 'Background' counted as 0" if include_background else "; 'Background' flows are context only"),
         "features": FEATURE_DOC,
-        "feature_rationale": "per-flow NetFlow fields; identifiers (addresses, source ports), timestamps, label, "
-        "Argus Dir/State and near-constant sTos/dTos left out",
+        "feature_rationale": "per-flow NetFlow fields; left out: identifiers (addresses, source ports), "
+        "timestamps, the label, Argus Dir/State and near-constant sTos/dTos",
         "layout": f"(N, 1, {WINDOW}, {len(FEATURES)}): rows = the classified flow (bottom) and the previous "
         f"{WINDOW - 1} flows of the same SrcAddr in the same period, oldest at top, zero rows pad the top",
-        "split": "per file: T = 70% quantile (numpy 'lower') of included flows' StartTime; train < T <= test; "
-        "windows built within each period",
+        "split": "per file: T = 70% quantile (numpy 'lower') of included flows' StartTime; "
+        "train < T <= test; windows built within each period",
         "scaler": {"space": "log1p", **{name: {"min": float(lo[i]), "max": float(hi[i])}
                                         for i, name in enumerate(CONTINUOUS)}},
         "bad_rows": bad_rows,
@@ -147,6 +124,32 @@ def load_ctu13(data_dir: Path | None = None, *, include_background: bool = False
         windows.build(idx["train"]), y[idx["train"]], windows.build(idx["test"]), y[idx["test"]],
         classes=CLASSES, info=info,
     )
+
+
+def _read_scenario(path: Path, include_background: bool, bad_rows: str) -> tuple[pd.DataFrame, dict]:
+    """One file's flows in time order with its period (``test``) and ``sample`` flags, and its description."""
+    flows = read_binetflow(path, bad_rows)
+    frame = flows.frame.sort_values("time", kind="stable", ignore_index=True)
+    sample = (frame["kind"] != BACKGROUND).to_numpy() | include_background
+    if not sample.any():
+        raise DataError(f"{path}: no botnet or normal flows")
+    split_time = int(np.quantile(frame["time"].to_numpy()[sample], TEST_QUANTILE, method="lower"))
+    frame["test"] = frame["time"] >= split_time
+    frame["sample"] = sample
+    kinds = frame["kind"].to_numpy()
+    periods = {"train": ~frame["test"].to_numpy(), "test": frame["test"].to_numpy()}
+    per_period = {
+        period: {name: int((in_period & (kinds == k)).sum()) for k, name in KIND_NAMES.items()}
+        for period, in_period in periods.items()
+    }
+    return frame, {
+        **describe_file(path),
+        "path": str(path),
+        "flows": len(frame),
+        "skipped_malformed_rows": len(flows.skipped_lines),
+        "split_time": pd.Timestamp(split_time, unit="us").isoformat(),
+        "flows_per_period": per_period,
+    }
 
 
 class _WindowBuilder:
@@ -186,7 +189,7 @@ def _raw_features(flows: pd.DataFrame) -> np.ndarray:
     return np.column_stack([counters, proto, port])
 
 
-def _host_ids(frames: list[pd.DataFrame]) -> list[np.ndarray]:
+def _host_ids(frames: tuple[pd.DataFrame, ...]) -> list[np.ndarray]:
     """Integer SrcAddr ids, distinct across files (each file is its own capture)."""
     ids, offset = [], 0
     for frame in frames:
@@ -200,7 +203,8 @@ def _cap_background(sample: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, d
     background = np.flatnonzero(sample & (kind == BACKGROUND))
     info = {"available": len(background), "cap": MAX_BACKGROUND_SAMPLES, "seed": BACKGROUND_SEED}
     if len(background) > MAX_BACKGROUND_SAMPLES:
-        keep = np.random.default_rng(BACKGROUND_SEED).choice(background, MAX_BACKGROUND_SAMPLES, replace=False)
+        rng = np.random.default_rng(BACKGROUND_SEED)
+        keep = rng.choice(background, MAX_BACKGROUND_SAMPLES, replace=False)
         sample = sample.copy()
         sample[background] = False
         sample[keep] = True
@@ -214,7 +218,8 @@ def _scenario_files(data_dir: Path | None) -> list[Path]:
     data_dir = Path(data_dir)
     if data_dir.is_file():
         return [data_dir]
-    paths = sorted(p for p in data_dir.rglob("*") if p.name.endswith((".binetflow", ".binetflow.gz")) and p.is_file())
+    suffixes = (".binetflow", ".binetflow.gz")
+    paths = sorted(p for p in data_dir.rglob("*") if p.name.endswith(suffixes) and p.is_file())
     if not paths:
         raise DataError(f"{data_dir}: no *.binetflow or *.binetflow.gz files found")
     return paths

@@ -29,9 +29,9 @@ class Dataset:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.dtype != np.float32 or x.ndim != 4 or x.shape[1] != 1:
-                raise ValueError(f"{self.name}: x_{split} must be float32 (N, 1, H, W), got {x.dtype} {x.shape}")
+                raise ValueError(f"{self.name}: x_{split} must be float32 (N, 1, H, W), not {x.dtype}{x.shape}")
             if y.dtype != np.int64 or y.shape != (x.shape[0],):
-                raise ValueError(f"{self.name}: y_{split} must be int64 ({x.shape[0]},), got {y.dtype} {y.shape}")
+                raise ValueError(f"{self.name}: y_{split} must be int64 ({len(x)},), not {y.dtype} {y.shape}")
             if x.size and (x.min() < 0.0 or x.max() > 1.0):
                 raise ValueError(f"{self.name}: x_{split} has values outside [0, 1]")
             if y.size and (y.min() < 0 or y.max() >= len(self.classes)):

@@ -120,7 +120,8 @@ def build_socofing_cache(source: Path, out: Path) -> Path:
     if out.is_dir():
         out = out / CACHE_NAME
     records = read_originals(Path(source))
-    meta = dict(PREPROCESSING, pillow=PIL.__version__, source=Path(source).name, count=len(records["subject"]))
+    count = len(records["subject"])
+    meta = {**PREPROCESSING, "pillow": PIL.__version__, "source": Path(source).name, "count": count}
     write_atomic(out, lambda f: np.savez_compressed(f, meta=np.array(json.dumps(meta)), **records))
     return out
 
@@ -143,7 +144,8 @@ def read_cache(path: Path) -> tuple[Records, dict]:
         raise DataError(f"{path}: cannot read SOCOFing cache: {exc}") from None
     n = len(records["subject"])
     if records["images"].shape != (n, SIDE, SIDE) or records["images"].dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8 ({n}, {SIDE}, {SIDE}), found {records['images'].shape}")
+        shape = records["images"].shape
+        raise DataError(f"{path}: images must be uint8 ({n}, {SIDE}, {SIDE}), found {shape}")
     if any(len(records[field]) != n for field in CACHE_FIELDS):
         raise DataError(f"{path}: arrays have different lengths")
     if not (np.isin(records["hand"], HANDS).all() and np.isin(records["finger"], FINGERS).all()):
@@ -167,7 +169,8 @@ def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
         records = read_originals(Path(data_dir))
         source = {"originals": str(data_dir), "preprocessing": PREPROCESSING}
     split = split_by_subject(records, seed=seed)
-    labels = np.array([CLASSES.index(f"{h}_{f}") for h, f in zip(records["hand"], records["finger"])], np.int64)
+    names = (f"{hand}_{finger}" for hand, finger in zip(records["hand"], records["finger"]))
+    labels = np.array([CLASSES.index(name) for name in names], dtype=np.int64)
     images = records["images"][:, None].astype(np.float32) / np.float32(255)
     counts = {
         name: np.bincount(labels[idx], minlength=len(CLASSES)).tolist()
@@ -200,7 +203,8 @@ def _iter_files(source: Path) -> Iterator[tuple[str, str, bytes]]:
             except OSError as exc:
                 raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
         return
-    archives = sorted(p for p in source.rglob("*") if p.name.endswith((".tar.gz", ".tgz", ".tar")) and p.is_file())
+    suffixes = (".tar.gz", ".tgz", ".tar")
+    archives = sorted(p for p in source.rglob("*") if p.name.endswith(suffixes) and p.is_file())
     for archive in archives:
         yield from _iter_archive(archive, prefix=archive.relative_to(source).as_posix() + ":")
 

@@ -32,7 +32,9 @@ class SubjectSplit:
     info: dict
 
 
-def split_by_subject(records: dict[str, np.ndarray], *, seed: int, test_fraction: float = TEST_FRACTION) -> SubjectSplit:
+def split_by_subject(
+    records: dict[str, np.ndarray], *, seed: int, test_fraction: float = TEST_FRACTION
+) -> SubjectSplit:
     """Split ``records`` (fields subject, hand, finger, variant, sha256, source) by subject.
 
     Guarantees: no subject and no sha256 in both splits, no sha256 twice in the result, and the same
@@ -65,7 +67,7 @@ def split_by_subject(records: dict[str, np.ndarray], *, seed: int, test_fraction
     in_test = np.isin(subjects, sorted(test_subjects))
     info = {
         "split": {
-            "rule": "by subject; subjects sharing an identical image joined (union-find); groups shuffled with seed",
+            "rule": "by subject; subjects sharing an identical image joined (union-find), groups shuffled",
             "seed": seed,
             "test_fraction": test_fraction,
             "subjects": {"train": len(parent) - len(test_subjects), "test": len(test_subjects)},
