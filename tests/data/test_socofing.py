@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from dipsen.data import load_dataset
-from dipsen.data._io import embedded_dir
-from dipsen.data.socofing import CACHE_NAME, CLASSES, build_socofing_cache, read_cache, read_originals
+from dipsen.data.socofing import (
+    CACHE_NAME, CLASSES, EMBEDDED_CACHE, build_socofing_cache, read_cache, read_originals
+)
 from dipsen.data.socofing_split import split_by_subject
 from dipsen.errors import DataError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "socofing"
-EMBEDDED_CACHE = embedded_dir("socofing") / CACHE_NAME
 BMP_NAMES = sorted(p.name for p in FIXTURES.glob("*.BMP"))
 
 
@@ -106,6 +106,11 @@ def test_truncated_archive_is_named(tmp_path):
     archive.write_bytes(archive.read_bytes()[:50000])
     with pytest.raises(DataError, match=naming(archive, ": cannot read tar archive")):
         read_originals(archive)
+
+
+def test_missing_source_is_named(tmp_path):
+    with pytest.raises(DataError, match=naming(tmp_path / "Real", ": no such file or folder")):
+        build_socofing_cache(tmp_path / "Real", tmp_path)
 
 
 def test_folder_without_images_is_an_error(tmp_path):

@@ -40,6 +40,7 @@ CLASSES = tuple(f"{hand}_{finger}" for hand in HANDS for finger in FINGERS)
 VARIANTS = ("", "CR", "Obl", "Zcut")  # "" = real; the others are the Altered-* alterations
 SIDE = 28
 CACHE_NAME = "socofing_real_28x28.npz"
+EMBEDDED_CACHE = embedded_dir("socofing") / CACHE_NAME
 CACHE_FIELDS = ("images", "subject", "gender", "hand", "finger", "variant", "sha256", "source")
 NAME_PATTERN = re.compile(
     r"(?P<subject>\d+)__(?P<gender>[MF])_(?P<hand>Left|Right)_(?P<finger>thumb|index|middle|ring|little)"
@@ -93,6 +94,8 @@ def read_originals(source: Path) -> Records:
     archives in it are read instead. Other files are ignored. Records are sorted by subject, hand,
     finger, variant and source name, so the result does not depend on how the files were stored.
     """
+    if not Path(source).exists():
+        raise DataError(f"{source}: no such file or folder")
     rows = []
     for origin, name, data in _iter_files(Path(source)):
         row = parse_name(name.rsplit("/", 1)[-1], origin)
@@ -160,7 +163,7 @@ def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
     of them. Guarantees: no subject and no image content (sha256 of the original file) in both splits.
     """
     if data_dir is None or Path(data_dir).suffix == ".npz":
-        path = embedded_dir("socofing") / CACHE_NAME if data_dir is None else Path(data_dir)
+        path = EMBEDDED_CACHE if data_dir is None else Path(data_dir)
         records, meta = read_cache(path)
         source = {"cache": describe_file(path), "built_with": meta}
         if data_dir is None:
