@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 data_app = typer.Typer(no_args_is_help=True, help="Manage the embedded data sets.")
 app.add_typer(data_app, name="data")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 _TRAIN_OPTIONS = {f for f in TrainConfig.__dataclass_fields__}
 
@@ -61,12 +61,12 @@ def train(
 ) -> None:
     """Train a model by federated averaging and write a run folder."""
     from .data import load_dataset
-    from .federated import RunDir
+    from .federated import FederatedTraining, RunDir
     from .federated import train as run_training
 
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
     if resume is not None:
-        given = sorted(k for k, v in overrides.items() if v is not None)
+        given = sorted("--" + k.replace("_", "-") for k, v in overrides.items() if v is not None)
         if config is not None or given:
             raise DipsenError(f"--resume reads its options from {resume}/config.json; drop {', '.join(given) or '--config'}")
         run = RunDir.open(resume)
@@ -76,6 +76,7 @@ def train(
         run = None
     data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seed,
                         include_background=cfg.include_background, bad_rows=cfg.bad_rows)
+    job = FederatedTraining(cfg, data)
     if run is None:
         run = RunDir.create(out, cfg)
     console.print(f"run folder: [bold]{run.path}[/]  ({cfg.dataset}, {cfg.model}, K={cfg.clients}, "
@@ -93,7 +94,7 @@ def train(
 
     try:
         with progress:
-            metrics = run_training(cfg, data, run, resume=resume is not None, on_round=on_round)
+            metrics = run_training(job, run, resume=resume is not None, on_round=on_round)
     except KeyboardInterrupt:
         err_console.print(f"interrupted; resume with: dipsen train --resume {run.path}")
         raise typer.Exit(130) from None

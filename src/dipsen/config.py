@@ -59,7 +59,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         from .data import DATASETS
-        from .models import MODELS
+        from .models import MODELS, calibrate_noise
         from .partition import SCHEMES
 
         choices = {"dataset": DATASETS, "model": MODELS, "partition": SCHEMES, "optimizer": OPTIMIZERS,
@@ -83,6 +83,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.alpha_dropout < 1:
             raise ConfigError(f"alpha_dropout must be in [0, 1), got {self.alpha_dropout}")
+        calibrate_noise(self.sigma, self.dp_epsilon, self.dp_delta, self.dp_attack_bound)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 
 from .aggregate import fedavg
 from .client import ClientUpdate, LocalTraining, client_update
-from .engine import RoundResult, derive_seed, train
+from .engine import FederatedTraining, RoundResult, derive_seed, train
 from .run_dir import RunDir
 
-__all__ = ["ClientUpdate", "LocalTraining", "RoundResult", "RunDir", "client_update", "derive_seed", "fedavg", "train"]
+__all__ = ["ClientUpdate", "FederatedTraining", "LocalTraining", "RoundResult", "RunDir", "client_update", "derive_seed", "fedavg", "train"]

@@ -67,8 +67,9 @@ def _subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[
 class FederatedTraining:
     """Everything one federated run needs: data, partition, model, and the round loop."""
 
-    def __init__(self, config: TrainConfig, dataset: Dataset, run: RunDir) -> None:
-        self.config, self.dataset, self.run = config, dataset, run
+    def __init__(self, config: TrainConfig, dataset: Dataset) -> None:
+        """Prepare everything; raises on bad settings before any file is written."""
+        self.config, self.dataset = config, dataset
         seed = config.seed
         x_train, y_train = _subset(dataset.x_train, dataset.y_train, config.train_subset, derive_seed(seed, _SUBSET, 0))
         self.x_test, self.y_test = _subset(dataset.x_test, dataset.y_test, config.test_subset, derive_seed(seed, _SUBSET, 1))
@@ -136,24 +137,23 @@ class FederatedTraining:
 
 
 def train(
-    config: TrainConfig,
-    dataset: Dataset,
+    job: FederatedTraining,
     run: RunDir,
     *,
     resume: bool = False,
     on_round: Callable[[RoundResult | None, int], None] | None = None,
 ) -> dict:
-    """Run (or resume) federated training in ``run``; returns the final metrics.
+    """Run (or resume) ``job`` in ``run``; returns the final metrics.
 
     ``on_round(result, start_round)`` is called once before the first round (result None) and after
     every finished round, for progress display.
     """
-    job = FederatedTraining(config, dataset, run)
+    config = job.config
     history: list[dict] = []
     last = run.last_round() if resume else None
     if last is None:
         run.write_json("run_info.json", job.describe())
-        run.write_json("partition.json", summarize(job.parts, job.y_train.numpy(), len(dataset.classes)))
+        run.write_json("partition.json", summarize(job.parts, job.y_train.numpy(), len(job.dataset.classes)))
         state = {k: v.clone() for k, v in job.model.state_dict().items()}
         run.save_checkpoint(0, state)
         start_round = 0

@@ -1,0 +1,125 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dipsen.config import TrainConfig
+from dipsen.errors import DipsenError
+from dipsen.federated import FederatedTraining, RunDir, train
+from dipsen.federated.engine import sample_clients
+
+SMALL = dict(dataset="mnist", clients=10, fraction=0.5, train_subset=1000, test_subset=200, seed=3)
+
+
+def _final_state(run: RunDir) -> dict:
+    return run.load_checkpoint(run.last_round())
+
+
+def test_small_federated_cnn_reaches_90_percent(mnist, tmp_path):
+    cfg = TrainConfig(dataset="mnist", model="cnn", clients=10, fraction=1.0, rounds=5, train_subset=4000,
+                      test_subset=1000, optimizer="adam", lr=0.002).validate()
+    run = RunDir.create(tmp_path, cfg)
+    metrics = train(FederatedTraining(cfg, mnist), run)
+    assert metrics["accuracy"] >= 0.90
+    history = run.metrics()
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["test_accuracy"] == metrics["accuracy"]
+    assert all(len(r["clients"]) == 10 for r in history)
+    assert run.finished_rounds() == [0, 1, 2, 3, 4, 5]
+    info = run.read_json("run_info.json")
+    assert info["noise"] is None and info["prediction_rule"] == "deterministic"
+    assert run.read_json("partition.json")["samples"] == 4000
+
+
+def test_dipsen_run_logs_noise_calibration_and_rule(mnist, tmp_path):
+    cfg = TrainConfig(model="dipsen", rounds=1, mc_samples=4, **SMALL).validate()
+    run = RunDir.create(tmp_path, cfg)
+    metrics = train(FederatedTraining(cfg, mnist), run)
+    noise = run.read_json("run_info.json")["noise"]
+    assert noise["sensitivity"] == 1.0 and noise["epsilon"] == 1.0 and noise["delta"] == 0.05
+    assert noise["attack_bound"] == 0.1 and noise["sigma"] == pytest.approx(0.2537, abs=1e-4)
+    assert metrics["prediction_rule"] == "mean softmax over 4 draws"
+
+
+def test_same_seed_same_weights_other_seed_differs(mnist, tmp_path):
+    states = []
+    for seed in (3, 3, 4):
+        cfg = TrainConfig(model="dipsen", rounds=2, **{**SMALL, "seed": seed}).validate()
+        run = RunDir.create(tmp_path, cfg)
+        train(FederatedTraining(cfg, mnist), run)
+        states.append(_final_state(run))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_target_accuracy_stops_early(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=10, target_accuracy=0.05, **SMALL).validate()
+    run = RunDir.create(tmp_path, cfg)
+    metrics = train(FederatedTraining(cfg, mnist), run)
+    assert metrics["rounds"] == 1 and run.last_round() == 1
+
+
+def test_sampling_draws_m_distinct_clients_each_round():
+    cfg = TrainConfig(clients=200, fraction=0.1).validate()
+    for r in range(1, 6):
+        chosen = sample_clients(cfg, r)
+        assert len(chosen) == 20 == len(set(chosen)) and all(0 <= c < 200 for c in chosen)
+    assert sample_clients(cfg, 1) != sample_clients(cfg, 2)
+
+
+def test_resume_after_kill_gives_the_uninterrupted_weights(mnist, tmp_path):
+    rounds = 8
+    reference_cfg = TrainConfig(model="dipsen", rounds=rounds, **SMALL).validate()
+    reference = RunDir.create(tmp_path / "reference", reference_cfg)
+    train(FederatedTraining(reference_cfg, mnist), reference)
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "dipsen", "train", "--model", "dipsen", "--rounds", str(rounds), "--out", str(out)]
+    for key, value in SMALL.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/checkpoints/round_0002.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    (run_path,) = out.iterdir()
+    killed = RunDir.open(run_path)
+    assert 2 <= killed.last_round() < rounds
+
+    resumed = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(run_path)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    ref_state, res_state = _final_state(reference), _final_state(killed)
+    assert killed.last_round() == rounds
+    assert all(torch.equal(ref_state[k], res_state[k]) for k in ref_state)
+    assert [r["round"] for r in killed.metrics()] == list(range(1, rounds + 1))
+    assert killed.read_json("final_metrics.json")["accuracy"] == reference.read_json("final_metrics.json")["accuracy"]
+
+
+def test_metrics_line_without_checkpoint_is_dropped_on_resume(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=2, **SMALL).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    run.checkpoint_path(2).unlink()  # as if killed between the metrics line and the checkpoint
+    with open(run.path / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 3, "test_acc')  # and a line cut short
+    assert [r["round"] for r in run.keep_metrics_through(run.last_round())] == [1]
+    train(FederatedTraining(cfg, mnist), run, resume=True)
+    assert [r["round"] for r in run.metrics()] == [1, 2]
+
+
+def test_open_rejects_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(DipsenError, match="not a dipsen run folder"):
+        RunDir.open(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "mnist", "learning": 1}))
+    with pytest.raises(DipsenError, match="unknown option"):
+        RunDir.open(tmp_path).config()

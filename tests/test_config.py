@@ -1,0 +1,48 @@
+import pytest
+
+from dipsen.config import TrainConfig, load_config
+from dipsen.errors import ConfigError
+
+
+def test_precedence_defaults_file_flags(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('dataset = "socofing"\nrounds = 7\nlr = 0.01\n')
+    cfg = load_config(file, {"rounds": 9, "lr": None, "model": "cnn"})
+    assert (cfg.dataset, cfg.rounds, cfg.lr, cfg.model, cfg.clients) == ("socofing", 9, 0.01, "cnn", 200)
+
+
+def test_clients_per_round():
+    assert TrainConfig(clients=200, fraction=0.1).clients_per_round == 20
+    assert TrainConfig(clients=5, fraction=0.1).clients_per_round == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rounds = 0", "rounds"),
+        ("fraction = 1.5", "fraction"),
+        ('model = "resnet"', "model"),
+        ('dataset = "cifar"', "dataset"),
+        ("learning_rate = 0.1", "unknown option"),
+        ("rounds = ", "invalid TOML"),
+    ],
+)
+def test_bad_config_files_name_the_value(tmp_path, text, message):
+    file = tmp_path / "bad.toml"
+    file.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(file, {})
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_config(tmp_path / "nope.toml", {})
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for file in configs:
+        load_config(file, {})
