@@ -137,9 +137,10 @@ def _print_metrics(metrics: dict) -> None:
     console.print(table)
     console.print(f"accuracy: [bold]{metrics['accuracy']:.4f}[/]")
     cost = metrics.get("cost") or {}
-    if cost.get("mean_step_seconds"):
+    if cost:
         console.print(f"cost: {cost['mean_step_seconds'] * 1e3:.2f} ms per local step, "
-                      f"{cost['mean_round_seconds']:.2f} s per round, {cost['train_samples_per_second']:.0f} samples/s")
+                      f"{cost['mean_round_seconds']:.2f} s per round (of which {cost['mean_eval_seconds']:.2f} s test evaluation), "
+                      f"{cost['train_samples_per_second']:.0f} training samples/s")
 
 
 def main() -> None:

@@ -45,7 +45,8 @@ class RoundResult:
     clients: list[int]
     samples: int
     steps: int
-    round_seconds: float
+    train_seconds: float
+    eval_seconds: float
     step_seconds: float
 
     def to_dict(self) -> dict:
@@ -120,6 +121,7 @@ class FederatedTraining:
             )
         new_state = fedavg([u.state for u in updates], [u.num_samples for u in updates])
         self.model.load_state_dict(new_state)
+        trained = time.perf_counter()
         accuracy = self.test_accuracy(round_)
         steps = sum(u.steps for u in updates)
         samples = sum(u.num_samples for u in updates) * self.config.local_epochs
@@ -130,7 +132,8 @@ class FederatedTraining:
             clients=clients,
             samples=samples,
             steps=steps,
-            round_seconds=time.perf_counter() - start,
+            train_seconds=trained - start,
+            eval_seconds=time.perf_counter() - trained,
             step_seconds=sum(u.seconds for u in updates) / max(steps, 1),
         )
         return new_state, result
@@ -178,6 +181,19 @@ def train(
     return _finish(job, run, history)
 
 
+def training_cost(history: list[dict]) -> dict | None:
+    """Mean time per local step and per round; throughput counts training + aggregation time."""
+    if not history:
+        return None
+    train_seconds = sum(r["train_seconds"] for r in history)
+    return {
+        "mean_step_seconds": float(np.mean([r["step_seconds"] for r in history])),
+        "mean_round_seconds": float(np.mean([r["train_seconds"] + r["eval_seconds"] for r in history])),
+        "mean_eval_seconds": float(np.mean([r["eval_seconds"] for r in history])),
+        "train_samples_per_second": float(sum(r["samples"] for r in history) / train_seconds),
+    }
+
+
 def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
     return bool(history) and config.target_accuracy is not None and history[-1]["test_accuracy"] >= config.target_accuracy
 
@@ -186,15 +202,7 @@ def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:
     final_round = history[-1]["round"] if history else 0
     torch.manual_seed(derive_seed(job.config.seed, _EVAL, final_round))
     metrics = evaluate_model(job.model, job.x_test, job.y_test, job.dataset.classes, job.config.mc_samples)
-    step_times = [r["step_seconds"] for r in history]
-    round_times = [r["round_seconds"] for r in history]
     metrics["rounds"] = final_round
-    metrics["cost"] = {
-        "mean_step_seconds": float(np.mean(step_times)) if step_times else None,
-        "mean_round_seconds": float(np.mean(round_times)) if round_times else None,
-        "train_samples_per_second": (
-            float(sum(r["samples"] for r in history) / sum(round_times)) if round_times else None
-        ),
-    }
+    metrics["cost"] = training_cost(history)
     run.write_json("final_metrics.json", metrics)
     return metrics

@@ -23,9 +23,13 @@ def prediction_rule(model: nn.Module, mc_samples: int) -> str:
 
 @torch.no_grad()
 def predict_proba(
-    model: nn.Module, x: np.ndarray | torch.Tensor, mc_samples: int = 1, batch_size: int = 1000
+    model: nn.Module, x: np.ndarray | torch.Tensor, mc_samples: int = 1, batch_size: int = 128
 ) -> np.ndarray:
-    """Class probabilities for ``x`` (eval mode; noise layers stay on), averaged over draws."""
+    """Class probabilities for ``x`` (eval mode; noise layers stay on), averaged over draws.
+
+    The default batch keeps activations in cache: on a 2-core CPU, batches of 128 ran about 2x
+    faster per sample than batches of 512 or more.
+    """
     model.eval()
     draws = mc_samples if getattr(model, "is_randomized", False) else 1
     inputs = torch.as_tensor(x)
