@@ -52,6 +52,7 @@ def train(
     alpha_dropout: Annotated[Optional[float], typer.Option()] = None,
     mc_samples: Annotated[Optional[int], typer.Option(help="Predict with the mean softmax of n noise draws.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Client-training processes (default: one per CPU core).")] = None,
     train_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the training set.")] = None,
     test_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the test set.")] = None,
     include_background: Annotated[Optional[bool], typer.Option("--include-background/--exclude-background", help="CTU-13: count Background flows as normal.")] = None,

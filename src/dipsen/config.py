@@ -8,6 +8,7 @@ reads back.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -49,8 +50,9 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.0
-    # reproducibility
+    # reproducibility and layout
     seed: int = 0
+    workers: int | None = None  # client-training processes; None: one per CPU core, up to m
 
     @property
     def clients_per_round(self) -> int:
@@ -58,6 +60,11 @@ class TrainConfig:
         return max(1, int(self.fraction * self.clients))
 
     def validate(self) -> "TrainConfig":
+        """Check every value (ConfigError names the bad one) and resolve ``workers``.
+
+        The resolved worker count is saved with the run: float results can depend on the
+        thread/process layout, so a resumed run must use the same one.
+        """
         from .data import DATASETS
         from .models import MODELS, calibrate_noise
         from .partition import SCHEMES
@@ -67,7 +74,9 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        positive_ints = ("clients", "rounds", "local_epochs", "batch_size", "mc_samples")
+        if self.workers is None:
+            self.workers = max(1, min(os.cpu_count() or 1, self.clients_per_round))
+        positive_ints = ("clients", "rounds", "local_epochs", "batch_size", "mc_samples", "workers")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

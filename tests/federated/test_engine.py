@@ -14,7 +14,7 @@ from dipsen.errors import DipsenError
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.engine import sample_clients
 
-SMALL = dict(dataset="mnist", clients=10, fraction=0.5, train_subset=1000, test_subset=200, seed=3)
+SMALL = dict(dataset="mnist", clients=10, fraction=0.5, train_subset=1000, test_subset=200, seed=3, workers=1)
 
 
 def _final_state(run: RunDir) -> dict:
@@ -23,7 +23,7 @@ def _final_state(run: RunDir) -> dict:
 
 def test_small_federated_cnn_reaches_90_percent(mnist, tmp_path):
     cfg = TrainConfig(dataset="mnist", model="cnn", clients=10, fraction=1.0, rounds=5, train_subset=4000,
-                      test_subset=1000, optimizer="adam", lr=0.002).validate()
+                      test_subset=1000, optimizer="adam", lr=0.002, workers=1).validate()
     run = RunDir.create(tmp_path, cfg)
     metrics = train(FederatedTraining(cfg, mnist), run)
     assert metrics["accuracy"] >= 0.90
@@ -123,3 +123,15 @@ def test_open_rejects_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"dataset": "mnist", "learning": 1}))
     with pytest.raises(DipsenError, match="unknown option"):
         RunDir.open(tmp_path).config()
+
+
+def test_worker_processes_are_reproducible_and_agree_with_one_process(mnist, tmp_path):
+    states = []
+    for workers in (2, 2, 1):
+        cfg = TrainConfig(model="dipsen", rounds=2, **{**SMALL, "workers": workers}).validate()
+        run = RunDir.create(tmp_path, cfg)
+        train(FederatedTraining(cfg, mnist), run)
+        states.append(_final_state(run))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # one process with several threads may round differently from single-threaded workers
+    assert max((states[0][k] - states[2][k]).abs().max().item() for k in states[0]) < 1e-3

@@ -56,10 +56,10 @@ def test_bounded_conv_upper_bound_dominates_true_operator_norm():
 
 def test_noise_std_matches_sensitivity_times_sigma_and_stays_on_in_eval():
     cal = calibrate_noise(sigma=0.7)
-    layer = GaussianNoiseLayer(cal.std, generator=torch.Generator().manual_seed(3))
+    layer = GaussianNoiseLayer(cal.std, gain=2.0, generator=torch.Generator().manual_seed(3))
     layer.eval()
     x = torch.zeros(200_000)
-    noise = layer(x)
+    noise = layer(x) / 2.0
     assert noise.std().item() == pytest.approx(cal.sensitivity * 0.7, rel=0.01)
     assert noise.mean().item() == pytest.approx(0.0, abs=0.01)
 

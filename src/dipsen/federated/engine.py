@@ -26,8 +26,9 @@ from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
 from .aggregate import fedavg
-from .client import LocalTraining, client_update
+from .client import LocalTraining
 from .run_dir import RunDir
+from .workers import ClientRunner
 
 _INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION = range(6)
 
@@ -80,13 +81,21 @@ class FederatedTraining:
             shards_per_client=config.shards_per_client, seed=derive_seed(seed, _PARTITION),
         )
         self.noise = calibrate_noise(config.sigma, config.dp_epsilon, config.dp_delta, config.dp_attack_bound)
+        model_args = (config.model, tuple(x_train.shape[1:]), len(dataset.classes), self.noise, config.alpha_dropout)
         torch.manual_seed(derive_seed(seed, _INIT))
-        self.model = build_model(
-            config.model, tuple(x_train.shape[1:]), len(dataset.classes), self.noise, config.alpha_dropout
-        )
-        self.training = LocalTraining(
-            config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum
-        )
+        self.model = build_model(*model_args)
+        training = LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum)
+        self.clients = ClientRunner(model_args, self.x_train, self.y_train, training, config.workers)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        self.clients.close()
+
+    def __enter__(self) -> "FederatedTraining":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def describe(self) -> dict:
         """What run_info.json records: data, model, noise calibration, prediction rule."""
@@ -110,15 +119,10 @@ class FederatedTraining:
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
         clients = sample_clients(self.config, round_)
-        updates = []
-        for client in clients:
-            idx = torch.from_numpy(self.parts[client])
-            updates.append(
-                client_update(
-                    self.model, global_state, self.x_train[idx], self.y_train[idx], self.training,
-                    derive_seed(self.config.seed, _CLIENT, round_, client),
-                )
-            )
+        tasks = [
+            (torch.from_numpy(self.parts[c]), derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients
+        ]
+        updates = self.clients.run(global_state, tasks)
         new_state = fedavg([u.state for u in updates], [u.num_samples for u in updates])
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
@@ -146,11 +150,16 @@ def train(
     resume: bool = False,
     on_round: Callable[[RoundResult | None, int], None] | None = None,
 ) -> dict:
-    """Run (or resume) ``job`` in ``run``; returns the final metrics.
+    """Run (or resume) ``job`` in ``run``; returns the final metrics. Closes ``job`` at the end.
 
     ``on_round(result, start_round)`` is called once before the first round (result None) and after
     every finished round, for progress display.
     """
+    with job:
+        return _train(job, run, resume, on_round)
+
+
+def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
     config = job.config
     history: list[dict] = []
     last = run.last_round() if resume else None

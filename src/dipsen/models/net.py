@@ -4,7 +4,7 @@ Layout (all datasets; inputs are (1, H, W) with H, W even-friendly, e.g. 28x28 o
 
 - block 1: conv 3x3 (32 channels, 'same' padding) -> ReLU -> max-pool 2x2
 - [noise] Gaussian noise layer, std S_f * sigma (block 1's conv is then a :class:`BoundedConv2d`),
-  followed by a constant gain (see ``POST_NOISE_GAIN``)
+  whose output is scaled by a constant gain (see ``POST_NOISE_GAIN``)
 - block 2: conv 3x3 (64 channels, 'same' padding) -> ReLU -> max-pool 2x2
 - hidden dense layer, 128 units: ReLU (CNN) or [selu] a :class:`SeluLayer` (LeCun-uniform, SELU,
   AlphaDropout)
@@ -47,7 +47,7 @@ class FederatedNet(nn.Module):
         c1, c2 = CONV_CHANNELS
         conv1_cls = BoundedConv2d if noise_std is not None else nn.Conv2d
         self.block1 = nn.Sequential(conv1_cls(channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.noise = GaussianNoiseLayer(noise_std) if noise_std is not None else None
+        self.noise = GaussianNoiseLayer(noise_std, POST_NOISE_GAIN) if noise_std is not None else None
         self.block2 = nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         flat = c2 * (height // 4) * (width // 4)
         if selu:
@@ -67,6 +67,6 @@ class FederatedNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.block1(x.float())
         if self.noise is not None:
-            x = self.noise(x) * POST_NOISE_GAIN
+            x = self.noise(x)
         x = self.block2(x).flatten(1)
         return self.output(self.hidden(x))

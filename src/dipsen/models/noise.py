@@ -102,24 +102,27 @@ class BoundedConv2d(nn.Conv2d):
 
 
 class GaussianNoiseLayer(nn.Module):
-    """Adds N(0, std^2) noise to every activation, in training AND in evaluation mode.
+    """Returns ``gain * (x + N(0, std^2))``, in training AND in evaluation mode.
 
     Attack libraries call ``model.eval()``; a noise layer gated on ``self.training`` (as Keras'
-    GaussianNoise is) would silently evaluate a different, deterministic model.
+    GaussianNoise is) would silently evaluate a different, deterministic model. ``gain`` is a
+    constant applied after the noise (post-processing: it changes neither S_f nor the guarantee).
     ``generator`` may be set to a ``torch.Generator`` for reproducible draws; by default the global
     torch RNG is used (which the federated engine seeds per client update).
     """
 
-    def __init__(self, std: float, generator: torch.Generator | None = None) -> None:
+    def __init__(self, std: float, gain: float = 1.0, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.std = float(std)
+        self.gain = float(gain)
         self.generator = generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.std == 0.0:
-            return x
+            return x * self.gain
         noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
-        return x + self.std * noise
+        # one fused pass: gain * x + gain * std * noise
+        return torch.add(noise.mul_(self.gain * self.std), x, alpha=self.gain)
 
     def extra_repr(self) -> str:
-        return f"std={self.std:.4g}, always_on=True"
+        return f"std={self.std:.4g}, gain={self.gain:g}, always_on=True"

@@ -1,0 +1,157 @@
+"""Federated training benchmark: MNIST, K=200 clients, C=0.1, CNN vs DiPSeN, on this machine.
+
+Prints, all measured in one run:
+- the machine's ceiling for the workload: the CNN's forward+backward throughput (samples/s) at
+  several batch sizes and thread/process layouts, and the best of them;
+- for CNN and DiPSeN, trained with the same wall-clock budget: rounds and wall time to reach the
+  target test accuracy, final accuracy, training throughput (training + aggregation time, test
+  evaluation excluded) and that throughput as a fraction of the ceiling;
+- DiPSeN's overhead per training step as a ratio to the CNN, from interleaved step timings;
+- peak resident memory of this process.
+
+Usage: python benchmarks/train_throughput.py [--budget 300] [--target 0.97] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+from dipsen.config import TrainConfig
+from dipsen.data import load_dataset
+from dipsen.federated import FederatedTraining
+from dipsen.models import build_model, calibrate_noise
+
+SHAPE, CLASSES = (1, 28, 28), 10
+
+
+def _train_steps(model_name: str, batch: int, seconds: float, threads: int) -> tuple[int, float]:
+    """Run forward+backward+SGD steps for ``seconds``; return (samples, elapsed)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(model_name, SHAPE, CLASSES, calibrate_noise())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.rand(batch, *SHAPE), torch.randint(0, CLASSES, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(5):  # warm-up
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+    samples, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        samples += batch
+    return samples, time.perf_counter() - start
+
+
+def _worker(args) -> tuple[int, float]:
+    return _train_steps(*args)
+
+
+def measure_ceiling(seconds: float = 3.0) -> dict:
+    threads = torch.get_num_threads()
+    layouts = {}
+    for batch in (32, 64, 128, 256):
+        for t in sorted({1, threads}):
+            samples, elapsed = _train_steps("cnn", batch, seconds, t)
+            layouts[f"1 process x {t} thread(s), batch {batch}"] = samples / elapsed
+        if threads > 1:
+            with mp.get_context("spawn").Pool(threads) as pool:
+                results = pool.map(_worker, [("cnn", batch, seconds, 1)] * threads)
+            layouts[f"{threads} processes x 1 thread, batch {batch}"] = sum(s / e for s, e in results)
+    torch.set_num_threads(threads)
+    best = max(layouts, key=layouts.get)
+    return {"layouts": layouts, "best_layout": best, "ceiling": layouts[best]}
+
+
+def train_with_budget(model: str, dataset, budget: float, target: float) -> dict:
+    cfg = TrainConfig(dataset="mnist", model=model, clients=200, fraction=0.1, rounds=10_000).validate()
+    job = FederatedTraining(cfg, dataset)
+    state = {k: v.clone() for k, v in job.model.state_dict().items()}
+    history, wall, reached = [], 0.0, None
+    while wall < budget:
+        state, result = job.run_round(len(history) + 1, state)
+        history.append(result)
+        wall += result.train_seconds + result.eval_seconds
+        print(f"  {model} round {result.round}: acc {result.test_accuracy:.4f}, {wall:.0f} s", flush=True)
+        if reached is None and result.test_accuracy >= target:
+            reached = {"round": result.round, "wall_seconds": wall}
+            if model == "cnn":
+                break
+    train_seconds = sum(r.train_seconds for r in history)
+    return {
+        "rounds_run": len(history),
+        "reached_target": reached,
+        "final_accuracy": history[-1].test_accuracy,
+        "best_accuracy": max(r.test_accuracy for r in history),
+        "wall_seconds": wall,
+        "train_samples_per_second": sum(r.samples for r in history) / train_seconds,
+        "mean_step_seconds": statistics.mean(r.step_seconds for r in history),
+        "mean_eval_seconds": statistics.mean(r.eval_seconds for r in history),
+    }
+
+
+def step_overhead(x: torch.Tensor, y: torch.Tensor, blocks: int = 15, steps: int = 20) -> dict:
+    """Median time per step of CNN and DiPSeN, interleaved block by block on the same batches."""
+    models = {name: build_model(name, SHAPE, CLASSES, calibrate_noise()) for name in ("cnn", "dipsen")}
+    opts = {name: torch.optim.SGD(m.parameters(), lr=0.05) for name, m in models.items()}
+    loss_fn = torch.nn.CrossEntropyLoss()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    batches = list(zip(x.split(32), y.split(32)))
+    for block in range(blocks + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for i in range(steps):
+                xb, yb = batches[(block * steps + i) % len(batches)]
+                opts[name].zero_grad(); loss_fn(model(xb), yb).backward(); opts[name].step()
+            if block:  # block 0 is warm-up
+                times[name].append((time.perf_counter() - start) / steps)
+    cnn, dipsen = statistics.median(times["cnn"]), statistics.median(times["dipsen"])
+    return {"cnn_step_seconds": cnn, "dipsen_step_seconds": dipsen, "ratio": dipsen / cnn}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=300.0, help="training wall-clock budget per model (s)")
+    parser.add_argument("--target", type=float, default=0.97)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ceiling = measure_ceiling()
+    print("ceiling (CNN forward+backward, samples/s):")
+    for layout, value in ceiling["layouts"].items():
+        print(f"  {layout:<40} {value:8.0f}")
+    print(f"  best: {ceiling['best_layout']} = {ceiling['ceiling']:.0f}")
+
+    mnist = load_dataset("mnist")
+    x, y = torch.from_numpy(mnist.x_train[:3200]), torch.from_numpy(mnist.y_train[:3200])
+    overhead = step_overhead(x, y)
+    print(f"step time: CNN {overhead['cnn_step_seconds']*1e3:.2f} ms, DiPSeN {overhead['dipsen_step_seconds']*1e3:.2f} ms, "
+          f"overhead ratio {overhead['ratio']:.3f}")
+
+    runs = {}
+    for model in ("cnn", "dipsen"):
+        runs[model] = r = train_with_budget(model, mnist, args.budget, args.target)
+        reached = r["reached_target"]
+        when = f"round {reached['round']} after {reached['wall_seconds']:.0f} s" if reached else "not reached"
+        print(f"{model}: {args.target:.0%} {when}; final acc {r['final_accuracy']:.4f} (best {r['best_accuracy']:.4f}) "
+              f"after {r['rounds_run']} rounds / {r['wall_seconds']:.0f} s; "
+              f"{r['train_samples_per_second']:.0f} samples/s = {r['train_samples_per_second'] / ceiling['ceiling']:.2f} of ceiling; "
+              f"eval {r['mean_eval_seconds']:.2f} s/round")
+    run_ratio = runs["dipsen"]["mean_step_seconds"] / runs["cnn"]["mean_step_seconds"]
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"DiPSeN/CNN step time within the federated runs: {run_ratio:.3f}")
+    print(f"peak memory (this process): {peak_gb:.2f} GB")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"ceiling": ceiling, "overhead": overhead, "runs": runs, "run_step_ratio": run_ratio,
+                       "peak_rss_gb": peak_gb}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
