@@ -87,15 +87,15 @@ class FederatedTraining:
         training = LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum)
         self.clients = ClientRunner(model_args, self.x_train, self.y_train, training, config.workers)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         """Stop the worker processes, if any."""
-        self.clients.close()
+        self.clients.close(abort)
 
     def __enter__(self) -> "FederatedTraining":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(abort=exc_type is not None)
 
     def describe(self) -> dict:
         """What run_info.json records: data, model, noise calibration, prediction rule."""

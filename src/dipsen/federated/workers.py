@@ -54,8 +54,12 @@ class ClientRunner:
             return [client_update(self._model, state, self.x[i], self.y[i], self.training, seed) for i, seed in tasks]
         return self._pool.map(_run_client, [(state, i, seed) for i, seed in tasks], chunksize=1)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers: let them finish, or with ``abort`` (after an error or Ctrl-C) kill them."""
         if self._pool is not None:
-            self._pool.close()
+            if abort:
+                self._pool.terminate()
+            else:
+                self._pool.close()
             self._pool.join()
             self._pool = None
