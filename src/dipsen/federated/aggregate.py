@@ -23,10 +23,9 @@ def fedavg(states: Sequence[StateDict], num_samples: Sequence[int]) -> StateDict
     total = float(sum(num_samples))
     if total <= 0:
         raise ValueError("fedavg: the sample counts sum to zero")
+    weights = torch.tensor([n / total for n in num_samples], dtype=torch.float64)
     averaged: StateDict = {}
     for key, reference in states[0].items():
-        acc = torch.zeros(reference.shape, dtype=torch.float64)
-        for state, n in zip(states, num_samples):
-            acc += state[key].to(torch.float64) * (n / total)
-        averaged[key] = acc.to(reference.dtype)
+        stacked = torch.stack([state[key] for state in states]).to(torch.float64)
+        averaged[key] = torch.tensordot(weights, stacked, dims=1).to(reference.dtype)
     return averaged

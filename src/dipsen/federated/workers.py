@@ -24,22 +24,28 @@ def _init_worker(model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: 
     _WORKER.update(model=build_model(*model_args), x=x, y=y, training=training)
 
 
-def _run_client(task: tuple[StateDict, torch.Tensor, int]) -> ClientUpdate:
-    state, indices, seed = task
+def _run_clients(task: tuple[StateDict, list[tuple[torch.Tensor, int]]]) -> list[ClientUpdate]:
+    state, clients = task
     w = _WORKER
-    return client_update(w["model"], state, w["x"][indices], w["y"][indices], w["training"], seed)
+    return [client_update(w["model"], state, w["x"][i], w["y"][i], w["training"], seed) for i, seed in clients]
 
 
 class ClientRunner:
     """Runs a round's client updates; ``workers`` > 1 uses that many single-threaded processes.
 
     Results are returned in task order, so FedAvg sums them in the same order whatever the layout.
+    A round's clients go to the workers in ``CHUNKS_PER_WORKER`` chunks each: few enough that the
+    global weights are sent a few times per round rather than once per client, enough to balance
+    clients of unequal size.
     """
+
+    CHUNKS_PER_WORKER = 2
 
     def __init__(self, model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
                  workers: int = 1) -> None:
         self.x, self.y, self.training = x, y, training
         self._pool = None
+        self.workers = workers
         if workers > 1:
             x.share_memory_()
             y.share_memory_()
@@ -52,7 +58,10 @@ class ClientRunner:
         """One update per (sample indices, seed) task, all starting from ``state``."""
         if self._pool is None:
             return [client_update(self._model, state, self.x[i], self.y[i], self.training, seed) for i, seed in tasks]
-        return self._pool.map(_run_client, [(state, i, seed) for i, seed in tasks], chunksize=1)
+        chunks = max(1, min(len(tasks), self.workers * self.CHUNKS_PER_WORKER))
+        bounds = [round(j * len(tasks) / chunks) for j in range(chunks + 1)]
+        work = [(state, list(tasks[a:b])) for a, b in zip(bounds, bounds[1:])]
+        return [update for chunk in self._pool.map(_run_clients, work, chunksize=1) for update in chunk]
 
     def close(self, abort: bool = False) -> None:
         """Stop the workers: let them finish, or with ``abort`` (after an error or Ctrl-C) kill them."""
