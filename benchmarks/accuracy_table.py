@@ -5,7 +5,8 @@ keeps the run folders, and prints a markdown table of accuracy, macro F1 and mea
 step; randomized models are scored with both prediction rules (one draw, and the mean softmax of
 ``--mc-samples`` draws, same weights).
 
-Usage: python benchmarks/accuracy_table.py [--datasets mnist socofing ctu13] [--rounds 30] [--out runs/table]
+Usage: python benchmarks/accuracy_table.py [--datasets mnist socofing ctu13] [--rounds 30]
+       [--local-epochs 1] [--out runs/table]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--mc-samples", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("runs/table"))
     parser.add_argument("--seed", type=int, default=0)
@@ -38,7 +40,8 @@ def main() -> None:
     for name in args.datasets:
         data = load_dataset(name, seed=args.seed)
         for model in args.models:
-            cfg = TrainConfig(dataset=name, model=model, rounds=args.rounds, seed=args.seed).validate()
+            cfg = TrainConfig(dataset=name, model=model, rounds=args.rounds, local_epochs=args.local_epochs,
+                              seed=args.seed).validate()
             start = time.perf_counter()
             job = FederatedTraining(cfg, data)
             metrics = train(job, RunDir.create(args.out, cfg))

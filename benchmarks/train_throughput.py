@@ -97,8 +97,10 @@ def train_with_budget(model: str, dataset, budget: float, target: float, momentu
     }
 
 
-def step_overhead(x: torch.Tensor, y: torch.Tensor, blocks: int = 15, steps: int = 20) -> dict:
+def step_overhead(x: torch.Tensor, y: torch.Tensor, threads: int, blocks: int = 15, steps: int = 20) -> dict:
     """Median time per step of CNN and DiPSeN, interleaved block by block on the same batches."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     models = {name: build_model(name, SHAPE, CLASSES, calibrate_noise()) for name in ("cnn", "dipsen")}
     opts = {name: torch.optim.SGD(m.parameters(), lr=0.05) for name, m in models.items()}
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -112,8 +114,9 @@ def step_overhead(x: torch.Tensor, y: torch.Tensor, blocks: int = 15, steps: int
                 opts[name].zero_grad(); loss_fn(model(xb), yb).backward(); opts[name].step()
             if block:  # block 0 is warm-up
                 times[name].append((time.perf_counter() - start) / steps)
+    torch.set_num_threads(previous)
     cnn, dipsen = statistics.median(times["cnn"]), statistics.median(times["dipsen"])
-    return {"cnn_step_seconds": cnn, "dipsen_step_seconds": dipsen, "ratio": dipsen / cnn}
+    return {"threads": threads, "cnn_step_seconds": cnn, "dipsen_step_seconds": dipsen, "ratio": dipsen / cnn}
 
 
 def main() -> None:
@@ -135,9 +138,10 @@ def main() -> None:
 
     mnist = load_dataset("mnist")
     x, y = torch.from_numpy(mnist.x_train[:3200]), torch.from_numpy(mnist.y_train[:3200])
-    overhead = step_overhead(x, y)
-    print(f"step time: CNN {overhead['cnn_step_seconds']*1e3:.2f} ms, DiPSeN {overhead['dipsen_step_seconds']*1e3:.2f} ms, "
-          f"overhead ratio {overhead['ratio']:.3f}")
+    overhead = [step_overhead(x, y, t) for t in sorted({1, torch.get_num_threads()})]
+    for o in overhead:
+        print(f"step time, batch 32, {o['threads']} thread(s): CNN {o['cnn_step_seconds']*1e3:.2f} ms, "
+              f"DiPSeN {o['dipsen_step_seconds']*1e3:.2f} ms, DiPSeN/CNN {o['ratio']:.3f}")
 
     runs = {}
     for model in ("cnn", "dipsen"):
@@ -150,9 +154,12 @@ def main() -> None:
               f"{r['train_samples_per_second']:.0f} samples/s = {r['train_samples_per_second'] / ceiling['ceiling']:.2f} of ceiling; "
               f"eval {r['mean_eval_seconds']:.2f} s/round")
     run_ratio = runs["dipsen"]["mean_step_seconds"] / runs["cnn"]["mean_step_seconds"]
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    parent_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    worker_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    peak_gb = parent_gb + torch.get_num_threads() * worker_gb  # upper bound: all workers at their peak at once
     print(f"DiPSeN/CNN step time within the federated runs: {run_ratio:.3f}")
-    print(f"peak memory (this process): {peak_gb:.2f} GB")
+    print(f"peak memory: main process {parent_gb:.2f} GB, largest worker {worker_gb:.2f} GB, "
+          f"all processes at most {peak_gb:.2f} GB")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"ceiling": ceiling, "overhead": overhead, "runs": runs, "run_step_ratio": run_ratio,
