@@ -73,24 +73,31 @@ def test_sampling_draws_m_distinct_clients_each_round():
     assert sample_clients(cfg, 1) != sample_clients(cfg, 2)
 
 
-def test_resume_after_kill_gives_the_uninterrupted_weights(mnist, tmp_path):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGKILL, 1), (signal.SIGINT, 2)])
+def test_resume_after_kill_gives_the_uninterrupted_weights(mnist, tmp_path, sig, workers):
     rounds = 8
-    reference_cfg = TrainConfig(model="dipsen", rounds=rounds, **SMALL).validate()
+    settings = {**SMALL, "workers": workers}
+    reference_cfg = TrainConfig(model="dipsen", rounds=rounds, **settings).validate()
     reference = RunDir.create(tmp_path / "reference", reference_cfg)
     train(FederatedTraining(reference_cfg, mnist), reference)
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "dipsen", "train", "--model", "dipsen", "--rounds", str(rounds), "--out", str(out)]
-    for key, value in SMALL.items():
+    for key, value in settings.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a session of its own, so that SIGINT goes to the whole group, as Ctrl-C in a terminal does
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*/checkpoints/round_0002.pt")):
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    os.killpg(proc.pid, sig)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130 and "resume with: dipsen train --resume" in stderr
+        assert "Traceback" not in stderr
     (run_path,) = out.iterdir()
     killed = RunDir.open(run_path)
     assert 2 <= killed.last_round() < rounds

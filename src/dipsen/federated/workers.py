@@ -8,6 +8,7 @@ samples/s at batch 32 (``benchmarks/train_throughput.py``). Both layouts run the
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,7 @@ _WORKER: dict = {}
 
 def _init_worker(model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: LocalTraining) -> None:
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
     _WORKER.update(model=build_model(*model_args), x=x, y=y, training=training)
 
 
