@@ -96,18 +96,18 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(mnist, tmp_path, sig,
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
     else:
-        assert proc.returncode == 130 and "resume with: dipsen train --resume" in stderr
-        assert "Traceback" not in stderr
+        assert proc.returncode == 130 and "resume with: dipsen train --resume" in stderr, stderr
+        assert "Traceback" not in stderr, stderr
     (run_path,) = out.iterdir()
     killed = RunDir.open(run_path)
-    assert 2 <= killed.last_round() < rounds
+    assert 2 <= killed.last_round() < rounds, stderr
 
     resumed = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(run_path)],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     ref_state, res_state = _final_state(reference), _final_state(killed)
     assert killed.last_round() == rounds
-    assert all(torch.equal(ref_state[k], res_state[k]) for k in ref_state)
+    assert all(torch.equal(ref_state[k], res_state[k]) for k in ref_state), resumed.stdout
     assert [r["round"] for r in killed.metrics()] == list(range(1, rounds + 1))
     assert killed.read_json("final_metrics.json")["accuracy"] == reference.read_json("final_metrics.json")["accuracy"]
 
