@@ -119,9 +119,7 @@ class FederatedTraining:
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
         clients = sample_clients(self.config, round_)
-        tasks = [
-            (torch.from_numpy(self.parts[c]), derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients
-        ]
+        tasks = [(self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients]
         updates = self.clients.run(global_state, tasks)
         new_state = fedavg([u.state for u in updates], [u.num_samples for u in updates])
         self.model.load_state_dict(new_state)
