@@ -20,6 +20,14 @@ def _final_state(run: RunDir) -> dict:
     return run.load_checkpoint(run.last_round())
 
 
+def _trained_dipsen_state(mnist, tmp_path, **overrides) -> dict:
+    """Final weights of a 2-round DiPSeN run on the SMALL settings with ``overrides``."""
+    cfg = TrainConfig(model="dipsen", rounds=2, **{**SMALL, **overrides}).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    return _final_state(run)
+
+
 def test_small_federated_cnn_reaches_90_percent(mnist, tmp_path):
     cfg = TrainConfig(dataset="mnist", model="cnn", clients=10, fraction=1.0, rounds=5, train_subset=4000,
                       test_subset=1000, optimizer="adam", lr=0.002, workers=1).validate()
@@ -47,12 +55,7 @@ def test_dipsen_run_logs_noise_calibration_and_rule(mnist, tmp_path):
 
 
 def test_same_seed_same_weights_other_seed_differs(mnist, tmp_path):
-    states = []
-    for seed in (3, 3, 4):
-        cfg = TrainConfig(model="dipsen", rounds=2, **{**SMALL, "seed": seed}).validate()
-        run = RunDir.create(tmp_path, cfg)
-        train(FederatedTraining(cfg, mnist), run)
-        states.append(_final_state(run))
+    states = [_trained_dipsen_state(mnist, tmp_path, seed=seed) for seed in (3, 3, 4)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
 
@@ -132,12 +135,7 @@ def test_open_rejects_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_worker_processes_are_reproducible_and_agree_with_one_process(mnist, tmp_path):
-    states = []
-    for workers in (2, 2, 1):
-        cfg = TrainConfig(model="dipsen", rounds=2, **{**SMALL, "workers": workers}).validate()
-        run = RunDir.create(tmp_path, cfg)
-        train(FederatedTraining(cfg, mnist), run)
-        states.append(_final_state(run))
+    states = [_trained_dipsen_state(mnist, tmp_path, workers=workers) for workers in (2, 2, 1)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     # one process with several threads may round differently from single-threaded workers
     assert max((states[0][k] - states[2][k]).abs().max().item() for k in states[0]) < 1e-3
