@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import torch
 
 from dipsen.federated import fedavg
+from dipsen.federated.aggregate import MAX_STEP_NORM_RATIO, validate_update
 
 
 def test_fedavg_is_the_exact_sample_weighted_mean():
@@ -30,3 +33,36 @@ def test_fedavg_rejects_empty_and_zero_weights():
         fedavg([], [])
     with pytest.raises(ValueError):
         fedavg([{"w": torch.zeros(1)}], [0])
+
+
+def _global() -> dict:
+    return {"w": torch.ones(3, 2), "b": torch.zeros(2)}
+
+
+def test_validate_update_accepts_an_honest_update():
+    update = {"w": torch.ones(3, 2) + 0.1, "b": torch.full((2,), -0.2)}
+    assert validate_update(update, _global(), 30) is None
+
+
+@pytest.mark.parametrize("update, samples, reason", [
+    ({"w": torch.ones(3, 2)}, 30, "missing \\['b'\\]"),
+    ({"w": torch.ones(3, 2), "b": torch.zeros(2), "x": torch.zeros(1)}, 30, "unexpected \\['x'\\]"),
+    ({"w": torch.ones(2, 3), "b": torch.zeros(2)}, 30, "w has shape \\(2, 3\\), expected \\(3, 2\\)"),
+    ({"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.zeros(2)}, 30, "w has dtype torch.float64"),
+    ({"w": torch.tensor([[1.0, float("nan")]] * 3), "b": torch.zeros(2)}, 30, "w contains NaN or Inf"),
+    ({"w": torch.ones(3, 2), "b": torch.tensor([float("inf"), 0.0])}, 30, "b contains NaN or Inf"),
+    ({"w": torch.ones(3, 2) * 1e4, "b": torch.zeros(2)}, 30, "step norm .* exceeds"),
+    ({"w": torch.ones(3, 2), "b": torch.zeros(2)}, 0, "sample count 0"),
+    ({"w": torch.ones(3, 2), "b": torch.zeros(2)}, 2.5, "sample count 2.5"),
+    ([torch.ones(3, 2), torch.zeros(2)], 30, "not a state dict"),
+    ({"w": [[1.0, 1.0]] * 3, "b": torch.zeros(2)}, 30, "w is a list, not a tensor"),
+])
+def test_validate_update_names_what_is_wrong(update, samples, reason):
+    assert re.search(reason, validate_update(update, _global(), samples))
+
+
+def test_step_bound_scales_with_the_global_weights():
+    big = {"w": torch.full((3, 2), 1000.0), "b": torch.zeros(2)}
+    assert validate_update({"w": big["w"] * 2, "b": big["b"]}, big, 10) is None
+    limit = MAX_STEP_NORM_RATIO * big["w"].norm().item()
+    assert validate_update({"w": big["w"] + 1.01 * limit / 6 ** 0.5, "b": big["b"]}, big, 10) is not None

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from dipsen.config import TrainConfig
 from dipsen.errors import DipsenError
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.engine import sample_clients
+from dipsen.federated.workers import ClientFailure
 
 SMALL = dict(dataset="mnist", clients=10, fraction=0.5, train_subset=1000, test_subset=200, seed=3, workers=1)
 
@@ -139,3 +141,61 @@ def test_worker_processes_are_reproducible_and_agree_with_one_process(mnist, tmp
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     # one process with several threads may round differently from single-threaded workers
     assert max((states[0][k] - states[2][k]).abs().max().item() for k in states[0]) < 1e-3
+
+
+class _CorruptingRunner:
+    """A local runner whose clients 0..3 send a NaN, a wrong shape, an absurd step, or nothing."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def run(self, state, tasks):
+        results = self.inner.run(state, tasks)
+        for i, (task, update) in enumerate(zip(tasks, results)):
+            bad = dict(update.state)
+            key = next(iter(bad))
+            if task.client == 0:
+                bad[key] = torch.full_like(bad[key], float("nan"))
+            elif task.client == 1:
+                bad[key] = bad[key].flatten()
+            elif task.client == 2:
+                bad[key] = bad[key] * 1e6
+            elif task.client == 3:
+                results[i] = ClientFailure("no reply")
+                continue
+            results[i] = dataclasses.replace(update, state=bad)
+        return results
+
+    def close(self, abort=False):
+        self.inner.close(abort)
+
+
+def test_malformed_updates_are_rejected_and_the_round_goes_on(mnist, tmp_path, caplog):
+    cfg = TrainConfig(model="cnn", rounds=2, optimizer="adam", lr=0.002, **{**SMALL, "fraction": 1.0}).validate()
+    honest = FederatedTraining(cfg, mnist)
+    job = FederatedTraining(cfg, mnist, runner=_CorruptingRunner(honest.clients))
+    run = RunDir.create(tmp_path, cfg)
+    with caplog.at_level("WARNING", logger="dipsen.federated.engine"):
+        metrics = train(job, run)
+    history = run.metrics()
+    assert [r["round"] for r in history] == [1, 2]
+    for record in history:
+        reasons = {r["client"]: r["reason"] for r in record["rejected"]}
+        assert sorted(reasons) == [0, 1, 2, 3]
+        assert "contains NaN" in reasons[0] and "has shape" in reasons[1]
+        assert "step norm" in reasons[2] and reasons[3] == "no reply"
+        assert record["samples"] == 1000 - sum(len(job.parts[c]) for c in reasons)
+    assert caplog.text.count("rejected the update of client") == 8
+    state = _final_state(run)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert metrics["accuracy"] > 0.5  # the six honest clients still train the model
+
+
+def test_a_round_without_any_valid_update_keeps_the_global_model(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=1, **{**SMALL, "clients": 4, "fraction": 1.0}).validate()
+    honest = FederatedTraining(cfg, mnist)
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist, runner=_CorruptingRunner(honest.clients)), run)
+    assert run.metrics()[0]["train_loss"] is None and len(run.metrics()[0]["rejected"]) == 4
+    before, after = run.load_checkpoint(0), run.load_checkpoint(1)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -4,7 +4,13 @@ Each round t the aggregator samples m = max(1, C*K) of the K clients without rep
 sampled client runs :func:`client_update` from the global weights on its own partition, and
 :func:`fedavg` combines the results weighted by sample counts. The global model is evaluated on
 the held-out test set after every round; training stops after ``rounds`` rounds or as soon as the
-test accuracy reaches ``target_accuracy``.
+test accuracy reaches ``target_accuracy``. An update that fails :func:`validate_update` (or a
+client that fails to deliver one) is left out of the average, logged, and recorded in the round's
+metrics under ``rejected``; the round goes on with the others.
+
+Where the client updates run is the ``runner``'s business: by default a local
+:class:`~dipsen.federated.workers.ClientRunner`; the Flower app passes one that sends them to
+Flower SuperNodes. The round loop, the run folder and resume are the same for both.
 
 Reproducibility: every random choice is seeded from (seed, purpose, round, client), never from
 state carried between rounds, so a run resumed from the checkpoint of round t ends with exactly
@@ -13,9 +19,11 @@ the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,10 +33,12 @@ from ..data import Dataset
 from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
-from .aggregate import fedavg
-from .client import LocalTraining
+from .aggregate import fedavg, validate_update
+from .client import ClientUpdate, LocalTraining, StateDict
 from .run_dir import RunDir
-from .workers import ClientRunner
+from .workers import ClientFailure, ClientRunner, ClientTask
+
+log = logging.getLogger(__name__)
 
 _INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION = range(6)
 
@@ -38,17 +48,26 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
+class Runner(Protocol):
+    """Runs a round's client updates, one result per task, in task order."""
+
+    def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate | ClientFailure]: ...
+
+    def close(self, abort: bool = False) -> None: ...
+
+
 @dataclass(frozen=True)
 class RoundResult:
     round: int
     test_accuracy: float
-    train_loss: float
+    train_loss: float | None  # None when every update of the round was rejected
     clients: list[int]
     samples: int
     steps: int
     train_seconds: float
     eval_seconds: float
     step_seconds: float
+    rejected: list[dict] = field(default_factory=list)  # {"client": id, "reason": why}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,8 +88,11 @@ def _subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[
 class FederatedTraining:
     """Everything one federated run needs: data, partition, model, and the round loop."""
 
-    def __init__(self, config: TrainConfig, dataset: Dataset) -> None:
-        """Prepare everything; raises on bad settings before any file is written."""
+    def __init__(self, config: TrainConfig, dataset: Dataset, runner: Runner | None = None) -> None:
+        """Prepare everything; raises on bad settings before any file is written.
+
+        ``runner`` runs the client updates; default: a local pool of ``config.workers`` processes.
+        """
         self.config, self.dataset = config, dataset
         seed = config.seed
         x_train, y_train = _subset(dataset.x_train, dataset.y_train, config.train_subset, derive_seed(seed, _SUBSET, 0))
@@ -85,10 +107,10 @@ class FederatedTraining:
         torch.manual_seed(derive_seed(seed, _INIT))
         self.model = build_model(*model_args)
         training = LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum)
-        self.clients = ClientRunner(model_args, self.x_train, self.y_train, training, config.workers)
+        self.clients = runner or ClientRunner(model_args, self.x_train, self.y_train, training, config.workers)
 
     def close(self, abort: bool = False) -> None:
-        """Stop the worker processes, if any."""
+        """Stop the client runner (worker processes, if any)."""
         self.clients.close(abort)
 
     def __enter__(self) -> "FederatedTraining":
@@ -119,9 +141,17 @@ class FederatedTraining:
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
         clients = sample_clients(self.config, round_)
-        tasks = [(self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients]
-        updates = self.clients.run(global_state, tasks)
-        new_state = fedavg([u.state for u in updates], [u.num_samples for u in updates])
+        tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients]
+        updates, rejected = [], []
+        for task, result in zip(tasks, self.clients.run(global_state, tasks), strict=True):
+            reason = result.reason if isinstance(result, ClientFailure) else \
+                validate_update(result.state, global_state, result.num_samples)
+            if reason is None:
+                updates.append(result)
+            else:
+                log.warning("round %d: rejected the update of client %d: %s", round_, task.client, reason)
+                rejected.append({"client": task.client, "reason": reason})
+        new_state = fedavg([u.state for u in updates], [u.num_samples for u in updates]) if updates else global_state
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
         accuracy = self.test_accuracy(round_)
@@ -130,13 +160,15 @@ class FederatedTraining:
         result = RoundResult(
             round=round_,
             test_accuracy=accuracy,
-            train_loss=float(np.average([u.mean_loss for u in updates], weights=[u.num_samples for u in updates])),
+            train_loss=float(np.average([u.mean_loss for u in updates], weights=[u.num_samples for u in updates]))
+            if updates else None,
             clients=clients,
             samples=samples,
             steps=steps,
             train_seconds=trained - start,
             eval_seconds=time.perf_counter() - trained,
             step_seconds=sum(u.seconds for u in updates) / max(steps, 1),
+            rejected=rejected,
         )
         return new_state, result
 

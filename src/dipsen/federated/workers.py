@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,21 @@ from ..models import build_model
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
 
 _WORKER: dict = {}
+
+
+class ClientTask(NamedTuple):
+    """One client's share of a round: its id, its training rows and the seed of its update."""
+
+    client: int
+    indices: np.ndarray
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientFailure:
+    """A client that delivered no update this round, and why."""
+
+    reason: str
 
 
 def _init_worker(model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: LocalTraining) -> None:
@@ -75,14 +91,15 @@ class ClientRunner:
         else:
             self._model = build_model(*model_args)
 
-    def run(self, state: StateDict, tasks: Sequence[tuple[np.ndarray, int]]) -> list[ClientUpdate]:
-        """One update per (sample indices, seed) task, all starting from ``state``."""
+    def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate]:
+        """One update per task, all starting from ``state``."""
         if self._pool is None:
-            return [client_update(self._model, state, self.x[i], self.y[i], self.training, seed) for i, seed in tasks]
+            return [client_update(self._model, state, self.x[t.indices], self.y[t.indices], self.training, t.seed)
+                    for t in tasks]
         chunks = max(1, min(len(tasks), self.workers * self.CHUNKS_PER_WORKER))
         bounds = [round(j * len(tasks) / chunks) for j in range(chunks + 1)]
         shared = _numpy_state(state)
-        work = [(shared, list(tasks[a:b])) for a, b in zip(bounds, bounds[1:])]
+        work = [(shared, [(t.indices, t.seed) for t in tasks[a:b]]) for a, b in zip(bounds, bounds[1:])]
         chunks = self._pool.map(_run_clients, work, chunksize=1)
         return [dataclasses.replace(u, state=_torch_state(u.state)) for chunk in chunks for u in chunk]
 
