@@ -53,6 +53,7 @@ def train(
     mc_samples: Annotated[Optional[int], typer.Option(help="Predict with the mean softmax of n noise draws.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     workers: Annotated[Optional[int], typer.Option(help="Client-training processes (default: one per CPU core).")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="inprocess | flower (a Flower simulation on Ray).")] = None,
     train_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the training set.")] = None,
     test_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the test set.")] = None,
     include_background: Annotated[Optional[bool], typer.Option("--include-background/--exclude-background", help="CTU-13: count Background flows as normal.")] = None,
@@ -77,7 +78,13 @@ def train(
         run = None
     data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seed,
                         include_background=cfg.include_background, bad_rows=cfg.bad_rows)
-    job = FederatedTraining(cfg, data)
+    if cfg.engine == "flower":
+        from .federated.engine import federated_data
+
+        federated_data(cfg, data)  # raises on bad partition settings before any file is written
+        job = None
+    else:
+        job = FederatedTraining(cfg, data)
     if run is None:
         run = RunDir.create(out, cfg)
     console.print(f"run folder: [bold]{run.path}[/]  ({cfg.dataset}, {cfg.model}, K={cfg.clients}, "
@@ -90,12 +97,25 @@ def train(
         if result is None:
             progress.update(task, completed=start_round)
             return
+        loss = "-" if result.train_loss is None else f"{result.train_loss:.3f}"
         progress.update(task, completed=result.round,
-                        description=f"round {result.round} acc {result.test_accuracy:.4f} loss {result.train_loss:.3f}")
+                        description=f"round {result.round} acc {result.test_accuracy:.4f} loss {loss}")
+
+    def on_poll():  # the Flower engine trains in other processes: follow the run folder
+        history = run.metrics()
+        if history:
+            last = history[-1]
+            progress.update(task, completed=last["round"],
+                            description=f"round {last['round']} acc {last['test_accuracy']:.4f}")
 
     try:
         with progress:
-            metrics = run_training(job, run, resume=resume is not None, on_round=on_round)
+            if job is None:
+                from .federated.flower.launch import simulate
+
+                metrics = simulate(run, resume=resume is not None, on_poll=on_poll)
+            else:
+                metrics = run_training(job, run, resume=resume is not None, on_round=on_round)
     except KeyboardInterrupt:
         err_console.print(f"interrupted; resume with: dipsen train --resume {run.path}")
         raise typer.Exit(130) from None

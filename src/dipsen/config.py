@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
+ENGINES = ("inprocess", "flower")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
+    engine: str = "inprocess"  # inprocess | flower (a Flower simulation; see dipsen.federated.flower)
 
     @property
     def clients_per_round(self) -> int:
@@ -70,7 +72,7 @@ class TrainConfig:
         from .partition import SCHEMES
 
         choices = {"dataset": DATASETS, "model": MODELS, "partition": SCHEMES, "optimizer": OPTIMIZERS,
-                   "bad_rows": ("error", "skip")}
+                   "engine": ENGINES, "bad_rows": ("error", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

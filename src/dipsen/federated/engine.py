@@ -73,6 +73,10 @@ class RoundResult:
         return asdict(self)
 
 
+def local_training(config: TrainConfig) -> LocalTraining:
+    return LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum)
+
+
 def sample_clients(config: TrainConfig, round_: int) -> list[int]:
     rng = np.random.default_rng(derive_seed(config.seed, _SAMPLE, round_))
     return sorted(rng.choice(config.clients, size=config.clients_per_round, replace=False).tolist())
@@ -85,6 +89,35 @@ def _subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[
     return x[keep], y[keep]
 
 
+@dataclass(frozen=True)
+class FederatedData:
+    """The run's training rows (split into client partitions) and test rows."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    parts: list[np.ndarray]  # parts[c]: the training rows of client c
+
+
+def federated_data(config: TrainConfig, dataset: Dataset) -> FederatedData:
+    """Subsets and client partitions of ``dataset``: a pure function of the config and the data."""
+    seed = config.seed
+    x_train, y_train = _subset(dataset.x_train, dataset.y_train, config.train_subset, derive_seed(seed, _SUBSET, 0))
+    x_test, y_test = _subset(dataset.x_test, dataset.y_test, config.test_subset, derive_seed(seed, _SUBSET, 1))
+    parts = partition(
+        y_train, config.clients, config.partition, alpha=config.dirichlet_alpha,
+        shards_per_client=config.shards_per_client, seed=derive_seed(seed, _PARTITION),
+    )
+    return FederatedData(x_train, y_train, x_test, y_test, parts)
+
+
+def model_args(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> tuple:
+    """The arguments of :func:`build_model` for ``config``'s model on this data."""
+    noise = calibrate_noise(config.sigma, config.dp_epsilon, config.dp_delta, config.dp_attack_bound)
+    return (config.model, tuple(input_shape), num_classes, noise, config.alpha_dropout)
+
+
 class FederatedTraining:
     """Everything one federated run needs: data, partition, model, and the round loop."""
 
@@ -94,20 +127,15 @@ class FederatedTraining:
         ``runner`` runs the client updates; default: a local pool of ``config.workers`` processes.
         """
         self.config, self.dataset = config, dataset
-        seed = config.seed
-        x_train, y_train = _subset(dataset.x_train, dataset.y_train, config.train_subset, derive_seed(seed, _SUBSET, 0))
-        self.x_test, self.y_test = _subset(dataset.x_test, dataset.y_test, config.test_subset, derive_seed(seed, _SUBSET, 1))
-        self.x_train, self.y_train = torch.from_numpy(x_train), torch.from_numpy(y_train)
-        self.parts = partition(
-            y_train, config.clients, config.partition, alpha=config.dirichlet_alpha,
-            shards_per_client=config.shards_per_client, seed=derive_seed(seed, _PARTITION),
-        )
-        self.noise = calibrate_noise(config.sigma, config.dp_epsilon, config.dp_delta, config.dp_attack_bound)
-        model_args = (config.model, tuple(x_train.shape[1:]), len(dataset.classes), self.noise, config.alpha_dropout)
-        torch.manual_seed(derive_seed(seed, _INIT))
-        self.model = build_model(*model_args)
-        training = LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum)
-        self.clients = runner or ClientRunner(model_args, self.x_train, self.y_train, training, config.workers)
+        data = federated_data(config, dataset)
+        self.x_test, self.y_test, self.parts = data.x_test, data.y_test, data.parts
+        self.x_train, self.y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        self.model_args = model_args(config, data.x_train.shape[1:], len(dataset.classes))
+        self.noise = self.model_args[3]
+        torch.manual_seed(derive_seed(config.seed, _INIT))
+        self.model = build_model(*self.model_args)
+        self.clients = runner or ClientRunner(self.model_args, self.x_train, self.y_train, local_training(config),
+                                              config.workers)
 
     def close(self, abort: bool = False) -> None:
         """Stop the client runner (worker processes, if any)."""

@@ -1,0 +1,109 @@
+"""dipsen's Flower ServerApp: the in-process engine's round loop, with client updates run on Flower nodes.
+
+The ServerApp runs :func:`dipsen.federated.train` itself, so sampling (``sample_clients``), update
+validation, FedAvg, evaluation, the run folder, checkpoints and resume are the in-process
+engine's, line for line; only :class:`FlowerClients` differs from the local worker pool. Flower's
+own strategies are not used: their sampling would pick other clients than ``sample_clients``, and
+in round 1 they sample from whichever nodes have registered so far.
+
+Run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr run --run-config``):
+``run-dir`` (a run folder with its config.json, made by ``dipsen train --engine flower`` or
+``RunDir.create``), ``resume``, ``node-wait-seconds`` (how long to wait for all K nodes to
+connect) and ``reply-timeout-seconds`` (how long a round waits for its clients' replies).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ...config import TrainConfig
+from ...errors import DipsenError
+from ..client import ClientUpdate, StateDict
+from ..engine import FederatedTraining, train
+from ..run_dir import RunDir
+from ..workers import ClientFailure, ClientTask
+from .task import arrays_to_state, config_to_json, load_config_dataset, state_to_arrays
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class FlowerClients:
+    """Runs client updates on the Flower nodes of ``grid``: one ``train`` message per sampled client.
+
+    On creation it waits until all K clients' nodes have connected and asks each which client it
+    serves, so every round can send exactly the m clients that ``sample_clients`` picked.
+    """
+
+    def __init__(self, grid: Grid, config: TrainConfig, num_classes: int, node_wait_seconds: float,
+                 reply_timeout_seconds: float) -> None:
+        self.grid, self.reply_timeout = grid, reply_timeout_seconds
+        self.settings = {"train-config": config_to_json(config), "num-classes": num_classes}
+        self.nodes = self._discover(config.clients, node_wait_seconds)
+
+    def _discover(self, clients: int, wait_seconds: float) -> dict[int, int]:
+        deadline = time.monotonic() + wait_seconds
+        while len(node_ids := list(self.grid.get_node_ids())) < clients:
+            if time.monotonic() > deadline:
+                raise DipsenError(f"only {len(node_ids)} of {clients} client nodes connected within {wait_seconds:g} s")
+            time.sleep(0.2)
+        query = RecordDict({"config": ConfigRecord({"train-config": self.settings["train-config"]})})
+        messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+        nodes: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=wait_seconds):
+            if reply.has_error():
+                raise DipsenError(f"node {reply.metadata.src_node_id} cannot serve this run: {reply.error.reason}")
+            client = int(reply.content["client"]["client"])
+            if client in nodes:
+                raise DipsenError(f"client {client} is served by two nodes ({nodes[client]}, {reply.metadata.src_node_id})")
+            nodes[client] = reply.metadata.src_node_id
+        missing = sorted(set(range(clients)) - set(nodes))
+        if missing or len(nodes) != clients:
+            raise DipsenError(f"no node answered for clients {missing[:20]}; nodes serve {sorted(nodes)[:20]}...")
+        log.info("%d client nodes connected", clients)
+        return nodes
+
+    def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        arrays = state_to_arrays(state)
+        messages = [
+            Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**self.settings, "seed": task.seed})}),
+                    dst_node_id=self.nodes[task.client], message_type=MessageType.TRAIN)
+            for task in tasks
+        ]
+        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)}
+        return [self._update(replies.get(self.nodes[task.client])) for task in tasks]
+
+    def _update(self, reply: Message | None) -> ClientUpdate | ClientFailure:
+        """The reply as a ClientUpdate; ClientFailure if there is none or it cannot be read."""
+        if reply is None:
+            return ClientFailure(f"no reply within {self.reply_timeout:g} s")
+        if reply.has_error():
+            return ClientFailure(f"client error: {reply.error.reason}")
+        try:
+            metrics = reply.content["metrics"]
+            return ClientUpdate(state=arrays_to_state(reply.content["arrays"]), num_samples=metrics["num-examples"],
+                                mean_loss=float(metrics["mean-loss"]), steps=int(metrics["steps"]),
+                                seconds=float(metrics["seconds"]))
+        except Exception as exc:  # whatever a client sent, a bad reply costs its update, not the run
+            return ClientFailure(f"unreadable reply: {type(exc).__name__}: {exc}")
+
+    def close(self, abort: bool = False) -> None:
+        """Nothing to stop: the nodes belong to the federation, not to this run."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = RunDir.open(Path(str(context.run_config["run-dir"])))
+    config = run.config()
+    dataset = load_config_dataset(config)
+    clients = FlowerClients(grid, config, len(dataset.classes), float(context.run_config["node-wait-seconds"]),
+                            float(context.run_config["reply-timeout-seconds"]))
+    metrics = train(FederatedTraining(config, dataset, runner=clients), run, resume=bool(context.run_config["resume"]))
+    log.info("run finished after %d rounds, test accuracy %.4f", metrics["rounds"], metrics["accuracy"])

@@ -1,0 +1,125 @@
+"""What dipsen's Flower ServerApp and ClientApp share: message layout, conversions, client data.
+
+Messages (Flower Message API):
+
+- ``query`` (server -> every node, once per run): ``config`` holds the run's TrainConfig as JSON;
+  the reply's ``client`` record says which dipsen client (partition) the node serves.
+- ``train`` (server -> the m sampled nodes, every round): ``arrays`` holds the global weights,
+  ``config`` the TrainConfig JSON, the number of classes and the client's seed for this round;
+  the reply carries the updated ``arrays`` and ``metrics`` (samples, mean loss, steps, seconds).
+
+A node finds its data in one of two ways. A simulated node (Flower's simulation engine sets
+``partition-id`` in its node config) rebuilds the run's partition from the data set, as the
+in-process engine does, and takes its own part. A deployed node gets ``partition-file``: a file
+written by :func:`export_partitions` that holds that one client's rows and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from ...config import TrainConfig
+from ...data import Dataset, load_dataset
+from ...errors import DipsenError
+from ...models import build_model
+from ..client import StateDict
+from ..engine import federated_data, model_args
+
+# Node-config keys: Flower's simulation sets the first two; a deployed SuperNode is given the third.
+PARTITION_ID, NUM_PARTITIONS, PARTITION_FILE = "partition-id", "num-partitions", "partition-file"
+
+# The settings that decide which rows a client holds: a partition file must match the run on all.
+PARTITION_SETTINGS = ("dataset", "data_dir", "train_subset", "include_background", "bad_rows", "clients",
+                      "partition", "dirichlet_alpha", "shards_per_client", "seed")
+
+
+def config_to_json(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def config_from_json(text: str) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads(text), source="message").validate()
+
+
+def state_to_arrays(state: StateDict) -> ArrayRecord:
+    return ArrayRecord({k: v.detach() for k, v in state.items()})
+
+
+def arrays_to_state(arrays: ArrayRecord) -> StateDict:
+    return arrays.to_torch_state_dict()
+
+
+def load_config_dataset(config: TrainConfig) -> Dataset:
+    """The data set ``config`` names, loaded with its settings."""
+    return load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None, seed=config.seed,
+                        include_background=config.include_background, bad_rows=config.bad_rows)
+
+
+def partition_file_name(client: int) -> str:
+    return f"client_{client:04d}.npz"
+
+
+def export_partitions(config: TrainConfig, dataset: Dataset, out_dir: Path) -> list[Path]:
+    """Write each client's training rows to its own file in ``out_dir``; returns the paths by client."""
+    data = federated_data(config, dataset)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps({k: getattr(config, k) for k in PARTITION_SETTINGS}, sort_keys=True)
+    paths = []
+    for client, rows in enumerate(data.parts):
+        path = out_dir / partition_file_name(client)
+        np.savez(path, x=data.x_train[rows], y=data.y_train[rows], client=client, settings=settings)
+        paths.append(path)
+    return paths
+
+
+def client_id(config: TrainConfig, node_config: dict) -> int:
+    """The client this node serves in a run with ``config``; raises if the node does not fit the run."""
+    if PARTITION_FILE in node_config:
+        with np.load(node_config[PARTITION_FILE]) as file:
+            client, settings = int(file["client"]), json.loads(str(file["settings"]))
+        expected = {k: getattr(config, k) for k in PARTITION_SETTINGS}
+        differing = sorted(k for k in PARTITION_SETTINGS if settings.get(k) != expected[k])
+        if differing:
+            raise DipsenError(f"{node_config[PARTITION_FILE]} was exported for other settings: "
+                              + ", ".join(f"{k}={settings.get(k)!r} (run: {expected[k]!r})" for k in differing))
+        return client
+    if PARTITION_ID in node_config:
+        if int(node_config[NUM_PARTITIONS]) != config.clients:
+            raise DipsenError(f"the federation has {node_config[NUM_PARTITIONS]} nodes, the run needs {config.clients}")
+        return int(node_config[PARTITION_ID])
+    raise DipsenError(f"node config names no data: give {PARTITION_FILE}=PATH (or run in Flower's simulation)")
+
+
+@lru_cache(maxsize=2)
+def _simulated_partitions(config_json: str) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    config = config_from_json(config_json)
+    data = federated_data(config, load_config_dataset(config))
+    return torch.from_numpy(data.x_train), torch.from_numpy(data.y_train), data.parts
+
+
+def client_data(config_json: str, node_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """This node's training rows: from its partition file, or (simulation) rebuilt from the data set."""
+    if PARTITION_FILE in node_config:
+        return _partition_file(node_config[PARTITION_FILE])
+    x, y, parts = _simulated_partitions(config_json)
+    rows = parts[client_id(config_from_json(config_json), node_config)]
+    return x[rows], y[rows]
+
+
+@lru_cache(maxsize=1)
+def _partition_file(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(path) as file:
+        return torch.from_numpy(file["x"]), torch.from_numpy(file["y"])
+
+
+@lru_cache(maxsize=2)
+def client_model(config_json: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """A model to train in, reused across rounds: :func:`client_update` overwrites its weights."""
+    return build_model(*model_args(config_from_json(config_json), input_shape, num_classes))
