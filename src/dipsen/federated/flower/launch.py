@@ -145,6 +145,7 @@ class Federation:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._processes: list[tuple[subprocess.Popen, str]] = []
+        self.stopped_pids: list[int] = []  # every process stop() signalled, descendants included
         security = (f'root-certificates = "{certificates.ca.resolve()}"' if certificates else "insecure = true")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n')
@@ -253,6 +254,7 @@ class Federation:
         pids = []
         for proc, _ in reversed(self._processes):  # SuperNodes before the SuperLink they talk to
             pids += [proc.pid, *_descendants(proc.pid)]
+        self.stopped_pids += pids
         _signal_pids(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
@@ -294,6 +296,46 @@ def simulate(run: RunDir, *, resume: bool = False, timeout: float = 7 * 24 * 360
             tail = "\n".join((run.path / "flower.log").read_text().splitlines()[-25:])
             raise DipsenError(f"Flower run ended {status}; end of {run.path / 'flower.log'}:\n{tail}")
     return run.read_json("final_metrics.json")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How a deployed run went: its final Flower status, its final metrics, the PIDs it stopped."""
+
+    status: str
+    metrics: dict
+    pids: list[int]
+
+
+def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0) -> Deployment:
+    """Train ``run`` on a real Flower deployment on this machine: one SuperLink, K SuperNodes, TLS.
+
+    Each client's rows are exported to a file of their own, and each SuperNode (a separate process)
+    is told only its own file. Certificates are self-signed, made for this run. Logs, partition
+    files and certificates stay in ``folder``. Every process is stopped on return, also on error.
+    """
+    from .task import PARTITION_FILE, export_partitions, load_config_dataset
+
+    config = run.config()
+    folder = Path(folder)
+    partitions = export_partitions(config, load_config_dataset(config), folder / "partitions")
+    certificates = generate_certificates(folder / "certificates")
+    with Federation(folder, simulation=False, certificates=certificates) as federation:
+        for client, path in enumerate(partitions):
+            # many SuperNodes share this machine's cores: one thread each, as the in-process workers
+            federation.start_supernode(f"supernode-{client}", f'{PARTITION_FILE}="{path.resolve()}"',
+                                       env={"OMP_NUM_THREADS": "1"})
+        run_id = federation.submit({"run-dir": str(run.path.resolve()), "resume": False})
+        try:
+            status = federation.wait(run_id, timeout)
+        except DipsenError:
+            _save_log(federation, run_id, run)
+            raise
+        _save_log(federation, run_id, run)
+    if status != COMPLETED:
+        tail = "\n".join((run.path / "flower.log").read_text().splitlines()[-25:])
+        raise DipsenError(f"Flower run ended {status}; end of {run.path / 'flower.log'}:\n{tail}")
+    return Deployment(status, run.read_json("final_metrics.json"), federation.stopped_pids)
 
 
 def _save_log(federation: Federation, run_id: int, run: RunDir) -> None:

@@ -1,0 +1,158 @@
+"""dipsen's Flower app: simulation against the in-process engine, malformed updates, a TLS deployment.
+
+Each test starts real Flower processes (SuperLink, Ray or SuperNodes) on loopback; every one of
+them is stopped by PID when the test ends, passed or failed (``Federation`` is a context manager).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+
+from dipsen.config import TrainConfig
+from dipsen.federated import FederatedTraining, RunDir, train
+from dipsen.federated.engine import sample_clients
+from dipsen.federated.flower.launch import COMPLETED, Federation, _alive, deploy_on_loopback
+
+AGREEMENT = dict(dataset="mnist", model="cnn", clients=10, fraction=0.5, rounds=2, train_subset=2000,
+                 test_subset=500, optimizer="adam", lr=0.002, seed=5, workers=2)
+
+
+def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dipsen", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _flags(settings: dict) -> list[str]:
+    return [f for key, value in settings.items() for f in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def test_flower_simulation_agrees_with_the_in_process_engine(mnist, tmp_path):
+    reference_cfg = TrainConfig(**AGREEMENT).validate()
+    reference = RunDir.create(tmp_path / "inprocess", reference_cfg)
+    expected = train(FederatedTraining(reference_cfg, mnist), reference)
+
+    done = _cli("train", "--engine", "flower", "--out", str(tmp_path / "flower"), *_flags(AGREEMENT), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = (tmp_path / "flower").iterdir()
+    run = RunDir.open(path)
+    assert run.config().engine == "flower"
+    assert {p.name for p in path.iterdir()} >= {"config.json", "run_info.json", "partition.json", "metrics.jsonl",
+                                                "final_metrics.json", "flower.log", "checkpoints"}
+    assert run.finished_rounds() == [0, 1, 2]
+    history = run.metrics()
+    m = reference_cfg.clients_per_round
+    for record in history:  # the first round too: exactly the m clients that sample_clients picks
+        assert record["clients"] == sample_clients(reference_cfg, record["round"]) and len(record["clients"]) == m
+        assert record["rejected"] == []
+    accuracy = run.read_json("final_metrics.json")["accuracy"]
+    assert expected["accuracy"] > 0.5  # a model that learned, so that agreement means something
+    assert abs(accuracy - expected["accuracy"]) <= 0.01, (accuracy, expected["accuracy"])
+    assert run.read_json("partition.json") == reference.read_json("partition.json")
+    shown = _cli("show", str(path), timeout=60)
+    assert shown.returncode == 0 and f"accuracy: {accuracy:.4f}" in shown.stdout
+
+
+FAULTY_CLIENT = '''
+"""dipsen's ClientApp, except that clients 0, 1 and 2 misbehave."""
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from dipsen.federated.flower import client_app, task
+
+app = ClientApp()
+app.query()(client_app.identify)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    reply = client_app.train(msg, context)
+    client = task.client_id(task.config_from_json(msg.content["config"]["train-config"]), context.node_config)
+    state = reply.content["arrays"].to_torch_state_dict()
+    if client == 0:
+        state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+    elif client == 1:
+        state = {f"renamed.{k}": v for k, v in state.items()}
+    elif client == 2:
+        raise RuntimeError("this client crashed")
+    reply.content["arrays"] = ArrayRecord(state)
+    return reply
+'''
+
+FAULTY_APP = '''
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "faulty"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "dipsen-tests"
+
+[tool.flwr.app.components]
+serverapp = "dipsen.federated.flower.server_app:app"
+clientapp = "faulty_client:app"
+
+[tool.flwr.app.config]
+run-dir = ""
+resume = false
+node-wait-seconds = 60.0
+reply-timeout-seconds = 120.0
+'''
+
+
+def test_flower_rejects_malformed_updates_and_finishes_the_round(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(textwrap.dedent(FAULTY_APP))
+    (app / "faulty_client.py").write_text(textwrap.dedent(FAULTY_CLIENT))
+    cfg = TrainConfig(dataset="mnist", model="cnn", clients=5, fraction=1.0, rounds=2, train_subset=500,
+                      test_subset=200, seed=1, workers=2, engine="flower").validate()
+    run = RunDir.create(tmp_path / "runs", cfg)
+    with Federation(tmp_path / "federation", simulation=True) as federation:
+        run_id = federation.submit({"run-dir": str(run.path), "resume": False}, app=app,
+                                   federation_config={"num-supernodes": 5, "client-resources-num-cpus": 1,
+                                                      "init-args-num-cpus": 2})
+        status = federation.wait(run_id, timeout=240)
+        log = federation.run_log(run_id)
+    assert status == COMPLETED, log
+    history = run.metrics()
+    assert [r["round"] for r in history] == [1, 2]
+    for record in history:
+        reasons = {r["client"]: r["reason"] for r in record["rejected"]}
+        assert sorted(reasons) == [0, 1, 2], reasons
+        assert "contains NaN" in reasons[0]
+        assert "missing" in reasons[1] and "unexpected ['renamed." in reasons[1]
+        assert reasons[2].startswith("client error") and "this client crashed" in reasons[2]
+        assert record["samples"] == 200  # the two honest clients' 100 + 100 rows
+    assert "rejected the update of client 0" in log
+    state = run.load_checkpoint(2)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_deployment_with_tls_trains_and_stops_every_process(tmp_path):
+    cfg = TrainConfig(dataset="mnist", model="cnn", clients=2, fraction=1.0, rounds=2, train_subset=400,
+                      test_subset=200, seed=2, engine="flower").validate()
+    run = RunDir.create(tmp_path / "runs", cfg)
+    start = time.perf_counter()
+    deployment = deploy_on_loopback(run, tmp_path / "deployment", timeout=240)
+    print(f"deployment: 2 SuperNodes, 2 rounds in {time.perf_counter() - start:.1f} s")
+    assert deployment.status == COMPLETED
+    assert deployment.metrics["rounds"] == 2 and run.finished_rounds() == [0, 1, 2]
+    assert all(r["clients"] == [0, 1] and r["rejected"] == [] for r in run.metrics())
+    # the SuperLink served HTTPS with the generated certificate; flwr and the SuperNodes trusted its CA
+    folder = tmp_path / "deployment"
+    assert "running on https://127.0.0.1:" in (folder / "superlink.log").read_text()
+    assert 'root-certificates = "' in (folder / "flwr-home" / "config.toml").read_text()
+    assert sorted(p.name for p in (folder / "partitions").iterdir()) == ["client_0000.npz", "client_0001.npz"]
+    assert len(deployment.pids) >= 4  # SuperLink, 2 SuperNodes and what they spawned
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in deployment.pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in deployment.pids if _alive(pid)]
+    assert os.path.getsize(run.path / "flower.log") > 0
