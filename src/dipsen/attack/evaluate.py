@@ -1,0 +1,186 @@
+"""Attack a deployed global model and measure what survives.
+
+:class:`RobustnessEvaluation` holds one deployed model and a fixed set of evaluation examples;
+:meth:`RobustnessEvaluation.run` crafts adversarial examples for one :class:`AttackSetup` (attack,
+eps, threat model, gradient view, budget) and evaluates them on the deployed model, noise on,
+with both prediction rules:
+
+- ``single``: one noise draw per input, the paper's rule;
+- ``mc``:     the mean softmax over ``mc_samples`` draws (PixelDP's rule).
+
+For a deterministic model both rules give the same labels. Every result keeps, per example,
+whether the prediction stayed correct, so :func:`worst_case_accuracy` can report the fraction of
+examples that no attack broke (Carlini et al. 2019: mean over x of min over attacks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DipsenError
+from ..metrics import classification_metrics
+from ..models import predict_proba
+from .attacks import ATTACKS, MASKABLE, PAPER_BUDGET, QUERY_ATTACKS, Budget, art_classifier, build_attack
+from .domain import feasible_domain
+from .target import TrainedRun
+from .threat import DEFAULT_STALE_ROUNDS, THREAT_MODELS, stale_round, train_surrogate
+from .views import DEFAULT_EOT_DRAWS, GRADIENT_VIEWS, ClippedProbabilityLoss, attacker_view
+
+RULES = ("single", "mc")
+LOSSES = ("cross-entropy", "clipped-probabilities")
+CHUNK = 100
+"""Examples crafted per ART call: bounds memory (EOT multiplies the batch by its draws) and paces
+the progress bar."""
+
+
+@dataclass(frozen=True)
+class AttackSetup:
+    """One attack configuration. ``gradient`` and ``eot_draws`` only matter for randomized models."""
+
+    attack: str
+    eps: float = 0.3
+    threat: str = "white-box"
+    gradient: str = "draw"
+    eot_draws: int = DEFAULT_EOT_DRAWS
+    budget: Budget = PAPER_BUDGET
+    loss: str = "cross-entropy"
+
+    def __post_init__(self) -> None:
+        for value, allowed, what in ((self.attack, ATTACKS, "attack"), (self.threat, THREAT_MODELS, "threat model"),
+                                     (self.gradient, GRADIENT_VIEWS, "gradient view"), (self.loss, LOSSES, "loss")):
+            if value not in allowed:
+                raise DipsenError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if (self.threat == "query") != (self.attack in QUERY_ATTACKS):
+            raise DipsenError(f"{self.attack} does not fit the {self.threat} threat model: query attacks "
+                              f"({', '.join(QUERY_ATTACKS)}) go with 'query', gradient attacks with the others")
+        if not 0 < self.eps <= 1:
+            raise DipsenError(f"eps must be in (0, 1] for inputs in [0, 1], got {self.eps}")
+
+    @property
+    def label(self) -> str:
+        gradient = f"eot{self.eot_draws}" if self.gradient == "eot" else self.gradient
+        return f"{self.attack} eps={self.eps:g} {self.threat} grad={gradient}"
+
+
+@dataclass
+class AttackResult:
+    """``setup`` is None for the clean (unattacked) evaluation."""
+
+    setup: AttackSetup | None
+    crafted_on: str
+    seconds: float
+    metrics: dict[str, dict]
+    correct: dict[str, np.ndarray] = field(repr=False)
+    """Per rule, whether each evaluated example is still classified correctly."""
+
+    def accuracy(self, rule: str) -> float:
+        return self.metrics[rule]["accuracy"]
+
+    def to_dict(self) -> dict:
+        setup = {**asdict(self.setup), "label": self.setup.label} if self.setup else {"label": "clean"}
+        return {**setup, "crafted_on": self.crafted_on, "seconds": self.seconds, "metrics": self.metrics}
+
+
+class RobustnessEvaluation:
+    """One deployed model, fixed evaluation examples, any number of attacks.
+
+    ``inference_noise=False`` deploys the model with its noise switched off (what a Keras
+    GaussianNoise layer does at inference): a different model, offered only to explain published
+    numbers.
+    """
+
+    def __init__(self, run: TrainedRun, samples: int = 500, *, mc_samples: int = 16,
+                 stale_rounds: int = DEFAULT_STALE_ROUNDS, seed: int = 0, inference_noise: bool = True,
+                 batch_size: int = 128) -> None:
+        self.trained, self.seed, self.mc_samples, self.batch_size = run, seed, mc_samples, batch_size
+        self.stale_rounds = stale_rounds
+        self.inference_noise = inference_noise
+        self.target = self._deployed(run.model())
+        self.randomized = self.target.is_randomized
+        self.data = run.attack_data(samples)
+        self.domain = feasible_domain(run.dataset)
+        self.classes = run.dataset.classes
+        self.input_shape = tuple(self.data.x_eval.shape[1:])
+        self._sources: dict[str, tuple[nn.Module, str]] = {}
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of always predicting the most frequent class among the evaluated examples."""
+        return float(np.bincount(self.data.y_eval).max() / len(self.data.y_eval))
+
+    def source(self, threat: str) -> tuple[nn.Module, str]:
+        """The model the attacker crafts on under ``threat``, and a description of it."""
+        if threat not in self._sources:
+            if threat in ("white-box", "query"):
+                self._sources[threat] = (self.target, f"final global model (round {self.trained.final_round})")
+            elif threat == "orange-box":
+                round_ = stale_round(self.trained, self.stale_rounds)
+                self._sources[threat] = (self._deployed(self.trained.model(round_)), f"stale global model (round {round_})")
+            else:
+                surrogate = train_surrogate(self.data.x_attacker, self.data.y_attacker, len(self.classes), self.seed)
+                self._sources[threat] = (surrogate, f"surrogate CNN trained on {len(self.data.y_attacker)} attacker examples")
+        return self._sources[threat]
+
+    def _deployed(self, model: nn.Module) -> nn.Module:
+        if not self.inference_noise and model.is_randomized:
+            model.noise.std = 0.0
+        return model
+
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The deployed model's labels for ``x`` under both rules (seeded draws)."""
+        out = {}
+        for rule, draws in (("single", 1), ("mc", self.mc_samples)):
+            if rule == "mc" and not self.randomized:
+                out[rule] = out["single"]
+                continue
+            torch.manual_seed(self.seed + draws)
+            out[rule] = predict_proba(self.target, x, draws, self.batch_size).argmax(axis=1)
+        return out
+
+    def clean(self) -> AttackResult:
+        """The deployed model on the unperturbed evaluation examples, under both rules."""
+        return self._result(None, "", 0.0, self.data.x_eval)
+
+    def run(self, setup: AttackSetup, on_progress: Callable[[int], None] | None = None) -> AttackResult:
+        """Craft adversarial examples for ``setup`` and evaluate them on the deployed model."""
+        source, crafted_on = self.source(setup.threat)
+        view = attacker_view(source, setup.gradient, setup.eot_draws, self.seed)
+        loss = ClippedProbabilityLoss() if setup.loss == "clipped-probabilities" else None
+        classifier = art_classifier(view, self.input_shape, len(self.classes), loss)
+        attack = build_attack(setup.attack, classifier, setup.eps, setup.budget, self.batch_size)
+        x, y = self.data.x_eval, self.data.y_eval
+        np.random.seed(self.seed)  # ART draws random starts and query proposals from numpy's global RNG
+        torch.manual_seed(self.seed)
+        start = time.perf_counter()
+        chunks = []
+        for begin in range(0, len(y), CHUNK):
+            xc, yc = x[begin : begin + CHUNK], y[begin : begin + CHUNK]
+            kwargs = {}
+            mask = self.domain.mask(xc)
+            if mask is not None and setup.attack in MASKABLE:
+                kwargs["mask"] = mask
+            x_adv = attack.generate(x=xc, y=yc, **kwargs)
+            chunks.append(self.domain.project(x_adv, xc, setup.eps))
+            if on_progress:
+                on_progress(len(yc))
+        return self._result(setup, crafted_on, time.perf_counter() - start, np.concatenate(chunks))
+
+    def _result(self, setup: AttackSetup | None, crafted_on: str, seconds: float, x: np.ndarray) -> AttackResult:
+        y = self.data.y_eval
+        labels = self.predict(x)
+        metrics = {rule: classification_metrics(y, predicted, self.classes) for rule, predicted in labels.items()}
+        return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()})
+
+
+def worst_case_accuracy(results: Sequence[AttackResult], rule: str) -> float:
+    """Fraction of examples that every attack in ``results`` left correctly classified."""
+    if not results:
+        raise DipsenError("worst case over no attacks")
+    survived = np.logical_and.reduce([r.correct[rule] for r in results])
+    return float(survived.mean())

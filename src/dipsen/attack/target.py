@@ -1,0 +1,82 @@
+"""What an attack is aimed at: the global models a run folder holds, and the data it is evaluated on.
+
+The test set is split once, with a fixed seed, into the examples attacks are evaluated on and the
+attacker's own data (the rest, used only to train a black-box surrogate), so the two never overlap
+and neither overlaps the clients' training data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from ..data import Dataset, load_dataset
+from ..errors import DipsenError
+from ..federated import RunDir
+from ..models import FederatedNet, build_model, calibrate_noise
+
+SPLIT_SEED = 20_190_917
+
+
+@dataclass(frozen=True, eq=False)
+class AttackData:
+    """Evaluation examples and the attacker's disjoint slice of the same test set."""
+
+    x_eval: np.ndarray
+    y_eval: np.ndarray
+    x_attacker: np.ndarray
+    y_attacker: np.ndarray
+
+
+class TrainedRun:
+    """A finished (or partly finished) run folder: its config, data and global models."""
+
+    def __init__(self, path: Path, dataset: Dataset | None = None) -> None:
+        self.run = RunDir.open(Path(path))
+        self.config: TrainConfig = self.run.config()
+        rounds = self.run.finished_rounds()
+        if not rounds:
+            raise DipsenError(f"{path}: no checkpoints; train the run first")
+        self.final_round = rounds[-1]
+        self.dataset = dataset if dataset is not None else load_dataset(
+            self.config.dataset, Path(self.config.data_dir) if self.config.data_dir else None,
+            seed=self.config.seed, include_background=self.config.include_background, bad_rows=self.config.bad_rows,
+        )
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    def model(self, round_: int | None = None) -> FederatedNet:
+        """The global model after ``round_`` (default: the last finished round), in eval mode."""
+        round_ = self.final_round if round_ is None else round_
+        if round_ not in self.run.finished_rounds():
+            raise DipsenError(f"{self.path}: no checkpoint for round {round_} (finished: 0..{self.final_round})")
+        cfg = self.config
+        noise = calibrate_noise(cfg.sigma, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_attack_bound)
+        shape = tuple(self.dataset.x_test.shape[1:])
+        model = build_model(cfg.model, shape, len(self.dataset.classes), noise, cfg.alpha_dropout)
+        model.load_state_dict(self.run.load_checkpoint(round_))
+        return model.eval()
+
+    def attack_data(self, samples: int, attacker_samples: int | None = None) -> AttackData:
+        """``samples`` seeded test examples to attack; the attacker's slice is (up to) the rest."""
+        if samples < 1:
+            raise DipsenError(f"--samples must be >= 1, got {samples}")
+        x, y = self.dataset.x_test, self.dataset.y_test
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
+        evaluated, rest = np.sort(order[:samples]), order[samples:]
+        if attacker_samples is not None:
+            rest = rest[:attacker_samples]
+        rest = np.sort(rest)
+        return AttackData(x[evaluated], y[evaluated], x[rest], y[rest])
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two models hold identical parameters and buffers."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
