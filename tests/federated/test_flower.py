@@ -15,7 +15,7 @@ import torch
 from dipsen.config import TrainConfig
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.engine import sample_clients
-from dipsen.federated.flower.launch import COMPLETED, Federation, _alive, deploy_on_loopback
+from dipsen.federated.flower.launch import COMPLETED, Federation, deploy_on_loopback, process_alive
 
 AGREEMENT = dict(dataset="mnist", model="cnn", clients=10, fraction=0.5, rounds=2, train_subset=2000,
                  test_subset=500, optimizer="adam", lr=0.002, seed=5, workers=2)
@@ -152,7 +152,7 @@ def test_deployment_with_tls_trains_and_stops_every_process(tmp_path):
     assert sorted(p.name for p in (folder / "partitions").iterdir()) == ["client_0000.npz", "client_0001.npz"]
     assert len(deployment.pids) >= 4  # SuperLink, 2 SuperNodes and what they spawned
     deadline = time.time() + 10
-    while any(_alive(pid) for pid in deployment.pids) and time.time() < deadline:
+    while any(process_alive(pid) for pid in deployment.pids) and time.time() < deadline:
         time.sleep(0.1)
-    assert not [pid for pid in deployment.pids if _alive(pid)]
+    assert not [pid for pid in deployment.pids if process_alive(pid)]
     assert os.path.getsize(run.path / "flower.log") > 0

@@ -131,7 +131,7 @@ class FederatedTraining:
         self.x_test, self.y_test, self.parts = data.x_test, data.y_test, data.parts
         self.x_train, self.y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         self.model_args = model_args(config, data.x_train.shape[1:], len(dataset.classes))
-        self.noise = self.model_args[3]
+        self.noise = self.model_args[3]  # the calibrated noise that build_model receives
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args)
         self.clients = runner or ClientRunner(self.model_args, self.x_train, self.y_train, local_training(config),

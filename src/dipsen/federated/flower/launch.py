@@ -122,7 +122,8 @@ def _signal_pids(pids: list[int], sig: int) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs; a zombie (exited, waiting to be reaped by its parent) does not."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
@@ -257,11 +258,11 @@ class Federation:
         self.stopped_pids += pids
         _signal_pids(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
             for proc, _ in self._processes:
                 proc.poll()  # reap our children so they do not linger as zombies
             time.sleep(0.1)
-        _signal_pids([pid for pid in pids if _alive(pid)], signal.SIGKILL)
+        _signal_pids([pid for pid in pids if process_alive(pid)], signal.SIGKILL)
         for proc, _ in self._processes:
             try:
                 proc.wait(timeout=10)

@@ -64,9 +64,10 @@ class FlowerClients:
             if client in nodes:
                 raise DipsenError(f"client {client} is served by two nodes ({nodes[client]}, {reply.metadata.src_node_id})")
             nodes[client] = reply.metadata.src_node_id
-        missing = sorted(set(range(clients)) - set(nodes))
-        if missing or len(nodes) != clients:
-            raise DipsenError(f"no node answered for clients {missing[:20]}; nodes serve {sorted(nodes)[:20]}...")
+        missing, unknown = sorted(set(range(clients)) - set(nodes)), sorted(set(nodes) - set(range(clients)))
+        if missing or unknown:
+            raise DipsenError(f"the nodes do not serve clients 0..{clients - 1}: missing {missing[:20]}, "
+                              f"unknown {unknown[:20]}")
         log.info("%d client nodes connected", clients)
         return nodes
 
