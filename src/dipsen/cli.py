@@ -164,6 +164,9 @@ def _print_metrics(metrics: dict) -> None:
                       f"{cost['train_samples_per_second']:.0f} training samples/s")
 
 
+from . import cli_robustness  # noqa: E402,F401  (registers attack, reproduce, sweep-sigma on app)
+
+
 def main() -> None:
     try:
         app()

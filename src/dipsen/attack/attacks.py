@@ -101,4 +101,5 @@ def build_attack(name: str, classifier: PyTorchClassifier, eps: float, budget: B
         return SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=budget.queries, p_init=0.8, nb_restarts=1,
                             verbose=False, **common)
     return HopSkipJump(classifier, targeted=False, norm=np.inf, max_iter=budget.hsj_iterations,
-                       max_eval=budget.hsj_evaluations, init_eval=100, init_size=100, verbose=False, batch_size=batch_size)
+                       max_eval=budget.hsj_evaluations, init_eval=min(100, budget.hsj_evaluations), init_size=100,
+                       verbose=False, batch_size=batch_size)

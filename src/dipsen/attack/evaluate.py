@@ -29,7 +29,7 @@ from ..models import predict_proba
 from .attacks import ATTACKS, MASKABLE, PAPER_BUDGET, QUERY_ATTACKS, Budget, art_classifier, build_attack
 from .domain import feasible_domain
 from .target import TrainedRun
-from .threat import DEFAULT_STALE_ROUNDS, THREAT_MODELS, stale_round, train_surrogate
+from .threat import DEFAULT_STALE_ROUNDS, SURROGATE_EPOCHS, THREAT_MODELS, stale_round, train_surrogate
 from .views import DEFAULT_EOT_DRAWS, GRADIENT_VIEWS, ClippedProbabilityLoss, attacker_view
 
 RULES = ("single", "mc")
@@ -79,12 +79,17 @@ class AttackResult:
     correct: dict[str, np.ndarray] = field(repr=False)
     """Per rule, whether each evaluated example is still classified correctly."""
 
+    @property
+    def samples(self) -> int:
+        return len(self.correct["single"])
+
     def accuracy(self, rule: str) -> float:
         return self.metrics[rule]["accuracy"]
 
     def to_dict(self) -> dict:
         setup = {**asdict(self.setup), "label": self.setup.label} if self.setup else {"label": "clean"}
-        return {**setup, "crafted_on": self.crafted_on, "seconds": self.seconds, "metrics": self.metrics}
+        return {**setup, "crafted_on": self.crafted_on, "seconds": self.seconds, "samples": self.samples,
+                "metrics": self.metrics}
 
 
 class RobustnessEvaluation:
@@ -97,13 +102,14 @@ class RobustnessEvaluation:
 
     def __init__(self, run: TrainedRun, samples: int = 500, *, mc_samples: int = 16,
                  stale_rounds: int = DEFAULT_STALE_ROUNDS, seed: int = 0, inference_noise: bool = True,
+                 attacker_samples: int | None = None, surrogate_epochs: int = SURROGATE_EPOCHS,
                  batch_size: int = 128) -> None:
         self.trained, self.seed, self.mc_samples, self.batch_size = run, seed, mc_samples, batch_size
-        self.stale_rounds = stale_rounds
+        self.stale_rounds, self.surrogate_epochs = stale_rounds, surrogate_epochs
         self.inference_noise = inference_noise
         self.target = self._deployed(run.model())
         self.randomized = self.target.is_randomized
-        self.data = run.attack_data(samples)
+        self.data = run.attack_data(samples, attacker_samples)
         self.domain = feasible_domain(run.dataset)
         self.classes = run.dataset.classes
         self.input_shape = tuple(self.data.x_eval.shape[1:])
@@ -123,7 +129,8 @@ class RobustnessEvaluation:
                 round_ = stale_round(self.trained, self.stale_rounds)
                 self._sources[threat] = (self._deployed(self.trained.model(round_)), f"stale global model (round {round_})")
             else:
-                surrogate = train_surrogate(self.data.x_attacker, self.data.y_attacker, len(self.classes), self.seed)
+                surrogate = train_surrogate(self.data.x_attacker, self.data.y_attacker, len(self.classes), self.seed,
+                                            self.surrogate_epochs)
                 self._sources[threat] = (surrogate, f"surrogate CNN trained on {len(self.data.y_attacker)} attacker examples")
         return self._sources[threat]
 
@@ -145,16 +152,20 @@ class RobustnessEvaluation:
 
     def clean(self) -> AttackResult:
         """The deployed model on the unperturbed evaluation examples, under both rules."""
-        return self._result(None, "", 0.0, self.data.x_eval)
+        return self._result(None, "", 0.0, self.data.x_eval, self.data.y_eval)
 
-    def run(self, setup: AttackSetup, on_progress: Callable[[int], None] | None = None) -> AttackResult:
-        """Craft adversarial examples for ``setup`` and evaluate them on the deployed model."""
+    def run(self, setup: AttackSetup, on_progress: Callable[[int], None] | None = None,
+            limit: int | None = None) -> AttackResult:
+        """Craft adversarial examples for ``setup`` and evaluate them on the deployed model.
+
+        ``limit`` attacks only the first ``limit`` evaluation examples (for costly attacks).
+        """
         source, crafted_on = self.source(setup.threat)
         view = attacker_view(source, setup.gradient, setup.eot_draws, self.seed)
         loss = ClippedProbabilityLoss() if setup.loss == "clipped-probabilities" else None
         classifier = art_classifier(view, self.input_shape, len(self.classes), loss)
         attack = build_attack(setup.attack, classifier, setup.eps, setup.budget, self.batch_size)
-        x, y = self.data.x_eval, self.data.y_eval
+        x, y = self.data.x_eval[:limit], self.data.y_eval[:limit]
         np.random.seed(self.seed)  # ART draws random starts and query proposals from numpy's global RNG
         torch.manual_seed(self.seed)
         start = time.perf_counter()
@@ -169,10 +180,10 @@ class RobustnessEvaluation:
             chunks.append(self.domain.project(x_adv, xc, setup.eps))
             if on_progress:
                 on_progress(len(yc))
-        return self._result(setup, crafted_on, time.perf_counter() - start, np.concatenate(chunks))
+        return self._result(setup, crafted_on, time.perf_counter() - start, np.concatenate(chunks), y)
 
-    def _result(self, setup: AttackSetup | None, crafted_on: str, seconds: float, x: np.ndarray) -> AttackResult:
-        y = self.data.y_eval
+    def _result(self, setup: AttackSetup | None, crafted_on: str, seconds: float, x: np.ndarray,
+                y: np.ndarray) -> AttackResult:
         labels = self.predict(x)
         metrics = {rule: classification_metrics(y, predicted, self.classes) for rule, predicted in labels.items()}
         return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()})

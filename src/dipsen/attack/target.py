@@ -63,6 +63,12 @@ class TrainedRun:
         model.load_state_dict(self.run.load_checkpoint(round_))
         return model.eval()
 
+    def training_cost(self) -> dict | None:
+        """Time per local step and per round of the training, if the run finished."""
+        if not (self.path / "final_metrics.json").exists():
+            return None
+        return self.run.read_json("final_metrics.json").get("cost")
+
     def attack_data(self, samples: int, attacker_samples: int | None = None) -> AttackData:
         """``samples`` seeded test examples to attack; the attacker's slice is (up to) the rest."""
         if samples < 1:

@@ -1,0 +1,186 @@
+"""The robustness study of one trained run: the paper's protocol and the adaptive one, side by side.
+
+For one deployed model, on the same evaluation examples:
+
+- ``paper``: FGSM, BIM and PGD at eps, white-box, gradients through single noise draws, ART's
+  default step sizes, evaluated with one draw (the paper's protocol, section VI-E);
+- ``adaptive`` (Carlini et al. 2019): PGD and APGD (CE, and DLR with >= 3 classes) through the EOT
+  view, PGD through frozen noise, random starts; plus the check that doubling the iterations no
+  longer helps, and the per-example worst case over every attack;
+- ``threats``: orange-box (stale checkpoint), black-box transfer (own surrogate) and query-only
+  attacks (Square, HopSkipJump) against the deployed model;
+- ``sweep``: accuracy against eps (paper PGD and adaptive PGD), with a verdict on whether the
+  attack is working (accuracy must fall toward chance as eps grows);
+- ``variants``: protocol choices that could explain published figures (noise off at inference,
+  Keras-style clipped probabilities in the loss), clearly labelled, never part of the verdict.
+
+Every figure is a measurement; :func:`study_run` returns them as one JSON-serialisable dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+from .attacks import Budget
+from .evaluate import AttackResult, AttackSetup, RobustnessEvaluation, worst_case_accuracy
+from .target import TrainedRun
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+"""``factory(description, total)`` returns a callback advanced by the number of examples done."""
+
+CONVERGENCE_TOLERANCE = 0.02
+"""Doubling the iterations may lower accuracy by at most this much for the attack to count as converged."""
+WORKING_MARGIN = 0.1
+"""An eps sweep shows a working attack when its largest eps leaves at most chance + this accuracy."""
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Sizes and budgets of a study; the defaults are the full study (``quick()`` is CI-sized)."""
+
+    eps: float = 0.3
+    samples: int = 300
+    mc_samples: int = 16
+    eot_draws: int = 16
+    paper_budget: Budget = Budget(iterations=100, step_fraction=1 / 3, restarts=0)
+    adaptive_budget: Budget = Budget(iterations=50, step_fraction=1 / 10, restarts=1, queries=1000,
+                                     hsj_iterations=10, hsj_evaluations=500)
+    doubling_samples: int = 100
+    hsj_samples: int = 50
+    stale_rounds: int = 5
+    attacker_samples: int = 5000
+    surrogate_epochs: int = 5
+    sweep_eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    sweep_samples: int = 200
+    sweep_budget: Budget = Budget(iterations=40, step_fraction=1 / 10, restarts=0)
+    sweep_eot_draws: int = 8
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> StudySettings:
+        return cls(samples=40, mc_samples=4, eot_draws=4, paper_budget=Budget(10, 1 / 3, 0),
+                   adaptive_budget=Budget(10, 1 / 10, 1, queries=30, hsj_iterations=2, hsj_evaluations=30),
+                   doubling_samples=20, hsj_samples=5, stale_rounds=1, attacker_samples=500, surrogate_epochs=2,
+                   sweep_eps=(0.1, 0.3, 0.5), sweep_samples=30, sweep_budget=Budget(5, 1 / 5, 0), sweep_eot_draws=2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFactory | None = None) -> dict:
+    """Every attack of the study on ``trained``'s final global model; see the module docstring."""
+    evaluation = RobustnessEvaluation(trained, settings.samples, mc_samples=settings.mc_samples,
+                                      stale_rounds=settings.stale_rounds, seed=settings.seed,
+                                      attacker_samples=settings.attacker_samples, surrogate_epochs=settings.surrogate_epochs)
+    runner = _Runner(evaluation, progress)
+    randomized = evaluation.randomized
+    eps, paper, adaptive = settings.eps, settings.paper_budget, settings.adaptive_budget
+    strong_view = {"gradient": "eot", "eot_draws": settings.eot_draws} if randomized else {}
+
+    paper_results = {name: runner(AttackSetup(name, eps, budget=paper)) for name in ("fgsm", "bim", "pgd")}
+
+    adaptive_setups = {"pgd": AttackSetup("pgd", eps, budget=adaptive, **strong_view),
+                       "apgd-ce": AttackSetup("apgd-ce", eps, budget=adaptive, **strong_view)}
+    if len(evaluation.classes) >= 3:
+        adaptive_setups["apgd-dlr"] = AttackSetup("apgd-dlr", eps, budget=adaptive, **strong_view)
+    if randomized:
+        adaptive_setups["pgd-frozen-noise"] = AttackSetup("pgd", eps, gradient="frozen", budget=replace(adaptive, iterations=2 * adaptive.iterations))
+    adaptive_results = {name: runner(setup) for name, setup in adaptive_setups.items()}
+
+    doubled_setup = replace(adaptive_setups["pgd"], budget=adaptive.scaled(2))
+    limit = min(settings.doubling_samples, settings.samples)
+    doubled = runner(doubled_setup, limit)
+    doubling = {
+        "samples": limit,
+        "iterations": [adaptive.iterations, doubled_setup.budget.iterations],
+        **{rule: {"base": float(adaptive_results["pgd"].correct[rule][:limit].mean()),
+                  "doubled": doubled.accuracy(rule)} for rule in ("single", "mc")},
+    }
+    doubling["converged"] = all(doubling[r]["base"] - doubling[r]["doubled"] <= CONVERGENCE_TOLERANCE for r in ("single", "mc"))
+
+    threat_results = {
+        "orange-box": runner(AttackSetup("pgd", eps, threat="orange-box", budget=adaptive, **strong_view)),
+        "transfer": runner(AttackSetup("pgd", eps, threat="transfer", budget=adaptive)),
+        "square": runner(AttackSetup("square", eps, threat="query", budget=adaptive)),
+    }
+    hsj = runner(AttackSetup("hsj", eps, threat="query", budget=adaptive), min(settings.hsj_samples, settings.samples))
+
+    full_length = [*paper_results.values(), *adaptive_results.values(), *threat_results.values()]
+    worst = {rule: {"paper": worst_case_accuracy(list(paper_results.values()), rule),
+                    "adaptive": worst_case_accuracy(list(adaptive_results.values()), rule),
+                    "all": worst_case_accuracy(full_length, rule)} for rule in ("single", "mc")}
+
+    return {
+        "run": str(trained.path),
+        "dataset": trained.config.dataset,
+        "model": trained.config.model,
+        "randomized": randomized,
+        "final_round": trained.final_round,
+        "samples": settings.samples,
+        "chance": evaluation.chance,
+        "domain": evaluation.domain.description,
+        "clean": evaluation.clean().to_dict(),
+        "paper": {k: r.to_dict() for k, r in paper_results.items()},
+        "adaptive": {k: r.to_dict() for k, r in adaptive_results.items()},
+        "doubling": doubling,
+        "threats": {**{k: r.to_dict() for k, r in threat_results.items()}, "hsj": hsj.to_dict()},
+        "worst_case": worst,
+        "sweep": _sweep(trained, settings, progress, randomized),
+        "variants": _variants(trained, settings, progress, randomized),
+        "training_cost": trained.training_cost(),
+    }
+
+
+class _Runner:
+    def __init__(self, evaluation: RobustnessEvaluation, progress: ProgressFactory | None) -> None:
+        self.evaluation, self.progress = evaluation, progress
+
+    def __call__(self, setup: AttackSetup, limit: int | None = None) -> AttackResult:
+        total = limit or len(self.evaluation.data.y_eval)
+        on_progress = self.progress(f"{self.evaluation.trained.config.model}: {setup.label}", total) if self.progress else None
+        return self.evaluation.run(setup, on_progress, limit=limit)
+
+
+def _sweep(trained: TrainedRun, settings: StudySettings, progress: ProgressFactory | None, randomized: bool) -> dict:
+    """Accuracy against eps for paper-protocol PGD and (randomized models) EOT PGD."""
+    evaluation = RobustnessEvaluation(trained, settings.sweep_samples, mc_samples=settings.mc_samples, seed=settings.seed)
+    runner = _Runner(evaluation, progress)
+    curves = {"paper": AttackSetup("pgd", budget=settings.sweep_budget)}
+    if randomized:
+        curves["adaptive"] = AttackSetup("pgd", gradient="eot", eot_draws=settings.sweep_eot_draws, budget=settings.sweep_budget)
+    clean = evaluation.clean()
+    out: dict = {"eps": [0.0, *settings.sweep_eps], "samples": settings.sweep_samples, "chance": evaluation.chance}
+    for curve, setup in curves.items():
+        accuracies = {rule: [clean.accuracy(rule)] for rule in ("single", "mc")}
+        for eps in settings.sweep_eps:
+            result = runner(replace(setup, eps=eps))
+            for rule in accuracies:
+                accuracies[rule].append(result.accuracy(rule))
+        out[curve] = {**accuracies, "attack": f"pgd, {setup.budget.iterations} iterations, grad={setup.gradient}",
+                      "verdict": sweep_verdict(accuracies["mc"], evaluation.chance)}
+    return out
+
+
+def sweep_verdict(accuracies: list[float], chance: float) -> str:
+    """'working' when accuracy at the largest eps is near chance; otherwise the attack is failing."""
+    if accuracies[-1] <= chance + WORKING_MARGIN:
+        return "working: accuracy falls to chance as eps grows"
+    return (f"attack failing: accuracy {accuracies[-1]:.2f} at the largest eps is above chance ({chance:.2f}); "
+            "this is a weak attack, not evidence of robustness")
+
+
+def _variants(trained: TrainedRun, settings: StudySettings, progress: ProgressFactory | None, randomized: bool) -> dict:
+    """Paper-protocol attacks under protocol choices that could explain the paper's figures."""
+    variants: dict[str, dict] = {}
+    choices = {"clipped-probabilities": ({}, {"loss": "clipped-probabilities"})}
+    if randomized:
+        choices["noise-off-at-inference"] = ({"inference_noise": False}, {})
+    for name, (evaluation_args, setup_args) in choices.items():
+        evaluation = RobustnessEvaluation(trained, settings.samples, mc_samples=settings.mc_samples,
+                                          seed=settings.seed, **evaluation_args)
+        runner = _Runner(evaluation, progress)
+        variants[name] = {"clean": evaluation.clean().to_dict(),
+                          **{attack: runner(AttackSetup(attack, settings.eps, budget=settings.paper_budget, **setup_args)).to_dict()
+                             for attack in ("fgsm", "bim", "pgd")}}
+    return variants

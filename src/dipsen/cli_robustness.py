@@ -1,0 +1,145 @@
+"""CLI commands of the robustness side: ``attack``, ``reproduce`` and ``sweep-sigma``.
+
+Registered on :data:`dipsen.cli.app`; kept apart so each file stays short.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli import app, console
+from .errors import DipsenError
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+def _factory(progress: Progress):
+    """A ProgressFactory drawing one bar per attack."""
+    def factory(description: str, total: int):
+        task = progress.add_task(description, total=total)
+        return lambda done: progress.advance(task, done)
+    return factory
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DipsenError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+def attack(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    attack: Annotated[str, typer.Option(help="fgsm | bim | pgd | apgd-ce | apgd-dlr | square | hsj")] = "pgd",
+    eps: Annotated[float, typer.Option(help="L-inf radius, inputs in [0, 1].")] = 0.3,
+    threat: Annotated[str, typer.Option(help="white-box | orange-box | transfer | query")] = "white-box",
+    protocol: Annotated[str, typer.Option(help="paper (ART defaults, single-draw gradients) | adaptive (EOT, smaller steps, restarts)")] = "paper",
+    gradient: Annotated[Optional[str], typer.Option(help="draw | eot | frozen | off (default: from --protocol)")] = None,
+    eot_draws: Annotated[int, typer.Option(help="Noise draws per EOT gradient.")] = 16,
+    iterations: Annotated[Optional[int], typer.Option(help="Iterations of BIM/PGD/APGD (paper 100, adaptive 100).")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Random starts of PGD/APGD (paper 0, adaptive 2).")] = None,
+    queries: Annotated[Optional[int], typer.Option(help="Square attack iterations.")] = None,
+    stale_rounds: Annotated[int, typer.Option(help="Orange-box: the attacker's checkpoint is this many rounds old.")] = 5,
+    samples: Annotated[int, typer.Option(help="Seeded test examples to attack.")] = 500,
+    mc_samples: Annotated[int, typer.Option(help="Draws of the Monte-Carlo prediction rule.")] = 16,
+    eps_sweep: Annotated[Optional[str], typer.Option(help="Comma-separated eps values: plot accuracy against eps.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Attack a run's final global model; prints and saves clean and adversarial metrics."""
+    from .attack import ADAPTIVE_BUDGET, PAPER_BUDGET, AttackSetup, RobustnessEvaluation, TrainedRun
+    from .report import plots
+
+    if protocol not in ("paper", "adaptive"):
+        raise DipsenError(f"--protocol must be paper or adaptive, got {protocol!r}")
+    budget = PAPER_BUDGET if protocol == "paper" else ADAPTIVE_BUDGET
+    budget = replace(budget, **{k: v for k, v in (("iterations", iterations), ("restarts", restarts), ("queries", queries)) if v is not None})
+    default_gradient = "eot" if protocol == "adaptive" else "draw"
+    setup = AttackSetup(attack, eps, threat, gradient or default_gradient, eot_draws, budget)
+    sweep = _floats(eps_sweep, "--eps-sweep") if eps_sweep else None
+    trained = TrainedRun(run_dir)
+    evaluation = RobustnessEvaluation(trained, samples, mc_samples=mc_samples, stale_rounds=stale_rounds, seed=seed)
+    out = trained.path / "attacks"
+    out.mkdir(exist_ok=True)
+    with _progress() as progress:
+        factory = _factory(progress)
+        clean = evaluation.clean()
+        if sweep:
+            results = [evaluation.run(replace(setup, eps=e), factory(f"eps {e:g}", samples)) for e in sweep]
+        else:
+            results = [evaluation.run(setup, factory(setup.label, samples))]
+    name = setup.label.replace(" ", "_").replace("=", "")
+    if sweep:
+        name = name.replace(f"eps{eps:g}_", "eps-sweep_")
+        curve = {"eps": [0.0, *sweep], "chance": evaluation.chance,
+                 "paper": {r: [clean.accuracy(r)] + [x.accuracy(r) for x in results] for r in ("single", "mc")}}
+        plots.robustness_curves({trained.config.model: {"sweep": curve}}, trained.config.dataset, out / f"{name}.png")
+        console.print(f"plot: {out / (name + '.png')}")
+    record = {"run": str(trained.path), "model": trained.config.model, "randomized": evaluation.randomized,
+              "samples": len(evaluation.data.y_eval), "chance": evaluation.chance, "clean": clean.to_dict(),
+              "results": [r.to_dict() for r in results]}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    _print_attack(evaluation, clean, results, mc_samples)
+    console.print(f"saved: {out / (name + '.json')}")
+
+
+def _print_attack(evaluation, clean, results, mc_samples: int) -> None:
+    rules = ("single", "mc") if evaluation.randomized else ("single",)
+    names = {"single": "1 draw" if evaluation.randomized else "deterministic", "mc": f"mean of {mc_samples}"}
+    setup = results[-1].setup
+    gradient = f"eot{setup.eot_draws}" if setup.gradient == "eot" else setup.gradient
+    table = Table(title=f"{evaluation.trained.config.model} on {len(evaluation.data.y_eval)} examples: "
+                        f"{setup.threat}, gradient {gradient}")
+    for column in ("", "rule", "accuracy", "precision", "recall", "F1", "seconds"):
+        table.add_column(column, justify="left" if column in ("", "rule") else "right")
+    for result in [clean, *results]:
+        label = f"{result.setup.attack} eps={result.setup.eps:g}" if result.setup else "clean"
+        for rule in rules:
+            m = result.metrics[rule]
+            table.add_row(label, names[rule], f"{m['accuracy']:.4f}", f"{m['macro']['precision']:.4f}",
+                          f"{m['macro']['recall']:.4f}", f"{m['macro']['f1']:.4f}", f"{result.seconds:.1f}")
+    console.print(table)
+    last = results[-1].metrics["single"]
+    support = ", ".join(f"{c['class']}: {c['support']}" for c in last["per_class"])
+    console.print(f"support: {support}  (precision/recall/F1 are macro averages; per class in the JSON)")
+
+
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option(help="Report folder (must be new or empty).")] = Path("report"),
+    quick: Annotated[bool, typer.Option(help="Small subsets and budgets: a few minutes, a smoke test.")] = False,
+    datasets: Annotated[str, typer.Option(help="Comma-separated: mnist,socofing,ctu13")] = "mnist,socofing,ctu13",
+) -> None:
+    """Train CNN and DiPSeN on each data set, run every attack and threat model, write the report."""
+    from .report import reproduce as run_study
+
+    chosen = tuple(d.strip() for d in datasets.split(",") if d.strip())
+    with _progress() as progress:
+        path = run_study(out, quick=quick, datasets=chosen, progress=_factory(progress), on_training=console.print)
+    console.print(f"report: {path} and {path.with_suffix('.html')}")
+
+
+@app.command("sweep-sigma")
+def sweep_sigma_cmd(
+    dataset: Annotated[str, typer.Option(help="mnist | socofing | ctu13")] = "mnist",
+    sigmas: Annotated[str, typer.Option(help="Comma-separated noise multipliers.")] = "0,0.05,0.1,0.2537,0.5",
+    out: Annotated[Path, typer.Option(help="Output folder (must be new or empty).")] = Path("sigma-sweep"),
+    quick: Annotated[bool, typer.Option(help="Small subsets and budgets: a smoke test.")] = False,
+) -> None:
+    """Train DiPSeN at several noise levels; plot clean and adversarial accuracy against sigma."""
+    from .report.sigma import sweep_sigma
+
+    with _progress() as progress:
+        path = sweep_sigma(out, dataset, _floats(sigmas, "--sigmas"), quick=quick, progress=_factory(progress),
+                           on_training=console.print)
+    console.print(f"saved: {path}")

@@ -1,0 +1,232 @@
+"""Turn the study's measurements into ``report.md``, ``report.html``, PNG plots and ``results.json``.
+
+Input: ``results = {"settings", "quick", "machine", "seconds", "studies": {"DATASET/MODEL": study}}``
+where each study is :func:`dipsen.attack.study.study_run`'s dict. Every table puts the paper's
+figure next to ours; our figures are only ever read from ``results``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import plots
+from .paper import DATASET_NAMES, DATASETS, FIG6, OVERHEAD
+from .render import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
+
+SURVIVAL_MARGIN = 0.05
+"""A paper-protocol accuracy 'survives' when adaptive attacks lower it by at most this much."""
+
+
+def build_report(results: dict, out: Path) -> Path:
+    """Write the report folder ``out``; returns the path of report.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    studies = results["studies"]
+    datasets = [d for d in DATASETS if any(k.startswith(d + "/") for k in studies)]
+    n = results["settings"]["mc_samples"]
+    blocks: list[Block] = [Heading("dipsen robustness report: CNN against DiPSeN", 1), Paragraph(_preamble(results))]
+    blocks += _summary(studies, datasets, n, out)
+    blocks += _verdicts(studies, datasets, n)
+    blocks += _baseline(studies, datasets, n, out)
+    blocks += _overhead(studies, datasets, out)
+    blocks += _curves(studies, datasets, out)
+    blocks += _details(studies, datasets, n)
+    blocks += _variants(studies, datasets)
+    (out / "report.md").write_text(to_markdown(blocks))
+    (out / "report.html").write_text(to_html(blocks, "dipsen robustness report"))
+    return out / "report.md"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _study(studies: dict, dataset: str, model: str) -> dict | None:
+    return studies.get(f"{dataset}/{model}")
+
+
+def _acc(result: dict, rule: str = "single") -> float:
+    return result["metrics"][rule]["accuracy"]
+
+
+def _ours(study: dict, row: str, rule: str = "single") -> float:
+    return _acc(study["clean"] if row == "clean" else study["paper"][row], rule)
+
+
+def _preamble(results: dict) -> str:
+    s, seconds = results["settings"], results["seconds"]
+    mode = "**quick mode** (small subsets and budgets: a smoke test, not a result)" if results.get("quick") else "full study"
+    return (f"{mode}. Every figure below was measured by `dipsen reproduce` on {results['machine']} in "
+            f"{seconds['total'] / 60:.1f} min ({seconds['training'] / 60:.1f} min training, {seconds['attacks'] / 60:.1f} min attacks). "
+            f"Attacks: L-inf, untargeted, eps {s['eps']}, on {s['samples']} seeded test examples per model. "
+            f"'1 draw' is the paper's prediction rule (one noise draw per input); 'mean of {s['mc_samples']}' averages the "
+            f"softmax over {s['mc_samples']} draws. Paper protocol: FGSM, BIM and PGD through ART with its default steps "
+            f"(eps/3, {s['paper_budget']['iterations']} iterations, no random start), gradients through single noise draws. "
+            f"Adaptive: PGD and APGD through the expectation over {s['eot_draws']} noise draws (EOT), PGD through frozen noise, "
+            f"random starts, {s['adaptive_budget']['iterations']} iterations; worst case = examples no attack broke.")
+
+
+def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Block]:
+    headers = ["data set", "model", "clean: paper / ours", "FGSM: paper / ours", "BIM: paper / ours", "PGD: paper / ours",
+               f"adaptive worst case: 1 draw / mean of {n}"]
+    rows = []
+    for dataset in datasets:
+        for model in ("cnn", "dipsen"):
+            study = _study(studies, dataset, model)
+            if study is None:
+                continue
+            paper = FIG6.get((model, dataset), {})
+            cells = [f"{_pct(paper.get(r))} / **{_pct(_ours(study, r))}**" for r in ("clean", "fgsm", "bim", "pgd")]
+            worst = study["worst_case"]
+            rows.append([DATASET_NAMES[dataset], model, *cells, f"{_pct(worst['single']['all'])} / {_pct(worst['mc']['all'])}"])
+    groups = [f"{DATASET_NAMES[d]} {m}" for d in datasets for m in ("cnn", "dipsen") if _study(studies, d, m)]
+    keys = [(d, m) for d in datasets for m in ("cnn", "dipsen") if _study(studies, d, m)]
+    plots.grouped_bars(groups, {
+        "paper: PGD": [FIG6.get(k, {}).get("pgd") for k in keys],
+        "ours: paper-protocol PGD": [_ours(studies[f"{d}/{m}"], "pgd") for d, m in keys],
+        "ours: adaptive worst case": [studies[f"{d}/{m}"]["worst_case"]["mc"]["all"] for d, m in keys],
+    }, "Accuracy under attack at eps 0.3", "accuracy", out / "fig6_summary.png")
+    return [Heading("Summary (the paper's Fig. 6)"),
+            Table(headers, rows, "Accuracy. Ours: paper protocol, 1 draw (bold); last column: every attack of the study."),
+            Image("fig6_summary.png", "PGD accuracy: the paper's figure, ours under the paper's protocol, ours under adaptive attack")]
+
+
+def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
+    lines = []
+    for dataset in datasets:
+        study = _study(studies, dataset, "dipsen")
+        if study is None:
+            continue
+        paper_protocol = min(_ours(study, r) for r in ("fgsm", "bim", "pgd"))
+        adaptive = study["worst_case"]["mc"]["all"]
+        cnn = _study(studies, dataset, "cnn")
+        cnn_text = f"; the CNN under the same attacks: {cnn['worst_case']['mc']['all']:.3f}" if cnn else ""
+        survives = paper_protocol - adaptive <= SURVIVAL_MARGIN
+        verdict = ("survives adaptive attack" if survives else
+                   f"**does not survive**: adaptive attacks take it to {adaptive:.3f} (mean of {n})")
+        lines.append(f"- {DATASET_NAMES[dataset]}: DiPSeN's lowest paper-protocol accuracy is {paper_protocol:.3f}; it {verdict}{cnn_text}. "
+                     f"Iteration doubling: {'converged' if study['doubling']['converged'] else '**not converged** (more iterations still help)'}. "
+                     f"EOT sweep: {study['sweep'].get('adaptive', study['sweep']['paper'])['verdict']}.")
+    return [Heading("What survives"), Paragraph("\n".join(lines) or "No DiPSeN run in this study.")]
+
+
+def _baseline(studies: dict, datasets: list[str], n: int, out: Path) -> list[Block]:
+    rows, groups, paper_series, ours_series = [], [], [], []
+    for dataset in datasets:
+        for model in ("cnn", "dipsen"):
+            study = _study(studies, dataset, model)
+            if study is None:
+                continue
+            clean = study["clean"]["metrics"]
+            macro = clean["single"]["macro"]
+            paper = FIG6.get((model, dataset), {}).get("clean")
+            rows.append([DATASET_NAMES[dataset], model, _pct(paper), _pct(clean["single"]["accuracy"]), _pct(clean["mc"]["accuracy"]),
+                         _pct(macro["precision"]), _pct(macro["recall"]), _pct(macro["f1"]), str(clean["single"]["samples"]),
+                         str(study["final_round"])])
+            groups.append(f"{DATASET_NAMES[dataset]} {model}")
+            paper_series.append(paper)
+            ours_series.append(clean["single"]["accuracy"])
+    plots.grouped_bars(groups, {"paper": paper_series, "ours (1 draw)": ours_series}, "Clean accuracy", "accuracy",
+                       out / "fig3_baseline.png")
+    headers = ["data set", "model", "paper", "ours: 1 draw", f"ours: mean of {n}", "precision (macro)", "recall (macro)",
+               "F1 (macro)", "support", "rounds"]
+    return [Heading("Baseline accuracy (the paper's Table I and Fig. 3)"),
+            Table(headers, rows, "On the evaluated test examples; precision, recall and F1 for the 1-draw rule."),
+            Image("fig3_baseline.png", "Clean accuracy, paper against ours")]
+
+
+def _overhead(studies: dict, datasets: list[str], out: Path) -> list[Block]:
+    rows, groups, ratios = [], [], []
+    for dataset in datasets:
+        cnn, dipsen = _study(studies, dataset, "cnn"), _study(studies, dataset, "dipsen")
+        if not (cnn and dipsen and cnn["training_cost"] and dipsen["training_cost"]):
+            continue
+        a, b = cnn["training_cost"]["mean_step_seconds"], dipsen["training_cost"]["mean_step_seconds"]
+        rows.append([DATASET_NAMES[dataset], f"{a * 1e3:.2f}", f"{b * 1e3:.2f}", f"{b / a - 1:+.1%}", f"{OVERHEAD:+.1%}"])
+        groups.append(DATASET_NAMES[dataset])
+        ratios.append(b / a)
+    plots.grouped_bars(groups, {"DiPSeN / CNN time per step": ratios}, "Training overhead", "ratio", out / "fig4_overhead.png",
+                       ylim=None)
+    return [Heading("Training overhead per step (the paper's Fig. 4)"),
+            Table(["data set", "CNN ms/step", "DiPSeN ms/step", "overhead: ours", "overhead: paper (mean)"], rows,
+                  "Mean time per local SGD step inside the federated runs (one worker thread per client)."),
+            Image("fig4_overhead.png", "DiPSeN's time per training step relative to the CNN's")]
+
+
+def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
+    blocks: list[Block] = [Heading("Robustness against eps (the paper's Fig. 5)")]
+    for dataset in datasets:
+        models = {m: studies[f"{dataset}/{m}"] for m in ("cnn", "dipsen") if _study(studies, dataset, m)}
+        name = f"fig5_{dataset}.png"
+        plots.robustness_curves(models, dataset, out / name)
+        any_sweep = next(iter(models.values()))["sweep"]
+        headers = ["model", "curve", *[f"eps {e:g}" for e in any_sweep["eps"]], "sanity"]
+        rows = []
+        for model, study in models.items():
+            for curve in ("paper", "adaptive"):
+                if curve in study["sweep"]:
+                    c = study["sweep"][curve]
+                    rule = "single" if curve == "paper" else "mc"
+                    rows.append([model, f"{c['attack']} ({'1 draw' if rule == 'single' else 'mean of draws'})",
+                                 *[_pct(v) for v in c[rule]], c["verdict"]])
+        blocks += [Heading(DATASET_NAMES[dataset], 3), Table(headers, rows, f"{any_sweep['samples']} examples; majority class "
+                                                             f"{any_sweep['chance']:.3f}."),
+                   Image(name, f"{DATASET_NAMES[dataset]}: accuracy against eps")]
+    return blocks
+
+
+def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
+    blocks: list[Block] = [Heading("Every attack, every threat model")]
+    for dataset in datasets:
+        models = {m: studies[f"{dataset}/{m}"] for m in ("cnn", "dipsen") if _study(studies, dataset, m)}
+        headers = ["protocol", "attack", *[f"{m}: 1 draw / mean of {n}" for m in models], "crafted on"]
+        rows = []
+        sections = (("paper", "paper"), ("adaptive", "adaptive"), ("threats", "threat model"))
+        keys = []
+        for section, label in sections:
+            for name in dict.fromkeys(k for s in models.values() for k in s[section]):
+                keys.append((section, label, name))
+        for section, label, name in keys:
+            cells, crafted = [], ""
+            for study in models.values():
+                result = study[section].get(name)
+                if result is None:
+                    cells.append("—")
+                    continue
+                crafted = result["crafted_on"]
+                limited = f" (n={result['samples']})" if result["samples"] != study["samples"] else ""
+                cells.append(f"{_pct(_acc(result))} / {_pct(_acc(result, 'mc'))}{limited}")
+            first = next(s[section][name] for s in models.values() if name in s[section])
+            rows.append([label, first["label"], *cells, crafted])
+        for rule, rule_name in (("single", "1 draw"), ("mc", f"mean of {n}")):
+            rows.append(["worst case", f"all attacks above ({rule_name})", *[_pct(s["worst_case"][rule]["all"]) for s in models.values()], ""])
+        doubling = [f"{s['doubling']['mc']['base']:.3f} → {s['doubling']['mc']['doubled']:.3f} "
+                    f"({'converged' if s['doubling']['converged'] else 'NOT converged'})" for s in models.values()]
+        rows.append(["check", "adaptive PGD, iterations doubled (mean rule)", *doubling, ""])
+        blocks += [Heading(DATASET_NAMES[dataset], 3),
+                   Paragraph(f"What the attacker may change: {next(iter(models.values()))['domain']}."),
+                   Table(headers, rows)]
+    return blocks
+
+
+def _variants(studies: dict, datasets: list[str]) -> list[Block]:
+    headers = ["data set", "model", "protocol variant", "clean: paper / ours", "FGSM: paper / ours", "BIM: paper / ours",
+               "PGD: paper / ours"]
+    rows = []
+    for dataset in datasets:
+        for model in ("cnn", "dipsen"):
+            study = _study(studies, dataset, model)
+            if study is None:
+                continue
+            paper = FIG6.get((model, dataset), {})
+            for variant, results in study["variants"].items():
+                rows.append([DATASET_NAMES[dataset], model, variant,
+                             *[f"{_pct(paper.get(r))} / {_pct(_acc(results[r]))}" for r in ("clean", "fgsm", "bim", "pgd")]])
+    return [Heading("Where could the paper's figures come from?"),
+            Paragraph("Protocol choices a Keras + ART pipeline makes easily, each measured with the paper's attacks (1 draw). "
+                      "'noise-off-at-inference': the noise layer is off when predicting and attacking, as Keras' "
+                      "GaussianNoise is by default. 'clipped-probabilities': the attack's loss is Keras' cross-entropy on "
+                      "softmax outputs, clipped to [1e-7, 1 - 1e-7], whose gradient vanishes on confident inputs. "
+                      "These are not robustness measurements."),
+            Table(headers, rows)]

@@ -1,0 +1,70 @@
+"""PNG figures of the report (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from .paper import DATASET_NAMES  # noqa: E402
+
+
+def robustness_curves(studies: dict[str, dict], dataset: str, path: Path) -> Path:
+    """Fig. 5 counterpart: accuracy against eps for each model, paper-protocol and adaptive PGD."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    chance = None
+    for model, study in studies.items():
+        sweep = study["sweep"]
+        chance = sweep["chance"]
+        ax.plot(sweep["eps"], sweep["paper"]["single"], marker="o", label=f"{model}: paper protocol (1 draw)")
+        if "adaptive" in sweep:
+            ax.plot(sweep["eps"], sweep["adaptive"]["mc"], marker="s", linestyle="--",
+                    label=f"{model}: EOT PGD (mean of draws)")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="majority class")
+    ax.set(xlabel="eps (L-inf)", ylabel="accuracy", ylim=(0, 1.02), title=f"{DATASET_NAMES.get(dataset, dataset)}: PGD")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def grouped_bars(groups: list[str], series: dict[str, list[float | None]], title: str, ylabel: str, path: Path,
+                 ylim: tuple[float, float] | None = (0, 1.02)) -> Path:
+    """Bars for each group (x axis), one colour per series; None leaves a gap."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) * max(1, len(series)) / 2), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], width, label=name)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def sigma_curves(sigmas: list[float], curves: dict[str, list[float]], reference: dict[str, float], path: Path,
+                 title: str) -> Path:
+    """Accuracy against the noise multiplier, with the CNN's figures as horizontal references."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        ax.plot(sigmas, values, marker="o", label=name)
+    for name, value in reference.items():
+        ax.axhline(value, linestyle=":", linewidth=1, label=name, color="grey" if "clean" in name else "black")
+    ax.set(xlabel="sigma (noise multiplier)", ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
