@@ -29,7 +29,7 @@ def _flags(settings: dict) -> list[str]:
     return [f for key, value in settings.items() for f in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def test_flower_simulation_agrees_with_the_in_process_engine(mnist, tmp_path):
+def test_flower_simulation_agrees_with_the_in_process_engine_and_resumes(mnist, tmp_path):
     reference_cfg = TrainConfig(**AGREEMENT).validate()
     reference = RunDir.create(tmp_path / "inprocess", reference_cfg)
     expected = train(FederatedTraining(reference_cfg, mnist), reference)
@@ -53,6 +53,15 @@ def test_flower_simulation_agrees_with_the_in_process_engine(mnist, tmp_path):
     assert run.read_json("partition.json") == reference.read_json("partition.json")
     shown = _cli("show", str(path), timeout=60)
     assert shown.returncode == 0 and f"accuracy: {accuracy:.4f}" in shown.stdout
+
+    # --resume continues a Flower run on Flower, to the weights of the uninterrupted run
+    final = run.load_checkpoint(2)
+    run.checkpoint_path(2).unlink()  # as if stopped during round 2
+    (path / "final_metrics.json").unlink()
+    resumed = _cli("train", "--resume", str(path), timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [r["round"] for r in run.metrics()] == [1, 2]
+    assert all(torch.equal(final[k], run.load_checkpoint(2)[k]) for k in final)
 
 
 FAULTY_CLIENT = '''
