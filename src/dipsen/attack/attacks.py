@@ -40,8 +40,11 @@ from ..errors import DipsenError
 GRADIENT_ATTACKS = ("fgsm", "bim", "pgd", "apgd-ce", "apgd-dlr")
 QUERY_ATTACKS = ("square", "hsj")
 ATTACKS = GRADIENT_ATTACKS + QUERY_ATTACKS
-MASKABLE = ("fgsm", "bim", "pgd", "apgd-ce", "apgd-dlr", "hsj")
-"""Attacks whose ``generate`` honours a perturbation mask (others are projected afterwards)."""
+PER_EXAMPLE_MASK = ("fgsm", "bim", "pgd", "hsj")
+"""Attacks whose ``generate`` honours a per-example perturbation mask."""
+BATCH_MASK = ("apgd-ce", "apgd-dlr")
+"""Attacks that take only one mask for the whole batch (ART's APGD applies the mask to the
+examples still being attacked after a restart, so a per-example mask no longer matches)."""
 
 
 @dataclass(frozen=True)

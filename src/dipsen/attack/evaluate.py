@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import DipsenError
 from ..metrics import classification_metrics
 from ..models import predict_proba
-from .attacks import ATTACKS, MASKABLE, PAPER_BUDGET, QUERY_ATTACKS, Budget, art_classifier, build_attack
+from .attacks import ATTACKS, BATCH_MASK, PER_EXAMPLE_MASK, PAPER_BUDGET, QUERY_ATTACKS, Budget, art_classifier, build_attack
 from .domain import feasible_domain
 from .target import TrainedRun
 from .threat import DEFAULT_STALE_ROUNDS, SURROGATE_EPOCHS, THREAT_MODELS, stale_round, train_surrogate
@@ -173,9 +173,10 @@ class RobustnessEvaluation:
         for begin in range(0, len(y), CHUNK):
             xc, yc = x[begin : begin + CHUNK], y[begin : begin + CHUNK]
             kwargs = {}
-            mask = self.domain.mask(xc)
-            if mask is not None and setup.attack in MASKABLE:
-                kwargs["mask"] = mask
+            if setup.attack in PER_EXAMPLE_MASK + BATCH_MASK:
+                mask = self.domain.mask(xc, per_example=setup.attack in PER_EXAMPLE_MASK)
+                if mask is not None:
+                    kwargs["mask"] = mask
             x_adv = attack.generate(x=xc, y=yc, **kwargs)
             chunks.append(self.domain.project(x_adv, xc, setup.eps))
             if on_progress:

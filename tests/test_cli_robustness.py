@@ -1,0 +1,58 @@
+"""The attack / reproduce / sweep-sigma commands: outputs and one-line user errors."""
+
+import json
+import shutil
+
+import subprocess
+import sys
+
+import pytest
+
+
+def dipsen(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "dipsen", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_attack_prints_and_saves_metrics(cnn_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cnn_run.path, run)
+    result = dipsen("attack", str(run), "--attack", "fgsm", "--samples", "30")
+    assert result.returncode == 0, result.stderr
+    assert "clean" in result.stdout and "fgsm eps=0.3" in result.stdout and "support" in result.stdout
+    (saved,) = (run / "attacks").glob("*.json")
+    record = json.loads(saved.read_text())
+    attacked = record["results"][0]["metrics"]["single"]
+    assert record["samples"] == 30 and {"accuracy", "macro", "per_class"} <= set(attacked)
+    assert attacked["accuracy"] < record["clean"]["metrics"]["single"]["accuracy"]
+
+
+def test_eps_sweep_writes_a_plot_and_its_data(cnn_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cnn_run.path, run)
+    result = dipsen("attack", str(run), "--attack", "bim", "--iterations", "3", "--samples", "20", "--eps-sweep", "0.1,0.5")
+    assert result.returncode == 0, result.stderr
+    (plot,) = (run / "attacks").glob("*eps-sweep*.png")
+    data = json.loads(plot.with_suffix(".json").read_text())
+    assert [r["eps"] for r in data["results"]] == [0.1, 0.5]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["attack", "/nonexistent/run"], "/nonexistent/run"),
+        (["attack", "RUN", "--attack", "cw"], "unknown attack 'cw'"),
+        (["attack", "RUN", "--attack", "square"], "query"),
+        (["attack", "RUN", "--eps", "2"], "eps must be in (0, 1]"),
+        (["attack", "RUN", "--protocol", "strong"], "--protocol"),
+        (["reproduce", "--datasets", "cifar", "--quick"], "unknown data set 'cifar'"),
+        (["sweep-sigma", "--sigmas", "0.1,x"], "--sigmas"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(cnn_run, tmp_path, args, message):
+    args = [str(cnn_run.path) if a == "RUN" else a for a in args]
+    extra = ["--out", str(tmp_path / "out")] if args[0] in ("reproduce", "sweep-sigma") else []
+    result = dipsen(*args, *extra)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
