@@ -63,10 +63,12 @@ def ctu13_run(tmp_path_factory, ctu13):
     return TrainedRun(run.path, ctu13)
 
 
-@pytest.mark.parametrize("attack", ["pgd", "apgd-ce"])
-def test_masked_attacks_with_restarts_run_on_ctu13(ctu13_run, attack):
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "square"])
+def test_attacks_run_on_ctu13_windows(ctu13_run, attack):
+    """Masks with restarts (PGD, APGD) and square patches on 28 x 6 inputs (Square)."""
     from dipsen.attack import AttackSetup, Budget, RobustnessEvaluation
 
     evaluation = RobustnessEvaluation(ctu13_run, samples=60)
-    result = evaluation.run(AttackSetup(attack, budget=Budget(5, 1 / 4, restarts=2)))
+    threat = "query" if attack == "square" else "white-box"
+    result = evaluation.run(AttackSetup(attack, threat=threat, budget=Budget(5, 1 / 4, restarts=2, queries=20)))
     assert result.accuracy("single") <= evaluation.clean().accuracy("single")

@@ -30,7 +30,7 @@ from .attacks import ATTACKS, BATCH_MASK, PER_EXAMPLE_MASK, PAPER_BUDGET, QUERY_
 from .domain import feasible_domain
 from .target import TrainedRun
 from .threat import DEFAULT_STALE_ROUNDS, SURROGATE_EPOCHS, THREAT_MODELS, stale_round, train_surrogate
-from .views import DEFAULT_EOT_DRAWS, GRADIENT_VIEWS, ClippedProbabilityLoss, attacker_view
+from .views import DEFAULT_EOT_DRAWS, GRADIENT_VIEWS, ClippedProbabilityLoss, SquareCanvas, attacker_view
 
 RULES = ("single", "mc")
 LOSSES = ("cross-entropy", "clipped-probabilities")
@@ -163,7 +163,13 @@ class RobustnessEvaluation:
         source, crafted_on = self.source(setup.threat)
         view = attacker_view(source, setup.gradient, setup.eot_draws, self.seed)
         loss = ClippedProbabilityLoss() if setup.loss == "clipped-probabilities" else None
-        classifier = art_classifier(view, self.input_shape, len(self.classes), loss)
+        channels, height, width = self.input_shape
+        side = max(height, width)
+        on_canvas = setup.attack == "square" and height != width
+        if on_canvas:
+            view = SquareCanvas(view, height, width)
+        shape = (channels, side, side) if on_canvas else self.input_shape
+        classifier = art_classifier(view, shape, len(self.classes), loss)
         attack = build_attack(setup.attack, classifier, setup.eps, setup.budget, self.batch_size)
         x, y = self.data.x_eval[:limit], self.data.y_eval[:limit]
         np.random.seed(self.seed)  # ART draws random starts and query proposals from numpy's global RNG
@@ -177,7 +183,11 @@ class RobustnessEvaluation:
                 mask = self.domain.mask(xc, per_example=setup.attack in PER_EXAMPLE_MASK)
                 if mask is not None:
                     kwargs["mask"] = mask
-            x_adv = attack.generate(x=xc, y=yc, **kwargs)
+            if on_canvas:
+                canvas = np.pad(xc, ((0, 0), (0, 0), (0, side - height), (0, side - width)))
+                x_adv = attack.generate(x=canvas, y=yc)[..., :height, :width]
+            else:
+                x_adv = attack.generate(x=xc, y=yc, **kwargs)
             chunks.append(self.domain.project(x_adv, xc, setup.eps))
             if on_progress:
                 on_progress(len(yc))

@@ -40,14 +40,14 @@ class StudySettings:
     """Sizes and budgets of a study; the defaults are the full study (``quick()`` is CI-sized)."""
 
     eps: float = 0.3
-    samples: int = 300
+    samples: int = 200
     mc_samples: int = 16
     eot_draws: int = 16
     paper_budget: Budget = Budget(iterations=100, step_fraction=1 / 3, restarts=0)
     adaptive_budget: Budget = Budget(iterations=50, step_fraction=1 / 10, restarts=1, queries=1000,
                                      hsj_iterations=10, hsj_evaluations=500)
     doubling_samples: int = 100
-    hsj_samples: int = 50
+    hsj_samples: int = 30
     stale_rounds: int = 5
     attacker_samples: int = 5000
     surrogate_epochs: int = 5
