@@ -164,6 +164,8 @@ def _sweep(trained: TrainedRun, settings: StudySettings, progress: ProgressFacto
 
 def sweep_verdict(accuracies: list[float], chance: float) -> str:
     """'working' when accuracy at the largest eps is near chance; otherwise the attack is failing."""
+    if accuracies[0] <= chance + WORKING_MARGIN:
+        return f"no verdict: the model is near the majority-class rate ({chance:.2f}) before any attack"
     if accuracies[-1] <= chance + WORKING_MARGIN:
         return "working: accuracy falls to chance as eps grows"
     return (f"attack failing: accuracy {accuracies[-1]:.2f} at the largest eps is above chance ({chance:.2f}); "
