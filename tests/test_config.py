@@ -42,7 +42,7 @@ def test_missing_config_file_is_named(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    configs = sorted((Path(__file__).parents[1] / "src" / "dipsen" / "configs").glob("*.toml"))
     assert configs
     for file in configs:
         load_config(file, {})
