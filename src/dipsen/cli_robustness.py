@@ -125,7 +125,7 @@ def reproduce(
 
     chosen = tuple(d.strip() for d in datasets.split(",") if d.strip())
     with _progress() as progress:
-        path = run_study(out, quick=quick, datasets=chosen, progress=_factory(progress), on_training=console.print)
+        path = run_study(out, quick=quick, datasets=chosen, progress=_factory(progress))
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 
 
@@ -140,6 +140,5 @@ def sweep_sigma_cmd(
     from .report.sigma import sweep_sigma
 
     with _progress() as progress:
-        path = sweep_sigma(out, dataset, _floats(sigmas, "--sigmas"), quick=quick, progress=_factory(progress),
-                           on_training=console.print)
+        path = sweep_sigma(out, dataset, _floats(sigmas, "--sigmas"), quick=quick, progress=_factory(progress))
     console.print(f"saved: {path}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -41,27 +40,34 @@ def paper_config(dataset: str, model: str, quick: bool = False, **overrides):
         return load_config(path, {"model": model, **(QUICK_TRAINING if quick else {}), **overrides})
 
 
+def round_progress(progress: ProgressFactory | None, label: str, rounds: int):
+    """An ``on_round`` callback for :func:`dipsen.federated.train` that advances one bar per round."""
+    if progress is None:
+        return None
+    advance = progress(f"training {label}", rounds)
+    return lambda result, start_round: advance(1) if result is not None else None
+
+
 def machine_description() -> str:
     return f"{platform.machine()} Linux, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def reproduce(out: Path, *, quick: bool = False, datasets: tuple[str, ...] = DATASETS,
-              settings: StudySettings | None = None, progress: ProgressFactory | None = None,
-              on_training: Callable[[str], None] | None = None) -> Path:
+              settings: StudySettings | None = None, progress: ProgressFactory | None = None) -> Path:
     """Train, attack and report into ``out``; returns the path of report.md."""
     if out.exists() and any(out.iterdir()):
         raise DipsenError(f"{out} exists and is not empty; choose a new --out folder")
+    configs = {(d, m): paper_config(d, m, quick) for d in datasets for m in MODELS}  # all errors before any work
     settings = settings or (StudySettings.quick() if quick else StudySettings())
     start = time.perf_counter()
     trained: dict[str, TrainedRun] = {}
     for dataset in datasets:
         for model in MODELS:
-            config = paper_config(dataset, model, quick)
+            config = configs[dataset, model]
             data = load_dataset(dataset, seed=config.seed)
-            if on_training:
-                on_training(f"training {dataset}/{model}: {config.rounds} rounds")
+            label = f"{dataset}/{model}"
             run = RunDir.create(out / "runs", config)
-            train(FederatedTraining(config, data), run)
+            train(FederatedTraining(config, data), run, on_round=round_progress(progress, label, config.rounds))
             trained[f"{dataset}/{model}"] = TrainedRun(run.path, data)
     training_seconds = time.perf_counter() - start
     studies = {key: study_run(run, settings, progress) for key, run in trained.items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..attack.evaluate import AttackSetup, RobustnessEvaluation
@@ -20,11 +19,11 @@ from ..errors import DipsenError
 from ..federated import FederatedTraining, RunDir, train
 from . import plots
 from .render import Heading, Paragraph, Table, to_markdown
-from .reproduce import machine_description, paper_config
+from .reproduce import round_progress, machine_description, paper_config
 
 
 def sweep_sigma(out: Path, dataset: str, sigmas: list[float], *, quick: bool = False,
-                progress: ProgressFactory | None = None, on_training: Callable[[str], None] | None = None) -> Path:
+                progress: ProgressFactory | None = None) -> Path:
     """Train and attack DiPSeN at each sigma; returns the path of sigma_sweep.md."""
     if not sigmas or any(s < 0 for s in sigmas):
         raise DipsenError(f"--sigmas must be a non-empty list of numbers >= 0, got {sigmas}")
@@ -36,10 +35,8 @@ def sweep_sigma(out: Path, dataset: str, sigmas: list[float], *, quick: bool = F
     measured: dict[str, dict] = {}
     for label, model, overrides in [("cnn", "cnn", {}), *[(f"sigma={s:g}", "dipsen", {"sigma": s}) for s in sorted(sigmas)]]:
         config = paper_config(dataset, model, quick, **overrides)
-        if on_training:
-            on_training(f"training {dataset}/{label}: {config.rounds} rounds")
         run = RunDir.create(out / "runs", config)
-        train(FederatedTraining(config, data), run)
+        train(FederatedTraining(config, data), run, on_round=round_progress(progress, label, config.rounds))
         measured[label] = _measure(TrainedRun(run.path, data), settings, progress, label)
     results = {"dataset": dataset, "machine": machine_description(), "quick": quick, "settings": settings.to_dict(),
                "seconds": time.perf_counter() - start, "results": measured}
