@@ -59,3 +59,22 @@ def test_every_number_is_also_json(report):
     assert set(dipsen["threats"]) == {"orange-box", "transfer", "square", "hsj"}
     assert dipsen["sweep"]["eps"] == [0.0, 0.1, 0.5] and "adaptive" in dipsen["sweep"]
     assert set(dipsen["variants"]) == {"clipped-probabilities", "noise-off-at-inference"}
+
+
+def test_plots_carry_the_papers_figures_beside_ours(report, tmp_path, monkeypatch):
+    from dipsen.report import build
+
+    _, studies = report
+    calls = {}
+    real = build.plots.grouped_bars
+
+    def recording(groups, series, title, *args, **kwargs):
+        calls[title] = series
+        return real(groups, series, title, *args, **kwargs)
+
+    monkeypatch.setattr(build.plots, "grouped_bars", recording)
+    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
+               "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5}, "studies": studies}
+    build.build_report(results, tmp_path)
+    assert calls["Accuracy under attack at eps 0.3"]["paper: PGD"] == [FIG6["cnn", "mnist"]["pgd"], FIG6["dipsen", "mnist"]["pgd"]]
+    assert calls["Clean accuracy"]["paper"] == [FIG6["cnn", "mnist"]["clean"], FIG6["dipsen", "mnist"]["clean"]]
