@@ -38,6 +38,15 @@ def build_report(results: dict, out: Path) -> Path:
     return out / "report.md"
 
 
+def _runs(studies: dict, datasets: list[str]):
+    """(dataset, model, study) for every study present, in report order."""
+    for dataset in datasets:
+        for model in ("cnn", "dipsen"):
+            study = _study(studies, dataset, model)
+            if study is not None:
+                yield dataset, model, study
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
@@ -71,21 +80,16 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
     headers = ["data set", "model", "clean: paper / ours", "FGSM: paper / ours", "BIM: paper / ours", "PGD: paper / ours",
                f"adaptive worst case: 1 draw / mean of {n}"]
     rows = []
-    for dataset in datasets:
-        for model in ("cnn", "dipsen"):
-            study = _study(studies, dataset, model)
-            if study is None:
-                continue
-            paper = FIG6.get((model, dataset), {})
-            cells = [f"{_pct(paper.get(r))} / **{_pct(_ours(study, r))}**" for r in ("clean", "fgsm", "bim", "pgd")]
-            worst = study["worst_case"]
-            rows.append([DATASET_NAMES[dataset], model, *cells, f"{_pct(worst['single']['all'])} / {_pct(worst['mc']['all'])}"])
-    groups = [f"{DATASET_NAMES[d]} {m}" for d in datasets for m in ("cnn", "dipsen") if _study(studies, d, m)]
-    keys = [(d, m) for d in datasets for m in ("cnn", "dipsen") if _study(studies, d, m)]
-    plots.grouped_bars(groups, {
-        "paper: PGD": [FIG6.get((m, d), {}).get("pgd") for d, m in keys],
-        "ours: paper-protocol PGD (1 draw)": [_ours(studies[f"{d}/{m}"], "pgd") for d, m in keys],
-        f"ours: worst case over all attacks (mean of {n})": [studies[f"{d}/{m}"]["worst_case"]["mc"]["all"] for d, m in keys],
+    runs = list(_runs(studies, datasets))
+    for dataset, model, study in runs:
+        paper = FIG6.get((model, dataset), {})
+        cells = [f"{_pct(paper.get(r))} / **{_pct(_ours(study, r))}**" for r in ("clean", "fgsm", "bim", "pgd")]
+        worst = study["worst_case"]
+        rows.append([DATASET_NAMES[dataset], model, *cells, f"{_pct(worst['single']['all'])} / {_pct(worst['mc']['all'])}"])
+    plots.grouped_bars([f"{DATASET_NAMES[d]} {m}" for d, m, _ in runs], {
+        "paper: PGD": [FIG6.get((m, d), {}).get("pgd") for d, m, _ in runs],
+        "ours: paper-protocol PGD (1 draw)": [_ours(study, "pgd") for _, _, study in runs],
+        f"ours: worst case over all attacks (mean of {n})": [study["worst_case"]["mc"]["all"] for _, _, study in runs],
     }, "Accuracy under attack at eps 0.3", "accuracy", out / "fig6_summary.png")
     return [Heading("Summary (the paper's Fig. 6)"),
             Table(headers, rows, "Accuracy. Ours: paper protocol, 1 draw (bold); last column: every attack of the study."),
@@ -120,20 +124,16 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
 
 def _baseline(studies: dict, datasets: list[str], n: int, out: Path) -> list[Block]:
     rows, groups, paper_series, ours_series = [], [], [], []
-    for dataset in datasets:
-        for model in ("cnn", "dipsen"):
-            study = _study(studies, dataset, model)
-            if study is None:
-                continue
-            clean = study["clean"]["metrics"]
-            macro = clean["single"]["macro"]
-            paper = FIG6.get((model, dataset), {}).get("clean")
-            rows.append([DATASET_NAMES[dataset], model, _pct(paper), _pct(clean["single"]["accuracy"]), _pct(clean["mc"]["accuracy"]),
-                         _pct(macro["precision"]), _pct(macro["recall"]), _pct(macro["f1"]), str(clean["single"]["samples"]),
-                         str(study["final_round"])])
-            groups.append(f"{DATASET_NAMES[dataset]} {model}")
-            paper_series.append(paper)
-            ours_series.append(clean["single"]["accuracy"])
+    for dataset, model, study in _runs(studies, datasets):
+        clean = study["clean"]["metrics"]
+        macro = clean["single"]["macro"]
+        paper = FIG6.get((model, dataset), {}).get("clean")
+        rows.append([DATASET_NAMES[dataset], model, _pct(paper), _pct(clean["single"]["accuracy"]), _pct(clean["mc"]["accuracy"]),
+                     _pct(macro["precision"]), _pct(macro["recall"]), _pct(macro["f1"]), str(clean["single"]["samples"]),
+                     str(study["final_round"])])
+        groups.append(f"{DATASET_NAMES[dataset]} {model}")
+        paper_series.append(paper)
+        ours_series.append(clean["single"]["accuracy"])
     plots.grouped_bars(groups, {"paper": paper_series, "ours (1 draw)": ours_series}, "Clean accuracy", "accuracy",
                        out / "fig3_baseline.png")
     headers = ["data set", "model", "paper", "ours: 1 draw", f"ours: mean of {n}", "precision (macro)", "recall (macro)",
@@ -222,15 +222,11 @@ def _variants(studies: dict, datasets: list[str]) -> list[Block]:
     headers = ["data set", "model", "protocol variant", "clean: paper / ours", "FGSM: paper / ours", "BIM: paper / ours",
                "PGD: paper / ours"]
     rows = []
-    for dataset in datasets:
-        for model in ("cnn", "dipsen"):
-            study = _study(studies, dataset, model)
-            if study is None:
-                continue
-            paper = FIG6.get((model, dataset), {})
-            for variant, results in study["variants"].items():
-                rows.append([DATASET_NAMES[dataset], model, variant,
-                             *[f"{_pct(paper.get(r))} / {_pct(_acc(results[r]))}" for r in ("clean", "fgsm", "bim", "pgd")]])
+    for dataset, model, study in _runs(studies, datasets):
+        paper = FIG6.get((model, dataset), {})
+        for variant, results in study["variants"].items():
+            rows.append([DATASET_NAMES[dataset], model, variant,
+                         *[f"{_pct(paper.get(r))} / {_pct(_acc(results[r]))}" for r in ("clean", "fgsm", "bim", "pgd")]])
     return [Heading("Where could the paper's figures come from?"),
             Paragraph("Protocol choices a Keras + ART pipeline makes easily, each measured with the paper's attacks (1 draw). "
                       "'noise-off-at-inference': the noise layer is off when predicting and attacking, as Keras' "

@@ -71,7 +71,6 @@ def _measure(trained: TrainedRun, settings: StudySettings, progress: ProgressFac
     clean = evaluation.clean()
     paper = run(AttackSetup("pgd", settings.eps, budget=settings.paper_budget))
     adaptive = run(AttackSetup("pgd", settings.eps, gradient="eot", eot_draws=settings.eot_draws, budget=settings.adaptive_budget))
-    noise = trained.model().noise
-    return {"sigma": trained.config.sigma if noise is not None else None, "run": str(trained.path),
+    return {"sigma": trained.config.sigma if evaluation.target.noise is not None else None, "run": str(trained.path),
             "clean": clean.accuracy("single"), "clean_mc": clean.accuracy("mc"),
             "paper_pgd": paper.accuracy("single"), "adaptive_pgd": adaptive.accuracy("mc")}

@@ -287,15 +287,7 @@ def simulate(run: RunDir, *, resume: bool = False, timeout: float = 7 * 24 * 360
             federation_config={"num-supernodes": config.clients, "client-resources-num-cpus": 1,
                                "init-args-num-cpus": config.workers},
         )
-        try:
-            status = federation.wait(run_id, timeout, on_poll)
-        except DipsenError:
-            _save_log(federation, run_id, run)
-            raise
-        _save_log(federation, run_id, run)
-        if status != COMPLETED:
-            tail = "\n".join((run.path / "flower.log").read_text().splitlines()[-25:])
-            raise DipsenError(f"Flower run ended {status}; end of {run.path / 'flower.log'}:\n{tail}")
+        _wait_for_completion(federation, run_id, run, timeout, on_poll)
     return run.read_json("final_metrics.json")
 
 
@@ -327,16 +319,22 @@ def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0) ->
             federation.start_supernode(f"supernode-{client}", f'{PARTITION_FILE}="{path.resolve()}"',
                                        env={"OMP_NUM_THREADS": "1"})
         run_id = federation.submit({"run-dir": str(run.path.resolve()), "resume": False})
-        try:
-            status = federation.wait(run_id, timeout)
-        except DipsenError:
-            _save_log(federation, run_id, run)
-            raise
+        status = _wait_for_completion(federation, run_id, run, timeout)
+    return Deployment(status, run.read_json("final_metrics.json"), federation.stopped_pids)
+
+
+def _wait_for_completion(federation: Federation, run_id: int, run: RunDir, timeout: float, on_poll=None) -> str:
+    """Wait for ``run_id``, save its log as flower.log, and raise unless it completed."""
+    try:
+        status = federation.wait(run_id, timeout, on_poll)
+    except DipsenError:
         _save_log(federation, run_id, run)
+        raise
+    _save_log(federation, run_id, run)
     if status != COMPLETED:
         tail = "\n".join((run.path / "flower.log").read_text().splitlines()[-25:])
         raise DipsenError(f"Flower run ended {status}; end of {run.path / 'flower.log'}:\n{tail}")
-    return Deployment(status, run.read_json("final_metrics.json"), federation.stopped_pids)
+    return status
 
 
 def _save_log(federation: Federation, run_id: int, run: RunDir) -> None:
