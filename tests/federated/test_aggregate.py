@@ -66,3 +66,10 @@ def test_step_bound_scales_with_the_global_weights():
     assert validate_update({"w": big["w"] * 2, "b": big["b"]}, big, 10) is None
     limit = MAX_STEP_NORM_RATIO * big["w"].norm().item()
     assert validate_update({"w": big["w"] + 1.01 * limit / 6 ** 0.5, "b": big["b"]}, big, 10) is not None
+
+
+def test_fedavg_rounds_integer_buffers_instead_of_truncating():
+    states = [{"count": torch.tensor(7, dtype=torch.int64)} for _ in range(3)]
+    assert fedavg(states, [1, 1, 1])["count"].item() == 7
+    mixed = [{"count": torch.tensor(v, dtype=torch.int64)} for v in (2, 3)]
+    assert fedavg(mixed, [1, 3])["count"].item() == 3  # 2.75 rounds to 3

@@ -61,7 +61,11 @@ def validate_update(state: StateDict, global_state: StateDict, num_samples: int)
 
 
 def fedavg(states: Sequence[StateDict], num_samples: Sequence[int]) -> StateDict:
-    """Weighted mean of ``states`` with weights ``num_samples``; each key keeps its dtype."""
+    """Weighted mean of ``states`` with weights ``num_samples``; each key keeps its dtype.
+
+    Integer tensors (counters such as BatchNorm's ``num_batches_tracked``) are rounded to the
+    nearest integer, not truncated: truncation would turn three 7s weighted in float64 into 6.
+    """
     if not states:
         raise ValueError("fedavg needs at least one client update")
     if len(states) != len(num_samples):
@@ -73,5 +77,8 @@ def fedavg(states: Sequence[StateDict], num_samples: Sequence[int]) -> StateDict
     averaged: StateDict = {}
     for key, reference in states[0].items():
         stacked = torch.stack([state[key] for state in states]).to(torch.float64)
-        averaged[key] = torch.tensordot(weights, stacked, dims=1).to(reference.dtype)
+        mean = torch.tensordot(weights, stacked, dims=1)
+        if not (reference.is_floating_point() or reference.is_complex() or reference.dtype == torch.bool):
+            mean = mean.round()
+        averaged[key] = mean.to(reference.dtype)
     return averaged

@@ -74,7 +74,8 @@ def generate_certificates(folder: Path, days: int = 2) -> Certificates:
     from cryptography.x509.oid import NameOID
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # mkdir's mode is masked by the umask, and an existing folder keeps its own
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool):
@@ -96,9 +97,12 @@ def generate_certificates(folder: Path, days: int = 2) -> Certificates:
     paths = Certificates(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     paths.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    paths.server_key.write_bytes(server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    paths.server_key.chmod(0o600)
+    # created 0600 from the start: writing first and chmod-ing after leaves the key world-readable for a moment
+    descriptor = os.open(paths.server_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # O_CREAT's mode applies only to a new file
+    with os.fdopen(descriptor, "wb") as key_file:
+        key_file.write(server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths
 
 
