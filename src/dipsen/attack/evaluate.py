@@ -78,6 +78,8 @@ class AttackResult:
     metrics: dict[str, dict]
     correct: dict[str, np.ndarray] = field(repr=False)
     """Per rule, whether each evaluated example is still classified correctly."""
+    x_adv: np.ndarray = field(repr=False)
+    """The inputs that were evaluated (the adversarial examples; the clean inputs for ``setup=None``)."""
 
     @property
     def samples(self) -> int:
@@ -197,12 +199,27 @@ class RobustnessEvaluation:
                 y: np.ndarray) -> AttackResult:
         labels = self.predict(x)
         metrics = {rule: classification_metrics(y, predicted, self.classes) for rule, predicted in labels.items()}
-        return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()})
+        return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()}, x)
+
+    def reevaluate(self, result: AttackResult, limit: int) -> AttackResult:
+        """``result`` on its first ``limit`` examples, predicted exactly as :meth:`run` with ``limit`` would.
+
+        The prediction rules draw their noise per call, so accuracies of runs over different numbers
+        of examples are only comparable after re-predicting on the same examples with the same draws.
+        """
+        return self._result(result.setup, result.crafted_on, result.seconds, result.x_adv[:limit],
+                            self.data.y_eval[:limit])
 
 
 def worst_case_accuracy(results: Sequence[AttackResult], rule: str) -> float:
-    """Fraction of examples that every attack in ``results`` left correctly classified."""
+    """Fraction of examples that every attack in ``results`` left correctly classified.
+
+    Attacks run on fewer examples (``limit``) cover a prefix of the evaluated examples: an example
+    counts as broken if any attack that ran on it broke it. The denominator is the longest run's.
+    """
     if not results:
         raise DipsenError("worst case over no attacks")
-    survived = np.logical_and.reduce([r.correct[rule] for r in results])
+    survived = np.ones(max(r.samples for r in results), dtype=bool)
+    for result in results:
+        survived[: result.samples] &= result.correct[rule]
     return float(survived.mean())

@@ -6,11 +6,16 @@ For one deployed model, on the same evaluation examples:
   default step sizes, evaluated with one draw (the paper's protocol, section VI-E);
 - ``adaptive`` (Carlini et al. 2019): PGD and APGD (CE, and DLR with >= 3 classes) through the EOT
   view, PGD through frozen noise, random starts; plus the check that doubling the iterations no
-  longer helps, and the per-example worst case over every attack;
+  longer helps (both runs judged on the same examples with the same prediction draws), and the
+  per-example worst case over every attack (HopSkipJump, run on the first ``hsj_samples`` examples
+  only, counts for those);
 - ``threats``: orange-box (stale checkpoint), black-box transfer (own surrogate) and query-only
   attacks (Square, HopSkipJump) against the deployed model;
 - ``sweep``: accuracy against eps (paper PGD and adaptive PGD), with a verdict on whether the
-  attack is working (accuracy must fall toward chance as eps grows);
+  attack is working: an untargeted attack must drive accuracy near 0 at large eps. Where the
+  feasible domain is restricted (CTU-13), the sweep also runs at eps 1, where every feasible
+  coordinate may take any value in [0, 1]: what stays correct there is out of this attack's reach
+  in that domain, and is reported as such;
 - ``variants``: protocol choices that could explain published figures (noise off at inference,
   Keras-style clipped probabilities in the loss), clearly labelled, never part of the verdict.
 
@@ -31,8 +36,10 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 CONVERGENCE_TOLERANCE = 0.02
 """Doubling the iterations may lower accuracy by at most this much for the attack to count as converged."""
-WORKING_MARGIN = 0.1
-"""An eps sweep shows a working attack when its largest eps leaves at most chance + this accuracy."""
+NEAR_ZERO = 0.1
+"""An eps sweep shows a working attack when its largest eps leaves at most this accuracy."""
+DOMAIN_LIMIT_EPS = 1.0
+"""On inputs in [0, 1], an L-inf ball of radius 1 is the whole feasible domain."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,11 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
     doubled_setup = replace(adaptive_setups["pgd"], budget=adaptive.scaled(2))
     limit = min(settings.doubling_samples, settings.samples)
     doubled = runner(doubled_setup, limit)
+    base = evaluation.reevaluate(adaptive_results["pgd"], limit)
     doubling = {
         "samples": limit,
         "iterations": [adaptive.iterations, doubled_setup.budget.iterations],
-        **{rule: {"base": float(adaptive_results["pgd"].correct[rule][:limit].mean()),
-                  "doubled": doubled.accuracy(rule)} for rule in ("single", "mc")},
+        **{rule: {"base": base.accuracy(rule), "doubled": doubled.accuracy(rule)} for rule in ("single", "mc")},
     }
     doubling["converged"] = all(doubling[r]["base"] - doubling[r]["doubled"] <= CONVERGENCE_TOLERANCE for r in ("single", "mc"))
 
@@ -106,10 +113,12 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
     }
     hsj = runner(AttackSetup("hsj", eps, threat="query", budget=adaptive), min(settings.hsj_samples, settings.samples))
 
-    full_length = [*paper_results.values(), *adaptive_results.values(), *threat_results.values()]
+    every_attack = [*paper_results.values(), *adaptive_results.values(), *threat_results.values(), hsj]
     worst = {rule: {"paper": worst_case_accuracy(list(paper_results.values()), rule),
                     "adaptive": worst_case_accuracy(list(adaptive_results.values()), rule),
-                    "all": worst_case_accuracy(full_length, rule)} for rule in ("single", "mc")}
+                    "all": worst_case_accuracy(every_attack, rule)} for rule in ("single", "mc")}
+    worst["all_covers"] = (f"every attack on all {settings.samples} examples; HopSkipJump on the first "
+                           f"{hsj.samples} only")
 
     return {
         "run": str(trained.path),
@@ -150,6 +159,7 @@ def _sweep(trained: TrainedRun, settings: StudySettings, progress: ProgressFacto
     if randomized:
         curves["adaptive"] = AttackSetup("pgd", gradient="eot", eot_draws=settings.sweep_eot_draws, budget=settings.sweep_budget)
     clean = evaluation.clean()
+    restricted = evaluation.domain.perturbable_columns is not None
     out: dict = {"eps": [0.0, *settings.sweep_eps], "samples": settings.sweep_samples, "chance": evaluation.chance}
     for curve, setup in curves.items():
         accuracies = {rule: [clean.accuracy(rule)] for rule in ("single", "mc")}
@@ -157,19 +167,34 @@ def _sweep(trained: TrainedRun, settings: StudySettings, progress: ProgressFacto
             result = runner(replace(setup, eps=eps))
             for rule in accuracies:
                 accuracies[rule].append(result.accuracy(rule))
-        out[curve] = {**accuracies, "attack": f"pgd, {setup.budget.iterations} iterations, grad={setup.gradient}",
-                      "verdict": sweep_verdict(accuracies["mc"], evaluation.chance)}
+        out[curve] = {**accuracies, "attack": f"pgd, {setup.budget.iterations} iterations, grad={setup.gradient}"}
+        limit = None
+        if restricted:
+            whole_domain = runner(replace(setup, eps=DOMAIN_LIMIT_EPS))
+            out[curve]["domain_limit"] = {rule: whole_domain.accuracy(rule) for rule in accuracies}
+            limit = out[curve]["domain_limit"]["mc"]
+        out[curve]["verdict"] = sweep_verdict(accuracies["mc"], max(settings.sweep_eps), evaluation.chance, limit)
     return out
 
 
-def sweep_verdict(accuracies: list[float], chance: float) -> str:
-    """'working' when accuracy at the largest eps is near chance; otherwise the attack is failing."""
-    if accuracies[0] <= chance + WORKING_MARGIN:
+def sweep_verdict(accuracies: list[float], largest_eps: float, chance: float, domain_limit: float | None = None) -> str:
+    """'working' when an untargeted attack leaves accuracy near 0 at the largest eps; otherwise failing.
+
+    ``accuracies`` starts with the clean accuracy. ``domain_limit`` is the accuracy the same attack
+    leaves when every feasible coordinate may take any value (eps 1): reported beside a failing
+    verdict, as what the feasible domain keeps out of the attack's reach; it never turns a high
+    accuracy into a pass, since a weak attack would show the same.
+    """
+    if accuracies[0] <= chance + NEAR_ZERO:
         return f"no verdict: the model is near the majority-class rate ({chance:.2f}) before any attack"
-    if accuracies[-1] <= chance + WORKING_MARGIN:
-        return "working: accuracy falls to chance as eps grows"
-    return (f"attack failing: accuracy {accuracies[-1]:.2f} at the largest eps is above chance ({chance:.2f}); "
-            "this is a weak attack, not evidence of robustness")
+    if accuracies[-1] <= NEAR_ZERO:
+        return f"working: accuracy falls to {accuracies[-1]:.2f} at eps {largest_eps:g}"
+    verdict = (f"attack not shown to work: accuracy {accuracies[-1]:.2f} at eps {largest_eps:g} is not near 0 "
+               f"(majority class {chance:.2f})")
+    if domain_limit is not None:
+        verdict += (f"; with every feasible coordinate free (eps {DOMAIN_LIMIT_EPS:g}) it leaves {domain_limit:.2f}, "
+                    "out of this attack's reach in the feasible domain")
+    return verdict + "; a weak or domain-limited attack, not evidence of robustness"
 
 
 def _variants(trained: TrainedRun, settings: StudySettings, progress: ProgressFactory | None, randomized: bool) -> dict:

@@ -168,15 +168,18 @@ def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
         name = f"fig5_{dataset}.png"
         plots.robustness_curves(models, dataset, out / name)
         any_sweep = next(iter(models.values()))["sweep"]
-        headers = ["model", "curve", *[f"eps {e:g}" for e in any_sweep["eps"]], "sanity"]
+        restricted = "domain_limit" in any_sweep["paper"]
+        headers = ["model", "curve", *[f"eps {e:g}" for e in any_sweep["eps"]],
+                   *(["eps 1 (whole feasible domain)"] if restricted else []), "sanity"]
         rows = []
         for model, study in models.items():
             for curve in ("paper", "adaptive"):
                 if curve in study["sweep"]:
                     c = study["sweep"][curve]
                     rule = "single" if curve == "paper" else "mc"
+                    limit = [_pct(c["domain_limit"][rule])] if restricted else []
                     rows.append([model, f"{c['attack']} ({'1 draw' if rule == 'single' else 'mean of draws'})",
-                                 *[_pct(v) for v in c[rule]], c["verdict"]])
+                                 *[_pct(v) for v in c[rule]], *limit, c["verdict"]])
         blocks += [Heading(DATASET_NAMES[dataset], 3), Table(headers, rows, f"{any_sweep['samples']} examples; majority class "
                                                              f"{any_sweep['chance']:.3f}."),
                    Image(name, f"{DATASET_NAMES[dataset]}: accuracy against eps")]
@@ -211,9 +214,12 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
             rows.append(["worst case", f"all attacks above ({rule_name})", *[_pct(s["worst_case"][rule]["all"]) for s in models.values()], ""])
         doubling = [f"{s['doubling']['mc']['base']:.3f} → {s['doubling']['mc']['doubled']:.3f} "
                     f"({'converged' if s['doubling']['converged'] else 'NOT converged'})" for s in models.values()]
-        rows.append(["check", "adaptive PGD, iterations doubled (mean rule)", *doubling, ""])
+        first = next(iter(models.values()))
+        rows.append(["check", f"adaptive PGD, iterations doubled (mean rule, the same {first['doubling']['samples']} "
+                              "examples and draws)", *doubling, ""])
         blocks += [Heading(DATASET_NAMES[dataset], 3),
-                   Paragraph(f"What the attacker may change: {next(iter(models.values()))['domain']}."),
+                   Paragraph(f"What the attacker may change: {first['domain']}. Worst case: "
+                             f"{first['worst_case'].get('all_covers', 'every attack')}."),
                    Table(headers, rows)]
     return blocks
 
