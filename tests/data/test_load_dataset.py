@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dipsen.config import TrainConfig
 from dipsen.data import DATASETS, load_dataset
 from dipsen.errors import ConfigError, DataError
 
@@ -25,3 +26,10 @@ def test_missing_data_dir_is_named(tmp_path):
 def test_bad_rows_mode_is_checked():
     with pytest.raises(ConfigError, match="bad_rows"):
         load_dataset("ctu13", bad_rows="ignore")
+
+
+def test_ctu13_split_is_checked():
+    with pytest.raises(ConfigError, match="ctu13_split must be one of time, host, scenario, got 'region'"):
+        load_dataset("ctu13", ctu13_split="region")
+    with pytest.raises(ConfigError, match="ctu13_split must be one of time, host, scenario, got 'region'"):
+        TrainConfig(dataset="ctu13", ctu13_split="region").validate()

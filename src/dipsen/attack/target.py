@@ -1,8 +1,10 @@
 """What an attack is aimed at: the global models a run folder holds, and the data it is evaluated on.
 
 The test set is split once, with a fixed seed, into the examples attacks are evaluated on and the
-attacker's own data (the rest, used only to train a black-box surrogate), so the two never overlap
-and neither overlaps the clients' training data.
+attacker's own data (used only to train a black-box surrogate), so the two never overlap and neither
+overlaps the clients' training data. For windows of flows (CTU-13), whose neighbours share all but
+one flow, the split is by time and no attacker window shares a flow with an evaluated one
+(see :meth:`TrainedRun.attack_data`).
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from ..federated import RunDir
 from ..models import FederatedNet, build_model, calibrate_noise
 
 SPLIT_SEED = 20_190_917
+ATTACK_TIME_BLOCKS = 4  # windowed data: blocks of the test period that alternate between evaluation and attacker
 
 
 @dataclass(frozen=True, eq=False)
 class AttackData:
-    """Evaluation examples and the attacker's disjoint slice of the same test set."""
+    """Evaluation examples and the attacker's disjoint slice of the same test set (and their test-set rows)."""
 
     x_eval: np.ndarray
     y_eval: np.ndarray
     x_attacker: np.ndarray
     y_attacker: np.ndarray
+    eval_rows: np.ndarray
+    attacker_rows: np.ndarray
 
 
 class TrainedRun:
@@ -45,6 +50,7 @@ class TrainedRun:
         self.dataset = dataset if dataset is not None else load_dataset(
             self.config.dataset, Path(self.config.data_dir) if self.config.data_dir else None,
             seed=self.config.seed, include_background=self.config.include_background, bad_rows=self.config.bad_rows,
+            ctu13_split=self.config.ctu13_split,
         )
 
     @property
@@ -70,16 +76,31 @@ class TrainedRun:
         return self.run.read_json("final_metrics.json").get("cost")
 
     def attack_data(self, samples: int, attacker_samples: int | None = None) -> AttackData:
-        """``samples`` seeded test examples to attack; the attacker's slice is (up to) the rest."""
+        """``samples`` seeded test examples to attack, and the attacker's slice of the rest.
+
+        Images: the evaluated rows are the first ``samples`` of a seeded permutation of the test set,
+        the attacker's slice is (up to ``attacker_samples`` of) the rest. Windows of flows (a data set
+        with ``test_origins``, CTU-13), where neighbouring windows share all but one flow: each file's
+        test windows, in time order, are cut into ``ATTACK_TIME_BLOCKS`` blocks; the evaluated rows
+        are the first ``samples`` of a seeded permutation of the even blocks (so at most about half
+        the test windows), the attacker's slice is (up to ``attacker_samples`` of, in seeded order)
+        the windows of the odd blocks that share no flow with any evaluated window.
+        """
         if samples < 1:
             raise DipsenError(f"--samples must be >= 1, got {samples}")
-        x, y = self.dataset.x_test, self.dataset.y_test
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
-        evaluated, rest = np.sort(order[:samples]), order[samples:]
+        x, y, origins = self.dataset.x_test, self.dataset.y_test, self.dataset.test_origins
+        rng = np.random.default_rng(SPLIT_SEED)
+        if origins is None:
+            order = rng.permutation(len(y))
+            evaluated, rest = order[:samples], order[samples:]
+        else:
+            pool, candidates = origins.time_blocks(ATTACK_TIME_BLOCKS)
+            evaluated, rest = rng.permutation(pool)[:samples], rng.permutation(candidates)
+            rest = rest[~origins.shares_flows(rest, evaluated)]
         if attacker_samples is not None:
             rest = rest[:attacker_samples]
-        rest = np.sort(rest)
-        return AttackData(x[evaluated], y[evaluated], x[rest], y[rest])
+        evaluated, rest = np.sort(evaluated), np.sort(rest)
+        return AttackData(x[evaluated], y[evaluated], x[rest], y[rest], evaluated, rest)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dipsen.data.dataset import Dataset
+from dipsen.data.dataset import Dataset, WindowOrigins
 from dipsen.errors import ConfigError, DataError
 
 DATASETS: tuple[str, ...] = ("mnist", "socofing", "ctu13")
 BAD_ROWS_MODES = ("error", "skip")
+CTU13_SPLITS = ("time", "host", "scenario")  # see dipsen.data.ctu13
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = ["CTU13_SPLITS", "DATASETS", "Dataset", "WindowOrigins", "load_dataset"]
 
 
 def load_dataset(
@@ -26,18 +27,22 @@ def load_dataset(
     seed: int = 0,
     include_background: bool = False,
     bad_rows: str = "error",
+    ctu13_split: str = "time",
 ) -> Dataset:
     """Load dataset ``name`` (one of ``DATASETS``) as a train/test :class:`Dataset`.
 
-    ``seed`` only affects the SOCOFing subject split; ``include_background`` and ``bad_rows``
-    ("error" or "skip") only affect CTU-13. The result is deterministic for given arguments and files.
-    Raises DataError (message names the file) for any problem with the data, ConfigError for a bad
-    ``bad_rows`` value.
+    ``seed`` affects the SOCOFing subject split and CTU-13's host and scenario splits;
+    ``include_background``, ``bad_rows`` ("error" or "skip") and ``ctu13_split`` (one of
+    ``CTU13_SPLITS``, see :mod:`dipsen.data.ctu13`) only affect CTU-13. The result is deterministic
+    for given arguments and files. Raises DataError (message names the file) for any problem with the
+    data, ConfigError for a bad ``bad_rows`` or ``ctu13_split`` value.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if bad_rows not in BAD_ROWS_MODES:
         raise ConfigError(f"bad_rows must be one of {', '.join(BAD_ROWS_MODES)}, got {bad_rows!r}")
+    if ctu13_split not in CTU13_SPLITS:
+        raise ConfigError(f"ctu13_split must be one of {', '.join(CTU13_SPLITS)}, got {ctu13_split!r}")
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.exists():
@@ -53,4 +58,4 @@ def load_dataset(
         return load_socofing(data_dir, seed=seed)
     from dipsen.data.ctu13 import load_ctu13
 
-    return load_ctu13(data_dir, include_background=include_background, bad_rows=bad_rows)
+    return load_ctu13(data_dir, include_background=include_background, bad_rows=bad_rows, split=ctu13_split, seed=seed)
