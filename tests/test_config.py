@@ -25,6 +25,8 @@ def test_clients_per_round():
         ('dataset = "cifar"', "dataset"),
         ("learning_rate = 0.1", "unknown option"),
         ("rounds = ", "invalid TOML"),
+        ("validation_size = 100", "validation_size 100 needs target_accuracy"),
+        ("target_accuracy = 0.9\nvalidation_size = 0", "validation_size must be >= 1, got 0"),
     ],
 )
 def test_bad_config_files_name_the_value(tmp_path, text, message):
@@ -46,3 +48,9 @@ def test_shipped_configs_are_valid():
     assert configs
     for file in configs:
         load_config(file, {})
+
+
+@pytest.mark.parametrize("fraction, clients, expected", [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29), (0.29, 200, 58),
+                                                         (0.1, 200, 20), (0.001, 200, 1), (1.0, 7, 7)])
+def test_clients_per_round_is_exact_for_fractions_floats_cannot_hold(fraction, clients, expected):
+    assert TrainConfig(fraction=fraction, clients=clients).clients_per_round == expected

@@ -36,7 +36,8 @@ def train(
     clients: Annotated[Optional[int], typer.Option(help="K, number of clients.")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="C, fraction of clients per round.")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Maximum number of rounds.")] = None,
-    target_accuracy: Annotated[Optional[float], typer.Option(help="Stop once test accuracy reaches this.")] = None,
+    target_accuracy: Annotated[Optional[float], typer.Option(help="Stop once accuracy on the validation slice reaches this.")] = None,
+    validation_size: Annotated[Optional[int], typer.Option(help="With --target-accuracy: training rows held out from the clients to check it on (default: 10%, at most 5000).")] = None,
     partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet | shards")] = None,
     dirichlet_alpha: Annotated[Optional[float], typer.Option()] = None,
     shards_per_client: Annotated[Optional[int], typer.Option()] = None,
@@ -58,6 +59,7 @@ def train(
     test_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the test set.")] = None,
     include_background: Annotated[Optional[bool], typer.Option("--include-background/--exclude-background", help="CTU-13: count Background flows as normal.")] = None,
     bad_rows: Annotated[Optional[str], typer.Option(help="CTU-13 malformed rows: error | skip")] = None,
+    ctu13_split: Annotated[Optional[str], typer.Option(help="CTU-13 split: time (per file, first 70% / last 30% by StartTime) | host (hold out a seeded ~30% of source hosts) | scenario (hold out a seeded ~30% of the --data-dir files).")] = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(help="Resume the run in this folder from its last finished round.")] = None,
 ) -> None:
@@ -77,11 +79,11 @@ def train(
         cfg = load_config(config, overrides)
         run = None
     data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seed,
-                        include_background=cfg.include_background, bad_rows=cfg.bad_rows)
+                        include_background=cfg.include_background, bad_rows=cfg.bad_rows, ctu13_split=cfg.ctu13_split)
     if cfg.engine == "flower":
         from .federated.engine import federated_data
 
-        federated_data(cfg, data)  # raises on bad partition settings before any file is written
+        federated_data(cfg, data)  # resolves validation_size; raises on bad settings before any file is written
         job = None
     else:
         job = FederatedTraining(cfg, data)
@@ -98,8 +100,9 @@ def train(
             progress.update(task, completed=start_round)
             return
         loss = "-" if result.train_loss is None else f"{result.train_loss:.3f}"
+        val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
         progress.update(task, completed=result.round,
-                        description=f"round {result.round} acc {result.test_accuracy:.4f} loss {loss}")
+                        description=f"round {result.round} acc {result.test_accuracy:.4f}{val} loss {loss}")
 
     def on_poll():  # the Flower engine trains in other processes: follow the run folder
         history = run.metrics()
@@ -160,7 +163,7 @@ def _print_metrics(metrics: dict) -> None:
     cost = metrics.get("cost") or {}
     if cost:
         console.print(f"cost: {cost['mean_step_seconds'] * 1e3:.2f} ms per local step, "
-                      f"{cost['mean_round_seconds']:.2f} s per round (of which {cost['mean_eval_seconds']:.2f} s test evaluation), "
+                      f"{cost['mean_round_seconds']:.2f} s per round (of which {cost['mean_eval_seconds']:.2f} s evaluation), "
                       f"{cost['train_samples_per_second']:.0f} training samples/s")
 
 

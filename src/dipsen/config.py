@@ -8,9 +8,11 @@ reads back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ class TrainConfig:
     test_subset: int | None = None
     include_background: bool = False
     bad_rows: str = "error"
+    ctu13_split: str = "time"  # time | host | scenario (see dipsen.data.ctu13)
     # model
     model: str = "dipsen"
     sigma: float | None = None
@@ -41,7 +44,10 @@ class TrainConfig:
     clients: int = 200
     fraction: float = 0.1
     rounds: int = 30
-    target_accuracy: float | None = None
+    target_accuracy: float | None = None  # stop once validation accuracy reaches it
+    # rows held out of the training set to stop on (only with target_accuracy); None: resolved by
+    # dipsen.federated.engine.resolve_validation_size to 10% of the training rows, at most 5,000
+    validation_size: int | None = None
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
@@ -58,8 +64,8 @@ class TrainConfig:
 
     @property
     def clients_per_round(self) -> int:
-        """m = max(1, C * K)."""
-        return max(1, int(self.fraction * self.clients))
+        """m = max(1, floor(C * K)), computed on C as written: in floats 0.29 * 100 is 28.999..."""
+        return max(1, math.floor(Fraction(repr(self.fraction)) * self.clients))
 
     def validate(self) -> "TrainConfig":
         """Check every value (ConfigError names the bad one) and resolve ``workers``.
@@ -67,12 +73,12 @@ class TrainConfig:
         The resolved worker count is saved with the run: float results can depend on the
         thread/process layout, so a resumed run must use the same one.
         """
-        from .data import DATASETS
+        from .data import CTU13_SPLITS, DATASETS
         from .models import MODELS, calibrate_noise
         from .partition import SCHEMES
 
         choices = {"dataset": DATASETS, "model": MODELS, "partition": SCHEMES, "optimizer": OPTIMIZERS,
-                   "engine": ENGINES, "bad_rows": ("error", "skip")}
+                   "engine": ENGINES, "bad_rows": ("error", "skip"), "ctu13_split": CTU13_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -90,6 +96,12 @@ class TrainConfig:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        if self.validation_size is not None:
+            # without a target nothing stops on it: holding rows out would only take them from the clients
+            if self.target_accuracy is None:
+                raise ConfigError(f"validation_size {self.validation_size} needs target_accuracy (it is what the target is checked on)")
+            if self.validation_size < 1:
+                raise ConfigError(f"validation_size must be >= 1, got {self.validation_size}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.alpha_dropout < 1:

@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -6,13 +7,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from dipsen.config import TrainConfig
-from dipsen.errors import DipsenError
+from dipsen.errors import ConfigError, DipsenError
 from dipsen.federated import FederatedTraining, RunDir, train
-from dipsen.federated.engine import sample_clients
+from dipsen.federated.engine import _PARTITION, _SUBSET, _subset, derive_seed, federated_data, sample_clients
+from dipsen.partition import partition
 from dipsen.federated.workers import ClientFailure
 
 SMALL = dict(dataset="mnist", clients=10, fraction=0.5, train_subset=1000, test_subset=200, seed=3, workers=1)
@@ -44,6 +47,10 @@ def test_small_federated_cnn_reaches_90_percent(mnist, tmp_path):
     info = run.read_json("run_info.json")
     assert info["noise"] is None and info["prediction_rule"] == "deterministic"
     assert run.read_json("partition.json")["samples"] == 4000
+    # the whole data set's counts and the subsets' sizes under names that cannot be confused
+    assert info["dataset_counts"] == {"train": 60000, "test": 10000} == info["dataset"]["counts"]
+    assert (info["train_samples_used"], info["test_samples_used"], info["validation"]) == (4000, 1000, None)
+    assert all(r["validation_accuracy"] is None for r in history)
 
 
 def test_dipsen_run_logs_noise_calibration_and_rule(mnist, tmp_path):
@@ -64,9 +71,100 @@ def test_same_seed_same_weights_other_seed_differs(mnist, tmp_path):
 
 def test_target_accuracy_stops_early(mnist, tmp_path):
     cfg = TrainConfig(model="cnn", rounds=10, target_accuracy=0.05, **SMALL).validate()
+    job = FederatedTraining(cfg, mnist)
     run = RunDir.create(tmp_path, cfg)
-    metrics = train(FederatedTraining(cfg, mnist), run)
+    metrics = train(job, run)
     assert metrics["rounds"] == 1 and run.last_round() == 1
+    assert run.metrics()[0]["validation_accuracy"] >= 0.05
+
+
+def _fingerprint(parts: list[np.ndarray]) -> str:
+    return hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest()
+
+
+def test_target_is_checked_on_validation_accuracy_not_test_accuracy(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=2, target_accuracy=0.99, **SMALL).validate()
+    job = FederatedTraining(cfg, mnist)
+    job.test_accuracy = lambda round_: 1.0  # the test set "reaches" the target at once: must not stop the run
+    run = RunDir.create(tmp_path / "test-reached", cfg)
+    assert train(job, run)["rounds"] == 2
+    assert all(r["test_accuracy"] == 1.0 and r["validation_accuracy"] < 0.99 for r in run.metrics())
+
+    job = FederatedTraining(cfg, mnist)
+    job.validation_accuracy = lambda round_: 0.995  # the validation slice reaches it: stop after round 1
+    run = RunDir.create(tmp_path / "validation-reached", cfg)
+    assert train(job, run)["rounds"] == 1 and run.metrics()[0]["test_accuracy"] < 0.99
+
+
+def test_validation_slice_is_held_out_of_every_client_and_recorded(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=1, target_accuracy=0.99, **SMALL).validate()
+    job = FederatedTraining(cfg, mnist)
+    run = RunDir.create(tmp_path, cfg)
+    train(job, run)
+    assert cfg.validation_size == 100 == run.config().validation_size  # default: 10% of the 1,000 training rows
+    full = federated_data(TrainConfig(**SMALL).validate(), mnist)  # the same rows, nothing held out
+
+    def rows(x: np.ndarray) -> list[bytes]:
+        return [row.tobytes() for row in x]
+
+    validation = rows(job.x_validation)
+    clients = [r for part in job.parts for r in rows(job.x_train.numpy()[part])]
+    assert len(validation) == 100 and len(clients) == 900
+    assert not set(validation) & set(clients)  # no client holds a validation row
+    assert sorted(validation + clients) == sorted(rows(full.x_train))  # and every row is used exactly once
+    info = run.read_json("run_info.json")
+    assert (info["train_samples_used"], info["test_samples_used"]) == (900, 200)
+    assert info["dataset_counts"] == {"train": 60000, "test": 10000}
+    assert info["validation"]["samples"] == 100 and sum(info["validation"]["class_counts"]) == 100
+    assert run.read_json("partition.json")["samples"] == 900
+
+
+def test_without_a_target_the_partition_is_unchanged(mnist):
+    cfg = TrainConfig(**SMALL).validate()
+    data = federated_data(cfg, mnist)
+    assert cfg.validation_size is None and len(data.y_validation) == 0
+    _, y = _subset(mnist.x_train, mnist.y_train, cfg.train_subset, derive_seed(cfg.seed, _SUBSET, 0))
+    expected = partition(y, cfg.clients, cfg.partition, seed=derive_seed(cfg.seed, _PARTITION))
+    assert np.array_equal(data.y_train, y) and _fingerprint(data.parts) == _fingerprint(expected)
+
+
+def test_validation_size_is_checked_against_the_training_rows(mnist):
+    cfg = TrainConfig(target_accuracy=0.9, validation_size=1000, **SMALL).validate()
+    with pytest.raises(ConfigError, match="validation_size 1000 leaves none of the 1000 training rows"):
+        federated_data(cfg, mnist)
+
+
+def test_resume_of_a_run_with_a_target_gives_the_uninterrupted_weights(mnist, tmp_path):
+    cfg = TrainConfig(model="dipsen", rounds=3, target_accuracy=0.99, validation_size=150, **SMALL).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    final = _final_state(run)
+    run.checkpoint_path(3).unlink()  # as if killed during round 3
+    resumed_cfg = run.config()
+    assert resumed_cfg.validation_size == 150
+    train(FederatedTraining(resumed_cfg, mnist), run, resume=True)
+    assert all(torch.equal(final[k], _final_state(run)[k]) for k in final)
+    assert [r["round"] for r in run.metrics()] == [1, 2, 3]
+    assert all(r["validation_accuracy"] is not None for r in run.metrics())
+
+
+def test_flower_nodes_hold_the_engines_partitions_without_the_validation_slice(mnist, tmp_path):
+    from dipsen.federated.flower.task import (NUM_PARTITIONS, PARTITION_FILE, PARTITION_ID, client_data, client_id,
+                                              config_to_json, export_partitions)
+
+    cfg = TrainConfig(model="cnn", target_accuracy=0.99, **SMALL).validate()
+    job = FederatedTraining(cfg, mnist)  # resolves validation_size, as the ServerApp does before it sends the config
+    sent = config_to_json(cfg)
+    paths = export_partitions(TrainConfig(model="cnn", target_accuracy=0.99, **SMALL).validate(), mnist, tmp_path)
+    for client, rows in enumerate(job.parts):
+        simulated = client_data(sent, {PARTITION_ID: client, NUM_PARTITIONS: cfg.clients})
+        deployed = client_data(sent, {PARTITION_FILE: str(paths[client])})
+        for x, y in (simulated, deployed):
+            assert torch.equal(x, job.x_train[rows]) and torch.equal(y, job.y_train[rows])
+        assert client_id(cfg, {PARTITION_FILE: str(paths[client])}) == client
+    other = dataclasses.replace(cfg, validation_size=50)
+    with pytest.raises(DipsenError, match="validation_size=100 \\(run: 50\\)"):
+        client_id(other, {PARTITION_FILE: str(paths[0])})
 
 
 def test_sampling_draws_m_distinct_clients_each_round():

@@ -4,9 +4,11 @@ Each round t the aggregator samples m = max(1, C*K) of the K clients without rep
 sampled client runs :func:`client_update` from the global weights on its own partition, and
 :func:`fedavg` combines the results weighted by sample counts. The global model is evaluated on
 the held-out test set after every round; training stops after ``rounds`` rounds or as soon as the
-test accuracy reaches ``target_accuracy``. An update that fails :func:`validate_update` (or a
-client that fails to deliver one) is left out of the average, logged, and recorded in the round's
-metrics under ``rejected``; the round goes on with the others.
+accuracy on a validation slice reaches ``target_accuracy``. The slice is held out of the training
+rows (``validation_size`` of them, seeded) before they are partitioned, so no client trains on it
+and the stop never looks at the test set; without a target nothing is held out. An update that
+fails :func:`validate_update` (or a client that fails to deliver one) is left out of the average,
+logged, and recorded in the round's metrics under ``rejected``; the round goes on with the others.
 
 Where the client updates run is the ``runner``'s business: by default a local
 :class:`~dipsen.federated.workers.ClientRunner`; the Flower app passes one that sends them to
@@ -30,6 +32,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import Dataset
+from ..errors import ConfigError
 from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
@@ -40,7 +43,10 @@ from .workers import ClientFailure, ClientRunner, ClientTask
 
 log = logging.getLogger(__name__)
 
-_INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION = range(6)
+_INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION, _VALIDATION = range(7)
+
+# default validation slice: this share of the training rows, at most VALIDATION_CAP of them
+VALIDATION_SHARE, VALIDATION_CAP = 0.1, 5000
 
 
 def derive_seed(*keys: int) -> int:
@@ -60,12 +66,13 @@ class Runner(Protocol):
 class RoundResult:
     round: int
     test_accuracy: float
+    validation_accuracy: float | None  # None without a target: no slice is held out
     train_loss: float | None  # None when every update of the round was rejected
     clients: list[int]
     samples: int
     steps: int
     train_seconds: float
-    eval_seconds: float
+    eval_seconds: float  # evaluation of the new global model: test set, and validation slice if any
     step_seconds: float
     rejected: list[dict] = field(default_factory=list)  # {"client": id, "reason": why}
 
@@ -91,25 +98,55 @@ def _subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[
 
 @dataclass(frozen=True)
 class FederatedData:
-    """The run's training rows (split into client partitions) and test rows."""
+    """The run's training rows (split into client partitions), validation slice and test rows."""
 
-    x_train: np.ndarray
+    x_train: np.ndarray  # the rows the clients are partitioned over; the validation slice is not among them
     y_train: np.ndarray
+    x_validation: np.ndarray  # empty without a target
+    y_validation: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    parts: list[np.ndarray]  # parts[c]: the training rows of client c
+    parts: list[np.ndarray]  # parts[c]: the rows of x_train that client c holds
+
+
+def resolve_validation_size(config: TrainConfig, dataset: Dataset) -> None:
+    """Set ``config.validation_size`` to the slice a target is checked on, if a target is set.
+
+    Default: 10% of the training rows (after ``train_subset``), at most 5,000. Resolved in the
+    config, as ``validate`` resolves ``workers``, so that config.json names the slice and every
+    process rebuilding the partition (a resumed run, a Flower node) holds out the same rows.
+    """
+    if config.target_accuracy is None or config.validation_size is not None:
+        return
+    rows = len(dataset.y_train) if config.train_subset is None else min(config.train_subset, len(dataset.y_train))
+    config.validation_size = max(1, min(VALIDATION_CAP, int(VALIDATION_SHARE * rows)))
 
 
 def federated_data(config: TrainConfig, dataset: Dataset) -> FederatedData:
-    """Subsets and client partitions of ``dataset``: a pure function of the config and the data."""
+    """Subsets, validation slice and client partitions of ``dataset``: a function of the config and the data.
+
+    Resolves ``config.validation_size`` first (:func:`resolve_validation_size`). Without a target
+    the training rows and their partition are exactly those of a run without validation.
+    """
+    resolve_validation_size(config, dataset)
     seed = config.seed
     x_train, y_train = _subset(dataset.x_train, dataset.y_train, config.train_subset, derive_seed(seed, _SUBSET, 0))
     x_test, y_test = _subset(dataset.x_test, dataset.y_test, config.test_subset, derive_seed(seed, _SUBSET, 1))
+    x_validation, y_validation = x_train[:0], y_train[:0]
+    if config.validation_size is not None:
+        if config.validation_size >= len(y_train):
+            raise ConfigError(f"validation_size {config.validation_size} leaves none of the {len(y_train)} "
+                              "training rows to the clients")
+        held_out = np.zeros(len(y_train), dtype=bool)
+        rng = np.random.default_rng(derive_seed(seed, _VALIDATION))
+        held_out[rng.choice(len(y_train), size=config.validation_size, replace=False)] = True
+        x_validation, y_validation = x_train[held_out], y_train[held_out]
+        x_train, y_train = x_train[~held_out], y_train[~held_out]
     parts = partition(
         y_train, config.clients, config.partition, alpha=config.dirichlet_alpha,
         shards_per_client=config.shards_per_client, seed=derive_seed(seed, _PARTITION),
     )
-    return FederatedData(x_train, y_train, x_test, y_test, parts)
+    return FederatedData(x_train, y_train, x_validation, y_validation, x_test, y_test, parts)
 
 
 def model_args(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> tuple:
@@ -129,6 +166,7 @@ class FederatedTraining:
         self.config, self.dataset = config, dataset
         data = federated_data(config, dataset)
         self.x_test, self.y_test, self.parts = data.x_test, data.y_test, data.parts
+        self.x_validation, self.y_validation = data.x_validation, data.y_validation
         self.x_train, self.y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         self.model_args = model_args(config, data.x_train.shape[1:], len(dataset.classes))
         self.noise = self.model_args[3]  # the calibrated noise that build_model receives
@@ -148,12 +186,27 @@ class FederatedTraining:
         self.close(abort=exc_type is not None)
 
     def describe(self) -> dict:
-        """What run_info.json records: data, model, noise calibration, prediction rule."""
+        """What run_info.json records: data, model, noise calibration, prediction rule.
+
+        ``dataset`` and ``dataset_counts`` describe the whole data set as loaded; the ``*_used``
+        counts and ``validation`` are the rows this run uses, after subsets and the held-out slice.
+        """
+        config = self.config
+        validation = None
+        if config.validation_size is not None:
+            validation = {
+                "samples": int(len(self.y_validation)),
+                "held_out_of": "the training rows (after train_subset), before partitioning",
+                "seed": derive_seed(config.seed, _VALIDATION),
+                "class_counts": np.bincount(self.y_validation, minlength=len(self.dataset.classes)).tolist(),
+            }
         return {
             "dataset": self.dataset.info,
+            "dataset_counts": {"train": int(len(self.dataset.y_train)), "test": int(len(self.dataset.y_test))},
             "classes": list(self.dataset.classes),
-            "train_samples": int(len(self.y_train)),
-            "test_samples": int(len(self.y_test)),
+            "train_samples_used": int(len(self.y_train)),
+            "validation": validation,
+            "test_samples_used": int(len(self.y_test)),
             "model": self.config.model,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "noise": {**asdict(self.noise), "std": self.noise.std} if self.model.is_randomized else None,
@@ -165,6 +218,15 @@ class FederatedTraining:
         torch.manual_seed(derive_seed(self.config.seed, _EVAL, round_))
         predictions = predict_labels(self.model, self.x_test, self.config.mc_samples)
         return float((predictions == self.y_test).mean())
+
+    def validation_accuracy(self, round_: int) -> float | None:
+        """Accuracy on the held-out validation slice; None when there is none (no target)."""
+        if self.config.validation_size is None:
+            return None
+        # a seed of its own: the test evaluation's draws stay those of a run without a target
+        torch.manual_seed(derive_seed(self.config.seed, _VALIDATION, round_))
+        predictions = predict_labels(self.model, self.x_validation, self.config.mc_samples)
+        return float((predictions == self.y_validation).mean())
 
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
@@ -183,11 +245,13 @@ class FederatedTraining:
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
         accuracy = self.test_accuracy(round_)
+        validation_accuracy = self.validation_accuracy(round_)
         steps = sum(u.steps for u in updates)
         samples = sum(u.num_samples for u in updates) * self.config.local_epochs
         result = RoundResult(
             round=round_,
             test_accuracy=accuracy,
+            validation_accuracy=validation_accuracy,
             train_loss=float(np.average([u.mean_loss for u in updates], weights=[u.num_samples for u in updates]))
             if updates else None,
             clients=clients,
@@ -262,7 +326,9 @@ def training_cost(history: list[dict]) -> dict | None:
 
 
 def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
-    return bool(history) and config.target_accuracy is not None and history[-1]["test_accuracy"] >= config.target_accuracy
+    """Whether the last round's validation accuracy reached the target (never the test accuracy)."""
+    return (bool(history) and config.target_accuracy is not None
+            and history[-1]["validation_accuracy"] >= config.target_accuracy)
 
 
 def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:

@@ -2,10 +2,11 @@
 
 Layout::
 
-    RUN/config.json          resolved TrainConfig (what --resume reads back)
-    RUN/run_info.json        dataset description, noise calibration (S_f, L, epsilon, delta, sigma)
+    RUN/config.json          resolved TrainConfig (what --resume reads back), validation_size included
+    RUN/run_info.json        dataset description and counts, samples used (train, validation slice, test),
+                             noise calibration (S_f, L, epsilon, delta, sigma)
     RUN/partition.json       samples and classes per client
-    RUN/metrics.jsonl        one JSON line per finished round
+    RUN/metrics.jsonl        one JSON line per finished round (test and, with a target, validation accuracy)
     RUN/checkpoints/round_0000.pt ...   global model after each round (0 = initialisation)
     RUN/final_metrics.json   metrics of the final global model
 

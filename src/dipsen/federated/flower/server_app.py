@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from ...config import TrainConfig
 from ...errors import DipsenError
 from ..client import ClientUpdate, StateDict
-from ..engine import FederatedTraining, train
+from ..engine import FederatedTraining, resolve_validation_size, train
 from ..run_dir import RunDir
 from ..workers import ClientFailure, ClientTask
 from .task import arrays_to_state, config_to_json, load_config_dataset, state_to_arrays
@@ -104,6 +104,8 @@ def main(grid: Grid, context: Context) -> None:
     run = RunDir.open(Path(str(context.run_config["run-dir"])))
     config = run.config()
     dataset = load_config_dataset(config)
+    # the nodes get the config with its validation slice resolved, as their partition files record it
+    resolve_validation_size(config, dataset)
     clients = FlowerClients(grid, config, len(dataset.classes), float(context.run_config["node-wait-seconds"]),
                             float(context.run_config["reply-timeout-seconds"]))
     metrics = train(FederatedTraining(config, dataset, runner=clients), run, resume=bool(context.run_config["resume"]))

@@ -10,8 +10,9 @@ Messages (Flower Message API):
 
 A node finds its data in one of two ways. A simulated node (Flower's simulation engine sets
 ``partition-id`` in its node config) rebuilds the run's partition from the data set, as the
-in-process engine does, and takes its own part. A deployed node gets ``partition-file``: a file
-written by :func:`export_partitions` that holds that one client's rows and nothing else.
+in-process engine does (validation slice held out first), and takes its own part. A deployed node
+gets ``partition-file``: a file written by :func:`export_partitions` that holds that one client's
+rows and nothing else.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from ..engine import federated_data, model_args
 PARTITION_ID, NUM_PARTITIONS, PARTITION_FILE = "partition-id", "num-partitions", "partition-file"
 
 # The settings that decide which rows a client holds: a partition file must match the run on all.
-PARTITION_SETTINGS = ("dataset", "data_dir", "train_subset", "include_background", "bad_rows", "clients",
-                      "partition", "dirichlet_alpha", "shards_per_client", "seed")
+# validation_size (resolved, None without a target) says which rows were held out before partitioning.
+PARTITION_SETTINGS = ("dataset", "data_dir", "train_subset", "validation_size", "include_background", "bad_rows",
+                      "ctu13_split", "clients", "partition", "dirichlet_alpha", "shards_per_client", "seed")
 
 
 def config_to_json(config: TrainConfig) -> str:
@@ -58,7 +60,8 @@ def arrays_to_state(arrays: ArrayRecord) -> StateDict:
 def load_config_dataset(config: TrainConfig) -> Dataset:
     """The data set ``config`` names, loaded with its settings."""
     return load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None, seed=config.seed,
-                        include_background=config.include_background, bad_rows=config.bad_rows)
+                        include_background=config.include_background, bad_rows=config.bad_rows,
+                        ctu13_split=config.ctu13_split)
 
 
 def partition_file_name(client: int) -> str:
@@ -70,6 +73,7 @@ def export_partitions(config: TrainConfig, dataset: Dataset, out_dir: Path) -> l
     data = federated_data(config, dataset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # after federated_data, which has resolved validation_size as the ServerApp does for the run
     settings = json.dumps({k: getattr(config, k) for k in PARTITION_SETTINGS}, sort_keys=True)
     paths = []
     for client, rows in enumerate(data.parts):
