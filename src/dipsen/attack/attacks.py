@@ -1,19 +1,31 @@
-"""The evasion attacks, all from IBM's Adversarial Robustness Toolbox (ART), behind one registry.
+"""The evasion attacks behind one registry: ART's (IBM's Adversarial Robustness Toolbox) and our own.
 
-All are untargeted and bounded in L-infinity by ``eps`` (inputs live in [0, 1]):
+All are untargeted and bounded in L-infinity by ``eps`` (inputs live in [0, 1]), and every attack
+takes one perturbation mask per example (``generate(x, y, mask)``: 1 where the attacker may
+change the input, see :mod:`.domain`):
 
-==========  ======================  ===========================================================
-name        ART class               settings (``Budget`` fills the numbers)
-==========  ======================  ===========================================================
-fgsm        FastGradientMethod      one step of size eps along sign(grad)
-bim         BasicIterativeMethod    ``iterations`` steps of ``step_fraction * eps``, no random start
-pgd         ProjectedGradientDescent  as BIM, plus ``restarts`` random starts (0: start at x)
-apgd-ce     AutoProjectedGradientDescent  cross-entropy, adaptive step (initial 2 eps), ``restarts``
-apgd-dlr    AutoProjectedGradientDescent  difference-of-logits-ratio loss (needs >= 3 classes)
-square      SquareAttack            query-only (scores), ``queries`` iterations, p_init 0.8
-hsj         HopSkipJump             query-only (labels), L-inf; minimises distance, so the result
-                                    is projected onto the eps-ball afterwards
-==========  ======================  ===========================================================
+==========  ===========================  ======================================================
+name        implementation               settings (``Budget`` fills the numbers)
+==========  ===========================  ======================================================
+fgsm        ART FastGradientMethod       one step of size eps along sign(grad)
+bim         ART BasicIterativeMethod     ``iterations`` steps of ``step_fraction * eps``, no random start
+pgd         ART ProjectedGradientDescent as BIM, plus ``restarts`` random starts (0: start at x)
+apgd-ce     ours, :mod:`.apgd`           Croce & Hein's APGD, cross-entropy, adaptive step (initial
+                                         2 eps), ``iterations`` per run, max(1, ``restarts``) runs;
+                                         keeps each example's best iterate; feasible at every step
+apgd-dlr    ours, :mod:`.apgd`           the same with the difference-of-logits-ratio loss (>= 3 classes)
+square      ours, :mod:`.square`         Andriushchenko et al.'s Square, scores only, ``queries``
+                                         iterations, p_init 0.8; every candidate projected onto the
+                                         feasible domain before it is queried
+hsj         ART HopSkipJump              labels only, L-inf; minimises distance, so the result
+                                         is projected onto the eps-ball afterwards
+==========  ===========================  ======================================================
+
+APGD and Square are ours because ART's versions do not measure what they claim here: ART's APGD
+returns a run's random start wherever its single final prediction says "not fooled" (with a
+randomized model, also where the attacked point is better) and ignores per-example masks after a
+restart; ART's Square takes no mask, so on CTU-13 it searched infeasible inputs and stopped on
+"successes" that the projection onto the feasible domain then undid.
 
 The paper's protocol uses ART's defaults at eps 0.3: step 0.1 (= eps/3) and 100 iterations for BIM
 and PGD, no random start.
@@ -21,30 +33,30 @@ and PGD, no random start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from art.attacks.evasion import (
-    AutoProjectedGradientDescent,
-    BasicIterativeMethod,
-    FastGradientMethod,
-    HopSkipJump,
-    ProjectedGradientDescent,
-    SquareAttack,
-)
+import torch
+from art.attacks.attack import EvasionAttack
+from art.attacks.evasion import BasicIterativeMethod, FastGradientMethod, HopSkipJump, ProjectedGradientDescent
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
 from ..errors import DipsenError
+from .apgd import Apgd
+from .square import P_INIT, Square
+from .torch_attack import TorchAttack
 
 GRADIENT_ATTACKS = ("fgsm", "bim", "pgd", "apgd-ce", "apgd-dlr")
 QUERY_ATTACKS = ("square", "hsj")
 ATTACKS = GRADIENT_ATTACKS + QUERY_ATTACKS
-PER_EXAMPLE_MASK = ("fgsm", "bim", "pgd", "hsj")
-"""Attacks whose ``generate`` honours a per-example perturbation mask."""
-BATCH_MASK = ("apgd-ce", "apgd-dlr")
-"""Attacks that take only one mask for the whole batch (ART's APGD applies the mask to the
-examples still being attacked after a restart, so a per-example mask no longer matches)."""
+CUSTOM_LOSS_ATTACKS = ("fgsm", "bim", "pgd")
+"""ART's gradient attacks, which differentiate the classifier's own loss (e.g. clipped probabilities);
+APGD brings its own losses and the query attacks use none."""
+
+FeasibleProjection = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""``project(x_adv, x)``: the feasible point closest to ``x_adv`` for the original ``x`` (within eps)."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +91,21 @@ def art_classifier(model: nn.Module, input_shape: tuple[int, ...], num_classes: 
     )
 
 
-def build_attack(name: str, classifier: PyTorchClassifier, eps: float, budget: Budget, batch_size: int = 128):
-    """The ART attack ``name`` at L-inf radius ``eps``; see the module docstring for settings."""
+def build_attack(name: str, classifier: PyTorchClassifier, eps: float, budget: Budget, batch_size: int = 128,
+                 project: FeasibleProjection | None = None) -> EvasionAttack | TorchAttack:
+    """Attack ``name`` at L-inf radius ``eps`` on ``classifier``'s model; see the module docstring.
+
+    Our attacks (APGD, Square) call ``classifier.model`` directly. ``project`` is the data set's
+    feasible-domain projection, which Square applies to every candidate before querying it
+    (default: clip into the eps-ball and [0, 1]).
+    """
     if name not in ATTACKS:
         raise DipsenError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
     if not eps > 0:
         raise DipsenError(f"eps must be > 0, got {eps}")
+    if name not in CUSTOM_LOSS_ATTACKS and not isinstance(classifier.loss, nn.CrossEntropyLoss):
+        raise DipsenError(f"{name} does not use the classifier's loss; a custom loss applies to "
+                          f"{', '.join(CUSTOM_LOSS_ATTACKS)} only")
     step = budget.step_fraction * eps
     common = {"batch_size": batch_size}
     if name == "fgsm":
@@ -97,12 +118,16 @@ def build_attack(name: str, classifier: PyTorchClassifier, eps: float, budget: B
     if name in ("apgd-ce", "apgd-dlr"):
         if name == "apgd-dlr" and classifier.nb_classes < 3:
             raise DipsenError("apgd-dlr needs at least 3 classes (its loss uses the third-largest logit)")
-        loss = "cross_entropy" if name == "apgd-ce" else "difference_logits_ratio"
-        return AutoProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=budget.iterations,
-                                            nb_random_init=max(1, budget.restarts), loss_type=loss, verbose=False, **common)
+        return Apgd(classifier.model, eps, budget.iterations, max(1, budget.restarts), name.removeprefix("apgd-"),
+                    **common)
     if name == "square":
-        return SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=budget.queries, p_init=0.8, nb_restarts=1,
-                            verbose=False, **common)
+        return Square(classifier.model, eps, budget.queries, P_INIT, _on_tensors(project), **common)
     return HopSkipJump(classifier, targeted=False, norm=np.inf, max_iter=budget.hsj_iterations,
                        max_eval=budget.hsj_evaluations, init_eval=min(100, budget.hsj_evaluations), init_size=100,
                        verbose=False, batch_size=batch_size)
+
+
+def _on_tensors(project: FeasibleProjection | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    if project is None:
+        return None
+    return lambda candidate, x: torch.from_numpy(project(candidate.numpy(), x.numpy()))

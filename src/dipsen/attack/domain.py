@@ -31,18 +31,12 @@ class FeasibleDomain:
     perturbable_columns: int | None = None
     integer_scalers: dict[int, tuple[float, float]] | None = None
 
-    def mask(self, x: np.ndarray, per_example: bool = True) -> np.ndarray | None:
-        """1 where the attacker may change x, 0 elsewhere; None means everything.
-
-        ``per_example=False`` gives one mask of shape (1, ...) for the whole batch (the columns
-        only; padding rows are then reset by :meth:`project`).
-        """
+    def mask(self, x: np.ndarray) -> np.ndarray | None:
+        """1 where the attacker may change x, 0 elsewhere (per example); None means everything."""
         if self.perturbable_columns is None:
             return None
-        mask = np.zeros_like(x if per_example else x[:1])
+        mask = np.zeros_like(x)
         mask[..., : self.perturbable_columns] = 1.0
-        if not per_example:
-            return mask
         padding = np.all(x == 0.0, axis=-1, keepdims=True)
         return mask * ~padding
 

@@ -79,21 +79,6 @@ def attacker_view(model: nn.Module, gradient: str, eot_draws: int = DEFAULT_EOT_
     return view
 
 
-class SquareCanvas(nn.Module):
-    """The model on the top-left H x W corner of a square S x S input, S = max(H, W).
-
-    ART's Square attack draws square patches sized for square images and fails on 28 x 6 CTU-13
-    windows; on the canvas it runs unchanged, and what it writes outside the corner is ignored.
-    """
-
-    def __init__(self, model: nn.Module, height: int, width: int) -> None:
-        super().__init__()
-        self.model, self.height, self.width = model, height, width
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x[..., : self.height, : self.width])
-
-
 class ClippedProbabilityLoss(nn.Module):
     """Cross-entropy computed the way Keras computes it on a softmax output layer.
 
