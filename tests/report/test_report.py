@@ -78,3 +78,49 @@ def test_plots_carry_the_papers_figures_beside_ours(report, tmp_path, monkeypatc
     build.build_report(results, tmp_path)
     assert calls["Accuracy under attack at eps 0.3"]["paper: PGD"] == [FIG6["cnn", "mnist"]["pgd"], FIG6["dipsen", "mnist"]["pgd"]]
     assert calls["Clean accuracy"]["paper"] == [FIG6["cnn", "mnist"]["clean"], FIG6["dipsen", "mnist"]["clean"]]
+
+
+@pytest.fixture(scope="module")
+def ctu13_study(tmp_path_factory):
+    import torch
+    from torch import nn
+
+    from dipsen.attack import TrainedRun
+    from dipsen.config import TrainConfig
+    from dipsen.data import load_dataset
+    from dipsen.federated import RunDir
+    from dipsen.models import build_model, calibrate_noise
+
+    data = load_dataset("ctu13")
+    config = TrainConfig(dataset="ctu13", model="cnn", rounds=1, seed=1).validate()
+    run = RunDir.create(tmp_path_factory.mktemp("runs"), config)
+    torch.manual_seed(1)
+    model = build_model("cnn", (1, 28, 6), 2, calibrate_noise(None, 1.0, 0.05, 0.1))
+    run.save_checkpoint(0, model.state_dict())
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for batch in torch.randperm(len(y)).split(64):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+    run.save_checkpoint(1, model.state_dict())
+    return study_run(TrainedRun(run.path, data), TINY)
+
+
+def test_ctu13_report_sets_every_model_figure_beside_trivial_rules(ctu13_study, tmp_path):
+    study = ctu13_study
+    baselines = study["baselines"]
+    assert set(baselines["baselines"]) == {"majority", "one-feature", "tree-bottom-row", "tree-context", "logistic"}
+    assert baselines["samples"] == TINY.samples
+    assert baselines["sweep"]["eps"] == [0.0, 0.1, 0.5, 1.0]
+    assert "domain_limit" in study["sweep"]["paper"]
+    assert len(study["worst_case"]["per_class"]["single"]) == 2
+    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
+               "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5}, "studies": {"ctu13/cnn": study}}
+    text = build_report(results, tmp_path).read_text()
+    assert "## How hard is the CTU-13 task?" in text
+    stump = baselines["baselines"]["one-feature"]
+    assert f"{stump['accuracy']:.3f}" in text and "eps 1 (whole feasible domain)" in text
+    if stump["accuracy"] > FIG6[("cnn", "ctu13")]["clean"]:
+        assert "sit below this one-feature rule" in text

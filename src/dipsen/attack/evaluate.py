@@ -26,11 +26,11 @@ from torch import nn
 from ..errors import DipsenError
 from ..metrics import classification_metrics
 from ..models import predict_proba
-from .attacks import ATTACKS, BATCH_MASK, PER_EXAMPLE_MASK, PAPER_BUDGET, QUERY_ATTACKS, Budget, art_classifier, build_attack
+from .attacks import ATTACKS, PAPER_BUDGET, QUERY_ATTACKS, Budget, art_classifier, build_attack
 from .domain import feasible_domain
 from .target import TrainedRun
 from .threat import DEFAULT_STALE_ROUNDS, SURROGATE_EPOCHS, THREAT_MODELS, stale_round, train_surrogate
-from .views import DEFAULT_EOT_DRAWS, GRADIENT_VIEWS, ClippedProbabilityLoss, SquareCanvas, attacker_view
+from .views import DEFAULT_EOT_DRAWS, GRADIENT_VIEWS, ClippedProbabilityLoss, attacker_view
 
 RULES = ("single", "mc")
 LOSSES = ("cross-entropy", "clipped-probabilities")
@@ -165,31 +165,19 @@ class RobustnessEvaluation:
         source, crafted_on = self.source(setup.threat)
         view = attacker_view(source, setup.gradient, setup.eot_draws, self.seed)
         loss = ClippedProbabilityLoss() if setup.loss == "clipped-probabilities" else None
-        channels, height, width = self.input_shape
-        side = max(height, width)
-        on_canvas = setup.attack == "square" and height != width
-        if on_canvas:
-            view = SquareCanvas(view, height, width)
-        shape = (channels, side, side) if on_canvas else self.input_shape
-        classifier = art_classifier(view, shape, len(self.classes), loss)
-        attack = build_attack(setup.attack, classifier, setup.eps, setup.budget, self.batch_size)
+        classifier = art_classifier(view, self.input_shape, len(self.classes), loss)
+        attack = build_attack(setup.attack, classifier, setup.eps, setup.budget, self.batch_size,
+                              project=lambda x_adv, x_orig: self.domain.project(x_adv, x_orig, setup.eps))
         x, y = self.data.x_eval[:limit], self.data.y_eval[:limit]
-        np.random.seed(self.seed)  # ART draws random starts and query proposals from numpy's global RNG
+        np.random.seed(self.seed)  # ART draws its random starts from numpy's global RNG, ours from torch's
         torch.manual_seed(self.seed)
         start = time.perf_counter()
         chunks = []
         for begin in range(0, len(y), CHUNK):
             xc, yc = x[begin : begin + CHUNK], y[begin : begin + CHUNK]
-            kwargs = {}
-            if setup.attack in PER_EXAMPLE_MASK + BATCH_MASK:
-                mask = self.domain.mask(xc, per_example=setup.attack in PER_EXAMPLE_MASK)
-                if mask is not None:
-                    kwargs["mask"] = mask
-            if on_canvas:
-                canvas = np.pad(xc, ((0, 0), (0, 0), (0, side - height), (0, side - width)))
-                x_adv = attack.generate(x=canvas, y=yc)[..., :height, :width]
-            else:
-                x_adv = attack.generate(x=xc, y=yc, **kwargs)
+            x_adv = attack.generate(x=xc, y=yc, mask=self.domain.mask(xc))
+            # integer counts are snapped here, once, for the gradient attacks; Square's output is
+            # already feasible and the projection leaves it unchanged
             chunks.append(self.domain.project(x_adv, xc, setup.eps))
             if on_progress:
                 on_progress(len(yc))
@@ -211,15 +199,20 @@ class RobustnessEvaluation:
                             self.data.y_eval[:limit])
 
 
-def worst_case_accuracy(results: Sequence[AttackResult], rule: str) -> float:
-    """Fraction of examples that every attack in ``results`` left correctly classified.
+def survivors(results: Sequence[AttackResult], rule: str) -> np.ndarray:
+    """Per example, whether every attack in ``results`` that ran on it left it correctly classified.
 
-    Attacks run on fewer examples (``limit``) cover a prefix of the evaluated examples: an example
-    counts as broken if any attack that ran on it broke it. The denominator is the longest run's.
+    Attacks run on fewer examples (``limit``) cover a prefix of the evaluated examples; the result
+    has the longest run's length.
     """
     if not results:
         raise DipsenError("worst case over no attacks")
     survived = np.ones(max(r.samples for r in results), dtype=bool)
     for result in results:
         survived[: result.samples] &= result.correct[rule]
-    return float(survived.mean())
+    return survived
+
+
+def worst_case_accuracy(results: Sequence[AttackResult], rule: str) -> float:
+    """Fraction of examples that no attack in ``results`` broke (see :func:`survivors`)."""
+    return float(survivors(results, rule).mean())

@@ -17,7 +17,11 @@ For one deployed model, on the same evaluation examples:
   coordinate may take any value in [0, 1]: what stays correct there is out of this attack's reach
   in that domain, and is reported as such;
 - ``variants``: protocol choices that could explain published figures (noise off at inference,
-  Keras-style clipped probabilities in the loss), clearly labelled, never part of the verdict.
+  Keras-style clipped probabilities in the loss), clearly labelled, never part of the verdict;
+- ``baselines`` (binary tasks: CTU-13): trivial reference classifiers (majority, one feature,
+  depth-2 trees, logistic regression) on the same examples, clean and under their exact worst case
+  at every eps of the study (:mod:`.baselines`), so a model's figure can be read against what the
+  task demands.
 
 Every figure is a measurement; :func:`study_run` returns them as one JSON-serialisable dict.
 """
@@ -27,8 +31,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
+
 from .attacks import Budget
-from .evaluate import AttackResult, AttackSetup, RobustnessEvaluation, worst_case_accuracy
+from .baselines import dataset_baselines
+from .evaluate import AttackResult, AttackSetup, RobustnessEvaluation, survivors, worst_case_accuracy
 from .target import TrainedRun
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -119,6 +126,7 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
                     "all": worst_case_accuracy(every_attack, rule)} for rule in ("single", "mc")}
     worst["all_covers"] = (f"every attack on all {settings.samples} examples; HopSkipJump on the first "
                            f"{hsj.samples} only")
+    worst["per_class"] = {rule: _survival_per_class(every_attack, rule, evaluation) for rule in ("single", "mc")}
 
     return {
         "run": str(trained.path),
@@ -137,8 +145,27 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
         "worst_case": worst,
         "sweep": _sweep(trained, settings, progress, randomized),
         "variants": _variants(trained, settings, progress, randomized),
+        "baselines": _baselines(evaluation, settings) if len(evaluation.classes) == 2 else None,
         "training_cost": trained.training_cost(),
     }
+
+
+def _survival_per_class(results: list[AttackResult], rule: str, evaluation: RobustnessEvaluation) -> list[float | None]:
+    """Per class, the fraction of its examples no attack broke (their mean is the balanced worst case)."""
+    survived, labels = survivors(results, rule), evaluation.data.y_eval
+    return [float(survived[labels == c].mean()) if (labels == c).any() else None for c in range(len(evaluation.classes))]
+
+
+def _baselines(evaluation: RobustnessEvaluation, settings: StudySettings) -> dict:
+    """The reference classifiers on the study's examples at eps, and their robust accuracy along the sweep's eps."""
+    data, dataset = evaluation.data, evaluation.trained.dataset
+    at_eps = dataset_baselines(dataset, settings.eps, data.x_eval, data.y_eval, seed=settings.seed)
+    sweep_eps = [*settings.sweep_eps, *([DOMAIN_LIMIT_EPS] if evaluation.domain.perturbable_columns is not None else [])]
+    curves: dict[str, list[float]] = {name: [entry["accuracy"]] for name, entry in at_eps["baselines"].items()}
+    for eps in sweep_eps:
+        for name, entry in dataset_baselines(dataset, eps, data.x_eval, data.y_eval, seed=settings.seed)["baselines"].items():
+            curves[name].append(entry["robust_accuracy"])
+    return {**at_eps, "sweep": {"eps": [0.0, *sweep_eps], "robust_accuracy": curves}}
 
 
 class _Runner:

@@ -23,6 +23,12 @@ def robustness_curves(studies: dict[str, dict], dataset: str, path: Path) -> Pat
         if "adaptive" in sweep:
             ax.plot(sweep["eps"], sweep["adaptive"]["mc"], marker="s", linestyle="--",
                     label=f"{model}: EOT PGD (mean of draws)")
+    baselines = next((s["baselines"] for s in studies.values() if s.get("baselines")), None)
+    if baselines is not None:  # trivial rules under their exact worst case, on the same eps
+        eps = next(iter(studies.values()))["sweep"]["eps"]
+        for name in ("one-feature", "logistic"):
+            ax.plot(eps, baselines["sweep"]["robust_accuracy"][name][: len(eps)], linestyle=":", marker=".",
+                    linewidth=1, label=f"{name} rule: exact worst case")
     if chance is not None:
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="majority class")
     ax.set(xlabel="eps (L-inf)", ylabel="accuracy", ylim=(0, 1.02), title=f"{DATASET_NAMES.get(dataset, dataset)}: PGD")
