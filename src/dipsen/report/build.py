@@ -159,7 +159,7 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
         for name, entry in reference["baselines"].items():
             rows.append([f"{name}: {entry['description']}", *[_pct(entry[k]) for k in (
                 "accuracy", "balanced_accuracy", "recall", "robust_accuracy", "robust_balanced_accuracy", "robust_recall")],
-                "exact worst case over the feasible domain (a lower bound)"])
+                "exact worst case over the feasible domain, counts relaxed to reals (a lower bound)"])
         for model, study in models.items():
             for rule, rule_name in (("single", "1 draw"), ("mc", f"mean of {n}")):
                 clean = study["clean"]["metrics"][rule]
@@ -171,7 +171,8 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
         paper_clean = {m: FIG6.get((m, dataset), {}).get("clean") for m in models}
         below = [f"{m} {v:.2f}" for m, v in paper_clean.items() if v is not None and v < stump["accuracy"]]
         text = [f"A one-feature rule ({stump['description']}) reaches {stump['accuracy']:.3f} clean accuracy on the same "
-                f"{reference['samples']} examples ({reference['eval_class_counts']}), and logistic regression on the "
+                f"{reference['samples']} examples ({', '.join(f'{c} {k}' for k, c in reference['eval_class_counts'].items())}), "
+                f"and logistic regression on the "
                 f"flattened window {reference['baselines']['logistic']['accuracy']:.3f}: on this split the task is "
                 "mostly recognising the traffic of the infected host, which in the embedded scenario 6 is the only "
                 "botnet host and has no other traffic. A model's clean figure shows how well it separates that "
