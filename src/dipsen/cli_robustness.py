@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,15 +19,16 @@ from .errors import DipsenError
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
 
 
 def _factory(progress: Progress):
     """A ProgressFactory drawing one bar per attack."""
+
     def factory(description: str, total: int):
         task = progress.add_task(description, total=total)
         return lambda done: progress.advance(task, done)
+
     return factory
 
 
@@ -44,16 +45,18 @@ def attack(
     attack: Annotated[str, typer.Option(help="fgsm | bim | pgd | apgd-ce | apgd-dlr | square | hsj")] = "pgd",
     eps: Annotated[float, typer.Option(help="L-inf radius, inputs in [0, 1].")] = 0.3,
     threat: Annotated[str, typer.Option(help="white-box | orange-box | transfer | query")] = "white-box",
-    protocol: Annotated[str, typer.Option(help="paper (ART defaults, single-draw gradients) | adaptive (EOT, smaller steps, restarts)")] = "paper",
-    gradient: Annotated[Optional[str], typer.Option(help="draw | eot | frozen | off (default: from --protocol)")] = None,
+    protocol: Annotated[
+        str, typer.Option(help="paper (ART defaults, single-draw gradients) | adaptive (EOT, smaller steps, restarts)")
+    ] = "paper",
+    gradient: Annotated[str | None, typer.Option(help="draw | eot | frozen | off (default: from --protocol)")] = None,
     eot_draws: Annotated[int, typer.Option(help="Noise draws per EOT gradient.")] = 16,
-    iterations: Annotated[Optional[int], typer.Option(help="Iterations of BIM/PGD/APGD (paper 100, adaptive 100).")] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="Random starts of PGD/APGD (paper 0, adaptive 2).")] = None,
-    queries: Annotated[Optional[int], typer.Option(help="Square attack iterations.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Iterations of BIM/PGD/APGD (paper 100, adaptive 100).")] = None,
+    restarts: Annotated[int | None, typer.Option(help="Random starts of PGD/APGD (paper 0, adaptive 2).")] = None,
+    queries: Annotated[int | None, typer.Option(help="Square attack iterations.")] = None,
     stale_rounds: Annotated[int, typer.Option(help="Orange-box: the attacker's checkpoint is this many rounds old.")] = 5,
     samples: Annotated[int, typer.Option(help="Seeded test examples to attack.")] = 500,
     mc_samples: Annotated[int, typer.Option(help="Draws of the Monte-Carlo prediction rule.")] = 16,
-    eps_sweep: Annotated[Optional[str], typer.Option(help="Comma-separated eps values: plot accuracy against eps.")] = None,
+    eps_sweep: Annotated[str | None, typer.Option(help="Comma-separated eps values: plot accuracy against eps.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Attack a run's final global model; prints and saves clean and adversarial metrics."""
@@ -63,7 +66,9 @@ def attack(
     if protocol not in ("paper", "adaptive"):
         raise DipsenError(f"--protocol must be paper or adaptive, got {protocol!r}")
     budget = PAPER_BUDGET if protocol == "paper" else ADAPTIVE_BUDGET
-    budget = replace(budget, **{k: v for k, v in (("iterations", iterations), ("restarts", restarts), ("queries", queries)) if v is not None})
+    budget = replace(
+        budget, **{k: v for k, v in (("iterations", iterations), ("restarts", restarts), ("queries", queries)) if v is not None}
+    )
     default_gradient = "eot" if protocol == "adaptive" else "draw"
     setup = AttackSetup(attack, eps, threat, gradient or default_gradient, eot_draws, budget)
     sweep = _floats(eps_sweep, "--eps-sweep") if eps_sweep else None
@@ -81,13 +86,22 @@ def attack(
     name = setup.label.replace(" ", "_").replace("=", "")
     if sweep:
         name = name.replace(f"eps{eps:g}_", "eps-sweep_")
-        curve = {"eps": [0.0, *sweep], "chance": evaluation.chance,
-                 "paper": {r: [clean.accuracy(r)] + [x.accuracy(r) for x in results] for r in ("single", "mc")}}
+        curve = {
+            "eps": [0.0, *sweep],
+            "chance": evaluation.chance,
+            "paper": {r: [clean.accuracy(r)] + [x.accuracy(r) for x in results] for r in ("single", "mc")},
+        }
         plots.robustness_curves({trained.config.model: {"sweep": curve}}, trained.config.dataset, out / f"{name}.png")
         console.print(f"plot: {out / (name + '.png')}")
-    record = {"run": str(trained.path), "model": trained.config.model, "randomized": evaluation.randomized,
-              "samples": len(evaluation.data.y_eval), "chance": evaluation.chance, "clean": clean.to_dict(),
-              "results": [r.to_dict() for r in results]}
+    record = {
+        "run": str(trained.path),
+        "model": trained.config.model,
+        "randomized": evaluation.randomized,
+        "samples": len(evaluation.data.y_eval),
+        "chance": evaluation.chance,
+        "clean": clean.to_dict(),
+        "results": [r.to_dict() for r in results],
+    }
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     _print_attack(evaluation, clean, results, mc_samples)
     console.print(f"saved: {out / (name + '.json')}")
@@ -98,16 +112,24 @@ def _print_attack(evaluation, clean, results, mc_samples: int) -> None:
     names = {"single": "1 draw" if evaluation.randomized else "deterministic", "mc": f"mean of {mc_samples}"}
     setup = results[-1].setup
     gradient = f"eot{setup.eot_draws}" if setup.gradient == "eot" else setup.gradient
-    table = Table(title=f"{evaluation.trained.config.model} on {len(evaluation.data.y_eval)} examples: "
-                        f"{setup.threat}, gradient {gradient}")
+    table = Table(
+        title=f"{evaluation.trained.config.model} on {len(evaluation.data.y_eval)} examples: {setup.threat}, gradient {gradient}"
+    )
     for column in ("", "rule", "accuracy", "precision", "recall", "F1", "seconds"):
         table.add_column(column, justify="left" if column in ("", "rule") else "right")
     for result in [clean, *results]:
         label = f"{result.setup.attack} eps={result.setup.eps:g}" if result.setup else "clean"
         for rule in rules:
             m = result.metrics[rule]
-            table.add_row(label, names[rule], f"{m['accuracy']:.4f}", f"{m['macro']['precision']:.4f}",
-                          f"{m['macro']['recall']:.4f}", f"{m['macro']['f1']:.4f}", f"{result.seconds:.1f}")
+            table.add_row(
+                label,
+                names[rule],
+                f"{m['accuracy']:.4f}",
+                f"{m['macro']['precision']:.4f}",
+                f"{m['macro']['recall']:.4f}",
+                f"{m['macro']['f1']:.4f}",
+                f"{result.seconds:.1f}",
+            )
     console.print(table)
     last = results[-1].metrics["single"]
     support = ", ".join(f"{c['class']}: {c['support']}" for c in last["per_class"])

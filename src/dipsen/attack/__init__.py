@@ -13,7 +13,22 @@ from .threat import THREAT_MODELS
 from .views import GRADIENT_VIEWS, ExpectedSoftmax, attacker_view
 
 __all__ = [
-    "ADAPTIVE_BUDGET", "ATTACKS", "GRADIENT_ATTACKS", "GRADIENT_VIEWS", "PAPER_BUDGET", "QUERY_ATTACKS", "RULES",
-    "AttackResult", "AttackSetup", "Budget", "ExpectedSoftmax", "FeasibleDomain", "RobustnessEvaluation",
-    "THREAT_MODELS", "TrainedRun", "attacker_view", "feasible_domain", "worst_case_accuracy",
+    "ADAPTIVE_BUDGET",
+    "ATTACKS",
+    "GRADIENT_ATTACKS",
+    "GRADIENT_VIEWS",
+    "PAPER_BUDGET",
+    "QUERY_ATTACKS",
+    "RULES",
+    "AttackResult",
+    "AttackSetup",
+    "Budget",
+    "ExpectedSoftmax",
+    "FeasibleDomain",
+    "RobustnessEvaluation",
+    "THREAT_MODELS",
+    "TrainedRun",
+    "attacker_view",
+    "feasible_domain",
+    "worst_case_accuracy",
 ]

@@ -73,8 +73,9 @@ def checkpoints(iterations: int) -> list[int]:
 class Apgd(TorchAttack):
     """L-inf APGD with the CE or DLR loss, ``iterations`` steps per run, ``restarts`` >= 1 runs."""
 
-    def __init__(self, model: nn.Module, eps: float, iterations: int, restarts: int = 1, loss: str = "ce",
-                 batch_size: int = 128) -> None:
+    def __init__(
+        self, model: nn.Module, eps: float, iterations: int, restarts: int = 1, loss: str = "ce", batch_size: int = 128
+    ) -> None:
         super().__init__(model, eps, batch_size)
         if loss not in LOSSES:
             raise DipsenError(f"unknown APGD loss {loss!r}; choose one of {', '.join(LOSSES)}")

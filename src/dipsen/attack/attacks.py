@@ -72,8 +72,14 @@ class Budget:
 
     def scaled(self, factor: int) -> Budget:
         """The same budget with ``factor`` times the iterations (the iteration-doubling check)."""
-        return Budget(self.iterations * factor, self.step_fraction, self.restarts, self.queries * factor,
-                      self.hsj_iterations * factor, self.hsj_evaluations)
+        return Budget(
+            self.iterations * factor,
+            self.step_fraction,
+            self.restarts,
+            self.queries * factor,
+            self.hsj_iterations * factor,
+            self.hsj_evaluations,
+        )
 
 
 PAPER_BUDGET = Budget(iterations=100, step_fraction=1 / 3, restarts=0)
@@ -82,17 +88,28 @@ ADAPTIVE_BUDGET = Budget(iterations=100, step_fraction=1 / 10, restarts=2)
 """Smaller steps, random restarts: Carlini et al. 2019's checklist."""
 
 
-def art_classifier(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
-                   loss: nn.Module | None = None) -> PyTorchClassifier:
+def art_classifier(
+    model: nn.Module, input_shape: tuple[int, ...], num_classes: int, loss: nn.Module | None = None
+) -> PyTorchClassifier:
     """``model`` (returning logits or log-probabilities) as an ART classifier on inputs in [0, 1]."""
     return PyTorchClassifier(
-        model, loss=loss if loss is not None else nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
-        nb_classes=num_classes, clip_values=(0.0, 1.0), device_type="cpu",
+        model,
+        loss=loss if loss is not None else nn.CrossEntropyLoss(),
+        input_shape=tuple(input_shape),
+        nb_classes=num_classes,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
     )
 
 
-def build_attack(name: str, classifier: PyTorchClassifier, eps: float, budget: Budget, batch_size: int = 128,
-                 project: FeasibleProjection | None = None) -> EvasionAttack | TorchAttack:
+def build_attack(
+    name: str,
+    classifier: PyTorchClassifier,
+    eps: float,
+    budget: Budget,
+    batch_size: int = 128,
+    project: FeasibleProjection | None = None,
+) -> EvasionAttack | TorchAttack:
     """Attack ``name`` at L-inf radius ``eps`` on ``classifier``'s model; see the module docstring.
 
     Our attacks (APGD, Square) call ``classifier.model`` directly. ``project`` is the data set's
@@ -104,8 +121,9 @@ def build_attack(name: str, classifier: PyTorchClassifier, eps: float, budget: B
     if not eps > 0:
         raise DipsenError(f"eps must be > 0, got {eps}")
     if name not in CUSTOM_LOSS_ATTACKS and not isinstance(classifier.loss, nn.CrossEntropyLoss):
-        raise DipsenError(f"{name} does not use the classifier's loss; a custom loss applies to "
-                          f"{', '.join(CUSTOM_LOSS_ATTACKS)} only")
+        raise DipsenError(
+            f"{name} does not use the classifier's loss; a custom loss applies to {', '.join(CUSTOM_LOSS_ATTACKS)} only"
+        )
     step = budget.step_fraction * eps
     common = {"batch_size": batch_size}
     if name == "fgsm":
@@ -113,18 +131,33 @@ def build_attack(name: str, classifier: PyTorchClassifier, eps: float, budget: B
     if name == "bim":
         return BasicIterativeMethod(classifier, eps=eps, eps_step=step, max_iter=budget.iterations, verbose=False, **common)
     if name == "pgd":
-        return ProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=step, max_iter=budget.iterations,
-                                        num_random_init=budget.restarts, verbose=False, **common)
+        return ProjectedGradientDescent(
+            classifier,
+            norm=np.inf,
+            eps=eps,
+            eps_step=step,
+            max_iter=budget.iterations,
+            num_random_init=budget.restarts,
+            verbose=False,
+            **common,
+        )
     if name in ("apgd-ce", "apgd-dlr"):
         if name == "apgd-dlr" and classifier.nb_classes < 3:
             raise DipsenError("apgd-dlr needs at least 3 classes (its loss uses the third-largest logit)")
-        return Apgd(classifier.model, eps, budget.iterations, max(1, budget.restarts), name.removeprefix("apgd-"),
-                    **common)
+        return Apgd(classifier.model, eps, budget.iterations, max(1, budget.restarts), name.removeprefix("apgd-"), **common)
     if name == "square":
         return Square(classifier.model, eps, budget.queries, P_INIT, _on_tensors(project), **common)
-    return HopSkipJump(classifier, targeted=False, norm=np.inf, max_iter=budget.hsj_iterations,
-                       max_eval=budget.hsj_evaluations, init_eval=min(100, budget.hsj_evaluations), init_size=100,
-                       verbose=False, batch_size=batch_size)
+    return HopSkipJump(
+        classifier,
+        targeted=False,
+        norm=np.inf,
+        max_iter=budget.hsj_iterations,
+        max_eval=budget.hsj_evaluations,
+        init_eval=min(100, budget.hsj_evaluations),
+        init_size=100,
+        verbose=False,
+        batch_size=batch_size,
+    )
 
 
 def _on_tensors(project: FeasibleProjection | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:

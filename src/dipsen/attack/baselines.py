@@ -72,14 +72,23 @@ INTEGER_FEATURES = ("TotPkts", "TotBytes", "SrcBytes")
 GUARANTEES = {
     "constant": "constant prediction: robust = clean",
     "relaxed": "exact over the real-valued box (integer snapping of counts ignored): a lower bound on the "
-               "true robust figure; attack_* is an upper bound from a concrete projected attack",
+    "true robust figure; attack_* is an upper bound from a concrete projected attack",
 }
 
 
 def reference_baselines(
-    x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray, *,
-    domain: FeasibleDomain, eps: float, classes: Sequence[str], feature_names: Sequence[str] | None = None,
-    scaler: dict | None = None, seed: int = 0, slack: float = SLACK,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_eval: np.ndarray,
+    y_eval: np.ndarray,
+    *,
+    domain: FeasibleDomain,
+    eps: float,
+    classes: Sequence[str],
+    feature_names: Sequence[str] | None = None,
+    scaler: dict | None = None,
+    seed: int = 0,
+    slack: float = SLACK,
 ) -> dict:
     """The five reference classifiers, fitted on (x_train, y_train), measured on (x_eval, y_eval).
 
@@ -94,11 +103,14 @@ def reference_baselines(
     x_train, x_eval = np.asarray(x_train), np.asarray(x_eval)
     y_train, y_eval = np.asarray(y_train).astype(np.int64), np.asarray(y_eval).astype(np.int64)
     if x_train.ndim < 3 or x_train.shape[-2] < 2 or x_train.shape[1:] != x_eval.shape[1:]:
-        raise DipsenError(f"reference baselines need windows (N, ..., rows >= 2, features) of one shape, "
-                          f"got {x_train.shape} and {x_eval.shape}")
+        raise DipsenError(
+            f"reference baselines need windows (N, ..., rows >= 2, features) of one shape, got {x_train.shape} and {x_eval.shape}"
+        )
     if len(y_train) != len(x_train) or len(y_eval) != len(x_eval) or not len(y_eval):
-        raise DipsenError(f"reference baselines: {len(x_train)}/{len(y_train)} training and "
-                          f"{len(x_eval)}/{len(y_eval)} evaluation examples/labels")
+        raise DipsenError(
+            f"reference baselines: {len(x_train)}/{len(y_train)} training and "
+            f"{len(x_eval)}/{len(y_eval)} evaluation examples/labels"
+        )
     if set(np.unique(y_train)) != {0, 1} or not set(np.unique(y_eval)) <= {0, 1}:
         raise DipsenError("reference baselines need labels 0 and 1, both present in the training set")
     if not 0 <= eps <= 1:
@@ -116,8 +128,7 @@ def reference_baselines(
     majority = int(np.bincount(y_train, minlength=2).argmax())
     results = {"majority": ctx.constant(majority)}
     trees = {}
-    for name, depth, view in (("one-feature", 1, "bottom"), ("tree-bottom-row", 2, "bottom"),
-                              ("tree-context", 2, "context")):
+    for name, depth, view in (("one-feature", 1, "bottom"), ("tree-bottom-row", 2, "bottom"), ("tree-context", 2, "context")):
         trees[name] = DecisionTreeClassifier(max_depth=depth, random_state=seed).fit(_view(x_train, view), y_train)
         results[name] = ctx.tree(trees[name], view, namer)
     logistic = LogisticRegression(max_iter=LOGISTIC_MAX_ITER, random_state=seed)
@@ -128,8 +139,9 @@ def reference_baselines(
     results["one-feature"].update(_stump_rule(trees["one-feature"], classes, namer))
     results["tree-bottom-row"]["description"] = "depth-2 decision tree on the classified flow (bottom row)"
     results["tree-context"]["description"] = "depth-2 decision tree on the context rows only (bottom row left out)"
-    results["logistic"]["description"] = (f"logistic regression (L2, C=1, lbfgs, max_iter={LOGISTIC_MAX_ITER}, "
-                                          f"seed {seed}) on the flattened window")
+    results["logistic"]["description"] = (
+        f"logistic regression (L2, C=1, lbfgs, max_iter={LOGISTIC_MAX_ITER}, seed {seed}) on the flattened window"
+    )
     counts = np.bincount(y_eval, minlength=2)
     return {
         "eps": float(eps),
@@ -138,14 +150,21 @@ def reference_baselines(
         "train_samples": int(len(y_train)),
         "classes": list(classes),
         "positive_class": classes[POSITIVE],
-        "eval_class_counts": {name: int(c) for name, c in zip(classes, counts)},
+        "eval_class_counts": {name: int(c) for name, c in zip(classes, counts, strict=True)},
         "domain": domain.description,
         "baselines": results,
     }
 
 
-def dataset_baselines(dataset: Dataset, eps: float, x_eval: np.ndarray | None = None, y_eval: np.ndarray | None = None,
-                      *, seed: int = 0, slack: float = SLACK) -> dict:
+def dataset_baselines(
+    dataset: Dataset,
+    eps: float,
+    x_eval: np.ndarray | None = None,
+    y_eval: np.ndarray | None = None,
+    *,
+    seed: int = 0,
+    slack: float = SLACK,
+) -> dict:
     """:func:`reference_baselines` of ``dataset``: fitted on its training split, measured on (x_eval, y_eval).
 
     Pass the examples the models are attacked on (``RobustnessEvaluation.data``); None takes the
@@ -154,13 +173,26 @@ def dataset_baselines(dataset: Dataset, eps: float, x_eval: np.ndarray | None = 
     if x_eval is None or y_eval is None:
         x_eval, y_eval = dataset.x_test, dataset.y_test
     features = dataset.info.get("features")
-    names = [f["name"] for f in features] if isinstance(features, list) and all(
-        isinstance(f, dict) and "name" in f for f in features) else None
+    names = (
+        [f["name"] for f in features]
+        if isinstance(features, list) and all(isinstance(f, dict) and "name" in f for f in features)
+        else None
+    )
     if names is not None and len(names) != x_eval.shape[-1]:
         names = None
-    return reference_baselines(dataset.x_train, dataset.y_train, x_eval, y_eval, domain=feasible_domain(dataset),
-                               eps=eps, classes=dataset.classes, feature_names=names,
-                               scaler=dataset.info.get("scaler"), seed=seed, slack=slack)
+    return reference_baselines(
+        dataset.x_train,
+        dataset.y_train,
+        x_eval,
+        y_eval,
+        domain=feasible_domain(dataset),
+        eps=eps,
+        classes=dataset.classes,
+        feature_names=names,
+        scaler=dataset.info.get("scaler"),
+        seed=seed,
+        slack=slack,
+    )
 
 
 def feasible_box(x: np.ndarray, mask: np.ndarray, eps: float, slack: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -195,8 +227,13 @@ def tree_leaves(tree: DecisionTreeClassifier) -> tuple[np.ndarray, np.ndarray, n
     return np.array(nodes), np.array(labels), np.array(lower), np.array(upper)
 
 
-def tree_worst_case(tree: DecisionTreeClassifier, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, y: np.ndarray,
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def tree_worst_case(
+    tree: DecisionTreeClassifier,
+    x: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    y: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per example: whether a leaf labelled != y meets the box [lo, hi] around x, and a point of the first one.
 
     Returns (broken, witness), both per example. The witness is x, except on the features that leaf
@@ -216,8 +253,13 @@ def tree_worst_case(tree: DecisionTreeClassifier, x: np.ndarray, lo: np.ndarray,
     return broken, np.where(broken[:, None], witness, np.nan)
 
 
-def linear_worst_decision(w: np.ndarray, b: float, lo: np.ndarray, hi: np.ndarray, y: np.ndarray,
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def linear_worst_decision(
+    w: np.ndarray,
+    b: float,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    y: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """For f(x) = w.x + b over the box [lo, hi]: min f where y = 1, max f where y = 0, and the vertex attaining it."""
     against = np.where(y[:, None] == 1, -1.0, 1.0) * w[None, :]  # the direction that hurts the true class
     vertex = np.where(against > 0, hi, np.where(against < 0, lo, (lo + hi) / 2))
@@ -233,13 +275,20 @@ class _Context:
 
     def constant(self, label: int) -> dict:
         correct = self.y == label
-        return {"description": "", **_scores("", self.y, correct), **_scores("robust_", self.y, correct),
-                **_scores("attack_", self.y, correct), "robust_exact": True, "guarantee": GUARANTEES["constant"]}
+        return {
+            "description": "",
+            **_scores("", self.y, correct),
+            **_scores("robust_", self.y, correct),
+            **_scores("attack_", self.y, correct),
+            "robust_exact": True,
+            "guarantee": GUARANTEES["constant"],
+        }
 
     def tree(self, tree: DecisionTreeClassifier, view: str, namer: _Namer) -> dict:
         clean = tree.predict(_view(self.x, view)) == self.y
-        broken, witness = tree_worst_case(tree, _view(self.x, view).astype(np.float64), _view(self.lo, view),
-                                          _view(self.hi, view), self.y)
+        broken, witness = tree_worst_case(
+            tree, _view(self.x, view).astype(np.float64), _view(self.lo, view), _view(self.hi, view), self.y
+        )
         attacked = self._attack(witness, broken, view, tree.predict)
         return self._figures(clean, clean & ~broken, attacked) | {"rules": namer.rules(tree, view, self.classes)}
 
@@ -265,16 +314,24 @@ class _Context:
         attacked = attacked & clean
         if np.any(robust & ~attacked):  # cannot happen: the witness lies in the box
             raise AssertionError("a concrete attack broke an example the exact worst case called robust")
-        return {"description": "", **_scores("", self.y, clean), **_scores("robust_", self.y, robust),
-                **_scores("attack_", self.y, attacked), "robust_exact": bool(np.array_equal(robust, attacked)),
-                "guarantee": GUARANTEES["relaxed"]}
+        return {
+            "description": "",
+            **_scores("", self.y, clean),
+            **_scores("robust_", self.y, robust),
+            **_scores("attack_", self.y, attacked),
+            "robust_exact": bool(np.array_equal(robust, attacked)),
+            "guarantee": GUARANTEES["relaxed"],
+        }
 
 
 def _scores(prefix: str, y: np.ndarray, correct: np.ndarray) -> dict:
     recalls = {c: float(correct[y == c].mean()) if np.any(y == c) else None for c in (0, 1)}
     present = [r for r in recalls.values() if r is not None]
-    return {f"{prefix}accuracy": float(correct.mean()), f"{prefix}balanced_accuracy": float(np.mean(present)),
-            f"{prefix}recall": recalls[POSITIVE]}
+    return {
+        f"{prefix}accuracy": float(correct.mean()),
+        f"{prefix}balanced_accuracy": float(np.mean(present)),
+        f"{prefix}recall": recalls[POSITIVE],
+    }
 
 
 def _view(x: np.ndarray, view: str) -> np.ndarray:
@@ -337,7 +394,7 @@ class _Namer:
         """One line per leaf: its path's conditions -> its label."""
         _, labels, lower, upper = tree_leaves(tree)
         lines = []
-        for label, low, up in zip(labels, lower, upper):
+        for label, low, up in zip(labels, lower, upper, strict=True):
             conditions = []
             for feature in np.flatnonzero(np.isfinite(low) | np.isfinite(up)):
                 column, name = self.column(int(feature), view)
@@ -351,23 +408,35 @@ class _Namer:
 
 def _stump_rule(stump: DecisionTreeClassifier, classes: Sequence[str], namer: _Namer) -> dict:
     """The one-feature rule: which feature, its threshold (scaled and original), which side is positive."""
-    rule = {"feature": None, "column": None, "threshold_scaled": None, "threshold_original": None, "unit": None,
-            "positive_side": None, "rule": None}
+    rule = {
+        "feature": None,
+        "column": None,
+        "threshold_scaled": None,
+        "threshold_original": None,
+        "unit": None,
+        "positive_side": None,
+        "rule": None,
+    }
     t = stump.tree_
-    labels = [int(stump.classes_[int(np.argmax(t.value[child, 0]))]) for child in (t.children_left[0],
-                                                                                    t.children_right[0])]
+    labels = [int(stump.classes_[int(np.argmax(t.value[child, 0]))]) for child in (t.children_left[0], t.children_right[0])]
     if t.node_count == 1 or labels[0] == labels[1]:
         label = int(stump.classes_[int(np.argmax(t.value[0, 0]))]) if t.node_count == 1 else labels[0]
-        return rule | {"description": f"always {classes[label]!r}: no single threshold on the classified flow "
-                                      "separates the classes (depth-1 tree)"}
+        return rule | {
+            "description": f"always {classes[label]!r}: no single threshold on the classified flow "
+            "separates the classes (depth-1 tree)"
+        }
     column, threshold = int(t.feature[0]), float(t.threshold[0])
     name = namer.names[column]
     original = namer.original(column, threshold)
     side = "<=" if labels[0] == POSITIVE else ">"
     condition = namer.condition(f"{name} of the classified flow", column, side, threshold)
     return rule | {
-        "feature": name, "column": column, "threshold_scaled": threshold, "threshold_original": original,
-        "unit": UNITS.get(name) if original is not None else None, "positive_side": side,
+        "feature": name,
+        "column": column,
+        "threshold_scaled": threshold,
+        "threshold_original": original,
+        "unit": UNITS.get(name) if original is not None else None,
+        "positive_side": side,
         "rule": condition,
         "description": f"{classes[POSITIVE]} iff {condition} (best depth-1 tree on the bottom row)",
     }

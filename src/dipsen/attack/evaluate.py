@@ -21,11 +21,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import DipsenError
 from ..metrics import classification_metrics
-from ..models import predict_proba
+from ..models import FederatedNet, predict_proba
 from .attacks import ATTACKS, PAPER_BUDGET, QUERY_ATTACKS, Budget, art_classifier, build_attack
 from .domain import feasible_domain
 from .target import TrainedRun
@@ -52,13 +51,19 @@ class AttackSetup:
     loss: str = "cross-entropy"
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.attack, ATTACKS, "attack"), (self.threat, THREAT_MODELS, "threat model"),
-                                     (self.gradient, GRADIENT_VIEWS, "gradient view"), (self.loss, LOSSES, "loss")):
+        for value, allowed, what in (
+            (self.attack, ATTACKS, "attack"),
+            (self.threat, THREAT_MODELS, "threat model"),
+            (self.gradient, GRADIENT_VIEWS, "gradient view"),
+            (self.loss, LOSSES, "loss"),
+        ):
             if value not in allowed:
                 raise DipsenError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
         if (self.threat == "query") != (self.attack in QUERY_ATTACKS):
-            raise DipsenError(f"{self.attack} does not fit the {self.threat} threat model: query attacks "
-                              f"({', '.join(QUERY_ATTACKS)}) go with 'query', gradient attacks with the others")
+            raise DipsenError(
+                f"{self.attack} does not fit the {self.threat} threat model: query attacks "
+                f"({', '.join(QUERY_ATTACKS)}) go with 'query', gradient attacks with the others"
+            )
         if not 0 < self.eps <= 1:
             raise DipsenError(f"eps must be in (0, 1] for inputs in [0, 1], got {self.eps}")
 
@@ -90,8 +95,7 @@ class AttackResult:
 
     def to_dict(self) -> dict:
         setup = {**asdict(self.setup), "label": self.setup.label} if self.setup else {"label": "clean"}
-        return {**setup, "crafted_on": self.crafted_on, "seconds": self.seconds, "samples": self.samples,
-                "metrics": self.metrics}
+        return {**setup, "crafted_on": self.crafted_on, "seconds": self.seconds, "samples": self.samples, "metrics": self.metrics}
 
 
 class RobustnessEvaluation:
@@ -102,10 +106,19 @@ class RobustnessEvaluation:
     numbers.
     """
 
-    def __init__(self, run: TrainedRun, samples: int = 500, *, mc_samples: int = 16,
-                 stale_rounds: int = DEFAULT_STALE_ROUNDS, seed: int = 0, inference_noise: bool = True,
-                 attacker_samples: int | None = None, surrogate_epochs: int = SURROGATE_EPOCHS,
-                 batch_size: int = 128) -> None:
+    def __init__(
+        self,
+        run: TrainedRun,
+        samples: int = 500,
+        *,
+        mc_samples: int = 16,
+        stale_rounds: int = DEFAULT_STALE_ROUNDS,
+        seed: int = 0,
+        inference_noise: bool = True,
+        attacker_samples: int | None = None,
+        surrogate_epochs: int = SURROGATE_EPOCHS,
+        batch_size: int = 128,
+    ) -> None:
         self.trained, self.seed, self.mc_samples, self.batch_size = run, seed, mc_samples, batch_size
         self.stale_rounds, self.surrogate_epochs = stale_rounds, surrogate_epochs
         self.inference_noise = inference_noise
@@ -115,14 +128,14 @@ class RobustnessEvaluation:
         self.domain = feasible_domain(run.dataset)
         self.classes = run.dataset.classes
         self.input_shape = tuple(self.data.x_eval.shape[1:])
-        self._sources: dict[str, tuple[nn.Module, str]] = {}
+        self._sources: dict[str, tuple[FederatedNet, str]] = {}
 
     @property
     def chance(self) -> float:
         """Accuracy of always predicting the most frequent class among the evaluated examples."""
         return float(np.bincount(self.data.y_eval).max() / len(self.data.y_eval))
 
-    def source(self, threat: str) -> tuple[nn.Module, str]:
+    def source(self, threat: str) -> tuple[FederatedNet, str]:
         """The model the attacker crafts on under ``threat``, and a description of it."""
         if threat not in self._sources:
             if threat in ("white-box", "query"):
@@ -131,19 +144,20 @@ class RobustnessEvaluation:
                 round_ = stale_round(self.trained, self.stale_rounds)
                 self._sources[threat] = (self._deployed(self.trained.model(round_)), f"stale global model (round {round_})")
             else:
-                surrogate = train_surrogate(self.data.x_attacker, self.data.y_attacker, len(self.classes), self.seed,
-                                            self.surrogate_epochs)
+                surrogate = train_surrogate(
+                    self.data.x_attacker, self.data.y_attacker, len(self.classes), self.seed, self.surrogate_epochs
+                )
                 self._sources[threat] = (surrogate, f"surrogate CNN trained on {len(self.data.y_attacker)} attacker examples")
         return self._sources[threat]
 
-    def _deployed(self, model: nn.Module) -> nn.Module:
-        if not self.inference_noise and model.is_randomized:
+    def _deployed(self, model: FederatedNet) -> FederatedNet:
+        if not self.inference_noise and model.noise is not None:
             model.noise.std = 0.0
         return model
 
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The deployed model's labels for ``x`` under both rules (seeded draws)."""
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for rule, draws in (("single", 1), ("mc", self.mc_samples)):
             if rule == "mc" and not self.randomized:
                 out[rule] = out["single"]
@@ -156,8 +170,7 @@ class RobustnessEvaluation:
         """The deployed model on the unperturbed evaluation examples, under both rules."""
         return self._result(None, "", 0.0, self.data.x_eval, self.data.y_eval)
 
-    def run(self, setup: AttackSetup, on_progress: Callable[[int], None] | None = None,
-            limit: int | None = None) -> AttackResult:
+    def run(self, setup: AttackSetup, on_progress: Callable[[int], None] | None = None, limit: int | None = None) -> AttackResult:
         """Craft adversarial examples for ``setup`` and evaluate them on the deployed model.
 
         ``limit`` attacks only the first ``limit`` evaluation examples (for costly attacks).
@@ -166,8 +179,14 @@ class RobustnessEvaluation:
         view = attacker_view(source, setup.gradient, setup.eot_draws, self.seed)
         loss = ClippedProbabilityLoss() if setup.loss == "clipped-probabilities" else None
         classifier = art_classifier(view, self.input_shape, len(self.classes), loss)
-        attack = build_attack(setup.attack, classifier, setup.eps, setup.budget, self.batch_size,
-                              project=lambda x_adv, x_orig: self.domain.project(x_adv, x_orig, setup.eps))
+        attack = build_attack(
+            setup.attack,
+            classifier,
+            setup.eps,
+            setup.budget,
+            self.batch_size,
+            project=lambda x_adv, x_orig: self.domain.project(x_adv, x_orig, setup.eps),
+        )
         x, y = self.data.x_eval[:limit], self.data.y_eval[:limit]
         np.random.seed(self.seed)  # ART draws its random starts from numpy's global RNG, ours from torch's
         torch.manual_seed(self.seed)
@@ -183,8 +202,7 @@ class RobustnessEvaluation:
                 on_progress(len(yc))
         return self._result(setup, crafted_on, time.perf_counter() - start, np.concatenate(chunks), y)
 
-    def _result(self, setup: AttackSetup | None, crafted_on: str, seconds: float, x: np.ndarray,
-                y: np.ndarray) -> AttackResult:
+    def _result(self, setup: AttackSetup | None, crafted_on: str, seconds: float, x: np.ndarray, y: np.ndarray) -> AttackResult:
         labels = self.predict(x)
         metrics = {rule: classification_metrics(y, predicted, self.classes) for rule, predicted in labels.items()}
         return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()}, x)
@@ -195,8 +213,7 @@ class RobustnessEvaluation:
         The prediction rules draw their noise per call, so accuracies of runs over different numbers
         of examples are only comparable after re-predicting on the same examples with the same draws.
         """
-        return self._result(result.setup, result.crafted_on, result.seconds, result.x_adv[:limit],
-                            self.data.y_eval[:limit])
+        return self._result(result.setup, result.crafted_on, result.seconds, result.x_adv[:limit], self.data.y_eval[:limit])
 
 
 def survivors(results: Sequence[AttackResult], rule: str) -> np.ndarray:

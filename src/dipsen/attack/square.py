@@ -64,8 +64,15 @@ def margin(scores: Tensor, y: Tensor) -> Tensor:
 class Square(TorchAttack):
     """L-inf Square attack; ``project`` defaults to clipping into the eps-ball and [0, 1]."""
 
-    def __init__(self, model: nn.Module, eps: float, queries: int, p_init: float = P_INIT,
-                 project: Projection | None = None, batch_size: int = 128) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float,
+        queries: int,
+        p_init: float = P_INIT,
+        project: Projection | None = None,
+        batch_size: int = 128,
+    ) -> None:
         super().__init__(model, eps, batch_size)
         if queries < 1:
             raise DipsenError(f"the Square attack needs >= 1 query, got {queries}")
@@ -105,8 +112,9 @@ class Square(TorchAttack):
             if not len(idx):
                 break
             x_i, best_i = x[idx], best[idx]
-            window = free[idx] & _window(window_fraction(self.p_init, i, self.queries), top[idx], box_h[idx],
-                                         left[idx], box_w[idx], x.shape[2], x.shape[3])
+            window = free[idx] & _window(
+                window_fraction(self.p_init, i, self.queries), top[idx], box_h[idx], left[idx], box_w[idx], x.shape[2], x.shape[3]
+            )
             signs = _signs((len(idx), x.shape[1], 1, 1), x.dtype)
             candidate = self.project(torch.where(window, x_i + self.eps * signs, best_i), x_i)
             # a window already at those values would waste the query; the paper draws new signs until

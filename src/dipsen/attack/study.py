@@ -30,8 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-
-import numpy as np
+from typing import Any
 
 from .attacks import Budget
 from .baselines import dataset_baselines
@@ -58,8 +57,9 @@ class StudySettings:
     mc_samples: int = 16
     eot_draws: int = 16
     paper_budget: Budget = Budget(iterations=100, step_fraction=1 / 3, restarts=0)
-    adaptive_budget: Budget = Budget(iterations=50, step_fraction=1 / 10, restarts=1, queries=1000,
-                                     hsj_iterations=10, hsj_evaluations=500)
+    adaptive_budget: Budget = Budget(
+        iterations=50, step_fraction=1 / 10, restarts=1, queries=1000, hsj_iterations=10, hsj_evaluations=500
+    )
     doubling_samples: int = 100
     hsj_samples: int = 30
     stale_rounds: int = 5
@@ -73,10 +73,22 @@ class StudySettings:
 
     @classmethod
     def quick(cls) -> StudySettings:
-        return cls(samples=40, mc_samples=4, eot_draws=4, paper_budget=Budget(10, 1 / 3, 0),
-                   adaptive_budget=Budget(10, 1 / 10, 1, queries=30, hsj_iterations=2, hsj_evaluations=30),
-                   doubling_samples=20, hsj_samples=5, stale_rounds=1, attacker_samples=500, surrogate_epochs=2,
-                   sweep_eps=(0.1, 0.3, 0.5), sweep_samples=30, sweep_budget=Budget(5, 1 / 5, 0), sweep_eot_draws=2)
+        return cls(
+            samples=40,
+            mc_samples=4,
+            eot_draws=4,
+            paper_budget=Budget(10, 1 / 3, 0),
+            adaptive_budget=Budget(10, 1 / 10, 1, queries=30, hsj_iterations=2, hsj_evaluations=30),
+            doubling_samples=20,
+            hsj_samples=5,
+            stale_rounds=1,
+            attacker_samples=500,
+            surrogate_epochs=2,
+            sweep_eps=(0.1, 0.3, 0.5),
+            sweep_samples=30,
+            sweep_budget=Budget(5, 1 / 5, 0),
+            sweep_eot_draws=2,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,29 +96,39 @@ class StudySettings:
 
 def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFactory | None = None) -> dict:
     """Every attack of the study on ``trained``'s final global model; see the module docstring."""
-    evaluation = RobustnessEvaluation(trained, settings.samples, mc_samples=settings.mc_samples,
-                                      stale_rounds=settings.stale_rounds, seed=settings.seed,
-                                      attacker_samples=settings.attacker_samples, surrogate_epochs=settings.surrogate_epochs)
+    evaluation = RobustnessEvaluation(
+        trained,
+        settings.samples,
+        mc_samples=settings.mc_samples,
+        stale_rounds=settings.stale_rounds,
+        seed=settings.seed,
+        attacker_samples=settings.attacker_samples,
+        surrogate_epochs=settings.surrogate_epochs,
+    )
     runner = _Runner(evaluation, progress)
     randomized = evaluation.randomized
     eps, paper, adaptive = settings.eps, settings.paper_budget, settings.adaptive_budget
-    strong_view = {"gradient": "eot", "eot_draws": settings.eot_draws} if randomized else {}
+    strong_view: dict[str, Any] = {"gradient": "eot", "eot_draws": settings.eot_draws} if randomized else {}
 
     paper_results = {name: runner(AttackSetup(name, eps, budget=paper)) for name in ("fgsm", "bim", "pgd")}
 
-    adaptive_setups = {"pgd": AttackSetup("pgd", eps, budget=adaptive, **strong_view),
-                       "apgd-ce": AttackSetup("apgd-ce", eps, budget=adaptive, **strong_view)}
+    adaptive_setups = {
+        "pgd": AttackSetup("pgd", eps, budget=adaptive, **strong_view),
+        "apgd-ce": AttackSetup("apgd-ce", eps, budget=adaptive, **strong_view),
+    }
     if len(evaluation.classes) >= 3:
         adaptive_setups["apgd-dlr"] = AttackSetup("apgd-dlr", eps, budget=adaptive, **strong_view)
     if randomized:
-        adaptive_setups["pgd-frozen-noise"] = AttackSetup("pgd", eps, gradient="frozen", budget=replace(adaptive, iterations=2 * adaptive.iterations))
+        adaptive_setups["pgd-frozen-noise"] = AttackSetup(
+            "pgd", eps, gradient="frozen", budget=replace(adaptive, iterations=2 * adaptive.iterations)
+        )
     adaptive_results = {name: runner(setup) for name, setup in adaptive_setups.items()}
 
     doubled_setup = replace(adaptive_setups["pgd"], budget=adaptive.scaled(2))
     limit = min(settings.doubling_samples, settings.samples)
     doubled = runner(doubled_setup, limit)
     base = evaluation.reevaluate(adaptive_results["pgd"], limit)
-    doubling = {
+    doubling: dict[str, Any] = {
         "samples": limit,
         "iterations": [adaptive.iterations, doubled_setup.budget.iterations],
         **{rule: {"base": base.accuracy(rule), "doubled": doubled.accuracy(rule)} for rule in ("single", "mc")},
@@ -121,11 +143,15 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
     hsj = runner(AttackSetup("hsj", eps, threat="query", budget=adaptive), min(settings.hsj_samples, settings.samples))
 
     every_attack = [*paper_results.values(), *adaptive_results.values(), *threat_results.values(), hsj]
-    worst = {rule: {"paper": worst_case_accuracy(list(paper_results.values()), rule),
-                    "adaptive": worst_case_accuracy(list(adaptive_results.values()), rule),
-                    "all": worst_case_accuracy(every_attack, rule)} for rule in ("single", "mc")}
-    worst["all_covers"] = (f"every attack on all {settings.samples} examples; HopSkipJump on the first "
-                           f"{hsj.samples} only")
+    worst: dict[str, Any] = {
+        rule: {
+            "paper": worst_case_accuracy(list(paper_results.values()), rule),
+            "adaptive": worst_case_accuracy(list(adaptive_results.values()), rule),
+            "all": worst_case_accuracy(every_attack, rule),
+        }
+        for rule in ("single", "mc")
+    }
+    worst["all_covers"] = f"every attack on all {settings.samples} examples; HopSkipJump on the first {hsj.samples} only"
     worst["per_class"] = {rule: _survival_per_class(every_attack, rule, evaluation) for rule in ("single", "mc")}
 
     return {
@@ -216,25 +242,34 @@ def sweep_verdict(accuracies: list[float], largest_eps: float, chance: float, do
         return f"no verdict: the model is near the majority-class rate ({chance:.2f}) before any attack"
     if accuracies[-1] <= NEAR_ZERO:
         return f"working: accuracy falls to {accuracies[-1]:.2f} at eps {largest_eps:g}"
-    verdict = (f"attack not shown to work: accuracy {accuracies[-1]:.2f} at eps {largest_eps:g} is not near 0 "
-               f"(majority class {chance:.2f})")
+    verdict = (
+        f"attack not shown to work: accuracy {accuracies[-1]:.2f} at eps {largest_eps:g} is not near 0 "
+        f"(majority class {chance:.2f})"
+    )
     if domain_limit is not None:
-        verdict += (f"; with every feasible coordinate free (eps {DOMAIN_LIMIT_EPS:g}) it leaves {domain_limit:.2f}, "
-                    "out of this attack's reach in the feasible domain")
+        verdict += (
+            f"; with every feasible coordinate free (eps {DOMAIN_LIMIT_EPS:g}) it leaves {domain_limit:.2f}, "
+            "out of this attack's reach in the feasible domain"
+        )
     return verdict + "; a weak or domain-limited attack, not evidence of robustness"
 
 
 def _variants(trained: TrainedRun, settings: StudySettings, progress: ProgressFactory | None, randomized: bool) -> dict:
     """Paper-protocol attacks under protocol choices that could explain the paper's figures."""
     variants: dict[str, dict] = {}
-    choices = {"clipped-probabilities": ({}, {"loss": "clipped-probabilities"})}
+    choices: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {"clipped-probabilities": ({}, {"loss": "clipped-probabilities"})}
     if randomized:
         choices["noise-off-at-inference"] = ({"inference_noise": False}, {})
     for name, (evaluation_args, setup_args) in choices.items():
-        evaluation = RobustnessEvaluation(trained, settings.samples, mc_samples=settings.mc_samples,
-                                          seed=settings.seed, **evaluation_args)
+        evaluation = RobustnessEvaluation(
+            trained, settings.samples, mc_samples=settings.mc_samples, seed=settings.seed, **evaluation_args
+        )
         runner = _Runner(evaluation, progress)
-        variants[name] = {"clean": evaluation.clean().to_dict(),
-                          **{attack: runner(AttackSetup(attack, settings.eps, budget=settings.paper_budget, **setup_args)).to_dict()
-                             for attack in ("fgsm", "bim", "pgd")}}
+        variants[name] = {
+            "clean": evaluation.clean().to_dict(),
+            **{
+                attack: runner(AttackSetup(attack, settings.eps, budget=settings.paper_budget, **setup_args)).to_dict()
+                for attack in ("fgsm", "bim", "pgd")
+            },
+        }
     return variants

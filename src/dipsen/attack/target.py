@@ -47,10 +47,17 @@ class TrainedRun:
         if not rounds:
             raise DipsenError(f"{path}: no checkpoints; train the run first")
         self.final_round = rounds[-1]
-        self.dataset = dataset if dataset is not None else load_dataset(
-            self.config.dataset, Path(self.config.data_dir) if self.config.data_dir else None,
-            seed=self.config.seed, include_background=self.config.include_background, bad_rows=self.config.bad_rows,
-            ctu13_split=self.config.ctu13_split,
+        self.dataset = (
+            dataset
+            if dataset is not None
+            else load_dataset(
+                self.config.dataset,
+                Path(self.config.data_dir) if self.config.data_dir else None,
+                seed=self.config.seed,
+                include_background=self.config.include_background,
+                bad_rows=self.config.bad_rows,
+                ctu13_split=self.config.ctu13_split,
+            )
         )
 
     @property

@@ -35,8 +35,9 @@ def stale_round(run: TrainedRun, stale_rounds: int) -> int:
     return max(0, run.final_round - stale_rounds)
 
 
-def train_surrogate(x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0,
-                    epochs: int = SURROGATE_EPOCHS) -> FederatedNet:
+def train_surrogate(
+    x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0, epochs: int = SURROGATE_EPOCHS
+) -> FederatedNet:
     """The attacker's own undefended CNN, trained centrally on its data (SGD, momentum 0.9, batch 64)."""
     if len(y) < 2:
         raise DipsenError("the attacker's data slice is empty: lower --samples so part of the test set is left over")

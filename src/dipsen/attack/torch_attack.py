@@ -42,7 +42,10 @@ class TorchAttack(ABC):
         for begin in range(0, len(y), self.batch_size):
             part = slice(begin, begin + self.batch_size)
             mask_part = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask[part]))
-            x_adv, _ = self.attack(torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)),
-                                   torch.from_numpy(np.asarray(y[part])).long(), mask_part)
+            x_adv, _ = self.attack(
+                torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)),
+                torch.from_numpy(np.asarray(y[part])).long(),
+                mask_part,
+            )
             chunks.append(x_adv.numpy())
         return np.concatenate(chunks) if chunks else np.zeros_like(x, dtype=np.float32)

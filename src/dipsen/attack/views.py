@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DipsenError
+from ..models import FederatedNet
 
 GRADIENT_VIEWS = ("draw", "eot", "frozen", "off")
 DEFAULT_EOT_DRAWS = 16
@@ -53,8 +54,10 @@ class ExpectedSoftmax(nn.Module):
 class FrozenNoise(nn.Module):
     """The model with its noise generator re-seeded before every forward pass: one fixed draw."""
 
-    def __init__(self, model: nn.Module, seed: int) -> None:
+    def __init__(self, model: FederatedNet, seed: int) -> None:
         super().__init__()
+        if model.noise is None:
+            raise DipsenError("frozen noise needs a model with a noise layer")
         self.model, self.seed = model, seed
         self.generator = torch.Generator()
         model.noise.generator = self.generator
@@ -64,12 +67,12 @@ class FrozenNoise(nn.Module):
         return self.model(x)
 
 
-def attacker_view(model: nn.Module, gradient: str, eot_draws: int = DEFAULT_EOT_DRAWS, seed: int = 0) -> nn.Module:
+def attacker_view(model: FederatedNet, gradient: str, eot_draws: int = DEFAULT_EOT_DRAWS, seed: int = 0) -> nn.Module:
     """A copy of ``model`` as the attacker differentiates it; see the module docstring."""
     if gradient not in GRADIENT_VIEWS:
         raise DipsenError(f"unknown gradient view {gradient!r}; choose one of {', '.join(GRADIENT_VIEWS)}")
     view = copy.deepcopy(model).eval()
-    if not getattr(view, "is_randomized", False) or gradient == "draw":
+    if view.noise is None or not view.is_randomized or gradient == "draw":
         return view
     if gradient == "eot":
         return ExpectedSoftmax(view, eot_draws).eval()

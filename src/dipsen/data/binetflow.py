@@ -75,7 +75,7 @@ def read_binetflow(path: Path, bad_rows: str = "error") -> Flows:
         bad[(bad == "") & ~((values >= 0) & (values < np.inf))] = f"{column} is not a non-negative number"
         flows[column] = values.astype(np.float64)
     bad[(bad == "") & (frame["SrcAddr"] == "")] = "SrcAddr is empty"
-    value_errors = {int(line): reason for line, reason in zip(lines[bad != ""], bad[bad != ""])}
+    value_errors = {int(line): reason for line, reason in zip(lines[bad != ""], bad[bad != ""], strict=True)}
 
     errors = {**field_errors, **value_errors}
     if errors and bad_rows == "error":

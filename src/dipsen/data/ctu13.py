@@ -56,6 +56,7 @@ scenario 6 cannot be split by host (one botnet host); it needs scenarios with se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ def load_ctu13(
     """
     paths = _scenario_files(data_dir)
     where = str(paths[0] if len(paths) == 1 else data_dir)
-    frames, skipped = zip(*(_read_sorted(path, bad_rows) for path in paths))
+    frames, skipped = zip(*(_read_sorted(path, bad_rows) for path in paths), strict=True)
     file = np.repeat(np.arange(len(frames)), [len(frame) for frame in frames])
     host = np.concatenate(_host_ids(frames))
     flows = pd.concat(frames, ignore_index=True)
@@ -139,9 +140,13 @@ def load_ctu13(
     x_test, test_flows = windows.build(idx["test"])
 
     info = {
-        "source": {"embedded": data_dir is None, "data_dir": None if data_dir is None else str(data_dir),
-                   "files": [_describe(path, skipped[k], test[file == k], kind[file == k], split_times[k])
-                             for k, path in enumerate(paths)]},
+        "source": {
+            "embedded": data_dir is None,
+            "data_dir": None if data_dir is None else str(data_dir),
+            "files": [
+                _describe(path, skipped[k], test[file == k], kind[file == k], split_times[k]) for k, path in enumerate(paths)
+            ],
+        },
         "task": "binary: label containing 'Botnet' = 1, 'Normal' = 0"
         + ("; 'Background' counted as 0" if include_background else "; 'Background' flows are context only"),
         "features": FEATURE_DOC,
@@ -152,8 +157,7 @@ def load_ctu13(
         "most recently at or before its end, in end-time order (ties: StartTime, line), earliest at top; "
         "zero rows pad the top",
         "split": split_info,
-        "scaler": {"space": "log1p", **{name: {"min": float(lo[i]), "max": float(hi[i])}
-                                        for i, name in enumerate(CONTINUOUS)}},
+        "scaler": {"space": "log1p", **{name: {"min": float(lo[i]), "max": float(hi[i])} for i, name in enumerate(CONTINUOUS)}},
         "bad_rows": bad_rows,
         "skipped_malformed_rows": sum(skipped),
         "include_background": include_background,
@@ -165,7 +169,13 @@ def load_ctu13(
     if include_background:
         info["background_samples"] = background_info
     return Dataset(
-        "ctu13", x_train, y[idx["train"]], x_test, y[idx["test"]], classes=CLASSES, info=info,
+        "ctu13",
+        x_train,
+        y[idx["train"]],
+        x_test,
+        y[idx["test"]],
+        classes=CLASSES,
+        info=info,
         test_origins=WindowOrigins(test_flows, file[idx["test"]]),
     )
 
@@ -182,16 +192,19 @@ def _time_split(flows: pd.DataFrame, file: np.ndarray, sample: np.ndarray) -> tu
         split_time = int(np.quantile(times, TEST_QUANTILE, method="lower"))
         test[in_file] = time[in_file] >= split_time
         split_times.append(pd.Timestamp(split_time, unit="us").isoformat())
-    return test, {
-        "method": "time",
-        "description": f"time split: per file, T = {TEST_QUANTILE:.0%} quantile (numpy 'lower') of the StartTime of "
-        "its sample flows (after any background cap); train = flows starting before T, test = at or after T; "
-        "windows built within each part",
-    }, split_times
+    return (
+        test,
+        {
+            "method": "time",
+            "description": f"time split: per file, T = {TEST_QUANTILE:.0%} quantile (numpy 'lower') of the StartTime of "
+            "its sample flows (after any background cap); train = flows starting before T, test = at or after T; "
+            "windows built within each part",
+        },
+        split_times,
+    )
 
 
-def _host_split(flows: pd.DataFrame, sample: np.ndarray, kind: np.ndarray, seed: int,
-                where: str) -> tuple[np.ndarray, dict]:
+def _host_split(flows: pd.DataFrame, sample: np.ndarray, kind: np.ndarray, seed: int, where: str) -> tuple[np.ndarray, dict]:
     """Test = every flow of a seeded choice of source addresses; see the module docstring."""
     host_of, addresses = pd.factorize(flows["SrcAddr"], sort=True)
     n = len(addresses)
@@ -199,10 +212,13 @@ def _host_split(flows: pd.DataFrame, sample: np.ndarray, kind: np.ndarray, seed:
     botnet_of = np.bincount(host_of[sample & (kind == BOTNET)], minlength=n)
     botnet_hosts = np.flatnonzero(botnet_of)
     if len(botnet_hosts) < 2:
-        found = (f"all {botnet_of.sum()} come from one host, {addresses[botnet_hosts[0]]}" if len(botnet_hosts)
-                 else "there are none")
-        raise DataError(f"{where}: ctu13_split 'host' cannot put botnet flows in both train and test: it needs "
-                        f"botnet flows from at least 2 source hosts, and {found}")
+        found = (
+            f"all {botnet_of.sum()} come from one host, {addresses[botnet_hosts[0]]}" if len(botnet_hosts) else "there are none"
+        )
+        raise DataError(
+            f"{where}: ctu13_split 'host' cannot put botnet flows in both train and test: it needs "
+            f"botnet flows from at least 2 source hosts, and {found}"
+        )
     rng = np.random.default_rng(seed)
     held_out = np.zeros(n, dtype=bool)
     for group in (botnet_hosts, np.flatnonzero((samples_of > 0) & (botnet_of == 0))):
@@ -239,8 +255,9 @@ def _hold_out(order: np.ndarray, size: np.ndarray, target: float) -> np.ndarray:
 def _scenario_split(file: np.ndarray, paths: list[Path], seed: int, where: str) -> tuple[np.ndarray, dict]:
     """Test = every flow of a seeded choice of about 30% of the files."""
     if len(paths) < 2:
-        raise DataError(f"{where}: ctu13_split 'scenario' holds out whole files and needs at least 2 "
-                        f".binetflow files, found {len(paths)}")
+        raise DataError(
+            f"{where}: ctu13_split 'scenario' holds out whole files and needs at least 2 .binetflow files, found {len(paths)}"
+        )
     count = min(len(paths) - 1, max(1, round((1 - TEST_QUANTILE) * len(paths))))
     held_out = np.sort(np.random.default_rng(seed).choice(len(paths), count, replace=False))
     names = [str(paths[k].relative_to(where)) for k in held_out]
@@ -312,7 +329,7 @@ def _raw_features(flows: pd.DataFrame) -> np.ndarray:
     return np.column_stack([counters, proto, port])
 
 
-def _host_ids(frames: list[pd.DataFrame]) -> list[np.ndarray]:
+def _host_ids(frames: Sequence[pd.DataFrame]) -> list[np.ndarray]:
     """Integer SrcAddr ids, distinct across files (each file is its own capture)."""
     ids, offset = [], 0
     for frame in frames:

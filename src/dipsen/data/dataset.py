@@ -37,7 +37,7 @@ class WindowOrigins:
     def shares_flows(self, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
         """For each of ``rows``, whether its window holds a flow that one of the windows ``others`` holds."""
         seen = self.flows[others]
-        return np.isin(self.flows[rows], seen[seen >= 0]).any(axis=1)
+        return np.asarray(np.isin(self.flows[rows], seen[seen >= 0]).any(axis=1))
 
 
 # eq=False: the generated __eq__/__hash__ would compare or hash numpy arrays, which raises.
@@ -74,6 +74,7 @@ class Dataset:
         if self.x_train.shape[2:] != self.x_test.shape[2:]:
             raise ValueError(f"{self.name}: train and test images differ in size")
         origins = self.test_origins
-        if origins is not None and (origins.flows.shape != (len(self.y_test), self.x_test.shape[2])
-                                    or origins.file.shape != (len(self.y_test),)):
+        if origins is not None and (
+            origins.flows.shape != (len(self.y_test), self.x_test.shape[2]) or origins.file.shape != (len(self.y_test),)
+        ):
             raise ValueError(f"{self.name}: test_origins must have one row of flow ids per test window row")

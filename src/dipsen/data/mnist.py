@@ -65,8 +65,7 @@ def load_mnist(data_dir: Path | None = None) -> Dataset:
         labels = read_idx_labels(paths[f"{split}_labels"])
         if len(images) != len(labels):
             raise DataError(
-                f"{paths[f'{split}_labels']}: {len(labels)} labels but {paths[f'{split}_images'].name} "
-                f"has {len(images)} images"
+                f"{paths[f'{split}_labels']}: {len(labels)} labels but {paths[f'{split}_images'].name} has {len(images)} images"
             )
         pixels = images[:, None].astype(np.float32)
         pixels /= 255  # in place: the training set is 188 MB as float32

@@ -60,9 +60,7 @@ def parse_name(name: str, origin: str) -> dict:
     """Subject id, gender, hand, finger and variant from a SOCOFing file name; DataError naming ``origin``."""
     match = NAME_PATTERN.fullmatch(name)
     if match is None:
-        raise DataError(
-            f"{origin}: not a SOCOFing file name (expected <subject>__<M|F>_<Left|Right>_<finger>_finger.BMP)"
-        )
+        raise DataError(f"{origin}: not a SOCOFing file name (expected <subject>__<M|F>_<Left|Right>_<finger>_finger.BMP)")
     fields = match.groupdict()
     # Normalise case so that labels do not depend on how a copy spelled the name.
     return {
@@ -104,8 +102,13 @@ def read_originals(source: Path) -> Records:
     if not rows:
         raise DataError(f"{source}: no SOCOFing BMP files found")
     rows.sort(
-        key=lambda r: (r["subject"], HANDS.index(r["hand"]), FINGERS.index(r["finger"]),
-                       VARIANTS.index(r["variant"]), r["source"])
+        key=lambda r: (
+            r["subject"],
+            HANDS.index(r["hand"]),
+            FINGERS.index(r["finger"]),
+            VARIANTS.index(r["variant"]),
+            r["source"],
+        )
     )
     records = {field: np.array([row[field] for row in rows]) for field in CACHE_FIELDS}
     records["subject"] = records["subject"].astype(np.int32)
@@ -125,7 +128,8 @@ def build_socofing_cache(source: Path, out: Path) -> Path:
     records = read_originals(Path(source))
     count = len(records["subject"])
     meta = {**PREPROCESSING, "pillow": PIL.__version__, "source": Path(source).name, "count": count}
-    write_atomic(out, lambda f: np.savez_compressed(f, meta=np.array(json.dumps(meta)), **records))
+    arrays = {"meta": np.array(json.dumps(meta)), **records}
+    write_atomic(out, lambda f: np.savez_compressed(f, allow_pickle=False, **arrays))
     return out
 
 
@@ -165,14 +169,14 @@ def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
     if data_dir is None or Path(data_dir).suffix == ".npz":
         path = EMBEDDED_CACHE if data_dir is None else Path(data_dir)
         records, meta = read_cache(path)
-        source = {"cache": describe_file(path), "built_with": meta}
+        source: dict[str, object] = {"cache": describe_file(path), "built_with": meta}
         if data_dir is None:
             source["embedded"] = True
     else:
         records = read_originals(Path(data_dir))
         source = {"originals": str(data_dir), "preprocessing": PREPROCESSING}
     split = split_by_subject(records, seed=seed)
-    names = (f"{hand}_{finger}" for hand, finger in zip(records["hand"], records["finger"]))
+    names = (f"{hand}_{finger}" for hand, finger in zip(records["hand"], records["finger"], strict=True))
     labels = np.array([CLASSES.index(name) for name in names], dtype=np.int64)
     images = records["images"][:, None].astype(np.float32) / np.float32(255)
     counts = {
@@ -188,8 +192,12 @@ def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
     }
     return Dataset(
         "socofing",
-        images[split.train], labels[split.train], images[split.test], labels[split.test],
-        classes=CLASSES, info=info,
+        images[split.train],
+        labels[split.train],
+        images[split.test],
+        labels[split.test],
+        classes=CLASSES,
+        info=info,
     )
 
 
@@ -217,7 +225,10 @@ def _iter_archive(archive: Path, prefix: str) -> Iterator[tuple[str, str, bytes]
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 if member.isfile() and member.name.lower().endswith(".bmp"):
-                    data = tar.extractfile(member).read()
+                    stream = tar.extractfile(member)
+                    if stream is None:  # isfile() members always have one; keeps the type checker honest
+                        continue
+                    data = stream.read()
                     yield f"{archive}:{member.name}", prefix + member.name, data
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{archive}: cannot read tar archive: {exc}") from None

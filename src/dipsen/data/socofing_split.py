@@ -32,9 +32,7 @@ class SubjectSplit:
     info: dict
 
 
-def split_by_subject(
-    records: dict[str, np.ndarray], *, seed: int, test_fraction: float = TEST_FRACTION
-) -> SubjectSplit:
+def split_by_subject(records: dict[str, np.ndarray], *, seed: int, test_fraction: float = TEST_FRACTION) -> SubjectSplit:
     """Split ``records`` (fields subject, hand, finger, variant, sha256, source) by subject.
 
     Guarantees: no subject and no sha256 in both splits, no sha256 twice in the result, and the same
@@ -96,7 +94,7 @@ def _deduplicate(records: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, 
     """Mask of records to keep, and the source names dropped for each reason."""
     keep = np.ones(len(records["subject"]), dtype=bool)
     dropped: dict[str, list[str]] = {"same_label": [], "conflict": [], "altered": []}
-    conflicting = set()
+    conflicting: set[tuple[int, str, str]] = set()
     for idx in _duplicate_groups(records["sha256"]):
         labels = {(records["hand"][i], records["finger"][i]) for i in idx}
         # Records are sorted by subject, so the copy kept is the lowest subject's.
@@ -112,5 +110,5 @@ def _deduplicate(records: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, 
     return keep, dropped
 
 
-def _finger_key(records: dict[str, np.ndarray], i: int) -> tuple[int, str, str]:
+def _finger_key(records: dict[str, np.ndarray], i: int | np.integer) -> tuple[int, str, str]:
     return int(records["subject"][i]), str(records["hand"][i]), str(records["finger"][i])

@@ -50,10 +50,9 @@ class FederatedNet(nn.Module):
         self.noise = GaussianNoiseLayer(noise_std, POST_NOISE_GAIN) if noise_std is not None else None
         self.block2 = nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         flat = c2 * (height // 4) * (width // 4)
-        if selu:
-            self.hidden = SeluLayer(flat, HIDDEN_UNITS, alpha_dropout)
-        else:
-            self.hidden = nn.Sequential(nn.Linear(flat, HIDDEN_UNITS), nn.ReLU())
+        self.hidden: nn.Module = (
+            SeluLayer(flat, HIDDEN_UNITS, alpha_dropout) if selu else nn.Sequential(nn.Linear(flat, HIDDEN_UNITS), nn.ReLU())
+        )
         self.output = nn.Linear(HIDDEN_UNITS, num_classes)
         if selu:
             lecun_uniform_(self.output.weight)

@@ -67,19 +67,29 @@ def _ours(study: dict, row: str, rule: str = "single") -> float:
 def _preamble(results: dict) -> str:
     s, seconds = results["settings"], results["seconds"]
     mode = "**quick mode** (small subsets and budgets: a smoke test, not a result)" if results.get("quick") else "full study"
-    return (f"{mode}. Every figure below was measured by `dipsen reproduce` on {results['machine']} in "
-            f"{seconds['total'] / 60:.1f} min ({seconds['training'] / 60:.1f} min training, {seconds['attacks'] / 60:.1f} min attacks). "
-            f"Attacks: L-inf, untargeted, eps {s['eps']}, on {s['samples']} seeded test examples per model. "
-            f"'1 draw' is the paper's prediction rule (one noise draw per input); 'mean of {s['mc_samples']}' averages the "
-            f"softmax over {s['mc_samples']} draws. Paper protocol: FGSM, BIM and PGD through ART with its default steps "
-            f"(eps/3, {s['paper_budget']['iterations']} iterations, no random start), gradients through single noise draws. "
-            f"Adaptive: PGD and APGD through the expectation over {s['eot_draws']} noise draws (EOT), PGD through frozen noise, "
-            f"random starts, {s['adaptive_budget']['iterations']} iterations; worst case = examples no attack broke.")
+    return (
+        f"{mode}. Every figure below was measured by `dipsen reproduce` on {results['machine']} in "
+        f"{seconds['total'] / 60:.1f} min ({seconds['training'] / 60:.1f} min training, "
+        f"{seconds['attacks'] / 60:.1f} min attacks). "
+        f"Attacks: L-inf, untargeted, eps {s['eps']}, on {s['samples']} seeded test examples per model. "
+        f"'1 draw' is the paper's prediction rule (one noise draw per input); 'mean of {s['mc_samples']}' averages the "
+        f"softmax over {s['mc_samples']} draws. Paper protocol: FGSM, BIM and PGD through ART with its default steps "
+        f"(eps/3, {s['paper_budget']['iterations']} iterations, no random start), gradients through single noise draws. "
+        f"Adaptive: PGD and APGD through the expectation over {s['eot_draws']} noise draws (EOT), PGD through frozen noise, "
+        f"random starts, {s['adaptive_budget']['iterations']} iterations; worst case = examples no attack broke."
+    )
 
 
 def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Block]:
-    headers = ["data set", "model", "clean: paper / ours", "FGSM: paper / ours", "BIM: paper / ours", "PGD: paper / ours",
-               f"adaptive worst case: 1 draw / mean of {n}"]
+    headers = [
+        "data set",
+        "model",
+        "clean: paper / ours",
+        "FGSM: paper / ours",
+        "BIM: paper / ours",
+        "PGD: paper / ours",
+        f"adaptive worst case: 1 draw / mean of {n}",
+    ]
     rows = []
     runs = list(_runs(studies, datasets))
     for dataset, model, study in runs:
@@ -87,14 +97,24 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
         cells = [f"{_pct(paper.get(r))} / **{_pct(_ours(study, r))}**" for r in ("clean", "fgsm", "bim", "pgd")]
         worst = study["worst_case"]
         rows.append([DATASET_NAMES[dataset], model, *cells, f"{_pct(worst['single']['all'])} / {_pct(worst['mc']['all'])}"])
-    plots.grouped_bars([f"{DATASET_NAMES[d]} {m}" for d, m, _ in runs], {
-        "paper: PGD": [FIG6.get((m, d), {}).get("pgd") for d, m, _ in runs],
-        "ours: paper-protocol PGD (1 draw)": [_ours(study, "pgd") for _, _, study in runs],
-        f"ours: worst case over all attacks (mean of {n})": [study["worst_case"]["mc"]["all"] for _, _, study in runs],
-    }, "Accuracy under attack at eps 0.3", "accuracy", out / "fig6_summary.png")
-    return [Heading("Summary (the paper's Fig. 6)"),
-            Table(headers, rows, "Accuracy. Ours: paper protocol, 1 draw (bold); last column: every attack of the study."),
-            Image("fig6_summary.png", "PGD accuracy: the paper's figure, ours under the paper's protocol, ours under adaptive attack")]
+    plots.grouped_bars(
+        [f"{DATASET_NAMES[d]} {m}" for d, m, _ in runs],
+        {
+            "paper: PGD": [FIG6.get((m, d), {}).get("pgd") for d, m, _ in runs],
+            "ours: paper-protocol PGD (1 draw)": [_ours(study, "pgd") for _, _, study in runs],
+            f"ours: worst case over all attacks (mean of {n})": [study["worst_case"]["mc"]["all"] for _, _, study in runs],
+        },
+        "Accuracy under attack at eps 0.3",
+        "accuracy",
+        out / "fig6_summary.png",
+    )
+    return [
+        Heading("Summary (the paper's Fig. 6)"),
+        Table(headers, rows, "Accuracy. Ours: paper protocol, 1 draw (bold); last column: every attack of the study."),
+        Image(
+            "fig6_summary.png", "PGD accuracy: the paper's figure, ours under the paper's protocol, ours under adaptive attack"
+        ),
+    ]
 
 
 def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
@@ -106,8 +126,10 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
         paper_protocol = min(_ours(study, r) for r in ("fgsm", "bim", "pgd"))
         published = min(FIG6.get(("dipsen", dataset), {}).get(r, 1.0) for r in ("fgsm", "bim", "pgd"))
         adaptive = study["worst_case"]["mc"]["all"]
-        verdict = (f"DiPSeN under the paper's own protocol: {paper_protocol:.3f} (lowest of FGSM/BIM/PGD, 1 draw; "
-                   f"the paper reports {published:.2f}); under every attack of the study: {adaptive:.3f} (mean of {n}), ")
+        verdict = (
+            f"DiPSeN under the paper's own protocol: {paper_protocol:.3f} (lowest of FGSM/BIM/PGD, 1 draw; "
+            f"the paper reports {published:.2f}); under every attack of the study: {adaptive:.3f} (mean of {n}), "
+        )
         if paper_protocol - adaptive > SURVIVAL_MARGIN:
             verdict += "so the paper-protocol figure **does not survive** adaptive attack"
         else:
@@ -115,11 +137,15 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
         cnn = _study(studies, dataset, "cnn")
         if cnn:
             gain = adaptive - cnn["worst_case"]["mc"]["all"]
-            verdict += (f"; the undefended CNN under every attack: {cnn['worst_case']['mc']['all']:.3f}, so DiPSeN's "
-                        f"measured advantage is {gain:+.3f}")
-        lines.append(f"- {DATASET_NAMES[dataset]}: {verdict}. Iteration doubling: "
-                     f"{'converged' if study['doubling']['converged'] else '**not converged** (more iterations still help)'}. "
-                     f"EOT sweep: {study['sweep'].get('adaptive', study['sweep']['paper'])['verdict']}.")
+            verdict += (
+                f"; the undefended CNN under every attack: {cnn['worst_case']['mc']['all']:.3f}, so DiPSeN's "
+                f"measured advantage is {gain:+.3f}"
+            )
+        lines.append(
+            f"- {DATASET_NAMES[dataset]}: {verdict}. Iteration doubling: "
+            f"{'converged' if study['doubling']['converged'] else '**not converged** (more iterations still help)'}. "
+            f"EOT sweep: {study['sweep'].get('adaptive', study['sweep']['paper'])['verdict']}."
+        )
     return [Heading("What survives"), Paragraph("\n".join(lines) or "No DiPSeN run in this study.")]
 
 
@@ -129,19 +155,43 @@ def _baseline(studies: dict, datasets: list[str], n: int, out: Path) -> list[Blo
         clean = study["clean"]["metrics"]
         macro = clean["single"]["macro"]
         paper = FIG6.get((model, dataset), {}).get("clean")
-        rows.append([DATASET_NAMES[dataset], model, _pct(paper), _pct(clean["single"]["accuracy"]), _pct(clean["mc"]["accuracy"]),
-                     _pct(macro["precision"]), _pct(macro["recall"]), _pct(macro["f1"]), str(clean["single"]["samples"]),
-                     str(study["final_round"])])
+        rows.append(
+            [
+                DATASET_NAMES[dataset],
+                model,
+                _pct(paper),
+                _pct(clean["single"]["accuracy"]),
+                _pct(clean["mc"]["accuracy"]),
+                _pct(macro["precision"]),
+                _pct(macro["recall"]),
+                _pct(macro["f1"]),
+                str(clean["single"]["samples"]),
+                str(study["final_round"]),
+            ]
+        )
         groups.append(f"{DATASET_NAMES[dataset]} {model}")
         paper_series.append(paper)
         ours_series.append(clean["single"]["accuracy"])
-    plots.grouped_bars(groups, {"paper": paper_series, "ours (1 draw)": ours_series}, "Clean accuracy", "accuracy",
-                       out / "fig3_baseline.png")
-    headers = ["data set", "model", "paper", "ours: 1 draw", f"ours: mean of {n}", "precision (macro)", "recall (macro)",
-               "F1 (macro)", "support", "rounds"]
-    return [Heading("Baseline accuracy (the paper's Table I and Fig. 3)"),
-            Table(headers, rows, "On the evaluated test examples; precision, recall and F1 for the 1-draw rule."),
-            Image("fig3_baseline.png", "Clean accuracy, paper against ours")]
+    plots.grouped_bars(
+        groups, {"paper": paper_series, "ours (1 draw)": ours_series}, "Clean accuracy", "accuracy", out / "fig3_baseline.png"
+    )
+    headers = [
+        "data set",
+        "model",
+        "paper",
+        "ours: 1 draw",
+        f"ours: mean of {n}",
+        "precision (macro)",
+        "recall (macro)",
+        "F1 (macro)",
+        "support",
+        "rounds",
+    ]
+    return [
+        Heading("Baseline accuracy (the paper's Table I and Fig. 3)"),
+        Table(headers, rows, "On the evaluated test examples; precision, recall and F1 for the 1-draw rule."),
+        Image("fig3_baseline.png", "Clean accuracy, paper against ours"),
+    ]
 
 
 def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
@@ -153,38 +203,80 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
         if reference is None:
             continue
         positive, eps = reference["positive_class"], reference["eps"]
-        headers = ["classifier", "clean: accuracy", "balanced accuracy", f"{positive} recall",
-                   f"eps {eps:g}: accuracy", "balanced accuracy", f"{positive} recall", "how the attacked figure is obtained"]
+        headers = [
+            "classifier",
+            "clean: accuracy",
+            "balanced accuracy",
+            f"{positive} recall",
+            f"eps {eps:g}: accuracy",
+            "balanced accuracy",
+            f"{positive} recall",
+            "how the attacked figure is obtained",
+        ]
         rows = []
         for name, entry in reference["baselines"].items():
-            rows.append([f"{name}: {entry['description']}", *[_pct(entry[k]) for k in (
-                "accuracy", "balanced_accuracy", "recall", "robust_accuracy", "robust_balanced_accuracy", "robust_recall")],
-                "exact worst case over the feasible domain, counts relaxed to reals (a lower bound)"])
+            rows.append(
+                [
+                    f"{name}: {entry['description']}",
+                    *[
+                        _pct(entry[k])
+                        for k in (
+                            "accuracy",
+                            "balanced_accuracy",
+                            "recall",
+                            "robust_accuracy",
+                            "robust_balanced_accuracy",
+                            "robust_recall",
+                        )
+                    ],
+                    "exact worst case over the feasible domain, counts relaxed to reals (a lower bound)",
+                ]
+            )
         for model, study in models.items():
             for rule, rule_name in (("single", "1 draw"), ("mc", f"mean of {n}")):
                 clean = study["clean"]["metrics"][rule]
                 survival = study["worst_case"]["per_class"][rule]
-                rows.append([f"**{model}** ({rule_name})", _pct(clean["accuracy"]), _pct(clean["macro"]["recall"]),
-                             _pct(clean["per_class"][1]["recall"]), _pct(study["worst_case"][rule]["all"]),
-                             _pct(sum(survival) / len(survival)), _pct(survival[1]), "worst case over every attack of the study"])
+                rows.append(
+                    [
+                        f"**{model}** ({rule_name})",
+                        _pct(clean["accuracy"]),
+                        _pct(clean["macro"]["recall"]),
+                        _pct(clean["per_class"][1]["recall"]),
+                        _pct(study["worst_case"][rule]["all"]),
+                        _pct(sum(survival) / len(survival)),
+                        _pct(survival[1]),
+                        "worst case over every attack of the study",
+                    ]
+                )
         stump = reference["baselines"]["one-feature"]
         paper_clean = {m: FIG6.get((m, dataset), {}).get("clean") for m in models}
         below = [f"{m} {v:.2f}" for m, v in paper_clean.items() if v is not None and v < stump["accuracy"]]
-        text = [f"A one-feature rule ({stump['description']}) reaches {stump['accuracy']:.3f} clean accuracy on the same "
-                f"{reference['samples']} examples ({', '.join(f'{c} {k}' for k, c in reference['eval_class_counts'].items())}), "
-                f"and logistic regression on the "
-                f"flattened window {reference['baselines']['logistic']['accuracy']:.3f}: on this split the task is "
-                "mostly recognising the traffic of the infected host, which in the embedded scenario 6 is the only "
-                "botnet host and has no other traffic. A model's clean figure shows how well it separates that "
-                "host's flows from the others, not that it detects botnets it has not seen."]
+        text = [
+            f"A one-feature rule ({stump['description']}) reaches {stump['accuracy']:.3f} clean accuracy on the same "
+            f"{reference['samples']} examples ({', '.join(f'{c} {k}' for k, c in reference['eval_class_counts'].items())}), "
+            f"and logistic regression on the "
+            f"flattened window {reference['baselines']['logistic']['accuracy']:.3f}: on this split the task is "
+            "mostly recognising the traffic of the infected host, which in the embedded scenario 6 is the only "
+            "botnet host and has no other traffic. A model's clean figure shows how well it separates that "
+            "host's flows from the others, not that it detects botnets it has not seen."
+        ]
         if below:
             text.append(f"The paper's clean figures ({', '.join(below)}) sit below this one-feature rule on our split.")
-        text.append(f"Under attack, the trivial rules' figures are exact worst cases at eps {eps:g} over the feasible "
-                    "domain; the models' are the per-example worst case over every attack we ran (an upper bound on "
-                    "their robust accuracy).")
-        blocks += [Heading(f"How hard is the {DATASET_NAMES[dataset]} task?"), Paragraph(" ".join(text)),
-                   Table(headers, rows, f"Rules fitted on the training windows ({reference['train_samples']}); "
-                                        f"balanced accuracy = mean of the per-class recalls.")]
+        text.append(
+            f"Under attack, the trivial rules' figures are exact worst cases at eps {eps:g} over the feasible "
+            "domain; the models' are the per-example worst case over every attack we ran (an upper bound on "
+            "their robust accuracy)."
+        )
+        blocks += [
+            Heading(f"How hard is the {DATASET_NAMES[dataset]} task?"),
+            Paragraph(" ".join(text)),
+            Table(
+                headers,
+                rows,
+                f"Rules fitted on the training windows ({reference['train_samples']}); "
+                f"balanced accuracy = mean of the per-class recalls.",
+            ),
+        ]
     return blocks
 
 
@@ -198,12 +290,18 @@ def _overhead(studies: dict, datasets: list[str], out: Path) -> list[Block]:
         rows.append([DATASET_NAMES[dataset], f"{a * 1e3:.2f}", f"{b * 1e3:.2f}", f"{b / a - 1:+.1%}", f"{OVERHEAD:+.1%}"])
         groups.append(DATASET_NAMES[dataset])
         ratios.append(b / a)
-    plots.grouped_bars(groups, {"DiPSeN / CNN time per step": ratios}, "Training overhead", "ratio", out / "fig4_overhead.png",
-                       ylim=None)
-    return [Heading("Training overhead per step (the paper's Fig. 4)"),
-            Table(["data set", "CNN ms/step", "DiPSeN ms/step", "overhead: ours", "overhead: paper (mean)"], rows,
-                  "Mean time per local SGD step inside the federated runs (one worker thread per client)."),
-            Image("fig4_overhead.png", "DiPSeN's time per training step relative to the CNN's")]
+    plots.grouped_bars(
+        groups, {"DiPSeN / CNN time per step": ratios}, "Training overhead", "ratio", out / "fig4_overhead.png", ylim=None
+    )
+    return [
+        Heading("Training overhead per step (the paper's Fig. 4)"),
+        Table(
+            ["data set", "CNN ms/step", "DiPSeN ms/step", "overhead: ours", "overhead: paper (mean)"],
+            rows,
+            "Mean time per local SGD step inside the federated runs (one worker thread per client).",
+        ),
+        Image("fig4_overhead.png", "DiPSeN's time per training step relative to the CNN's"),
+    ]
 
 
 def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
@@ -214,8 +312,13 @@ def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
         plots.robustness_curves(models, dataset, out / name)
         any_sweep = next(iter(models.values()))["sweep"]
         restricted = "domain_limit" in any_sweep["paper"]
-        headers = ["model", "curve", *[f"eps {e:g}" for e in any_sweep["eps"]],
-                   *(["eps 1 (whole feasible domain)"] if restricted else []), "sanity"]
+        headers = [
+            "model",
+            "curve",
+            *[f"eps {e:g}" for e in any_sweep["eps"]],
+            *(["eps 1 (whole feasible domain)"] if restricted else []),
+            "sanity",
+        ]
         rows = []
         for model, study in models.items():
             for curve in ("paper", "adaptive"):
@@ -223,11 +326,20 @@ def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
                     c = study["sweep"][curve]
                     rule = "single" if curve == "paper" else "mc"
                     limit = [_pct(c["domain_limit"][rule])] if restricted else []
-                    rows.append([model, f"{c['attack']} ({'1 draw' if rule == 'single' else 'mean of draws'})",
-                                 *[_pct(v) for v in c[rule]], *limit, c["verdict"]])
-        blocks += [Heading(DATASET_NAMES[dataset], 3), Table(headers, rows, f"{any_sweep['samples']} examples; majority class "
-                                                             f"{any_sweep['chance']:.3f}."),
-                   Image(name, f"{DATASET_NAMES[dataset]}: accuracy against eps")]
+                    rows.append(
+                        [
+                            model,
+                            f"{c['attack']} ({'1 draw' if rule == 'single' else 'mean of draws'})",
+                            *[_pct(v) for v in c[rule]],
+                            *limit,
+                            c["verdict"],
+                        ]
+                    )
+        blocks += [
+            Heading(DATASET_NAMES[dataset], 3),
+            Table(headers, rows, f"{any_sweep['samples']} examples; majority class {any_sweep['chance']:.3f}."),
+            Image(name, f"{DATASET_NAMES[dataset]}: accuracy against eps"),
+        ]
     return blocks
 
 
@@ -256,32 +368,69 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
             shown = [s[section][name] for s in models.values() if name in s[section]][-1]
             rows.append([label, shown["label"], *cells, crafted])
         for rule, rule_name in (("single", "1 draw"), ("mc", f"mean of {n}")):
-            rows.append(["worst case", f"all attacks above ({rule_name})", *[_pct(s["worst_case"][rule]["all"]) for s in models.values()], ""])
-        doubling = [f"{s['doubling']['mc']['base']:.3f} → {s['doubling']['mc']['doubled']:.3f} "
-                    f"({'converged' if s['doubling']['converged'] else 'NOT converged'})" for s in models.values()]
+            rows.append(
+                [
+                    "worst case",
+                    f"all attacks above ({rule_name})",
+                    *[_pct(s["worst_case"][rule]["all"]) for s in models.values()],
+                    "",
+                ]
+            )
+        doubling = [
+            f"{s['doubling']['mc']['base']:.3f} → {s['doubling']['mc']['doubled']:.3f} "
+            f"({'converged' if s['doubling']['converged'] else 'NOT converged'})"
+            for s in models.values()
+        ]
         first = next(iter(models.values()))
-        rows.append(["check", f"adaptive PGD, iterations doubled (mean rule, the same {first['doubling']['samples']} "
-                              "examples and draws)", *doubling, ""])
-        blocks += [Heading(DATASET_NAMES[dataset], 3),
-                   Paragraph(f"What the attacker may change: {first['domain']}. Worst case: "
-                             f"{first['worst_case'].get('all_covers', 'every attack')}."),
-                   Table(headers, rows)]
+        rows.append(
+            [
+                "check",
+                f"adaptive PGD, iterations doubled (mean rule, the same {first['doubling']['samples']} examples and draws)",
+                *doubling,
+                "",
+            ]
+        )
+        blocks += [
+            Heading(DATASET_NAMES[dataset], 3),
+            Paragraph(
+                f"What the attacker may change: {first['domain']}. Worst case: "
+                f"{first['worst_case'].get('all_covers', 'every attack')}."
+            ),
+            Table(headers, rows),
+        ]
     return blocks
 
 
 def _variants(studies: dict, datasets: list[str]) -> list[Block]:
-    headers = ["data set", "model", "protocol variant", "clean: paper / ours", "FGSM: paper / ours", "BIM: paper / ours",
-               "PGD: paper / ours"]
+    headers = [
+        "data set",
+        "model",
+        "protocol variant",
+        "clean: paper / ours",
+        "FGSM: paper / ours",
+        "BIM: paper / ours",
+        "PGD: paper / ours",
+    ]
     rows = []
     for dataset, model, study in _runs(studies, datasets):
         paper = FIG6.get((model, dataset), {})
         for variant, results in study["variants"].items():
-            rows.append([DATASET_NAMES[dataset], model, variant,
-                         *[f"{_pct(paper.get(r))} / {_pct(_acc(results[r]))}" for r in ("clean", "fgsm", "bim", "pgd")]])
-    return [Heading("Where could the paper's figures come from?"),
-            Paragraph("Protocol choices a Keras + ART pipeline makes easily, each measured with the paper's attacks (1 draw). "
-                      "'noise-off-at-inference': the noise layer is off when predicting and attacking, as Keras' "
-                      "GaussianNoise is by default. 'clipped-probabilities': the attack's loss is Keras' cross-entropy on "
-                      "softmax outputs, clipped to [1e-7, 1 - 1e-7], whose gradient vanishes on confident inputs. "
-                      "These are not robustness measurements."),
-            Table(headers, rows)]
+            rows.append(
+                [
+                    DATASET_NAMES[dataset],
+                    model,
+                    variant,
+                    *[f"{_pct(paper.get(r))} / {_pct(_acc(results[r]))}" for r in ("clean", "fgsm", "bim", "pgd")],
+                ]
+            )
+    return [
+        Heading("Where could the paper's figures come from?"),
+        Paragraph(
+            "Protocol choices a Keras + ART pipeline makes easily, each measured with the paper's attacks (1 draw). "
+            "'noise-off-at-inference': the noise layer is off when predicting and attacking, as Keras' "
+            "GaussianNoise is by default. 'clipped-probabilities': the attack's loss is Keras' cross-entropy on "
+            "softmax outputs, clipped to [1e-7, 1 - 1e-7], whose gradient vanishes on confident inputs. "
+            "These are not robustness measurements."
+        ),
+        Table(headers, rows),
+    ]

@@ -21,14 +21,19 @@ def robustness_curves(studies: dict[str, dict], dataset: str, path: Path) -> Pat
         chance = sweep["chance"]
         ax.plot(sweep["eps"], sweep["paper"]["single"], marker="o", label=f"{model}: paper protocol (1 draw)")
         if "adaptive" in sweep:
-            ax.plot(sweep["eps"], sweep["adaptive"]["mc"], marker="s", linestyle="--",
-                    label=f"{model}: EOT PGD (mean of draws)")
+            ax.plot(sweep["eps"], sweep["adaptive"]["mc"], marker="s", linestyle="--", label=f"{model}: EOT PGD (mean of draws)")
     baselines = next((s["baselines"] for s in studies.values() if s.get("baselines")), None)
     if baselines is not None:  # trivial rules under their exact worst case, on the same eps
         eps = next(iter(studies.values()))["sweep"]["eps"]
         for name in ("one-feature", "logistic"):
-            ax.plot(eps, baselines["sweep"]["robust_accuracy"][name][: len(eps)], linestyle=":", marker=".",
-                    linewidth=1, label=f"{name} rule: exact worst case")
+            ax.plot(
+                eps,
+                baselines["sweep"]["robust_accuracy"][name][: len(eps)],
+                linestyle=":",
+                marker=".",
+                linewidth=1,
+                label=f"{name} rule: exact worst case",
+            )
     if chance is not None:
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="majority class")
     ax.set(xlabel="eps (L-inf)", ylabel="accuracy", ylim=(0, 1.02), title=f"{DATASET_NAMES.get(dataset, dataset)}: PGD")
@@ -37,14 +42,22 @@ def robustness_curves(studies: dict[str, dict], dataset: str, path: Path) -> Pat
     return _save(fig, path)
 
 
-def grouped_bars(groups: list[str], series: dict[str, list[float | None]], title: str, ylabel: str, path: Path,
-                 ylim: tuple[float, float] | None = (0, 1.02)) -> Path:
+def grouped_bars(
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    title: str,
+    ylabel: str,
+    path: Path,
+    ylim: tuple[float, float] | None = (0, 1.02),
+) -> Path:
     """Bars for each group (x axis), one colour per series; None leaves a gap."""
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) * max(1, len(series)) / 2), 4))
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], width, label=name)
+        ax.bar(
+            [x for x, v in zip(xs, values, strict=True) if v is not None], [v for v in values if v is not None], width, label=name
+        )
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, title=title)
     if ylim:
@@ -54,8 +67,9 @@ def grouped_bars(groups: list[str], series: dict[str, list[float | None]], title
     return _save(fig, path)
 
 
-def sigma_curves(sigmas: list[float], curves: dict[str, list[float]], reference: dict[str, float], path: Path,
-                 title: str) -> Path:
+def sigma_curves(
+    sigmas: list[float], curves: dict[str, list[float]], reference: dict[str, float], path: Path, title: str
+) -> Path:
     """Accuracy against the noise multiplier, with the CNN's figures as horizontal references."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():

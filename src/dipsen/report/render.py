@@ -51,16 +51,20 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-          "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-          "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
-          "td:first-child,th:first-child{text-align:left}figcaption,caption{font-style:italic;color:#444}"
-          "img{max-width:100%}")
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+    "td:first-child,th:first-child{text-align:left}figcaption,caption{font-style:italic;color:#444}"
+    "img{max-width:100%}"
+)
 
 
 def to_html(blocks: list[Block], title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{_STYLE}</style></head><body>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>"
+    ]
     for block in blocks:
         if isinstance(block, Heading):
             out.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
@@ -72,8 +76,10 @@ def to_html(blocks: list[Block], title: str) -> str:
             caption = f"<caption>{_inline(block.caption)}</caption>" if block.caption else ""
             out.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         else:
-            out.append(f"<figure><img src='{html.escape(block.path)}' alt='{html.escape(block.caption)}'>"
-                       f"<figcaption>{_inline(block.caption)}</figcaption></figure>")
+            out.append(
+                f"<figure><img src='{html.escape(block.path)}' alt='{html.escape(block.caption)}'>"
+                f"<figcaption>{_inline(block.caption)}</figcaption></figure>"
+            )
     out.append("</body></html>")
     return "\n".join(out)
 

@@ -52,8 +52,14 @@ def machine_description() -> str:
     return f"{platform.machine()} Linux, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
-def reproduce(out: Path, *, quick: bool = False, datasets: tuple[str, ...] = DATASETS,
-              settings: StudySettings | None = None, progress: ProgressFactory | None = None) -> Path:
+def reproduce(
+    out: Path,
+    *,
+    quick: bool = False,
+    datasets: tuple[str, ...] = DATASETS,
+    settings: StudySettings | None = None,
+    progress: ProgressFactory | None = None,
+) -> Path:
     """Train, attack and report into ``out``; returns the path of report.md."""
     if out.exists() and any(out.iterdir()):
         raise DipsenError(f"{out} exists and is not empty; choose a new --out folder")
