@@ -5,9 +5,12 @@ User errors (bad files, bad values, bad run folders) are printed as one line, wi
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,8 +20,15 @@ from rich.table import Table
 from .config import TrainConfig, load_config
 from .errors import DipsenError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Federated CNN / DiPSeN training and robustness evaluation.")
+if TYPE_CHECKING:
+    from .federated.workers import StopFlag
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Federated CNN / DiPSeN training and robustness evaluation.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Manage the embedded data sets.")
 app.add_typer(data_app, name="data")
 console = Console()
@@ -29,44 +39,68 @@ _TRAIN_OPTIONS = {f for f in TrainConfig.__dataclass_fields__}
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of options; flags override it.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="mnist | socofing | ctu13")] = None,
-    model: Annotated[Optional[str], typer.Option(help="cnn | dipsen | noise-only | selu-only")] = None,
-    data_dir: Annotated[Optional[str], typer.Option(help="Your own copy of the original files (default: embedded data).")] = None,
-    clients: Annotated[Optional[int], typer.Option(help="K, number of clients.")] = None,
-    fraction: Annotated[Optional[float], typer.Option(help="C, fraction of clients per round.")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Maximum number of rounds.")] = None,
-    target_accuracy: Annotated[Optional[float], typer.Option(help="Stop once accuracy on the validation slice reaches this.")] = None,
-    validation_size: Annotated[Optional[int], typer.Option(help="With --target-accuracy: training rows held out from the clients to check it on (default: 10%, at most 5000).")] = None,
-    partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet | shards")] = None,
-    dirichlet_alpha: Annotated[Optional[float], typer.Option()] = None,
-    shards_per_client: Annotated[Optional[int], typer.Option()] = None,
-    local_epochs: Annotated[Optional[int], typer.Option(help="E, local epochs per round.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="B, local batch size.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="sgd | adam")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Local learning rate.")] = None,
-    momentum: Annotated[Optional[float], typer.Option()] = None,
-    sigma: Annotated[Optional[float], typer.Option(help="Noise multiplier; default derived from (epsilon, delta, L).")] = None,
-    dp_epsilon: Annotated[Optional[float], typer.Option()] = None,
-    dp_delta: Annotated[Optional[float], typer.Option()] = None,
-    dp_attack_bound: Annotated[Optional[float], typer.Option(help="L, the L2 attack size the DP guarantee is for.")] = None,
-    alpha_dropout: Annotated[Optional[float], typer.Option()] = None,
-    mc_samples: Annotated[Optional[int], typer.Option(help="Predict with the mean softmax of n noise draws.")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Client-training processes (default: one per CPU core).")] = None,
-    engine: Annotated[Optional[str], typer.Option(help="inprocess | flower (a Flower simulation on Ray).")] = None,
-    train_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the training set.")] = None,
-    test_subset: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the test set.")] = None,
-    include_background: Annotated[Optional[bool], typer.Option("--include-background/--exclude-background", help="CTU-13: count Background flows as normal.")] = None,
-    bad_rows: Annotated[Optional[str], typer.Option(help="CTU-13 malformed rows: error | skip")] = None,
-    ctu13_split: Annotated[Optional[str], typer.Option(help="CTU-13 split: time (per file, first 70% / last 30% by StartTime) | host (hold out a seeded ~30% of source hosts) | scenario (hold out a seeded ~30% of the --data-dir files).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file of options; flags override it.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="mnist | socofing | ctu13")] = None,
+    model: Annotated[str | None, typer.Option(help="cnn | dipsen | noise-only | selu-only")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Your own copy of the original files (default: embedded data).")] = None,
+    clients: Annotated[int | None, typer.Option(help="K, number of clients.")] = None,
+    fraction: Annotated[float | None, typer.Option(help="C, fraction of clients per round.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Maximum number of rounds.")] = None,
+    min_clients: Annotated[
+        int | None,
+        typer.Option(
+            help="Fewest valid client updates a round needs; with fewer the run stops, resumable "
+            "(default: more than half of m; 0: no minimum)."
+        ),
+    ] = None,
+    target_accuracy: Annotated[
+        float | None, typer.Option(help="Stop once accuracy on the validation slice reaches this.")
+    ] = None,
+    validation_size: Annotated[
+        int | None,
+        typer.Option(
+            help="With --target-accuracy: training rows held out from the clients to check it on (default: 10%, at most 5000)."
+        ),
+    ] = None,
+    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | shards")] = None,
+    dirichlet_alpha: Annotated[float | None, typer.Option()] = None,
+    shards_per_client: Annotated[int | None, typer.Option()] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="E, local epochs per round.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="B, local batch size.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd | adam")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
+    momentum: Annotated[float | None, typer.Option()] = None,
+    sigma: Annotated[float | None, typer.Option(help="Noise multiplier; default derived from (epsilon, delta, L).")] = None,
+    dp_epsilon: Annotated[float | None, typer.Option()] = None,
+    dp_delta: Annotated[float | None, typer.Option()] = None,
+    dp_attack_bound: Annotated[float | None, typer.Option(help="L, the L2 attack size the DP guarantee is for.")] = None,
+    alpha_dropout: Annotated[float | None, typer.Option()] = None,
+    mc_samples: Annotated[int | None, typer.Option(help="Predict with the mean softmax of n noise draws.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option(help="Client-training processes (default: one per CPU core).")] = None,
+    engine: Annotated[str | None, typer.Option(help="inprocess | flower (a Flower simulation on Ray).")] = None,
+    train_subset: Annotated[int | None, typer.Option(help="Use a seeded random subset of the training set.")] = None,
+    test_subset: Annotated[int | None, typer.Option(help="Use a seeded random subset of the test set.")] = None,
+    include_background: Annotated[
+        bool | None,
+        typer.Option("--include-background/--exclude-background", help="CTU-13: count Background flows as normal."),
+    ] = None,
+    bad_rows: Annotated[str | None, typer.Option(help="CTU-13 malformed rows: error | skip")] = None,
+    ctu13_split: Annotated[
+        str | None,
+        typer.Option(
+            help="CTU-13 split: time (per file, first 70% / last 30% by StartTime) | host (hold out a seeded ~30% "
+            "of source hosts) | scenario (hold out a seeded ~30% of the --data-dir files)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
-    resume: Annotated[Optional[Path], typer.Option(help="Resume the run in this folder from its last finished round.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Resume the run in this folder from its last finished round.")] = None,
 ) -> None:
     """Train a model by federated averaging and write a run folder."""
     from .data import load_dataset
     from .federated import FederatedTraining, RunDir
     from .federated import train as run_training
+    from .federated.workers import Interrupted, StopFlag
 
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
     if resume is not None:
@@ -78,52 +112,93 @@ def train(
     else:
         cfg = load_config(config, overrides)
         run = None
-    data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seed,
-                        include_background=cfg.include_background, bad_rows=cfg.bad_rows, ctu13_split=cfg.ctu13_split)
-    if cfg.engine == "flower":
-        from .federated.engine import federated_data
+    data = load_dataset(
+        cfg.dataset,
+        Path(cfg.data_dir) if cfg.data_dir else None,
+        seed=cfg.seed,
+        include_background=cfg.include_background,
+        bad_rows=cfg.bad_rows,
+        ctu13_split=cfg.ctu13_split,
+    )
+    stop = StopFlag()
+    with ExitStack() as signals:
+        if cfg.engine == "flower":
+            from .federated.engine import federated_data
 
-        federated_data(cfg, data)  # resolves validation_size; raises on bad settings before any file is written
-        job = None
-    else:
-        job = FederatedTraining(cfg, data)
-    if run is None:
-        run = RunDir.create(out, cfg)
-    console.print(f"run folder: [bold]{run.path}[/]  ({cfg.dataset}, {cfg.model}, K={cfg.clients}, "
-                  f"m={cfg.clients_per_round}/round, up to {cfg.rounds} rounds)")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-    task = progress.add_task("training", total=cfg.rounds)
+            federated_data(cfg, data)  # resolves validation_size; raises on bad settings before any file is written
+            signals.enter_context(_stop_on_signals(stop))  # then simulate stops Flower's processes and raises
+            job = None
+        else:
+            # from before the workers start until training ends, a signal only sets the flag
+            signals.enter_context(_stop_on_signals(stop))
+            job = FederatedTraining(cfg, data, stop=stop)
+        if run is None:
+            run = RunDir.create(out, cfg)
+        console.print(
+            f"run folder: [bold]{run.path}[/]  ({cfg.dataset}, {cfg.model}, K={cfg.clients}, "
+            f"m={cfg.clients_per_round}/round, up to {cfg.rounds} rounds)"
+        )
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        task = progress.add_task("training", total=cfg.rounds)
 
-    def on_round(result, start_round):
-        if result is None:
-            progress.update(task, completed=start_round)
-            return
-        loss = "-" if result.train_loss is None else f"{result.train_loss:.3f}"
-        val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
-        progress.update(task, completed=result.round,
-                        description=f"round {result.round} acc {result.test_accuracy:.4f}{val} loss {loss}")
+        def on_round(result, start_round):
+            if result is None:
+                progress.update(task, completed=start_round)
+                return
+            loss = "-" if result.train_loss is None else f"{result.train_loss:.3f}"
+            val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
+            progress.update(
+                task, completed=result.round, description=f"round {result.round} acc {result.test_accuracy:.4f}{val} loss {loss}"
+            )
 
-    def on_poll():  # the Flower engine trains in other processes: follow the run folder
-        history = run.metrics()
-        if history:
-            last = history[-1]
-            progress.update(task, completed=last["round"],
-                            description=f"round {last['round']} acc {last['test_accuracy']:.4f}")
+        def on_poll():  # the Flower engine trains in other processes: follow the run folder
+            history = run.metrics()
+            if history:
+                last = history[-1]
+                progress.update(
+                    task, completed=last["round"], description=f"round {last['round']} acc {last['test_accuracy']:.4f}"
+                )
 
-    try:
-        with progress:
-            if job is None:
-                from .federated.flower.launch import simulate
+        try:
+            with progress:
+                if job is None:
+                    from .federated.flower.launch import simulate
 
-                metrics = simulate(run, resume=resume is not None, on_poll=on_poll)
-            else:
-                metrics = run_training(job, run, resume=resume is not None, on_round=on_round)
-    except KeyboardInterrupt:
-        err_console.print(f"interrupted; resume with: dipsen train --resume {run.path}")
-        raise typer.Exit(130) from None
+                    metrics = simulate(run, resume=resume is not None, on_poll=on_poll, stop=stop)
+                else:
+                    metrics = run_training(job, run, resume=resume is not None, on_round=on_round)
+                    stop.check()  # a signal during the final evaluation stops the command all the same
+        except Interrupted as exc:
+            err_console.print(f"interrupted by {exc}; resume with: dipsen train --resume {run.path}")
+            raise typer.Exit(128 + exc.signum) from None
     _print_metrics(metrics)
     console.print(f"saved: {run.path}")
+
+
+@contextmanager
+def _stop_on_signals(stop: StopFlag) -> Iterator[None]:
+    """Inside, SIGINT, SIGTERM and SIGHUP set ``stop`` (the run stops at its next check), nothing else.
+
+    A signal that was ignored when dipsen started stays ignored, as Python itself leaves SIGINT:
+    that is how ``nohup`` and a script's background jobs keep a process through a hang-up or a Ctrl-C.
+    """
+    from .federated.workers import STOP_SIGNALS
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: stop.set(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
 @app.command()
@@ -140,7 +215,7 @@ def show(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None
 @data_app.command("build-socofing-cache")
 def build_socofing_cache_cmd(
     source: Annotated[Path, typer.Argument(help="SOCOFing Real folder or SOCOFing_Real.tar.gz")],
-    out: Annotated[Optional[Path], typer.Option(help="Output .npz (default: the embedded cache).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output .npz (default: the embedded cache).")] = None,
 ) -> None:
     """Regenerate the compact SOCOFing cache from the original BMP files."""
     from .data import socofing
@@ -157,14 +232,18 @@ def _print_metrics(metrics: dict) -> None:
         table.add_row(row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
     for average in ("macro", "weighted"):
         m = metrics[average]
-        table.add_row(f"[bold]{average} avg", f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(metrics["samples"]))
+        table.add_row(
+            f"[bold]{average} avg", f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(metrics["samples"])
+        )
     console.print(table)
     console.print(f"accuracy: [bold]{metrics['accuracy']:.4f}[/]")
     cost = metrics.get("cost") or {}
     if cost:
-        console.print(f"cost: {cost['mean_step_seconds'] * 1e3:.2f} ms per local step, "
-                      f"{cost['mean_round_seconds']:.2f} s per round (of which {cost['mean_eval_seconds']:.2f} s evaluation), "
-                      f"{cost['train_samples_per_second']:.0f} training samples/s")
+        console.print(
+            f"cost: {cost['mean_step_seconds'] * 1e3:.2f} ms per local step, "
+            f"{cost['mean_round_seconds']:.2f} s per round (of which {cost['mean_eval_seconds']:.2f} s evaluation), "
+            f"{cost['train_samples_per_second']:.0f} training samples/s"
+        )
 
 
 from . import cli_robustness  # noqa: E402,F401  (registers attack, reproduce, sweep-sigma on app)

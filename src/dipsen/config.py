@@ -45,6 +45,8 @@ class TrainConfig:
     fraction: float = 0.1
     rounds: int = 30
     target_accuracy: float | None = None  # stop once validation accuracy reaches it
+    # a round with fewer valid client updates stops the run (resumable); None: more than half of m; 0: no minimum
+    min_clients: int | None = None
     # rows held out of the training set to stop on (only with target_accuracy); None: resolved by
     # dipsen.federated.engine.resolve_validation_size to 10% of the training rows, at most 5,000
     validation_size: int | None = None
@@ -67,7 +69,12 @@ class TrainConfig:
         """m = max(1, floor(C * K)), computed on C as written: in floats 0.29 * 100 is 28.999..."""
         return max(1, math.floor(Fraction(repr(self.fraction)) * self.clients))
 
-    def validate(self) -> "TrainConfig":
+    @property
+    def required_updates(self) -> int:
+        """Valid client updates a round needs to count: ``min_clients``, by default more than half of m."""
+        return self.clients_per_round // 2 + 1 if self.min_clients is None else self.min_clients
+
+    def validate(self) -> TrainConfig:
         """Check every value (ConfigError names the bad one) and resolve ``workers``.
 
         The resolved worker count is saved with the run: float results can depend on the
@@ -77,8 +84,15 @@ class TrainConfig:
         from .models import MODELS, calibrate_noise
         from .partition import SCHEMES
 
-        choices = {"dataset": DATASETS, "model": MODELS, "partition": SCHEMES, "optimizer": OPTIMIZERS,
-                   "engine": ENGINES, "bad_rows": ("error", "skip"), "ctu13_split": CTU13_SPLITS}
+        choices = {
+            "dataset": DATASETS,
+            "model": MODELS,
+            "partition": SCHEMES,
+            "optimizer": OPTIMIZERS,
+            "engine": ENGINES,
+            "bad_rows": ("error", "skip"),
+            "ctu13_split": CTU13_SPLITS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -92,14 +106,21 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        # every random choice is seeded by numpy's SeedSequence from it, which takes non-negative integers
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.min_clients is not None and not 0 <= self.min_clients <= self.clients_per_round:
+            raise ConfigError(f"min_clients must be in [0, m = {self.clients_per_round}], got {self.min_clients}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.validation_size is not None:
             # without a target nothing stops on it: holding rows out would only take them from the clients
             if self.target_accuracy is None:
-                raise ConfigError(f"validation_size {self.validation_size} needs target_accuracy (it is what the target is checked on)")
+                raise ConfigError(
+                    f"validation_size {self.validation_size} needs target_accuracy (it is what the target is checked on)"
+                )
             if self.validation_size < 1:
                 raise ConfigError(f"validation_size must be >= 1, got {self.validation_size}")
         if not self.lr > 0:
@@ -113,7 +134,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from dipsen.federated import fedavg
+from dipsen.federated import ClientUpdate, LocalTraining, fedavg
 from dipsen.federated.aggregate import MAX_STEP_NORM_RATIO, validate_update
 
 
@@ -73,3 +73,38 @@ def test_fedavg_rounds_integer_buffers_instead_of_truncating():
     assert fedavg(states, [1, 1, 1])["count"].item() == 7
     mixed = [{"count": torch.tensor(v, dtype=torch.int64)} for v in (2, 3)]
     assert fedavg(mixed, [1, 3])["count"].item() == 3  # 2.75 rounds to 3
+
+
+def _report(**fields) -> ClientUpdate:
+    """An honest client's update on 100 samples (2 epochs, batch 32: 4 steps each), with ``fields`` changed."""
+    return ClientUpdate(**{"state": _global(), "num_samples": 100, "mean_loss": 0.7, "steps": 8, "seconds": 1.5,
+                           **fields})
+
+
+TRAINING = LocalTraining(epochs=2, batch_size=32)
+
+
+def test_validate_report_accepts_an_honest_report():
+    from dipsen.federated.aggregate import validate_report
+
+    assert validate_report(_report(), TRAINING) is None
+    assert validate_report(_report(mean_loss=0.0, seconds=0), TRAINING) is None
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"mean_loss": float("nan")}, "mean_loss nan is not a finite number >= 0"),
+    ({"mean_loss": float("inf")}, "mean_loss inf is not"),
+    ({"mean_loss": -0.1}, "mean_loss -0.1 is not"),
+    ({"mean_loss": "0.7"}, "mean_loss '0.7' is not"),
+    ({"seconds": float("nan")}, "seconds nan is not"),
+    ({"seconds": -1.0}, "seconds -1.0 is not"),
+    ({"seconds": True}, "seconds True is not"),
+    ({"steps": 8.0}, "steps 8.0, expected 8 \\(2 epochs of 100 samples in batches of 32\\)"),
+    ({"steps": -8}, "steps -8, expected 8"),
+    ({"steps": 7}, "steps 7, expected 8"),
+    ({"steps": 10**9}, "steps 1000000000, expected 8"),
+])
+def test_validate_report_names_what_is_wrong(fields, reason):
+    from dipsen.federated.aggregate import validate_report
+
+    assert re.fullmatch(reason + ".*", validate_report(_report(**fields), TRAINING))

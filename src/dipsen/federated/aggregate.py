@@ -6,18 +6,19 @@ order of the clients beyond float64 rounding.
 
 Every engine passes each client's update through :func:`validate_update` first: a malformed update
 (wrong keys, shapes or dtypes, non-finite values, an absurd step, a non-positive sample count) is
-dropped from the round instead of poisoning the average or crashing the aggregator.
+dropped from the round instead of poisoning the average or crashing the aggregator. The statistics
+reported with it (loss, steps, seconds) pass :func:`validate_report`, so that no NaN or negative
+figure reaches metrics.jsonl or the cost figures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 
-from .client import StateDict
+from .client import ClientUpdate, LocalTraining, StateDict
 
 # A client's update moves the global weights by ||w_k - w||. Honest local training with the
 # learning rates used here moves them by a fraction of ||w|| per round; a step this many times
@@ -57,6 +58,27 @@ def validate_update(state: StateDict, global_state: StateDict, num_samples: int)
     step, bound = math.sqrt(step_sq), MAX_STEP_NORM_RATIO * max(math.sqrt(global_sq), 1.0)
     if not step <= bound:
         return f"step norm {step:.3g} exceeds {bound:.3g} ({MAX_STEP_NORM_RATIO:g} x the global weights' norm)"
+    return None
+
+
+def validate_report(update: ClientUpdate, training: LocalTraining) -> str | None:
+    """Why the loss, step count or seconds that came with ``update`` are unusable, or None.
+
+    The loss is a mean cross-entropy and the time a duration, so both are finite and >= 0. The
+    steps are exactly what :func:`~dipsen.federated.client.client_update` takes on
+    ``update.num_samples`` samples (checked first by :func:`validate_update`): ``epochs`` passes
+    of ``ceil(samples / batch_size)`` mini-batches.
+    """
+    for name in ("mean_loss", "seconds"):
+        value = getattr(update, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            return f"{name} {value!r} is not a finite number >= 0"
+    expected = training.epochs * math.ceil(update.num_samples / training.batch_size)
+    if type(update.steps) is not int or update.steps != expected:  # not a bool, a float or a numpy int
+        return (
+            f"steps {update.steps!r}, expected {expected} ({training.epochs} epochs of "
+            f"{update.num_samples} samples in batches of {training.batch_size})"
+        )
     return None
 
 

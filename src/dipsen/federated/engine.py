@@ -7,8 +7,15 @@ the held-out test set after every round; training stops after ``rounds`` rounds 
 accuracy on a validation slice reaches ``target_accuracy``. The slice is held out of the training
 rows (``validation_size`` of them, seeded) before they are partitioned, so no client trains on it
 and the stop never looks at the test set; without a target nothing is held out. An update that
-fails :func:`validate_update` (or a client that fails to deliver one) is left out of the average,
-logged, and recorded in the round's metrics under ``rejected``; the round goes on with the others.
+fails :func:`validate_update` or :func:`validate_report` (or a client that fails to deliver one) is
+left out of the average, logged, and recorded in the round's metrics under ``rejected``; the round
+goes on with the others.
+
+Stopping: the job's :class:`~dipsen.federated.workers.StopFlag` (set by a signal handler) is
+checked between client chunks and between rounds and raises
+:class:`~dipsen.federated.workers.Interrupted`; a worker process that dies fails the round with a
+:class:`~dipsen.errors.DipsenError`. Either way the unfinished round leaves no checkpoint, so the
+run resumes from the last finished one.
 
 Where the client updates run is the ``runner``'s business: by default a local
 :class:`~dipsen.federated.workers.ClientRunner`; the Flower app passes one that sends them to
@@ -32,14 +39,14 @@ import torch
 
 from ..config import TrainConfig
 from ..data import Dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, DipsenError
 from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
-from .aggregate import fedavg, validate_update
+from .aggregate import fedavg, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict
 from .run_dir import RunDir
-from .workers import ClientFailure, ClientRunner, ClientTask
+from .workers import ClientFailure, ClientRunner, ClientTask, StopFlag, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +142,21 @@ def federated_data(config: TrainConfig, dataset: Dataset) -> FederatedData:
     x_validation, y_validation = x_train[:0], y_train[:0]
     if config.validation_size is not None:
         if config.validation_size >= len(y_train):
-            raise ConfigError(f"validation_size {config.validation_size} leaves none of the {len(y_train)} "
-                              "training rows to the clients")
+            raise ConfigError(
+                f"validation_size {config.validation_size} leaves none of the {len(y_train)} training rows to the clients"
+            )
         held_out = np.zeros(len(y_train), dtype=bool)
         rng = np.random.default_rng(derive_seed(seed, _VALIDATION))
         held_out[rng.choice(len(y_train), size=config.validation_size, replace=False)] = True
         x_validation, y_validation = x_train[held_out], y_train[held_out]
         x_train, y_train = x_train[~held_out], y_train[~held_out]
     parts = partition(
-        y_train, config.clients, config.partition, alpha=config.dirichlet_alpha,
-        shards_per_client=config.shards_per_client, seed=derive_seed(seed, _PARTITION),
+        y_train,
+        config.clients,
+        config.partition,
+        alpha=config.dirichlet_alpha,
+        shards_per_client=config.shards_per_client,
+        seed=derive_seed(seed, _PARTITION),
     )
     return FederatedData(x_train, y_train, x_validation, y_validation, x_test, y_test, parts)
 
@@ -158,10 +170,11 @@ def model_args(config: TrainConfig, input_shape: tuple[int, ...], num_classes: i
 class FederatedTraining:
     """Everything one federated run needs: data, partition, model, and the round loop."""
 
-    def __init__(self, config: TrainConfig, dataset: Dataset, runner: Runner | None = None) -> None:
+    def __init__(self, config: TrainConfig, dataset: Dataset, runner: Runner | None = None, stop: StopFlag | None = None) -> None:
         """Prepare everything; raises on bad settings before any file is written.
 
         ``runner`` runs the client updates; default: a local pool of ``config.workers`` processes.
+        ``stop``, once set, stops the run between client chunks and rounds (see :func:`train`).
         """
         self.config, self.dataset = config, dataset
         data = federated_data(config, dataset)
@@ -172,14 +185,22 @@ class FederatedTraining:
         self.noise = self.model_args[3]  # the calibrated noise that build_model receives
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args)
-        self.clients = runner or ClientRunner(self.model_args, self.x_train, self.y_train, local_training(config),
-                                              config.workers)
+        self.training = local_training(config)
+        self.stop = stop or StopFlag()
+        self.clients = runner or ClientRunner(
+            self.model_args,
+            self.x_train,
+            self.y_train,
+            self.training,
+            config.workers or 1,
+            self.stop,  # validate() set it
+        )
 
     def close(self, abort: bool = False) -> None:
         """Stop the client runner (worker processes, if any)."""
         self.clients.close(abort)
 
-    def __enter__(self) -> "FederatedTraining":
+    def __enter__(self) -> FederatedTraining:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -232,12 +253,17 @@ class FederatedTraining:
         start = time.perf_counter()
         clients = sample_clients(self.config, round_)
         tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients]
-        updates, rejected = [], []
-        for task, result in zip(tasks, self.clients.run(global_state, tasks), strict=True):
-            reason = result.reason if isinstance(result, ClientFailure) else \
-                validate_update(result.state, global_state, result.num_samples)
-            if reason is None:
-                updates.append(result)
+        updates: list[ClientUpdate] = []
+        rejected: list[dict] = []
+        for task, outcome in zip(tasks, self.clients.run(global_state, tasks), strict=True):
+            if isinstance(outcome, ClientFailure):
+                reason: str | None = outcome.reason
+            else:
+                reason = validate_update(outcome.state, global_state, outcome.num_samples) or validate_report(
+                    outcome, self.training
+                )
+            if reason is None and isinstance(outcome, ClientUpdate):
+                updates.append(outcome)
             else:
                 log.warning("round %d: rejected the update of client %d: %s", round_, task.client, reason)
                 rejected.append({"client": task.client, "reason": reason})
@@ -253,7 +279,8 @@ class FederatedTraining:
             test_accuracy=accuracy,
             validation_accuracy=validation_accuracy,
             train_loss=float(np.average([u.mean_loss for u in updates], weights=[u.num_samples for u in updates]))
-            if updates else None,
+            if updates
+            else None,
             clients=clients,
             samples=samples,
             steps=steps,
@@ -275,9 +302,12 @@ def train(
     """Run (or resume) ``job`` in ``run``; returns the final metrics. Closes ``job`` at the end.
 
     ``on_round(result, start_round)`` is called once before the first round (result None) and after
-    every finished round, for progress display.
+    every finished round, for progress display. Raises :class:`~dipsen.federated.workers.Interrupted`
+    once ``job.stop`` is set (checked between client chunks, between rounds and before the final
+    evaluation) and :class:`~dipsen.errors.DipsenError` if a worker process dies; the run folder
+    then holds the rounds finished so far, ready for ``resume``.
     """
-    with job:
+    with job, run.lock():  # one writer per run folder: a second train() or --resume is refused
         return _train(job, run, resume, on_round)
 
 
@@ -301,14 +331,25 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
     done = _target_reached(config, history)
     round_ = start_round
     while not done and round_ < config.rounds:
+        job.stop.check()
         round_ += 1
-        state, result = job.run_round(round_, state)
+        try:
+            state, result = job.run_round(round_, state)
+        except WorkerDied as exc:
+            raise DipsenError(f"{exc} during round {round_}; resume with: dipsen train --resume {run.path}") from None
+        valid = len(result.clients) - len(result.rejected)
+        if valid < config.required_updates:  # too few clients to trust the round: it is not saved
+            raise DipsenError(
+                f"round {round_}: {valid} of {len(result.clients)} clients sent a valid update, "
+                f"min_clients is {config.required_updates}; resume with: dipsen train --resume {run.path}"
+            )
         run.append_metrics(result.to_dict())  # before the checkpoint: see RunDir.keep_metrics_through
         run.save_checkpoint(round_, state)
         history.append(result.to_dict())
         if on_round:
             on_round(result, start_round)
         done = _target_reached(config, history)
+    job.stop.check()
     return _finish(job, run, history)
 
 
@@ -327,8 +368,7 @@ def training_cost(history: list[dict]) -> dict | None:
 
 def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
     """Whether the last round's validation accuracy reached the target (never the test accuracy)."""
-    return (bool(history) and config.target_accuracy is not None
-            and history[-1]["validation_accuracy"] >= config.target_accuracy)
+    return bool(history) and config.target_accuracy is not None and history[-1]["validation_accuracy"] >= config.target_accuracy
 
 
 def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:

@@ -1,21 +1,31 @@
-"""Where client updates run: in this process, or on a pool of single-threaded worker processes.
+"""Where client updates run: in this process, or on single-threaded worker processes.
 
 The training data reach the workers once, as shared-memory tensors. Per-round traffic (global
 weights, client indices, updated weights) travels as numpy arrays, i.e. plain pickles: torch would
-share every tensor through a file-descriptor handshake, which costs a round trip per tensor and,
-when Ctrl-C stops the pool mid-handshake, leaves a traceback from multiprocessing's sharer thread.
+share every tensor through a file-descriptor handshake, which costs a round trip per tensor.
 
-On a 2-core CPU the CNN's forward+backward is fastest as two single-threaded processes (each core
-runs its own client) rather than one two-threaded process: measured 3,230 against 2,706
-samples/s at batch 32 (``benchmarks/train_throughput.py``). Both layouts run the same
-:func:`client_update`.
+Every client update runs on one torch thread, in a worker or in this process, so the weights are
+bit-identical whatever the worker count, core count or ``OMP_NUM_THREADS`` (a resumed run may run
+under another). On a 2-core CPU the CNN's forward+backward is also fastest as two single-threaded
+processes (each core runs its own client) rather than one two-threaded process: measured 3,230
+against 2,706 samples/s at batch 32 (``benchmarks/train_throughput.py``).
+
+Each worker has a pipe of its own; the main process waits on the pipes and on the workers'
+process sentinels together, so a worker that dies (SIGKILL, the OOM killer) fails the round at
+once with :class:`WorkerDied` instead of leaving it waiting for a result that never comes. The
+wait wakes every ``POLL_SECONDS`` to look at the :class:`StopFlag`, which a signal handler sets:
+the run then stops in this module's own code, never inside a library's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import signal
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from multiprocessing import connection, resource_tracker, util
+from multiprocessing.process import BaseProcess
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +35,11 @@ import torch.multiprocessing as tmp
 from ..models import build_model
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
 
-_WORKER: dict = {}
+# Sent to the whole process group by a terminal (Ctrl-C, hang-up) or by a service manager: they
+# are the main process's to handle, and it stops the workers.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+POLL_SECONDS = 0.1  # how often a waiting main process looks at the stop flag
+CLOSE_SECONDS = 10.0  # how long close() lets idle workers exit before it kills them
 
 
 class ClientTask(NamedTuple):
@@ -43,10 +57,51 @@ class ClientFailure:
     reason: str
 
 
-def _init_worker(model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: LocalTraining) -> None:
+class Interrupted(Exception):
+    """A stop signal arrived; raised between client chunks or rounds."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class WorkerDied(Exception):
+    """A worker process ended while the runner still needed it."""
+
+    def __init__(self, pid: int | None, exitcode: int | None) -> None:
+        how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+        super().__init__(f"client worker process {pid} died ({how})")
+
+
+class StopFlag:
+    """Set by a signal handler, acted on by :meth:`check` at points where stopping is safe.
+
+    A KeyboardInterrupt raised wherever the main thread happens to be can land in a library's
+    cleanup or a finaliser; checking a flag between client chunks and between rounds cannot.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def set(self, signum: int) -> None:
+        if self.signum is None:  # the first signal names the stop
+            self.signum = signum
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a stop was requested."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """torch on one thread inside, as in a worker; the previous thread count (evaluation's) after."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
-    _WORKER.update(model=build_model(*model_args), x=x, y=y, training=training)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _numpy_state(state: StateDict) -> dict[str, np.ndarray]:
@@ -57,14 +112,48 @@ def _torch_state(state: dict[str, np.ndarray]) -> StateDict:
     return {k: torch.from_numpy(v) for k, v in state.items()}
 
 
-def _run_clients(task: tuple[dict[str, np.ndarray], list[tuple[np.ndarray, int]]]) -> list[ClientUpdate]:
-    state, clients = task
-    w = _WORKER
-    updates = [
-        client_update(w["model"], _torch_state(state), w["x"][i], w["y"][i], w["training"], seed)
-        for i, seed in clients
-    ]
-    return [dataclasses.replace(u, state=_numpy_state(u.state)) for u in updates]
+def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: LocalTraining) -> None:
+    """A worker: run each chunk of clients it receives and send back their updates, until EOF."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # blocked by the parent since the spawn, so that one sent to the group during start-up cannot
+    # kill this worker; ignored now, so the pending ones are dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    torch.set_num_threads(1)
+    model = build_model(*model_args)
+    while True:
+        try:
+            state, clients = conn.recv()
+        except EOFError:  # the main process closed the pipe (close()) or is gone
+            return
+        updates = [client_update(model, _torch_state(state), x[i], y[i], training, seed) for i, seed in clients]
+        try:
+            # weights as numpy arrays, beside the update's other fields (see the module docstring)
+            conn.send([(_numpy_state(u.state), dataclasses.replace(u, state={})) for u in updates])
+        except OSError:  # the main process is gone
+            return
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: BaseProcess
+    conn: connection.Connection
+
+    def died(self) -> WorkerDied:
+        self.process.join(1.0)  # collect the exit status of a worker whose pipe broke
+        return WorkerDied(self.process.pid, self.process.exitcode)
+
+
+def _stop_workers(workers: list[_Worker], abort: bool) -> None:
+    for w in workers:
+        if abort:
+            w.process.kill()
+        w.conn.close()  # an idle worker sees EOF and exits
+    for w in workers:
+        w.process.join(CLOSE_SECONDS)
+        if w.process.exitcode is None:
+            w.process.kill()
+            w.process.join()
 
 
 class ClientRunner:
@@ -73,42 +162,101 @@ class ClientRunner:
     Results are returned in task order, so FedAvg sums them in the same order whatever the layout.
     A round's clients go to the workers in ``CHUNKS_PER_WORKER`` chunks each: few enough that the
     global weights are sent a few times per round rather than once per client, enough to balance
-    clients of unequal size.
+    clients of unequal size. ``stop`` is checked between client updates (one process) or while
+    waiting for the workers; a set flag raises :class:`Interrupted`.
     """
 
     CHUNKS_PER_WORKER = 2
 
-    def __init__(self, model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
-                 workers: int = 1) -> None:
+    def __init__(
+        self,
+        model_args: tuple,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        training: LocalTraining,
+        workers: int = 1,
+        stop: StopFlag | None = None,
+    ) -> None:
         self.x, self.y, self.training = x, y, training
-        self._pool = None
-        self.workers = workers
-        if workers > 1:
-            x.share_memory_()
-            y.share_memory_()
-            ctx = tmp.get_context("spawn")  # fork after OpenMP has started is unsafe
-            self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=(model_args, x, y, training))
-        else:
+        self.stop = stop or StopFlag()
+        self._workers: list[_Worker] = []
+        if workers == 1:
             self._model = build_model(*model_args)
+            return
+        x.share_memory_()
+        y.share_memory_()
+        ctx = tmp.get_context("spawn")  # fork after OpenMP has started is unsafe
+        # The children inherit the blocked mask: see _serve. The first spawn would start
+        # multiprocessing's resource tracker, which unblocks SIGINT and SIGTERM when it is started.
+        resource_tracker.ensure_running()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for _ in range(workers):
+                ours, theirs = ctx.Pipe()
+                process = ctx.Process(target=_serve, args=(theirs, model_args, x, y, training), daemon=True)
+                process.start()
+                theirs.close()  # only the worker holds its end: its death shows as EOF here
+                self._workers.append(_Worker(process, ours))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # so that neither garbage collection nor interpreter exit leaves workers running: at exit
+        # this kills them before multiprocessing's own handler joins them (its SIGTERM they ignore)
+        self._finalizer = util.Finalize(self, _stop_workers, args=(self._workers, True), exitpriority=10)
 
     def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate]:
-        """One update per task, all starting from ``state``."""
-        if self._pool is None:
-            return [client_update(self._model, state, self.x[t.indices], self.y[t.indices], self.training, t.seed)
-                    for t in tasks]
-        chunks = max(1, min(len(tasks), self.workers * self.CHUNKS_PER_WORKER))
-        bounds = [round(j * len(tasks) / chunks) for j in range(chunks + 1)]
+        """One update per task, all starting from ``state``.
+
+        Raises :class:`Interrupted` once ``stop`` is set, :class:`WorkerDied` if a worker ends.
+        """
+        self.stop.check()
+        if not self._workers:
+            updates = []
+            with _single_thread():
+                for t in tasks:
+                    updates.append(client_update(self._model, state, self.x[t.indices], self.y[t.indices], self.training, t.seed))
+                    self.stop.check()
+            return updates
+        try:
+            return self._run_on_workers(state, tasks)
+        except WorkerDied:
+            self.stop.check()  # a stop signal that reached a worker too is what happened
+            raise
+
+    def _run_on_workers(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate]:
+        count = max(1, min(len(tasks), len(self._workers) * self.CHUNKS_PER_WORKER))
+        bounds = [round(j * len(tasks) / count) for j in range(count + 1)]
         shared = _numpy_state(state)
-        work = [(shared, [(t.indices, t.seed) for t in tasks[a:b]]) for a, b in zip(bounds, bounds[1:])]
-        chunks = self._pool.map(_run_clients, work, chunksize=1)
-        return [dataclasses.replace(u, state=_torch_state(u.state)) for chunk in chunks for u in chunk]
+        chunks = [(shared, [(t.indices, t.seed) for t in tasks[a:b]]) for a, b in zip(bounds, bounds[1:], strict=False)]
+        results: list[list[tuple[dict[str, np.ndarray], ClientUpdate]]] = [[] for _ in chunks]
+        queue, idle = deque(range(len(chunks))), list(self._workers)
+        busy: dict[connection.Connection, tuple[_Worker, int]] = {}
+        sentinels = {w.process.sentinel: w for w in self._workers}
+        while queue or busy:
+            while queue and idle:
+                worker, j = idle.pop(), queue.popleft()
+                try:
+                    worker.conn.send(chunks[j])
+                except OSError:
+                    raise worker.died() from None
+                busy[worker.conn] = (worker, j)
+            ready = connection.wait([*busy, *sentinels], timeout=POLL_SECONDS)
+            self.stop.check()  # at least every POLL_SECONDS, also while the workers compute
+            for conn in ready:
+                if conn in busy:
+                    worker, j = busy.pop(conn)
+                    try:
+                        results[j] = conn.recv()
+                    except (EOFError, OSError):
+                        raise worker.died() from None
+                    idle.append(worker)
+            for sentinel in ready:
+                if sentinel in sentinels:
+                    raise sentinels[sentinel].died()
+        return [dataclasses.replace(update, state=_torch_state(arrays)) for chunk in results for arrays, update in chunk]
 
     def close(self, abort: bool = False) -> None:
-        """Stop the workers: let them finish, or with ``abort`` (after an error or Ctrl-C) kill them."""
-        if self._pool is not None:
-            if abort:
-                self._pool.terminate()
-            else:
-                self._pool.close()
-            self._pool.join()
-            self._pool = None
+        """Stop the workers: let them exit, or with ``abort`` (after an error or a stop) kill them."""
+        if self._workers:
+            self._finalizer.cancel()
+            _stop_workers(self._workers, abort)
+            self._workers = []
