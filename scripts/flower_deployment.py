@@ -8,8 +8,9 @@ What it does (see ``dipsen.federated.flower.launch.deploy_on_loopback``):
 4. starts ``flower-superlink`` with TLS and one ``flower-supernode`` per client, each a separate
    process that is given only its own partition file (``--node-config partition-file=...``), all on
    loopback, with runtime dependency installation off;
-5. submits the run with ``flwr run``, polls ``flwr ls --format json`` until it finishes, saves
-   Flower's log as ``flower.log`` in the run folder, and stops every process it started.
+5. submits the run with ``flwr run``, waits for it to finish (following the run folder, asking
+   ``flwr ls --format json`` now and then), saves Flower's log as ``flower.log`` in the run folder,
+   and stops every process it started, also on Ctrl-C, SIGTERM or SIGHUP.
 
 Example (3 clients, all 3 per round, 3 rounds on 3,000 MNIST images)::
 
@@ -20,6 +21,8 @@ Example (3 clients, all 3 per round, 3 rounds on 3,000 MNIST images)::
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ from pathlib import Path
 from dipsen.config import load_config
 from dipsen.federated.flower.launch import deploy_on_loopback
 from dipsen.federated.run_dir import RunDir
+from dipsen.federated.workers import STOP_SIGNALS, Interrupted, StopFlag
 
 
 def main() -> None:
@@ -35,22 +39,44 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the run folder")
     parser.add_argument("--workdir", type=Path, help="partition files, certificates, process logs (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take")
-    for name, kind in [("dataset", str), ("model", str), ("clients", int), ("fraction", float), ("rounds", int),
-                       ("partition", str), ("local-epochs", int), ("batch-size", int), ("optimizer", str),
-                       ("lr", float), ("seed", int), ("train-subset", int), ("test-subset", int)]:
+    for name, kind in [
+        ("dataset", str),
+        ("model", str),
+        ("clients", int),
+        ("fraction", float),
+        ("rounds", int),
+        ("partition", str),
+        ("local-epochs", int),
+        ("batch-size", int),
+        ("optimizer", str),
+        ("lr", float),
+        ("seed", int),
+        ("train-subset", int),
+        ("test-subset", int),
+    ]:
         parser.add_argument(f"--{name}", type=kind)
     args = parser.parse_args()
     options = {k: v for k, v in vars(args).items() if k not in ("config", "out", "workdir", "timeout")}
     config = load_config(args.config, {**options, "engine": "flower"})
     run = RunDir.create(args.out, config)
     print(f"run folder: {run.path} (K={config.clients}, m={config.clients_per_round}/round, {config.rounds} rounds)")
+    stop = StopFlag()
+    for signum in STOP_SIGNALS:  # a signal only sets the flag: the deployment then stops its processes
+        if signal.getsignal(signum) != signal.SIG_IGN:  # nohup's hang-up stays ignored
+            signal.signal(signum, lambda received, frame: stop.set(received))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dipsen-deployment-") as scratch:
         workdir = args.workdir or Path(scratch)
-        deployment = deploy_on_loopback(run, workdir, timeout=args.timeout)
-    print(f"Flower status: {deployment.status}; test accuracy {deployment.metrics['accuracy']:.4f} after "
-          f"{deployment.metrics['rounds']} rounds; {time.perf_counter() - start:.1f} s; "
-          f"stopped {len(deployment.pids)} processes")
+        try:
+            deployment = deploy_on_loopback(run, workdir, timeout=args.timeout, stop=stop)
+        except Interrupted as exc:
+            print(f"interrupted by {exc}; every process stopped; run folder: {run.path}", file=sys.stderr)
+            sys.exit(128 + exc.signum)
+    print(
+        f"Flower status: {deployment.status}; test accuracy {deployment.metrics['accuracy']:.4f} after "
+        f"{deployment.metrics['rounds']} rounds; {time.perf_counter() - start:.1f} s; "
+        f"stopped {len(deployment.pids)} processes"
+    )
 
 
 if __name__ == "__main__":

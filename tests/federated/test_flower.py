@@ -1,14 +1,17 @@
-"""dipsen's Flower app: simulation against the in-process engine, malformed updates, a TLS deployment.
+"""dipsen's Flower app: simulation against the in-process engine, malformed updates, a TLS deployment, SIGTERM.
 
 Each test starts real Flower processes (SuperLink, Ray or SuperNodes) on loopback; every one of
-them is stopped by PID when the test ends, passed or failed (``Federation`` is a context manager).
+them is stopped by PID when the test ends, passed or failed (``Federation`` is a context manager;
+the SIGTERM test kills by PID whatever it saw, should the command under test have left any).
 """
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 
@@ -121,13 +124,14 @@ def test_flower_rejects_malformed_updates_and_finishes_the_round(tmp_path):
     (app / "pyproject.toml").write_text(textwrap.dedent(FAULTY_APP))
     (app / "faulty_client.py").write_text(textwrap.dedent(FAULTY_CLIENT))
     cfg = TrainConfig(dataset="mnist", model="cnn", clients=5, fraction=1.0, rounds=2, train_subset=500,
-                      test_subset=200, seed=1, workers=2, engine="flower").validate()
+                      test_subset=200, seed=1, workers=2, engine="flower",
+                      min_clients=2).validate()
     run = RunDir.create(tmp_path / "runs", cfg)
     with Federation(tmp_path / "federation", simulation=True) as federation:
         run_id = federation.submit({"run-dir": str(run.path), "resume": False}, app=app,
                                    federation_config={"num-supernodes": 5, "client-resources-num-cpus": 1,
                                                       "init-args-num-cpus": 2})
-        status = federation.wait(run_id, timeout=240)
+        status = federation.wait(run_id, timeout=240, run=run)
         log = federation.run_log(run_id)
     assert status == COMPLETED, log
     history = run.metrics()
@@ -165,3 +169,68 @@ def test_deployment_with_tls_trains_and_stops_every_process(tmp_path):
         time.sleep(0.1)
     assert not [pid for pid in deployment.pids if process_alive(pid)]
     assert os.path.getsize(run.path / "flower.log") > 0
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """PID -> (parent PID, session) of every live process; zombies left out."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            found[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
+    return found
+
+
+def _flower_descendants(root: int) -> dict[int, int]:
+    """PID -> session of every live descendant of ``root`` outside this process's session.
+
+    Those inside it (``flwr ls``, run by ``root`` and waited for) share the session with pytest and
+    the shell around it: treating that session as the run's would stop them all.
+    """
+    processes, found, grew, own = _processes(), {root}, True, os.getsid(0)
+    while grew:
+        children = {pid for pid, (parent, _) in processes.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return {pid: processes[pid][1] for pid in found - {root} if processes[pid][1] != own}
+
+
+def test_sigterm_stops_a_flower_run_and_every_process_it_started(tmp_path):
+    settings = dict(dataset="mnist", model="cnn", clients=4, fraction=0.5, rounds=60, train_subset=400,
+                    test_subset=200, seed=3, workers=1)
+    command = [sys.executable, "-m", "dipsen", "train", "--engine", "flower", "--out", str(tmp_path), *_flags(settings)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, int] = {}  # every process of the run seen while it trained: PID -> session
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("*/checkpoints/round_0001.pt")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "round 1 did not finish within 240 s"
+            seen.update(_flower_descendants(proc.pid))
+            time.sleep(0.5)
+        seen.update(_flower_descendants(proc.pid))
+        assert len(seen) >= 4  # SuperLink, SuperExec, the simulation, Ray
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        sessions = set(seen.values()) - {os.getsid(0)}  # never this one: pytest and its shell run in it
+        deadline = time.monotonic() + 15
+        while (left := [p for p, (_, s) in _processes().items() if s in sessions]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:  # what the command left behind: reported below, and never left running
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM; resume with: dipsen train --resume" in err
+    assert not left, f"left running after SIGTERM: {left}"
+    (path,) = tmp_path.iterdir()
+    run = RunDir.open(path)
+    finished = run.finished_rounds()
+    time.sleep(5)  # nothing goes on writing the run folder
+    assert run.finished_rounds() == finished and not (path / "final_metrics.json").exists()
+    assert finished[-1] < settings["rounds"]

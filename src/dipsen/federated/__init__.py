@@ -6,4 +6,14 @@ from .client import ClientUpdate, LocalTraining, client_update
 from .engine import FederatedTraining, RoundResult, derive_seed, train
 from .run_dir import RunDir
 
-__all__ = ["ClientUpdate", "FederatedTraining", "LocalTraining", "RoundResult", "RunDir", "client_update", "derive_seed", "fedavg", "train"]
+__all__ = [
+    "ClientUpdate",
+    "FederatedTraining",
+    "LocalTraining",
+    "RoundResult",
+    "RunDir",
+    "client_update",
+    "derive_seed",
+    "fedavg",
+    "train",
+]

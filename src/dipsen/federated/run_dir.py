@@ -9,6 +9,7 @@ Layout::
     RUN/metrics.jsonl        one JSON line per finished round (test and, with a target, validation accuracy)
     RUN/checkpoints/round_0000.pt ...   global model after each round (0 = initialisation)
     RUN/final_metrics.json   metrics of the final global model
+    RUN/.lock                held by the process training the run (see RunDir.lock); names its PID
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment
 leaves only complete files; a round counts as finished once its checkpoint exists.
@@ -16,11 +17,14 @@ leaves only complete files; a round counts as finished once its checkpoint exist
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,7 +51,7 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
 
     @classmethod
-    def create(cls, out: Path, config: TrainConfig) -> "RunDir":
+    def create(cls, out: Path, config: TrainConfig) -> RunDir:
         """A new, empty run folder under ``out`` named after dataset, model and time."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(out) / f"{config.dataset}-{config.model}-{stamp}"
@@ -61,11 +65,37 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: Path) -> "RunDir":
+    def open(cls, path: Path) -> RunDir:
         run = cls(path)
         if not (run.path / "config.json").is_file():
             raise DipsenError(f"{path}: not a dipsen run folder (no config.json)")
         return run
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder's lock (``RUN/.lock``) inside; DipsenError if another process holds it.
+
+        One writer at a time: a ``--resume`` beside a run that is still training (an orphaned Flower
+        ServerApp, say) would interleave two runs' rounds in one folder. It is an ``flock``, so it
+        ends with its holder however that ends, and a killed run leaves no stale lock behind.
+        """
+        path = self.path / ".lock"
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise DipsenError(f"{self.path} is in use by {who} (it holds {path}); stop it or wait for it to finish") from None
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(descriptor, 0)  # no PID left behind to name a process that has let go
+        finally:
+            os.close(descriptor)  # releases the flock
 
     def config(self) -> TrainConfig:
         file = self.path / "config.json"

@@ -32,9 +32,11 @@ def train(msg: Message, context: Context) -> Message:
     config_json = settings["train-config"]
     x, y = client_data(config_json, context.node_config)
     model = client_model(config_json, tuple(x.shape[1:]), int(settings["num-classes"]))
-    update = client_update(model, arrays_to_state(msg.content["arrays"]), x, y,
-                           local_training(config_from_json(config_json)), int(settings["seed"]))
-    metrics = MetricRecord({"num-examples": update.num_samples, "mean-loss": update.mean_loss,
-                            "steps": update.steps, "seconds": update.seconds})
+    update = client_update(
+        model, arrays_to_state(msg.content["arrays"]), x, y, local_training(config_from_json(config_json)), int(settings["seed"])
+    )
+    metrics = MetricRecord(
+        {"num-examples": update.num_samples, "mean-loss": update.mean_loss, "steps": update.steps, "seconds": update.seconds}
+    )
     arrays: ArrayRecord = state_to_arrays(update.state)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

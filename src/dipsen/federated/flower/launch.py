@@ -8,7 +8,9 @@ installation is always off: Flower would otherwise ``uv sync`` the app's depende
 fresh environment per run (torch with CUDA packages, gigabytes) instead of using this one.
 
 Processes are started in sessions of their own and stopped by PID, with everything they spawned
-(the ServerApp, ``flwr-simulation``, Ray's workers), also when the caller fails.
+(``flower-superexec``, the ServerApp, ``flwr-simulation``, Ray's workers), also when the caller
+fails or is told to stop: every process in those sessions, or in a session that one of their
+members opened, is signalled, also after its parent died and it was re-parented to init.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,6 +32,9 @@ from pathlib import Path
 
 from ...errors import DipsenError
 from ..run_dir import RunDir
+from ..workers import StopFlag
+
+log = logging.getLogger(__name__)
 
 CONNECTION = "dipsen"
 FINISHED = "finished"
@@ -40,15 +46,33 @@ def app_dir() -> Path:
     root = Path(__file__).resolve().parents[4]
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or "[tool.flwr.app.components]" not in pyproject.read_text():
-        raise DipsenError("the Flower engine runs dipsen from its source folder (pip install -e .); "
-                          f"{pyproject} does not declare the Flower app")
+        raise DipsenError(
+            "the Flower engine runs dipsen from its source folder (pip install -e .); "
+            f"{pyproject} does not declare the Flower app"
+        )
     return root
 
 
+START_ATTEMPTS = 3  # starts of one process, each on a new port, before a taken port fails the run
+START_SECONDS = 120.0  # how long a SuperLink or SuperNode may take to listen on its port
+
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that was free just now and that this process has never handed out before.
+
+    The kernel may give a closed socket's port to the next ``bind(0)``, so two calls can return the
+    same port; every port handed out is therefore kept for the process's lifetime. Another program
+    can still take it before it is bound: :class:`Federation` then restarts on another port.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
 
 
 def _tool(name: str) -> str:
@@ -66,8 +90,8 @@ class Certificates:
     server_key: Path
 
 
-def generate_certificates(folder: Path, days: int = 2) -> Certificates:
-    """Write a throw-away CA and a loopback server certificate to ``folder``."""
+def generate_certificates(folder: Path, valid_for: datetime.timedelta = datetime.timedelta(days=2)) -> Certificates:
+    """Write a throw-away CA and a loopback server certificate, valid for ``valid_for`` from now, to ``folder``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -76,16 +100,19 @@ def generate_certificates(folder: Path, days: int = 2) -> Certificates:
     folder = Path(folder)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)  # mkdir's mode is masked by the umask, and an existing folder keeps its own
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=days))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + valid_for)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if not ca:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
@@ -101,21 +128,50 @@ def generate_certificates(folder: Path, days: int = 2) -> Certificates:
     descriptor = os.open(paths.server_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)  # O_CREAT's mode applies only to a new file
     with os.fdopen(descriptor, "wb") as key_file:
-        key_file.write(server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        key_file.write(
+            server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
     return paths
 
 
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+def _processes() -> dict[int, tuple[int, int]]:
+    """Every live process on this machine: PID -> (parent PID, session ID); zombies left out."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            children = [int(c) for c in task.read_text().split()]
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
         except OSError:  # the process ended while being read
             continue
-        for child in children:
-            found += [child, *_descendants(child)]
+        if fields[0] != "Z":
+            found[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
     return found
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds a socket listening on TCP ``port`` (not just anyone)."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                sockets.add(f"socket:[{fields[9]}]")
+    if not sockets:
+        return False
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in sockets:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _signal_pids(pids: list[int], sig: int) -> None:
@@ -135,28 +191,45 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+@dataclass
+class _Service:
+    """A process that listens on a port of its own; ``command`` builds its command line for a port."""
+
+    name: str
+    command: Callable[[int], list[str]]
+    env: dict[str, str]
+    port: int
+    proc: subprocess.Popen
+    attempts: int = 1
+    listening: bool = False
+
+
 class Federation:
     """A SuperLink on loopback, optionally with TLS, plus whatever SuperNodes are started on it.
 
-    Use as a context manager: leaving it stops every process it started, with their descendants.
-    Logs go to files in ``folder``.
+    Use as a context manager: leaving it stops every process it started, with everything they
+    spawned. Logs go to files in ``folder``. Once ``stop`` (a :class:`StopFlag`, set by a signal
+    handler) is set, every wait raises :class:`~dipsen.federated.workers.Interrupted` within a
+    fraction of a second, and leaving the context stops the processes.
     """
 
-    def __init__(self, folder: Path, *, simulation: bool, certificates: Certificates | None = None) -> None:
+    def __init__(
+        self, folder: Path, *, simulation: bool, certificates: Certificates | None = None, stop: StopFlag | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.home = self.folder / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.simulation, self.certificates = simulation, certificates
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self._processes: list[tuple[subprocess.Popen, str]] = []
-        self.stopped_pids: list[int] = []  # every process stop() signalled, descendants included
-        security = (f'root-certificates = "{certificates.ca.resolve()}"' if certificates else "insecure = true")
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n')
+        self.stop_flag = stop or StopFlag()
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.port, self.address = 0, ""  # the SuperLink's, once it listens
+        self._services: list[_Service] = []
+        # every session a process of this federation runs in: those of the processes started here
+        # (each leads its own) and those that their descendants opened (flower-superexec's)
+        self._sessions: set[int] = set()
+        self.stopped_pids: list[int] = []  # every process stop() signalled
 
-    def __enter__(self) -> "Federation":
+    def __enter__(self) -> Federation:
         try:
             self._start_superlink()
         except BaseException:
@@ -175,37 +248,99 @@ class Federation:
             return ["--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.server_cert), "--ssl-keyfile", str(c.server_key)]
         return ["--root-certificates", str(c.ca)]
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        output = open(self.folder / f"{name}.log", "wb")
         try:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                    start_new_session=True)  # a group of its own, so it can be stopped whole
+            proc = subprocess.Popen(
+                args, stdout=output, stderr=subprocess.STDOUT, env={**self.env, **env}, start_new_session=True
+            )  # a session of its own, so it can be stopped whole
         finally:
-            log.close()
-        self._processes.append((proc, name))
+            output.close()
+        self._sessions.add(proc.pid)
         return proc
 
-    def _start_superlink(self) -> None:
-        args = [_tool("flower-superlink"), *self._tls_args(server=True), "--port", str(self.port),
-                "--database", ":flwr-in-memory:", "--disable-runtime-dependency-installation"]
-        proc = self._spawn("superlink", args + (["--simulation"] if self.simulation else []))
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise DipsenError(f"flower-superlink exited ({proc.returncode}): {self.log_tail('superlink')}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise DipsenError(f"flower-superlink did not open port {self.port} within 60 s") from None
-                time.sleep(0.2)
+    def _start(self, name: str, command: Callable[[int], list[str]], env: dict[str, str] | None = None) -> _Service:
+        port = free_port()
+        service = _Service(name, command, env or {}, port, self._spawn(name, command(port), env or {}))
+        self._services.append(service)
+        return service
 
-    def start_supernode(self, name: str, node_config: str, env: dict | None = None) -> subprocess.Popen:
-        """A SuperNode connected to this SuperLink, with ``node_config`` (e.g. ``partition-file="..."``)."""
-        args = [_tool("flower-supernode"), *self._tls_args(server=False), "--superlink", self.address,
-                "--port", str(free_port()), "--node-config", node_config]
-        return self._spawn(name, args, env)
+    def _restart(self, service: _Service) -> None:
+        """Start ``service`` again on another port if its port was taken; raise for any other exit."""
+        tail = self.log_tail(service.name)
+        if "address already in use" not in tail.lower() or service.attempts >= START_ATTEMPTS:
+            raise DipsenError(
+                f"{service.command(service.port)[0]} ({service.name}) exited "
+                f"({service.proc.returncode}) after {service.attempts} start(s): {tail}"
+            )
+        log.warning(
+            "%s: port %d was taken before it could bind it; starting it again on another port", service.name, service.port
+        )
+        service.port, service.attempts = free_port(), service.attempts + 1
+        service.proc = self._spawn(service.name, service.command(service.port), service.env)
+
+    def _await_listening(self, services: list[_Service], timeout: float) -> None:
+        """Wait until every one of ``services`` listens on its port, restarting those whose port was taken."""
+        deadline = time.monotonic() + timeout
+        while waiting := [s for s in services if not s.listening]:
+            for service in waiting:
+                # its own socket, not merely an open port: another program may hold the one handed out
+                if _listens(service.proc.pid, service.port):
+                    service.listening = True
+                elif service.proc.poll() is not None:
+                    self._restart(service)
+            self._track()
+            if any(not s.listening for s in services):
+                if time.monotonic() > deadline:
+                    names = ", ".join(f"{s.name} (port {s.port})" for s in services if not s.listening)
+                    raise DipsenError(f"not listening after {timeout:g} s: {names}")
+                self._check()
+                self._sleep(0.2)
+
+    def _start_superlink(self) -> None:
+        def command(port: int) -> list[str]:
+            args = [
+                _tool("flower-superlink"),
+                *self._tls_args(server=True),
+                "--port",
+                str(port),
+                "--database",
+                ":flwr-in-memory:",
+                "--disable-runtime-dependency-installation",
+            ]
+            return args + (["--simulation"] if self.simulation else [])
+
+        superlink = self._start("superlink", command)
+        self._await_listening([superlink], START_SECONDS)
+        self.port, self.address = superlink.port, f"127.0.0.1:{superlink.port}"
+        security = f'root-certificates = "{self.certificates.ca.resolve()}"' if self.certificates else "insecure = true"
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n'
+        )
+
+    def start_supernode(self, name: str, node_config: str, env: dict[str, str] | None = None) -> None:
+        """A SuperNode connected to this SuperLink, with ``node_config`` (e.g. ``partition-file="..."``).
+
+        It starts in the background: :meth:`await_supernodes` waits until every SuperNode listens.
+        """
+        self._start(
+            name,
+            lambda port: [
+                _tool("flower-supernode"),
+                *self._tls_args(server=False),
+                "--superlink",
+                self.address,
+                "--port",
+                str(port),
+                "--node-config",
+                node_config,
+            ],
+            env,
+        )
+
+    def await_supernodes(self, timeout: float = START_SECONDS) -> None:
+        """Wait until every SuperNode listens on its port; one whose port was taken starts again on another."""
+        self._await_listening([s for s in self._services if s.name != "superlink"], timeout)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.folder / f"{name}.log"
@@ -222,13 +357,21 @@ class Federation:
 
     def submit(self, run_config: dict, *, app: Path | None = None, federation_config: dict | None = None) -> int:
         """``flwr run`` the app with ``run_config`` overrides; returns the run ID."""
-        args = ["run", str(app or app_dir()), CONNECTION, "--format", "json",
-                "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
+        args = [
+            "run",
+            str(app or app_dir()),
+            CONNECTION,
+            "--format",
+            "json",
+            "--run-config",
+            " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items()),
+        ]
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
         reply = json.loads(self._flwr(*args, timeout=120))
         if not reply.get("success"):
             raise DipsenError(f"flwr run failed: {reply}")
+        self._check()  # a stop asked for while flwr run ran
         return int(reply["run-id"])
 
     def status(self, run_id: int) -> str:
@@ -236,60 +379,160 @@ class Federation:
         runs = json.loads(self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json"))["runs"]
         return runs[0]["status"] if runs else "unknown"
 
-    def wait(self, run_id: int, timeout: float, on_poll: Callable[[], None] | None = None,
-             poll_seconds: float = 2.0) -> str:
-        """Poll the run's status until it finishes; raises if it has not within ``timeout`` seconds."""
+    def wait(
+        self,
+        run_id: int,
+        timeout: float,
+        *,
+        run: RunDir | None = None,
+        on_poll: Callable[[], None] | None = None,
+        poll_seconds: float = 2.0,
+        status_seconds: float = 30.0,
+    ) -> str:
+        """Wait until the run finishes and return its status; raises if it has not within ``timeout`` seconds.
+
+        Every ``poll_seconds`` it calls ``on_poll`` (which follows progress in the run folder) and
+        looks at the processes. Flower itself is asked (``flwr ls``: a Python start, about a second
+        of CPU) only every ``status_seconds``, when a process of the federation has ended (a
+        ServerApp that finished or failed), and every poll once ``run``'s final_metrics.json has
+        been written, the ServerApp's last act.
+        """
         deadline = time.monotonic() + timeout
-        while not (status := self.status(run_id)).startswith(FINISHED):
+        final = run.path / "final_metrics.json" if run is not None else None
+        written_before = _mtime(final)  # a resumed run that had finished has one from before
+        members = self._track()
+        next_status, status = time.monotonic() + status_seconds, None
+        checks_due = 0  # status checks owed to a process that ended
+        while True:
+            alive = self._track()
+            if members - alive:
+                checks_due = 2  # now, and once more should Flower record the end a moment later
+            members = alive
+            if checks_due or time.monotonic() >= next_status or _mtime(final) != written_before:
+                checks_due = max(0, checks_due - 1)
+                status = self.status(run_id)
+                if status.startswith(FINISHED):
+                    return status
+                next_status = time.monotonic() + status_seconds
             if time.monotonic() > deadline:
-                raise DipsenError(f"Flower run {run_id} still {status!r} after {timeout:g} s")
+                raise DipsenError(
+                    f"Flower run {run_id} did not finish within {timeout:g} s (last status: {status or 'not asked yet'})"
+                )
             if on_poll:
                 on_poll()
-            for proc, name in self._processes:
-                if proc.poll() is not None and name == "superlink":
-                    raise DipsenError(f"flower-superlink exited ({proc.returncode}): {self.log_tail('superlink')}")
-            time.sleep(poll_seconds)
-        return status
+            self._check()
+            self._sleep(poll_seconds)
 
     def run_log(self, run_id: int) -> str:
         return self._flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
 
+    def _check(self) -> None:
+        """Raise if a stop was asked for or the SuperLink has exited."""
+        self.stop_flag.check()
+        for service in self._services:
+            if service.name == "superlink" and service.listening and service.proc.poll() is not None:
+                raise DipsenError(f"flower-superlink exited ({service.proc.returncode}): {self.log_tail('superlink')}")
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but raise within a fifth of a second once a stop is asked for."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.stop_flag.check()
+            time.sleep(min(0.2, left))
+        self.stop_flag.check()
+
+    def _track(self) -> set[int]:
+        """The live processes of this federation; records the sessions its processes opened.
+
+        A process that opens a session of its own (flower-superexec does) is found through its
+        parent while that lives; from then on its session is known, so it and what it spawns are
+        found even after the parent has died and they were re-parented.
+        """
+        processes, own_session = _processes(), os.getsid(0)
+        while True:
+            members = {pid for pid, (_, session) in processes.items() if session in self._sessions}
+            opened = {
+                session
+                for pid, (parent, session) in processes.items()
+                if parent in members and session not in self._sessions and session != own_session
+            }
+            if not opened:
+                return members
+            self._sessions |= opened
+
     def stop(self, grace_seconds: float = 15.0) -> None:
-        """Stop every started process and its descendants: SIGTERM, then SIGKILL after ``grace_seconds``."""
-        pids = []
-        for proc, _ in reversed(self._processes):  # SuperNodes before the SuperLink they talk to
-            pids += [proc.pid, *_descendants(proc.pid)]
-        self.stopped_pids += pids
-        _signal_pids(pids, signal.SIGTERM)
+        """Stop every process of the federation: SIGTERM, then SIGKILL after ``grace_seconds``."""
+        signalled: set[int] = set()
         deadline = time.monotonic() + grace_seconds
-        while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            for proc, _ in self._processes:
-                proc.poll()  # reap our children so they do not linger as zombies
+        while alive := self._track():
+            fresh = sorted(alive - signalled)  # started since the last look, e.g. during shutdown
+            _signal_pids(fresh, signal.SIGTERM)
+            signalled.update(fresh)
+            if time.monotonic() > deadline:
+                _signal_pids(sorted(alive), signal.SIGKILL)
+                break
+            for service in self._services:
+                service.proc.poll()  # reap our children so they do not linger as zombies
             time.sleep(0.1)
-        _signal_pids([pid for pid in pids if process_alive(pid)], signal.SIGKILL)
-        for proc, _ in self._processes:
+        kill_deadline = time.monotonic() + 10
+        while self._track() and time.monotonic() < kill_deadline:  # SIGKILL is not instant either
+            for service in self._services:
+                service.proc.poll()
+            time.sleep(0.1)
+        for service in self._services:
             try:
-                proc.wait(timeout=10)
+                service.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        self._processes.clear()
+        self.stopped_pids += sorted(signalled)
+        self._services.clear()
 
 
-def simulate(run: RunDir, *, resume: bool = False, timeout: float = 7 * 24 * 3600,
-             on_poll: Callable[[], None] | None = None) -> dict:
+def _mtime(path: Path | None) -> float | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_if_in_use(run: RunDir) -> None:
+    """Raise before any process starts if another process holds ``run``'s lock.
+
+    The ServerApp takes the lock itself, in its own process, for as long as it trains; this only
+    makes a second writer (a ``--resume`` beside a run still training) fail at once and plainly.
+    """
+    with run.lock():
+        pass
+
+
+def simulate(
+    run: RunDir,
+    *,
+    resume: bool = False,
+    timeout: float = 7 * 24 * 3600,
+    on_poll: Callable[[], None] | None = None,
+    stop: StopFlag | None = None,
+) -> dict:
     """Train ``run`` (a run folder with its config.json) on a Flower simulation; returns the final metrics.
 
     A SuperLink with the simulation runtime runs K virtual SuperNodes on Ray, ``workers`` of them
     at a time, each on one CPU thread as the in-process engine's workers. Flower's log of the run
-    is saved as ``flower.log`` in the run folder.
+    is saved as ``flower.log`` in the run folder. Once ``stop`` is set (by a signal handler) every
+    process is stopped and :class:`~dipsen.federated.workers.Interrupted` raised.
     """
     config = run.config()
-    with tempfile.TemporaryDirectory(prefix="dipsen-flower-") as folder, \
-            Federation(Path(folder), simulation=True) as federation:
+    _refuse_if_in_use(run)
+    with (
+        tempfile.TemporaryDirectory(prefix="dipsen-flower-") as folder,
+        Federation(Path(folder), simulation=True, stop=stop) as federation,
+    ):
         run_id = federation.submit(
             {"run-dir": str(run.path.resolve()), "resume": resume},
-            federation_config={"num-supernodes": config.clients, "client-resources-num-cpus": 1,
-                               "init-args-num-cpus": config.workers},
+            federation_config={
+                "num-supernodes": config.clients,
+                "client-resources-num-cpus": 1,
+                "init-args-num-cpus": config.workers,
+            },
         )
         _wait_for_completion(federation, run_id, run, timeout, on_poll)
     return run.read_json("final_metrics.json")
@@ -304,24 +547,34 @@ class Deployment:
     pids: list[int]
 
 
-def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0) -> Deployment:
+# the certificates outlive the run's timeout by this much: export, start-up and shut-down come on top
+CERTIFICATE_MARGIN = datetime.timedelta(days=1)
+
+
+def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0, stop: StopFlag | None = None) -> Deployment:
     """Train ``run`` on a real Flower deployment on this machine: one SuperLink, K SuperNodes, TLS.
 
     Each client's rows are exported to a file of their own, and each SuperNode (a separate process)
-    is told only its own file. Certificates are self-signed, made for this run. Logs, partition
-    files and certificates stay in ``folder``. Every process is stopped on return, also on error.
+    is told only its own file. Certificates are self-signed, made for this run, and valid for
+    ``timeout`` plus a day. Logs, partition files and certificates stay in ``folder``. Every
+    process is stopped on return, also on error or once ``stop`` is set.
     """
     from .task import PARTITION_FILE, export_partitions, load_config_dataset
 
     config = run.config()
+    _refuse_if_in_use(run)
     folder = Path(folder)
     partitions = export_partitions(config, load_config_dataset(config), folder / "partitions")
-    certificates = generate_certificates(folder / "certificates")
-    with Federation(folder, simulation=False, certificates=certificates) as federation:
+    certificates = generate_certificates(
+        folder / "certificates", valid_for=datetime.timedelta(seconds=timeout) + CERTIFICATE_MARGIN
+    )
+    with Federation(folder, simulation=False, certificates=certificates, stop=stop) as federation:
         for client, path in enumerate(partitions):
             # many SuperNodes share this machine's cores: one thread each, as the in-process workers
-            federation.start_supernode(f"supernode-{client}", f'{PARTITION_FILE}="{path.resolve()}"',
-                                       env={"OMP_NUM_THREADS": "1"})
+            federation.start_supernode(
+                f"supernode-{client}", f'{PARTITION_FILE}="{path.resolve()}"', env={"OMP_NUM_THREADS": "1"}
+            )
+        federation.await_supernodes()
         run_id = federation.submit({"run-dir": str(run.path.resolve()), "resume": False})
         status = _wait_for_completion(federation, run_id, run, timeout)
     return Deployment(status, run.read_json("final_metrics.json"), federation.stopped_pids)
@@ -330,7 +583,7 @@ def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0) ->
 def _wait_for_completion(federation: Federation, run_id: int, run: RunDir, timeout: float, on_poll=None) -> str:
     """Wait for ``run_id``, save its log as flower.log, and raise unless it completed."""
     try:
-        status = federation.wait(run_id, timeout, on_poll)
+        status = federation.wait(run_id, timeout, run=run, on_poll=on_poll)
     except DipsenError:
         _save_log(federation, run_id, run)
         raise

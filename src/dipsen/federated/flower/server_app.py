@@ -9,7 +9,8 @@ in round 1 they sample from whichever nodes have registered so far.
 Run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr run --run-config``):
 ``run-dir`` (a run folder with its config.json, made by ``dipsen train --engine flower`` or
 ``RunDir.create``), ``resume``, ``node-wait-seconds`` (how long to wait for all K nodes to
-connect) and ``reply-timeout-seconds`` (how long a round waits for its clients' replies).
+connect) and ``reply-timeout-seconds`` (how long a round waits for its clients' replies, and so
+how long its messages live at the SuperLink).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
 from ...config import TrainConfig
@@ -32,6 +34,8 @@ from .task import arrays_to_state, config_to_json, load_config_dataset, state_to
 
 log = logging.getLogger(__name__)
 
+PULL_SECONDS = 1.0  # how often a round asks the SuperLink for replies (Flower's send_and_receive: 3 s)
+
 app = ServerApp()
 
 
@@ -42,8 +46,9 @@ class FlowerClients:
     serves, so every round can send exactly the m clients that ``sample_clients`` picked.
     """
 
-    def __init__(self, grid: Grid, config: TrainConfig, num_classes: int, node_wait_seconds: float,
-                 reply_timeout_seconds: float) -> None:
+    def __init__(
+        self, grid: Grid, config: TrainConfig, num_classes: int, node_wait_seconds: float, reply_timeout_seconds: float
+    ) -> None:
         self.grid, self.reply_timeout = grid, reply_timeout_seconds
         self.settings = {"train-config": config_to_json(config), "num-classes": num_classes}
         self.nodes = self._discover(config.clients, node_wait_seconds)
@@ -55,43 +60,76 @@ class FlowerClients:
                 raise DipsenError(f"only {len(node_ids)} of {clients} client nodes connected within {wait_seconds:g} s")
             time.sleep(0.2)
         query = RecordDict({"config": ConfigRecord({"train-config": self.settings["train-config"]})})
-        messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+        messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY, ttl=wait_seconds) for node in node_ids]
         nodes: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=wait_seconds):
+        for node, reply in zip(node_ids, self._exchange(messages, wait_seconds), strict=True):
+            if reply is None:
+                raise DipsenError(f"node {node} did not answer within {wait_seconds:g} s")
             if reply.has_error():
-                raise DipsenError(f"node {reply.metadata.src_node_id} cannot serve this run: {reply.error.reason}")
+                raise DipsenError(f"node {node} cannot serve this run: {reply.error.reason}")
             client = int(reply.content["client"]["client"])
             if client in nodes:
-                raise DipsenError(f"client {client} is served by two nodes ({nodes[client]}, {reply.metadata.src_node_id})")
-            nodes[client] = reply.metadata.src_node_id
+                raise DipsenError(f"client {client} is served by two nodes ({nodes[client]}, {node})")
+            nodes[client] = node
         missing, unknown = sorted(set(range(clients)) - set(nodes)), sorted(set(nodes) - set(range(clients)))
         if missing or unknown:
-            raise DipsenError(f"the nodes do not serve clients 0..{clients - 1}: missing {missing[:20]}, "
-                              f"unknown {unknown[:20]}")
+            raise DipsenError(f"the nodes do not serve clients 0..{clients - 1}: missing {missing[:20]}, unknown {unknown[:20]}")
         log.info("%d client nodes connected", clients)
         return nodes
 
+    def _exchange(self, messages: list[Message], timeout: float) -> list[Message | None]:
+        """Send ``messages``; their replies in the same order, None where none came within ``timeout`` s.
+
+        A reply is matched by the id of the message it answers, never by its sender: the errors that
+        Flower's SuperLink makes itself (node unavailable, message expired) come from the SuperLink's
+        node id, not from the node the message went to.
+        """
+        sent = list(self.grid.push_messages(messages))  # in the order given; None where the push failed
+        pending = {message_id for message_id in sent if message_id}
+        replies: dict[str, Message] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                answered = reply.metadata.reply_to_message_id
+                if answered in pending:  # asked for by id; a reply to anything else is not this exchange's
+                    replies[answered] = reply
+                    pending.discard(answered)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(PULL_SECONDS, max(0.0, deadline - time.monotonic())))
+        return [replies.get(message_id) if message_id else None for message_id in sent]
+
     def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate | ClientFailure]:
         arrays = state_to_arrays(state)
+        # a message lives as long as the round waits for its reply: Flower's default is 12 hours
         messages = [
-            Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**self.settings, "seed": task.seed})}),
-                    dst_node_id=self.nodes[task.client], message_type=MessageType.TRAIN)
+            Message(
+                RecordDict({"arrays": arrays, "config": ConfigRecord({**self.settings, "seed": task.seed})}),
+                dst_node_id=self.nodes[task.client],
+                message_type=MessageType.TRAIN,
+                ttl=self.reply_timeout,
+            )
             for task in tasks
         ]
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.reply_timeout)}
-        return [self._update(replies.get(self.nodes[task.client])) for task in tasks]
+        return [self._update(reply) for reply in self._exchange(messages, self.reply_timeout)]
 
     def _update(self, reply: Message | None) -> ClientUpdate | ClientFailure:
         """The reply as a ClientUpdate; ClientFailure if there is none or it cannot be read."""
         if reply is None:
             return ClientFailure(f"no reply within {self.reply_timeout:g} s")
         if reply.has_error():
-            return ClientFailure(f"client error: {reply.error.reason}")
+            # from the node itself (its ClientApp failed) or from the SuperLink on its behalf
+            source = "SuperLink" if reply.metadata.src_node_id == SUPERLINK_NODE_ID else "client"
+            return ClientFailure(f"{source} error: {reply.error.reason}")
         try:
             metrics = reply.content["metrics"]
-            return ClientUpdate(state=arrays_to_state(reply.content["arrays"]), num_samples=metrics["num-examples"],
-                                mean_loss=float(metrics["mean-loss"]), steps=int(metrics["steps"]),
-                                seconds=float(metrics["seconds"]))
+            return ClientUpdate(
+                state=arrays_to_state(reply.content["arrays"]),
+                num_samples=metrics["num-examples"],
+                mean_loss=float(metrics["mean-loss"]),
+                steps=metrics["steps"],  # unconverted: validate_report checks it
+                seconds=float(metrics["seconds"]),
+            )
         except Exception as exc:  # whatever a client sent, a bad reply costs its update, not the run
             return ClientFailure(f"unreadable reply: {type(exc).__name__}: {exc}")
 
@@ -106,7 +144,12 @@ def main(grid: Grid, context: Context) -> None:
     dataset = load_config_dataset(config)
     # the nodes get the config with its validation slice resolved, as their partition files record it
     resolve_validation_size(config, dataset)
-    clients = FlowerClients(grid, config, len(dataset.classes), float(context.run_config["node-wait-seconds"]),
-                            float(context.run_config["reply-timeout-seconds"]))
+    clients = FlowerClients(
+        grid,
+        config,
+        len(dataset.classes),
+        float(context.run_config["node-wait-seconds"]),
+        float(context.run_config["reply-timeout-seconds"]),
+    )
     metrics = train(FederatedTraining(config, dataset, runner=clients), run, resume=bool(context.run_config["resume"]))
     log.info("run finished after %d rounds, test accuracy %.4f", metrics["rounds"], metrics["accuracy"])

@@ -37,8 +37,20 @@ PARTITION_ID, NUM_PARTITIONS, PARTITION_FILE = "partition-id", "num-partitions",
 
 # The settings that decide which rows a client holds: a partition file must match the run on all.
 # validation_size (resolved, None without a target) says which rows were held out before partitioning.
-PARTITION_SETTINGS = ("dataset", "data_dir", "train_subset", "validation_size", "include_background", "bad_rows",
-                      "ctu13_split", "clients", "partition", "dirichlet_alpha", "shards_per_client", "seed")
+PARTITION_SETTINGS = (
+    "dataset",
+    "data_dir",
+    "train_subset",
+    "validation_size",
+    "include_background",
+    "bad_rows",
+    "ctu13_split",
+    "clients",
+    "partition",
+    "dirichlet_alpha",
+    "shards_per_client",
+    "seed",
+)
 
 
 def config_to_json(config: TrainConfig) -> str:
@@ -59,9 +71,14 @@ def arrays_to_state(arrays: ArrayRecord) -> StateDict:
 
 def load_config_dataset(config: TrainConfig) -> Dataset:
     """The data set ``config`` names, loaded with its settings."""
-    return load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None, seed=config.seed,
-                        include_background=config.include_background, bad_rows=config.bad_rows,
-                        ctu13_split=config.ctu13_split)
+    return load_dataset(
+        config.dataset,
+        Path(config.data_dir) if config.data_dir else None,
+        seed=config.seed,
+        include_background=config.include_background,
+        bad_rows=config.bad_rows,
+        ctu13_split=config.ctu13_split,
+    )
 
 
 def partition_file_name(client: int) -> str:
@@ -91,8 +108,10 @@ def client_id(config: TrainConfig, node_config: dict) -> int:
         expected = {k: getattr(config, k) for k in PARTITION_SETTINGS}
         differing = sorted(k for k in PARTITION_SETTINGS if settings.get(k) != expected[k])
         if differing:
-            raise DipsenError(f"{node_config[PARTITION_FILE]} was exported for other settings: "
-                              + ", ".join(f"{k}={settings.get(k)!r} (run: {expected[k]!r})" for k in differing))
+            raise DipsenError(
+                f"{node_config[PARTITION_FILE]} was exported for other settings: "
+                + ", ".join(f"{k}={settings.get(k)!r} (run: {expected[k]!r})" for k in differing)
+            )
         return client
     if PARTITION_ID in node_config:
         if int(node_config[NUM_PARTITIONS]) != config.clients:

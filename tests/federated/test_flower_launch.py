@@ -1,0 +1,243 @@
+"""How the Flower launcher handles ports, processes, stops, polling, certificates and the run lock.
+
+No Flower process runs here: a small stand-in for ``flower-superlink`` (a Python script that
+listens on its ``--port`` and, as the real one starts ``flower-superexec``, starts a child in a
+session of its own, which starts a grandchild) takes its place. Every process a test starts is
+killed by PID when it ends, passed or failed.
+"""
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from dipsen.config import TrainConfig
+from dipsen.errors import DipsenError
+from dipsen.federated import RunDir
+from dipsen.federated.flower import launch
+from dipsen.federated.flower.launch import Federation, free_port, generate_certificates, process_alive
+from dipsen.federated.workers import Interrupted, StopFlag
+
+FAKE_SUPERLINK = '''
+import os, socket, subprocess, sys, time
+from pathlib import Path
+
+port = int(sys.argv[sys.argv.index("--port") + 1])
+pids = Path(os.environ["FAKE_PIDS"])
+# as flower-superlink starts flower-superexec: a child in a session of its own, which starts the ServerApp
+child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                          "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                          "print(p.pid, flush=True); time.sleep(600)"],
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+grandchild = int(child.stdout.readline())
+sock = socket.socket()
+try:
+    sock.bind(("127.0.0.1", port))
+except OSError as exc:
+    print(f"ERROR: [Errno 98] error while attempting to bind on address: {exc.strerror.lower()}", flush=True)
+    child.kill()
+    os.kill(grandchild, 9)
+    sys.exit(1)
+sock.listen()
+with open(pids, "a") as out:
+    out.write(f"{os.getpid()} {child.pid} {grandchild}\\n")
+print(f"INFO: Uvicorn running on http://127.0.0.1:{port}", flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.fixture
+def fake_flower(tmp_path, monkeypatch):
+    """Flower's tools replaced by the stand-in; yields the file where each start writes its PIDs."""
+    script = tmp_path / "fake-superlink"
+    script.write_text(f"#!{sys.executable}\n" + textwrap.dedent(FAKE_SUPERLINK))
+    script.chmod(0o755)
+    pids = tmp_path / "pids.txt"
+    monkeypatch.setenv("FAKE_PIDS", str(pids))
+    monkeypatch.setattr(launch, "_tool", lambda name: str(script))
+    yield pids
+    for line in pids.read_text().splitlines() if pids.exists() else []:  # whatever a failed test left running
+        for pid in map(int, line.split()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _started(pids: Path) -> list[int]:
+    return [int(p) for line in pids.read_text().splitlines() for p in line.split()]
+
+
+def _all_gone(pids: list[int], seconds: float = 10) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (alive := [p for p in pids if process_alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == 500
+
+
+def test_free_port_skips_a_port_the_kernel_offers_again(monkeypatch):
+    offered = iter([41001, 41001, 41002])  # the kernel gives a closed socket's port to the next bind(0)
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(launch.socket, "socket", Socket)
+    assert [free_port(), free_port()] == [41001, 41002]
+
+
+def test_a_start_whose_port_was_taken_is_retried_on_another_port(tmp_path, fake_flower, monkeypatch):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real_free_port = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or real_free_port())
+    try:
+        with Federation(tmp_path / "federation", simulation=True) as federation:
+            assert federation.port != taken.getsockname()[1]
+            assert launch._listens(_started(fake_flower)[0], federation.port)
+            assert f'address = "127.0.0.1:{federation.port}"' in (federation.home / "config.toml").read_text()
+    finally:
+        taken.close()
+    assert not _all_gone(_started(fake_flower))
+
+
+def test_stop_reaches_processes_whose_parent_died_first(tmp_path, fake_flower):
+    with Federation(tmp_path / "federation", simulation=True) as federation:
+        superlink, superexec, serverapp = _started(fake_flower)
+        assert os.getsid(superexec) == superexec != os.getsid(superlink)  # a session of its own
+        os.kill(superlink, signal.SIGKILL)  # the SuperLink dies first: its children go to init
+        assert not _all_gone([superlink])
+        assert process_alive(superexec) and process_alive(serverapp)
+    assert not _all_gone([superlink, superexec, serverapp])
+    assert {superexec, serverapp} <= set(federation.stopped_pids)
+
+
+def test_a_stop_flag_interrupts_the_wait_and_stops_every_process(tmp_path, fake_flower, monkeypatch):
+    monkeypatch.setattr(Federation, "status", lambda self, run_id: "running")
+    flag = StopFlag()
+    threading.Timer(0.5, flag.set, args=(signal.SIGTERM,)).start()  # as the signal handler would
+    start = time.monotonic()
+    with pytest.raises(Interrupted), Federation(tmp_path / "federation", simulation=True, stop=flag) as federation:
+        federation.wait(1, timeout=60, poll_seconds=5)
+    assert time.monotonic() - start < 10
+    assert not _all_gone(_started(fake_flower))
+
+
+def test_flower_is_asked_for_the_status_rarely_and_at_once_when_the_run_has_written_its_end(
+        tmp_path, fake_flower, monkeypatch):
+    run = RunDir.create(tmp_path / "runs", TrainConfig(clients=2, fraction=1.0).validate())
+    asked = []
+
+    def status(self, run_id):
+        asked.append(time.monotonic())
+        return launch.COMPLETED if (run.path / "final_metrics.json").exists() else "running"
+
+    monkeypatch.setattr(Federation, "status", status)
+    with Federation(tmp_path / "federation", simulation=True) as federation:
+        start = time.monotonic()
+        threading.Timer(1.5, run.write_json, args=("final_metrics.json", {})).start()  # the ServerApp's last act
+        assert federation.wait(1, timeout=30, run=run, poll_seconds=0.05, status_seconds=20) == launch.COMPLETED
+    assert len(asked) == 1 and 1.5 <= asked[0] - start < 5  # not once per poll (30 of them or more)
+
+
+def test_flower_is_asked_at_once_when_a_process_of_the_federation_ends(tmp_path, fake_flower, monkeypatch):
+    asked = []
+
+    def status(self, run_id):
+        asked.append(time.monotonic())
+        return "finished:failed" if not process_alive(serverapp) else "running"
+
+    monkeypatch.setattr(Federation, "status", status)
+    with Federation(tmp_path / "federation", simulation=True) as federation:
+        superlink, superexec, serverapp = _started(fake_flower)
+        start = time.monotonic()
+        threading.Timer(1.0, os.kill, args=(serverapp, signal.SIGKILL)).start()  # a ServerApp that crashed
+        assert federation.wait(1, timeout=30, poll_seconds=0.05, status_seconds=20) == "finished:failed"
+    assert len(asked) == 1 and 1.0 <= asked[0] - start < 4
+
+
+def test_deployment_certificates_outlive_the_run_timeout(tmp_path, monkeypatch):
+    class Refused(Exception):
+        pass
+
+    def no_federation(*args, **kwargs):
+        raise Refused
+
+    monkeypatch.setattr(launch, "Federation", no_federation)
+    cfg = TrainConfig(dataset="mnist", model="cnn", clients=2, fraction=1.0, train_subset=200, seed=2,
+                      engine="flower").validate()
+    run = RunDir.create(tmp_path / "runs", cfg)
+    week = 7 * 24 * 3600.0
+    with pytest.raises(Refused):
+        launch.deploy_on_loopback(run, tmp_path / "deployment", timeout=week)
+    for name in ("ca.crt", "server.pem"):
+        cert = x509.load_pem_x509_certificate((tmp_path / "deployment" / "certificates" / name).read_bytes())
+        assert cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=week)
+
+
+def test_generated_certificates_default_to_two_days(tmp_path):
+    paths = generate_certificates(tmp_path / "certs")
+    cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    assert datetime.timedelta(days=1, hours=23) < left <= datetime.timedelta(days=2)
+
+
+LOCK_HOLDER = '''
+import sys, time
+from dipsen.federated import RunDir
+with RunDir.open(sys.argv[1]).lock():
+    print("locked", flush=True)
+    time.sleep(600)
+'''
+
+
+def test_a_second_writer_on_a_locked_run_folder_is_refused(tmp_path, monkeypatch):
+    run = RunDir.create(tmp_path, TrainConfig(clients=2, fraction=1.0).validate())
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        message = rf"^{run.path} is in use by process {holder.pid} \(it holds {run.path / '.lock'}\); "
+        with pytest.raises(DipsenError, match=message), run.lock():
+            pass
+        # the Flower engine refuses before it starts any process, as the ServerApp would after
+        monkeypatch.setattr(launch, "Federation", None)
+        with pytest.raises(DipsenError, match=message):
+            launch.simulate(run, resume=True)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    with run.lock():  # the holder is gone, killed or not: its lock went with it
+        assert (run.path / ".lock").read_text() == f"{os.getpid()}\n"
+    assert (run.path / ".lock").read_text() == ""
+
+
+def test_the_lock_is_refused_within_one_process_too(tmp_path):
+    run = RunDir.create(tmp_path, TrainConfig(clients=2, fraction=1.0).validate())
+    with run.lock():
+        with pytest.raises(DipsenError, match="is in use by process"), run.lock():
+            pass

@@ -1,0 +1,124 @@
+"""The ServerApp's message exchange, on a fake Grid: replies are matched to the messages they answer.
+
+No Flower process runs here: the fake Grid behaves as Flower's HttpGrid does towards the ServerApp
+(message ids set on push, replies carrying ``reply_to_message_id``), and its SuperLink errors are
+made by Flower's own helper, so they carry the SuperLink's node id (1) as Flower's do.
+"""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.supercore.task_identity import TaskIdentity
+
+from dipsen.config import TrainConfig
+from dipsen.errors import DipsenError
+from dipsen.federated.client import ClientUpdate
+from dipsen.federated.flower.server_app import FlowerClients
+from dipsen.federated.workers import ClientFailure, ClientTask
+
+
+class FakeGrid:
+    """Nodes 101, 102, ... serve clients 0, 1, ...; ``train[node]`` says how a node answers a train message.
+
+    ``"ok"``: a reply with the weights it was sent; ``"unavailable"``: the SuperLink's node-unavailable
+    error; ``"silent"``: nothing, ever.
+    """
+
+    def __init__(self, train: dict[int, str], query: dict[int, str] | None = None) -> None:
+        self.train, self.query = train, query or {}
+        self.sent: list[Message] = []
+        self._replies: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.train)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"message-{len(self.sent)}"  # as HttpGrid does
+            self.sent.append(message)
+            ids.append(message.metadata.message_id)
+            self._answer(message)
+        return ids
+
+    def _answer(self, message: Message) -> None:
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == MessageType.QUERY:
+            how = self.query.get(node, "ok")
+            content = RecordDict({"client": ConfigRecord({"client": node - 101, "samples": 3})})
+        else:
+            how = self.train[node]
+            metrics = MetricRecord({"num-examples": 3, "mean-loss": 0.5, "steps": 1, "seconds": 0.01})
+            content = RecordDict({"arrays": message.content["arrays"], "metrics": metrics})
+        if how == "ok":
+            self._replies.append(Message(content, reply_to=message))
+        elif how == "unavailable":
+            self._replies.append(create_message_error_unavailable_res_message(message.metadata, "node_unavail"))
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        wanted = set(message_ids)
+        found = [r for r in self._replies if r.metadata.reply_to_message_id in wanted]
+        self._replies = [r for r in self._replies if r not in found]
+        return found
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        """As Flower's HttpGrid: push, then pull until every message is answered or ``timeout`` passes."""
+        ids = set(self.push_messages(messages))
+        end, replies = time.time() + (timeout or 0.0), []
+        while time.time() < end:
+            found = self.pull_messages(ids)
+            replies += found
+            ids -= {r.metadata.reply_to_message_id for r in found}
+            if not ids:
+                break
+            time.sleep(0.05)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """What Flower sets in a ServerApp process before it runs, and Message() reads."""
+    for name, value in (("_run_id", 7), ("_node_id", 1), ("_task_id", 3)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+CONFIG = dict(dataset="mnist", model="cnn", clients=3, fraction=1.0, rounds=1, seed=0, workers=1)
+
+
+def _tasks(clients: list[int]) -> list[ClientTask]:
+    return [ClientTask(c, np.arange(3), 100 + c) for c in clients]
+
+
+def test_superlink_errors_are_reported_for_the_client_they_answer():
+    grid = FakeGrid({101: "ok", 102: "unavailable", 103: "silent"})
+    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=5,
+                            reply_timeout_seconds=1.0)
+    start = time.monotonic()
+    ok, unavailable, silent = clients.run({"w": torch.ones(2)}, _tasks([0, 1, 2]))
+    assert time.monotonic() - start < 5
+    assert isinstance(ok, ClientUpdate) and torch.equal(ok.state["w"], torch.ones(2))
+    # the SuperLink's error names the node that did not answer, not "no reply"
+    assert isinstance(unavailable, ClientFailure), unavailable
+    assert "Node Unavailable" in unavailable.reason and "no reply" not in unavailable.reason
+    assert isinstance(silent, ClientFailure) and silent.reason == "no reply within 1 s"
+
+
+def test_messages_live_as_long_as_the_server_waits_for_their_replies():
+    grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"})
+    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=7,
+                            reply_timeout_seconds=2.5)
+    clients.run({"w": torch.ones(2)}, _tasks([0, 2]))
+    queries = [m for m in grid.sent if m.metadata.message_type == MessageType.QUERY]
+    trains = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(queries) == 3 and len(trains) == 2
+    assert {m.metadata.ttl for m in queries} == {7} and {m.metadata.ttl for m in trains} == {2.5}
+
+
+def test_a_node_that_cannot_be_reached_at_start_is_named_by_its_own_id():
+    grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"}, query={102: "unavailable"})
+    with pytest.raises(DipsenError, match=r"^node 102 cannot serve this run: .*Node Unavailable"):
+        FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1)
