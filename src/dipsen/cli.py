@@ -97,7 +97,6 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="Resume the run in this folder from its last finished round.")] = None,
 ) -> None:
     """Train a model by federated averaging and write a run folder."""
-    from .data import load_dataset
     from .federated import FederatedTraining, RunDir
     from .federated import train as run_training
     from .federated.workers import Interrupted, StopFlag
@@ -112,14 +111,7 @@ def train(
     else:
         cfg = load_config(config, overrides)
         run = None
-    data = load_dataset(
-        cfg.dataset,
-        Path(cfg.data_dir) if cfg.data_dir else None,
-        seed=cfg.seed,
-        include_background=cfg.include_background,
-        bad_rows=cfg.bad_rows,
-        ctu13_split=cfg.ctu13_split,
-    )
+    data = cfg.load_dataset()
     stop = StopFlag()
     with ExitStack() as signals:
         if cfg.engine == "flower":

@@ -14,9 +14,12 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .data import Dataset
 
 OPTIMIZERS = ("sgd", "adam")
 ENGINES = ("inprocess", "flower")
@@ -129,6 +132,19 @@ class TrainConfig:
             raise ConfigError(f"alpha_dropout must be in [0, 1), got {self.alpha_dropout}")
         calibrate_noise(self.sigma, self.dp_epsilon, self.dp_delta, self.dp_attack_bound)
         return self
+
+    def load_dataset(self) -> Dataset:
+        """The data set this config names, loaded with its data settings (every engine and the attacks use this)."""
+        from .data import load_dataset
+
+        return load_dataset(
+            self.dataset,
+            Path(self.data_dir) if self.data_dir else None,
+            seed=self.seed,
+            include_background=self.include_background,
+            bad_rows=self.bad_rows,
+            ctu13_split=self.ctu13_split,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -275,12 +275,12 @@ def test_scenario_split_needs_two_files_and_both_classes_on_each_side(tmp_path):
 
 def test_the_train_command_and_the_flower_task_pass_the_split_on(tmp_path):
     from dipsen.config import TrainConfig
-    from dipsen.federated.flower.task import PARTITION_SETTINGS, load_config_dataset
+    from dipsen.federated.flower.task import PARTITION_SETTINGS
 
     assert "ctu13_split" in PARTITION_SETTINGS
     config = TrainConfig(dataset="ctu13", data_dir=str(FIXTURE), ctu13_split="host").validate()
     with pytest.raises(DataError, match="ctu13_split 'host' cannot put botnet flows"):
-        load_config_dataset(config)
+        config.load_dataset()  # what the Flower task and the ServerApp load
     result = subprocess.run([sys.executable, "-m", "dipsen", "train", "--dataset", "ctu13", "--data-dir", str(FIXTURE),
                              "--ctu13-split", "host", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "ctu13_split 'host' cannot put botnet flows" in result.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..errors import DipsenError
 from ..federated import RunDir
 from ..models import FederatedNet, build_model, calibrate_noise
@@ -47,18 +47,7 @@ class TrainedRun:
         if not rounds:
             raise DipsenError(f"{path}: no checkpoints; train the run first")
         self.final_round = rounds[-1]
-        self.dataset = (
-            dataset
-            if dataset is not None
-            else load_dataset(
-                self.config.dataset,
-                Path(self.config.data_dir) if self.config.data_dir else None,
-                seed=self.config.seed,
-                include_background=self.config.include_background,
-                bad_rows=self.config.bad_rows,
-                ctu13_split=self.config.ctu13_split,
-            )
-        )
+        self.dataset = dataset if dataset is not None else self.config.load_dataset()
 
     @property
     def path(self) -> Path:

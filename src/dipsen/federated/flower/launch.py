@@ -559,12 +559,12 @@ def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0, st
     ``timeout`` plus a day. Logs, partition files and certificates stay in ``folder``. Every
     process is stopped on return, also on error or once ``stop`` is set.
     """
-    from .task import PARTITION_FILE, export_partitions, load_config_dataset
+    from .task import PARTITION_FILE, export_partitions
 
     config = run.config()
     _refuse_if_in_use(run)
     folder = Path(folder)
-    partitions = export_partitions(config, load_config_dataset(config), folder / "partitions")
+    partitions = export_partitions(config, config.load_dataset(), folder / "partitions")
     certificates = generate_certificates(
         folder / "certificates", valid_for=datetime.timedelta(seconds=timeout) + CERTIFICATE_MARGIN
     )

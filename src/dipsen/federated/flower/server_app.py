@@ -30,7 +30,7 @@ from ..client import ClientUpdate, StateDict
 from ..engine import FederatedTraining, resolve_validation_size, train
 from ..run_dir import RunDir
 from ..workers import ClientFailure, ClientTask
-from .task import arrays_to_state, config_to_json, load_config_dataset, state_to_arrays
+from .task import arrays_to_state, config_to_json, state_to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class FlowerClients:
 def main(grid: Grid, context: Context) -> None:
     run = RunDir.open(Path(str(context.run_config["run-dir"])))
     config = run.config()
-    dataset = load_config_dataset(config)
+    dataset = config.load_dataset()
     # the nodes get the config with its validation slice resolved, as their partition files record it
     resolve_validation_size(config, dataset)
     clients = FlowerClients(

@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from ...config import TrainConfig
-from ...data import Dataset, load_dataset
+from ...data import Dataset
 from ...errors import DipsenError
 from ...models import build_model
 from ..client import StateDict
@@ -67,18 +67,6 @@ def state_to_arrays(state: StateDict) -> ArrayRecord:
 
 def arrays_to_state(arrays: ArrayRecord) -> StateDict:
     return arrays.to_torch_state_dict()
-
-
-def load_config_dataset(config: TrainConfig) -> Dataset:
-    """The data set ``config`` names, loaded with its settings."""
-    return load_dataset(
-        config.dataset,
-        Path(config.data_dir) if config.data_dir else None,
-        seed=config.seed,
-        include_background=config.include_background,
-        bad_rows=config.bad_rows,
-        ctu13_split=config.ctu13_split,
-    )
 
 
 def partition_file_name(client: int) -> str:
@@ -123,7 +111,7 @@ def client_id(config: TrainConfig, node_config: dict) -> int:
 @lru_cache(maxsize=2)
 def _simulated_partitions(config_json: str) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
     config = config_from_json(config_json)
-    data = federated_data(config, load_config_dataset(config))
+    data = federated_data(config, config.load_dataset())
     return torch.from_numpy(data.x_train), torch.from_numpy(data.y_train), data.parts
 
 
