@@ -106,6 +106,7 @@ def test_free_port_skips_a_port_the_kernel_offers_again(monkeypatch):
             return ("127.0.0.1", self.port)
 
     monkeypatch.setattr(launch.socket, "socket", Socket)
+    monkeypatch.setattr(launch, "_ports_handed_out", set())  # other tests may have been handed 41001 already
     assert [free_port(), free_port()] == [41001, 41002]
 
 
