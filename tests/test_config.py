@@ -11,6 +11,24 @@ def test_precedence_defaults_file_flags(tmp_path):
     assert (cfg.dataset, cfg.rounds, cfg.lr, cfg.model, cfg.clients) == ("socofing", 9, 0.01, "cnn", 200)
 
 
+def test_socofing_task_from_file_and_flags(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('dataset = "socofing"\nsocofing_task = "gender"\n')
+    assert TrainConfig().socofing_task == "hand-finger"
+    assert load_config(file, {}).socofing_task == "gender"
+    assert load_config(file, {"socofing_task": "finger"}).socofing_task == "finger"  # the flag wins
+    assert load_config(file, {"socofing_task": None}).socofing_task == "gender"
+
+
+def test_load_dataset_passes_the_socofing_task(monkeypatch):
+    import dipsen.data
+
+    seen = {}
+    monkeypatch.setattr(dipsen.data, "load_dataset", lambda name, data_dir, **kwargs: seen.update(kwargs))
+    TrainConfig(dataset="socofing", socofing_task="hand").validate().load_dataset()
+    assert seen["socofing_task"] == "hand"
+
+
 def test_clients_per_round():
     assert TrainConfig(clients=200, fraction=0.1).clients_per_round == 20
     assert TrainConfig(clients=5, fraction=0.1).clients_per_round == 1
@@ -27,6 +45,7 @@ def test_clients_per_round():
         ("rounds = ", "invalid TOML"),
         ("validation_size = 100", "validation_size 100 needs target_accuracy"),
         ("target_accuracy = 0.9\nvalidation_size = 0", "validation_size must be >= 1, got 0"),
+        ('socofing_task = "sex"', "socofing_task must be one of hand-finger, gender, hand, finger, got 'sex'"),
     ],
 )
 def test_bad_config_files_name_the_value(tmp_path, text, message):

@@ -93,6 +93,13 @@ def train(
             "of source hosts) | scenario (hold out a seeded ~30% of the --data-dir files)."
         ),
     ] = None,
+    socofing_task: Annotated[
+        str | None,
+        typer.Option(
+            help="SOCOFing only: the label to predict: hand-finger (10 classes) | gender | hand | finger "
+            "(same subject split for each)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
     resume: Annotated[Path | None, typer.Option(help="Resume the run in this folder from its last finished round.")] = None,
 ) -> None:

@@ -35,6 +35,7 @@ class TrainConfig:
     include_background: bool = False
     bad_rows: str = "error"
     ctu13_split: str = "time"  # time | host | scenario (see dipsen.data.ctu13)
+    socofing_task: str = "hand-finger"  # hand-finger | gender | hand | finger (see dipsen.data.socofing)
     # model
     model: str = "dipsen"
     sigma: float | None = None
@@ -83,7 +84,7 @@ class TrainConfig:
         The resolved worker count is saved with the run: float results can depend on the
         thread/process layout, so a resumed run must use the same one.
         """
-        from .data import CTU13_SPLITS, DATASETS
+        from .data import CTU13_SPLITS, DATASETS, SOCOFING_TASKS
         from .models import MODELS, calibrate_noise
         from .partition import SCHEMES
 
@@ -95,6 +96,7 @@ class TrainConfig:
             "engine": ENGINES,
             "bad_rows": ("error", "skip"),
             "ctu13_split": CTU13_SPLITS,
+            "socofing_task": SOCOFING_TASKS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -144,6 +146,7 @@ class TrainConfig:
             include_background=self.include_background,
             bad_rows=self.bad_rows,
             ctu13_split=self.ctu13_split,
+            socofing_task=self.socofing_task,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -11,12 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dipsen.data import load_dataset
+from dipsen.config import TrainConfig
+from dipsen.data import SOCOFING_TASKS, load_dataset
 from dipsen.data.socofing import (
-    CACHE_NAME, CLASSES, EMBEDDED_CACHE, build_socofing_cache, read_cache, read_originals
+    CACHE_NAME, CLASSES, EMBEDDED_CACHE, TASKS, build_socofing_cache, load_socofing, read_cache, read_originals
 )
 from dipsen.data.socofing_split import split_by_subject
-from dipsen.errors import DataError
+from dipsen.errors import ConfigError, DataError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "socofing"
 BMP_NAMES = sorted(p.name for p in FIXTURES.glob("*.BMP"))
@@ -209,3 +214,113 @@ def test_corrupt_caches_are_named(tmp_path):
     np.savez_compressed(partial, images=np.zeros((1, 28, 28), np.uint8))
     with pytest.raises(DataError, match=naming(partial, ": not a SOCOFing cache: missing arrays subject")):
         load_dataset("socofing", partial)
+
+
+# --- the task: hand-finger (default), gender, hand, finger -------------------------------------------------
+
+EXPECTED_CLASSES = {
+    "hand-finger": CLASSES,
+    "gender": ("female", "male"),
+    "hand": ("Left", "Right"),
+    "finger": ("thumb", "index", "middle", "ring", "little"),
+}
+
+
+@pytest.fixture(scope="module")
+def by_task() -> dict[str, object]:
+    return {task: load_dataset("socofing", seed=0, socofing_task=task) for task in SOCOFING_TASKS}
+
+
+def test_task_table_is_the_one_load_dataset_accepts():
+    assert SOCOFING_TASKS == tuple(TASKS) == tuple(EXPECTED_CLASSES)
+    assert {task: classes for task, (classes, _) in TASKS.items()} == EXPECTED_CLASSES
+
+
+def test_default_task_is_hand_finger(by_task):
+    default = load_dataset("socofing", seed=0)
+    assert default.classes == CLASSES and default.info["task"] == "hand-finger"
+    np.testing.assert_array_equal(default.y_train, by_task["hand-finger"].y_train)
+    np.testing.assert_array_equal(default.y_test, by_task["hand-finger"].y_test)
+
+
+@pytest.mark.parametrize("task", SOCOFING_TASKS)
+def test_each_task_labels_the_file_name_fields(embedded, by_task, task):
+    ds = by_task[task]
+    split = split_by_subject(embedded, seed=0)
+    assert ds.classes == EXPECTED_CLASSES[task] and ds.info["task"] == task
+    for y, idx in ((ds.y_train, split.train), (ds.y_test, split.test)):
+        gender, hand, finger = (embedded[field][idx] for field in ("gender", "hand", "finger"))
+        names = np.array(ds.classes)[y]
+        if task == "gender":
+            np.testing.assert_array_equal(y == 1, gender == "M")
+            np.testing.assert_array_equal(y == 0, gender == "F")
+        elif task == "hand":
+            np.testing.assert_array_equal(names, hand)
+        elif task == "finger":
+            np.testing.assert_array_equal(names, finger)
+        else:
+            np.testing.assert_array_equal(names, np.char.add(np.char.add(hand.astype(str), "_"), finger.astype(str)))
+        assert set(y.tolist()) == set(range(len(ds.classes)))  # every class on both sides
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_split_is_the_same_for_every_task(seed):
+    loaded = [load_dataset("socofing", seed=seed, socofing_task=task) for task in SOCOFING_TASKS]
+    first = loaded[0]
+    for ds in loaded[1:]:
+        np.testing.assert_array_equal(ds.x_train, first.x_train)
+        np.testing.assert_array_equal(ds.x_test, first.x_test)
+        assert ds.info["split"] == first.info["split"] and ds.info["duplicates"] == first.info["duplicates"]
+
+
+@pytest.mark.parametrize("task", SOCOFING_TASKS)
+def test_majority_rate_is_the_test_splits_most_frequent_class(embedded, by_task, task):
+    ds = by_task[task]
+    test = split_by_subject(embedded, seed=0).test
+    fields = {"gender": ["gender"], "hand": ["hand"], "finger": ["finger"], "hand-finger": ["hand", "finger"]}[task]
+    values = ["_".join(str(embedded[f][i]) for f in fields) for i in test]
+    (value, count), *_ = collections.Counter(values).most_common()
+    assert ds.info["majority_rate"] == pytest.approx(count / len(test))
+    assert ds.info["majority_class"] == {"M": "male", "F": "female"}.get(value, value)
+    assert sum(ds.info["class_counts"]["test"]) == len(test) == len(ds.y_test)
+    if task == "gender":  # the embedded seed-0 test split: 906 of 1,184 images are male
+        assert (ds.info["majority_class"], count, len(test)) == ("male", 906, 1184)
+
+
+def test_kept_copies_whose_twins_have_another_gender_are_listed(by_task):
+    # 363 (M) and 376 (F), 560 (F) and 585 (M) hold byte-identical images of the same finger: one copy is kept
+    conflicts = by_task["gender"].info["label_conflicts_kept"]
+    assert sorted(conflicts) == [
+        ["Real/363__M_Left_little_finger.BMP", "Real/376__F_Left_little_finger.BMP"],
+        ["Real/560__F_Left_little_finger.BMP", "Real/585__M_Left_little_finger.BMP"],
+    ]
+    assert all(by_task[t].info["label_conflicts_kept"] == [] for t in ("hand-finger", "hand", "finger"))
+
+
+def test_bad_task_is_a_config_error_naming_it_and_the_choices():
+    message = "socofing_task must be one of hand-finger, gender, hand, finger, got 'sex'"
+    with pytest.raises(ConfigError, match=message):
+        load_dataset("socofing", socofing_task="sex")
+    with pytest.raises(ConfigError, match=message):
+        load_socofing(None, seed=0, task="sex")
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(dataset="socofing", socofing_task="sex").validate()
+
+
+def test_config_and_flag_choose_the_task(tmp_path):
+    config = TrainConfig(dataset="socofing", socofing_task="hand").validate()
+    assert config.load_dataset().classes == ("Left", "Right")
+    result = subprocess.run(
+        [sys.executable, "-m", "dipsen", "train", "--dataset", "socofing", "--model", "cnn", "--socofing-task", "gender",
+         "--clients", "2", "--fraction", "1", "--rounds", "1", "--train-subset", "64", "--test-subset", "64",
+         "--workers", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((run / "config.json").read_text())["socofing_task"] == "gender"
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert [c["class"] for c in final["per_class"]] == ["female", "male"]
+    bad = subprocess.run([sys.executable, "-m", "dipsen", "train", "--socofing-task", "sex", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "socofing_task must be one of hand-finger, gender, hand, finger, got 'sex'" in bad.stderr

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -124,3 +125,90 @@ def test_ctu13_report_sets_every_model_figure_beside_trivial_rules(ctu13_study, 
     assert f"{stump['accuracy']:.3f}" in text and "eps 1 (whole feasible domain)" in text
     if stump["accuracy"] > FIG6[("cnn", "ctu13")]["clean"]:
         assert "sit below this one-feature rule" in text
+
+
+SOCOFING_SEED = 1  # the subject split (and so the test split's majority rate) depends on it
+
+
+def _central_socofing_study(root, task: str) -> dict:
+    """A CNN trained centrally for one epoch on SOCOFing ``task``, studied with TINY settings."""
+    import torch
+    from torch import nn
+
+    from dipsen.attack import TrainedRun
+    from dipsen.config import TrainConfig
+    from dipsen.federated import RunDir
+    from dipsen.models import build_model, calibrate_noise
+
+    config = TrainConfig(dataset="socofing", model="cnn", socofing_task=task, rounds=1,
+                         seed=SOCOFING_SEED).validate()
+    data = config.load_dataset()
+    run = RunDir.create(root, config)
+    torch.manual_seed(1)
+    model = build_model("cnn", (1, 28, 28), len(data.classes), calibrate_noise(None, 1.0, 0.05, 0.1))
+    run.save_checkpoint(0, model.state_dict())
+    x, y = torch.from_numpy(data.x_train[:1500]), torch.from_numpy(data.y_train[:1500])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for batch in torch.randperm(len(y)).split(64):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+    run.save_checkpoint(1, model.state_dict())
+    return study_run(TrainedRun(run.path, data), TINY)
+
+
+@pytest.fixture(scope="module")
+def socofing_report(tmp_path_factory):
+    studies = {f"{key}/cnn": _central_socofing_study(tmp_path_factory.mktemp("runs"), task)
+               for key, task in (("socofing", "hand-finger"), ("socofing-gender", "gender"))}
+    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
+               "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5}, "studies": studies}
+    return build_report(results, tmp_path_factory.mktemp("report")).read_text(), studies
+
+
+def test_reproduce_trains_socofing_on_gender_too():
+    from dipsen.report.reproduce import paper_config, study_runs
+
+    runs = study_runs(("mnist", "socofing", "ctu13"))
+    assert list(runs) == ["mnist", "socofing", "socofing-gender", "ctu13"]
+    assert runs["socofing"] == ("socofing", {}) and runs["socofing-gender"] == ("socofing", {"socofing_task": "gender"})
+    assert study_runs(("ctu13", "mnist")) == {"ctu13": ("ctu13", {}), "mnist": ("mnist", {})}
+    dataset, overrides = runs["socofing-gender"]
+    assert paper_config(dataset, "cnn", quick=True, **overrides).socofing_task == "gender"
+    assert paper_config("socofing", "cnn", quick=True).socofing_task == "hand-finger"
+
+
+def test_summary_shows_socofing_rows_for_both_tasks_with_their_majority_rate(socofing_report):
+    from dipsen.data import load_dataset
+
+    text, studies = socofing_report
+    for key, task, name in (("socofing", "hand-finger", None), ("socofing-gender", "gender", "male")):
+        y_test = load_dataset("socofing", seed=SOCOFING_SEED, socofing_task=task).y_test  # the whole test split
+        counts = np.bincount(y_test)
+        rate, majority = counts.max() / len(y_test), studies[f"{key}/cnn"]["task"]["classes"][counts.argmax()]
+        if name is not None:
+            assert majority == name
+        ours = studies[f"{key}/cnn"]["clean"]["metrics"]["single"]["accuracy"]
+        row = (f"| SOCOFing ({task}) | cnn | {FIG6[('cnn', 'socofing')]['clean']:.3f} / **{ours:.3f}** | "
+               f"{rate:.3f} ({majority}) |")
+        assert row in text
+    assert studies["socofing-gender/cnn"]["baselines"] is None and "How hard is the SOCOFing" not in text
+
+
+def test_report_says_which_socofing_task_the_papers_figure_can_be_compared_with(socofing_report):
+    from dipsen.data import load_dataset
+
+    text, studies = socofing_report
+    gender = load_dataset("socofing", seed=SOCOFING_SEED, socofing_task="gender")
+    male = np.concatenate([gender.y_train, gender.y_test])
+    whole, test_rate = male.mean(), gender.y_test.mean()  # label 1 = male
+    paper = FIG6[("cnn", "socofing")]["clean"]
+    assert "Which SOCOFing task is the paper's figure for?" in text
+    assert f"only {(paper - whole) * 100:.1f} points above the share of 'male' among all {len(male):,} images" in text
+    assert f"{(paper - test_rate) * 100:.1f} points above always answering 'male' on our test split ({test_rate:.3f})" in text
+    hand_finger = np.bincount(load_dataset("socofing", seed=SOCOFING_SEED).y_test)
+    assert f"hand-finger task's majority rate ({hand_finger.max() / hand_finger.sum():.3f}, 10 classes)" in text
+    for key, task in (("socofing-gender", "gender"), ("socofing", "hand-finger")):
+        ours = studies[f"{key}/cnn"]["clean"]["metrics"]["single"]["accuracy"]
+        assert f"Ours, clean (1 draw), {task}: cnn {ours:.3f}." in text

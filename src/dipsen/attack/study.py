@@ -18,7 +18,9 @@ For one deployed model, on the same evaluation examples:
   in that domain, and is reported as such;
 - ``variants``: protocol choices that could explain published figures (noise off at inference,
   Keras-style clipped probabilities in the loss), clearly labelled, never part of the verdict;
-- ``baselines`` (binary tasks: CTU-13): trivial reference classifiers (majority, one feature,
+- ``task``: what the run predicts (the data set's ``info["task"]``), its class counts and the
+  accuracy of always answering the most frequent class of the whole test split;
+- ``baselines`` (CTU-13): trivial reference classifiers (majority, one feature,
   depth-2 trees, logistic regression) on the same examples, clean and under their exact worst case
   at every eps of the study (:mod:`.baselines`), so a model's figure can be read against what the
   task demands.
@@ -32,6 +34,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
+
+from ..data import Dataset
 from .attacks import Budget
 from .baselines import dataset_baselines
 from .evaluate import AttackResult, AttackSetup, RobustnessEvaluation, survivors, worst_case_accuracy
@@ -162,6 +167,7 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
         "final_round": trained.final_round,
         "samples": settings.samples,
         "chance": evaluation.chance,
+        "task": task_summary(trained.dataset),
         "domain": evaluation.domain.description,
         "clean": evaluation.clean().to_dict(),
         "paper": {k: r.to_dict() for k, r in paper_results.items()},
@@ -171,8 +177,26 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
         "worst_case": worst,
         "sweep": _sweep(trained, settings, progress, randomized),
         "variants": _variants(trained, settings, progress, randomized),
-        "baselines": _baselines(evaluation, settings) if len(evaluation.classes) == 2 else None,
+        # the rules read CTU-13's flow windows (bottom row = the classified flow); meaningless on images
+        "baselines": _baselines(evaluation, settings) if trained.config.dataset == "ctu13" else None,
         "training_cost": trained.training_cost(),
+    }
+
+
+def task_summary(dataset: Dataset) -> dict:
+    """The task's name (``info["task"]``), class counts, and the majority class of the whole test split."""
+    counts = {
+        split: np.bincount(y, minlength=len(dataset.classes)).tolist()
+        for split, y in (("train", dataset.y_train), ("test", dataset.y_test))
+    }
+    majority = int(np.argmax(counts["test"]))
+    total = sum(counts["test"])
+    return {
+        "name": dataset.info.get("task"),
+        "classes": list(dataset.classes),
+        "class_counts": counts,
+        "majority_class": dataset.classes[majority],
+        "majority_rate": counts["test"][majority] / total if total else None,
     }
 
 

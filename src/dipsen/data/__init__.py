@@ -16,8 +16,9 @@ from dipsen.errors import ConfigError, DataError
 DATASETS: tuple[str, ...] = ("mnist", "socofing", "ctu13")
 BAD_ROWS_MODES = ("error", "skip")
 CTU13_SPLITS = ("time", "host", "scenario")  # see dipsen.data.ctu13
+SOCOFING_TASKS = ("hand-finger", "gender", "hand", "finger")  # see dipsen.data.socofing.TASKS
 
-__all__ = ["CTU13_SPLITS", "DATASETS", "Dataset", "WindowOrigins", "load_dataset"]
+__all__ = ["CTU13_SPLITS", "DATASETS", "SOCOFING_TASKS", "Dataset", "WindowOrigins", "load_dataset"]
 
 
 def load_dataset(
@@ -28,14 +29,16 @@ def load_dataset(
     include_background: bool = False,
     bad_rows: str = "error",
     ctu13_split: str = "time",
+    socofing_task: str = "hand-finger",
 ) -> Dataset:
     """Load dataset ``name`` (one of ``DATASETS``) as a train/test :class:`Dataset`.
 
     ``seed`` affects the SOCOFing subject split and CTU-13's host and scenario splits;
     ``include_background``, ``bad_rows`` ("error" or "skip") and ``ctu13_split`` (one of
     ``CTU13_SPLITS``, see :mod:`dipsen.data.ctu13`) only affect CTU-13. The result is deterministic
-    for given arguments and files. Raises DataError (message names the file) for any problem with the
-    data, ConfigError for a bad ``bad_rows`` or ``ctu13_split`` value.
+    for given arguments and files. ``socofing_task`` (one of ``SOCOFING_TASKS``, see
+    :mod:`dipsen.data.socofing`) is the label SOCOFing predicts. Raises DataError (message names the file)
+    for any problem with the data, ConfigError for a bad ``bad_rows``, ``ctu13_split`` or ``socofing_task``.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -43,6 +46,8 @@ def load_dataset(
         raise ConfigError(f"bad_rows must be one of {', '.join(BAD_ROWS_MODES)}, got {bad_rows!r}")
     if ctu13_split not in CTU13_SPLITS:
         raise ConfigError(f"ctu13_split must be one of {', '.join(CTU13_SPLITS)}, got {ctu13_split!r}")
+    if socofing_task not in SOCOFING_TASKS:
+        raise ConfigError(f"socofing_task must be one of {', '.join(SOCOFING_TASKS)}, got {socofing_task!r}")
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.exists():
@@ -55,7 +60,7 @@ def load_dataset(
     if name == "socofing":
         from dipsen.data.socofing import load_socofing
 
-        return load_socofing(data_dir, seed=seed)
+        return load_socofing(data_dir, seed=seed, task=socofing_task)
     from dipsen.data.ctu13 import load_ctu13
 
     return load_ctu13(data_dir, include_background=include_background, bad_rows=bad_rows, split=ctu13_split, seed=seed)

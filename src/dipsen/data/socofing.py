@@ -1,6 +1,11 @@
 """SOCOFing fingerprints (Shehu et al. 2018) from the original BMP files or this package's cache of them.
 
-Task: 10 classes, hand x finger (``Left_thumb`` ... ``Right_little``), from a 28x28 grayscale image.
+Task (``task``, one of :data:`TASKS`), from a 28x28 grayscale image: ``hand-finger`` (the default: 10
+classes, ``Left_thumb`` ... ``Right_little``), ``gender`` (``female``, ``male``), ``hand`` (``Left``,
+``Right``) or ``finger`` (``thumb`` ... ``little``). Every task uses the same subject split, so a seed gives
+the same train and test images whatever is predicted. Gender is unbalanced (4,770 of the 6,000 real images
+are male), so ``info["majority_rate"]`` gives the accuracy of always answering the test split's most
+frequent class.
 
 Originals are read from a folder (searched recursively for ``*.BMP``) or a ``.tar`` / ``.tar.gz`` archive,
 named ``<subject>__<M|F>_<Left|Right>_<finger>_finger[_CR|_Obl|_Zcut].BMP`` (the suffix marks the
@@ -22,7 +27,7 @@ import re
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +36,13 @@ from PIL import Image
 
 from dipsen.data._io import describe_file, embedded_dir, sha256_hex, write_atomic
 from dipsen.data.dataset import Dataset
-from dipsen.data.socofing_split import split_by_subject
-from dipsen.errors import DataError
+from dipsen.data.socofing_split import _duplicate_groups, split_by_subject
+from dipsen.errors import ConfigError, DataError
 
 HANDS = ("Left", "Right")
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 CLASSES = tuple(f"{hand}_{finger}" for hand in HANDS for finger in FINGERS)
+GENDERS = {"F": "female", "M": "male"}  # file-name letter -> class name
 VARIANTS = ("", "CR", "Obl", "Zcut")  # "" = real; the others are the Altered-* alterations
 SIDE = 28
 CACHE_NAME = "socofing_real_28x28.npz"
@@ -54,6 +60,15 @@ PREPROCESSING = {
 }
 
 Records = dict[str, np.ndarray]
+
+TASKS: dict[str, tuple[tuple[str, ...], Callable[[Records], list[str]]]] = {
+    # task: (classes, class name of each record); label = index of the name in classes
+    "hand-finger": (CLASSES, lambda r: [f"{h}_{f}" for h, f in zip(r["hand"], r["finger"], strict=True)]),
+    "gender": (tuple(GENDERS.values()), lambda r: [GENDERS[str(g)] for g in r["gender"]]),
+    "hand": (HANDS, lambda r: [str(h) for h in r["hand"]]),
+    "finger": (FINGERS, lambda r: [str(f) for f in r["finger"]]),
+}
+"""The tasks ``load_socofing`` can predict (``dipsen.data.SOCOFING_TASKS`` lists the same names)."""
 
 
 def parse_name(name: str, origin: str) -> dict:
@@ -157,15 +172,22 @@ def read_cache(path: Path) -> tuple[Records, dict]:
         raise DataError(f"{path}: arrays have different lengths")
     if not (np.isin(records["hand"], HANDS).all() and np.isin(records["finger"], FINGERS).all()):
         raise DataError(f"{path}: unknown hand or finger value")
+    if not np.isin(records["gender"], list(GENDERS)).all():
+        raise DataError(f"{path}: unknown gender value (expected {' or '.join(GENDERS)})")
     return records, meta
 
 
-def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
-    """The hand x finger task, split by subject with ``seed`` (see :mod:`dipsen.data.socofing_split`).
+def load_socofing(data_dir: Path | None = None, *, seed: int = 0, task: str = "hand-finger") -> Dataset:
+    """The ``task`` (one of :data:`TASKS`), split by subject with ``seed`` (see :mod:`dipsen.data.socofing_split`).
 
     ``data_dir`` may be None (the embedded cache), a ``.npz`` cache, a folder of originals or a tar archive
-    of them. Guarantees: no subject and no image content (sha256 of the original file) in both splits.
+    of them. Guarantees: no subject and no image content (sha256 of the original file) in both splits, and
+    the same split (same images in train and test) for every task. ``info["majority_rate"]`` is the share of
+    ``info["majority_class"]``, the most frequent class of the test split (None for an empty test split).
     """
+    if task not in TASKS:
+        raise ConfigError(f"socofing_task must be one of {', '.join(TASKS)}, got {task!r}")
+    classes, names_of = TASKS[task]
     if data_dir is None or Path(data_dir).suffix == ".npz":
         path = EMBEDDED_CACHE if data_dir is None else Path(data_dir)
         records, meta = read_cache(path)
@@ -176,19 +198,26 @@ def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
         records = read_originals(Path(data_dir))
         source = {"originals": str(data_dir), "preprocessing": PREPROCESSING}
     split = split_by_subject(records, seed=seed)
-    names = (f"{hand}_{finger}" for hand, finger in zip(records["hand"], records["finger"], strict=True))
-    labels = np.array([CLASSES.index(name) for name in names], dtype=np.int64)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[name] for name in names_of(records)], dtype=np.int64)
     images = records["images"][:, None].astype(np.float32) / np.float32(255)
     counts = {
-        name: np.bincount(labels[idx], minlength=len(CLASSES)).tolist()
+        name: np.bincount(labels[idx], minlength=len(classes)).tolist()
         for name, idx in (("train", split.train), ("test", split.test))
     }
+    test_total = sum(counts["test"])
+    majority = int(np.argmax(counts["test"]))
     info = {
         "source": source,
-        "task": "10 classes: hand x finger, label = index in classes",
+        "task": task,
+        "labels": f"index in classes ({', '.join(classes)})",
         "variants": {v or "real": int((records["variant"] == v).sum()) for v in VARIANTS},
         **split.info,
         "class_counts": counts,
+        "majority_class": classes[majority] if test_total else None,
+        "majority_rate": counts["test"][majority] / test_total if test_total else None,
+        # identical images kept once (same hand x finger) whose copies carry another label for this task
+        "label_conflicts_kept": _label_conflicts(records, labels, np.concatenate([split.train, split.test])),
     }
     return Dataset(
         "socofing",
@@ -196,9 +225,20 @@ def load_socofing(data_dir: Path | None = None, *, seed: int = 0) -> Dataset:
         labels[split.train],
         images[split.test],
         labels[split.test],
-        classes=CLASSES,
+        classes=classes,
         info=info,
     )
+
+
+def _label_conflicts(records: Records, labels: np.ndarray, kept: np.ndarray) -> list[list[str]]:
+    """Source names of each group of identical images that kept a copy although its labels differ."""
+    kept_mask = np.zeros(len(labels), dtype=bool)
+    kept_mask[kept] = True
+    return [
+        records["source"][idx].tolist()
+        for idx in _duplicate_groups(records["sha256"])
+        if kept_mask[idx].any() and len(set(labels[idx].tolist())) > 1
+    ]
 
 
 def _iter_files(source: Path) -> Iterator[tuple[str, str, bytes]]:

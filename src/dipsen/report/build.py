@@ -1,8 +1,9 @@
 """Turn the study's measurements into ``report.md``, ``report.html``, PNG plots and ``results.json``.
 
 Input: ``results = {"settings", "quick", "machine", "seconds", "studies": {"DATASET/MODEL": study}}``
-where each study is :func:`dipsen.attack.study.study_run`'s dict. Every table puts the paper's
-figure next to ours; our figures are only ever read from ``results``.
+where each study is :func:`dipsen.attack.study.study_run`'s dict and DATASET is one of
+:data:`~dipsen.report.paper.REPORT_DATASETS` (a data set or a task variant such as ``socofing-gender``).
+Every table puts the paper's figure next to ours; our figures are only ever read from ``results``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import plots
-from .paper import DATASET_NAMES, DATASETS, FIG6, OVERHEAD
+from .paper import DATASET_NAMES, FIG6, OVERHEAD, REPORT_DATASETS, paper_dataset
 from .render import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
 
 SURVIVAL_MARGIN = 0.05
@@ -23,7 +24,7 @@ def build_report(results: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     studies = results["studies"]
-    datasets = [d for d in DATASETS if any(k.startswith(d + "/") for k in studies)]
+    datasets = [d for d in REPORT_DATASETS if any(k.startswith(d + "/") for k in studies)]
     n = results["settings"]["mc_samples"]
     blocks: list[Block] = [Heading("dipsen robustness report: CNN against DiPSeN", 1), Paragraph(_preamble(results))]
     blocks += _summary(studies, datasets, n, out)
@@ -56,6 +57,27 @@ def _study(studies: dict, dataset: str, model: str) -> dict | None:
     return studies.get(f"{dataset}/{model}")
 
 
+def _fig6(model: str, dataset: str) -> dict:
+    """The paper's Fig. 6 figures for ``model`` on the paper's data set behind report key ``dataset``."""
+    return FIG6.get((model, paper_dataset(dataset)), {})
+
+
+def _name(dataset: str, study: dict) -> str:
+    """The data set's name; for SOCOFing with the task its models predict."""
+    task = (study.get("task") or {}).get("name")
+    if study.get("dataset") == "socofing" and task:
+        return f"{DATASET_NAMES['socofing']} ({task})"
+    return DATASET_NAMES[dataset]
+
+
+def _majority(study: dict) -> str:
+    """Accuracy of always answering the test split's most frequent class, and that class."""
+    task = study.get("task") or {}
+    if task.get("majority_rate") is None:
+        return "—"
+    return f"{task['majority_rate']:.3f} ({task['majority_class']})"
+
+
 def _acc(result: dict, rule: str = "single") -> float:
     return result["metrics"][rule]["accuracy"]
 
@@ -85,6 +107,7 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
         "data set",
         "model",
         "clean: paper / ours",
+        "majority class (test split)",
         "FGSM: paper / ours",
         "BIM: paper / ours",
         "PGD: paper / ours",
@@ -93,14 +116,15 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
     rows = []
     runs = list(_runs(studies, datasets))
     for dataset, model, study in runs:
-        paper = FIG6.get((model, dataset), {})
+        paper = _fig6(model, dataset)
         cells = [f"{_pct(paper.get(r))} / **{_pct(_ours(study, r))}**" for r in ("clean", "fgsm", "bim", "pgd")]
         worst = study["worst_case"]
-        rows.append([DATASET_NAMES[dataset], model, *cells, f"{_pct(worst['single']['all'])} / {_pct(worst['mc']['all'])}"])
+        worst_cell = f"{_pct(worst['single']['all'])} / {_pct(worst['mc']['all'])}"
+        rows.append([_name(dataset, study), model, cells[0], _majority(study), *cells[1:], worst_cell])
     plots.grouped_bars(
-        [f"{DATASET_NAMES[d]} {m}" for d, m, _ in runs],
+        [f"{_name(d, study)} {m}" for d, m, study in runs],
         {
-            "paper: PGD": [FIG6.get((m, d), {}).get("pgd") for d, m, _ in runs],
+            "paper: PGD": [_fig6(m, d).get("pgd") for d, m, _ in runs],
             "ours: paper-protocol PGD (1 draw)": [_ours(study, "pgd") for _, _, study in runs],
             f"ours: worst case over all attacks (mean of {n})": [study["worst_case"]["mc"]["all"] for _, _, study in runs],
         },
@@ -110,11 +134,56 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
     )
     return [
         Heading("Summary (the paper's Fig. 6)"),
-        Table(headers, rows, "Accuracy. Ours: paper protocol, 1 draw (bold); last column: every attack of the study."),
+        Table(
+            headers,
+            rows,
+            "Accuracy. Ours: paper protocol, 1 draw (bold); majority class: accuracy of always answering the most "
+            "frequent class of the whole test split; last column: every attack of the study.",
+        ),
+        *_socofing_task(studies),
         Image(
             "fig6_summary.png", "PGD accuracy: the paper's figure, ours under the paper's protocol, ours under adaptive attack"
         ),
     ]
+
+
+def _socofing_task(studies: dict) -> list[Block]:
+    """Which SOCOFing task the paper's clean figure can be compared with, from the measured rows."""
+    gender = {m: s for m in ("cnn", "dipsen") if (s := _study(studies, "socofing-gender", m))}
+    if not gender:
+        return []
+    task = next(iter(gender.values()))["task"]
+    male, rate = task["majority_class"], task["majority_rate"]
+    counts, k = task["class_counts"], task["classes"].index(task["majority_class"])
+    images = sum(counts["train"]) + sum(counts["test"])
+    whole = (counts["train"][k] + counts["test"][k]) / images
+    paper = {m: _fig6(m, "socofing").get("clean") for m in ("cnn", "dipsen")}
+    top = max(v for v in paper.values() if v is not None)
+    text = [
+        "Which SOCOFing task is the paper's figure for? The paper names gender, hand and finger as SOCOFing's "
+        "labels but does not say which one its models predict, nor how it splits the images into training and "
+        f"test sets. Its clean figures ({', '.join(f'{m} {v:.2f}' for m, v in paper.items() if v is not None)}) "
+        f"are only {(top - whole) * 100:.1f} points above the share of '{male}' among all {images:,} images we keep "
+        f"({whole:.3f}), and {(top - rate) * 100:.1f} points above always answering '{male}' on our test split "
+        f"({rate:.3f})."
+    ]
+    hand_finger = {m: s for m in ("cnn", "dipsen") if (s := _study(studies, "socofing", m))}
+    if hand_finger:
+        default = next(iter(hand_finger.values()))["task"]
+        text.append(
+            f"They are far above the {default['name']} task's majority rate ({default['majority_rate']:.3f}, "
+            f"{len(default['classes'])} classes)."
+        )
+    text.append(
+        f"So either the paper predicted gender, and then its figure is barely above always answering '{male}', "
+        "or it predicted hand and finger on a split that lets the model see the same fingers in training and "
+        "test (ours keeps every person on one side)."
+    )
+    for runs in (gender, hand_finger):
+        if runs:
+            ours = ", ".join(f"{m} {_ours(s, 'clean'):.3f}" for m, s in runs.items())
+            text.append(f"Ours, clean (1 draw), {next(iter(runs.values()))['task']['name']}: {ours}.")
+    return [Paragraph(" ".join(text))]
 
 
 def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
@@ -124,7 +193,7 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
         if study is None:
             continue
         paper_protocol = min(_ours(study, r) for r in ("fgsm", "bim", "pgd"))
-        published = min(FIG6.get(("dipsen", dataset), {}).get(r, 1.0) for r in ("fgsm", "bim", "pgd"))
+        published = min(_fig6("dipsen", dataset).get(r, 1.0) for r in ("fgsm", "bim", "pgd"))
         adaptive = study["worst_case"]["mc"]["all"]
         verdict = (
             f"DiPSeN under the paper's own protocol: {paper_protocol:.3f} (lowest of FGSM/BIM/PGD, 1 draw; "
@@ -154,10 +223,10 @@ def _baseline(studies: dict, datasets: list[str], n: int, out: Path) -> list[Blo
     for dataset, model, study in _runs(studies, datasets):
         clean = study["clean"]["metrics"]
         macro = clean["single"]["macro"]
-        paper = FIG6.get((model, dataset), {}).get("clean")
+        paper = _fig6(model, dataset).get("clean")
         rows.append(
             [
-                DATASET_NAMES[dataset],
+                _name(dataset, study),
                 model,
                 _pct(paper),
                 _pct(clean["single"]["accuracy"]),
@@ -169,7 +238,7 @@ def _baseline(studies: dict, datasets: list[str], n: int, out: Path) -> list[Blo
                 str(study["final_round"]),
             ]
         )
-        groups.append(f"{DATASET_NAMES[dataset]} {model}")
+        groups.append(f"{_name(dataset, study)} {model}")
         paper_series.append(paper)
         ours_series.append(clean["single"]["accuracy"])
     plots.grouped_bars(
@@ -249,7 +318,7 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
                     ]
                 )
         stump = reference["baselines"]["one-feature"]
-        paper_clean = {m: FIG6.get((m, dataset), {}).get("clean") for m in models}
+        paper_clean = {m: _fig6(m, dataset).get("clean") for m in models}
         below = [f"{m} {v:.2f}" for m, v in paper_clean.items() if v is not None and v < stump["accuracy"]]
         text = [
             f"A one-feature rule ({stump['description']}) reaches {stump['accuracy']:.3f} clean accuracy on the same "
@@ -413,11 +482,11 @@ def _variants(studies: dict, datasets: list[str]) -> list[Block]:
     ]
     rows = []
     for dataset, model, study in _runs(studies, datasets):
-        paper = FIG6.get((model, dataset), {})
+        paper = _fig6(model, dataset)
         for variant, results in study["variants"].items():
             rows.append(
                 [
-                    DATASET_NAMES[dataset],
+                    _name(dataset, study),
                     model,
                     variant,
                     *[f"{_pct(paper.get(r))} / {_pct(_acc(results[r]))}" for r in ("clean", "fgsm", "bim", "pgd")],

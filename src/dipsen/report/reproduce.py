@@ -1,7 +1,8 @@
 """``dipsen reproduce``: the whole study end to end, into one report folder.
 
 1. Train the CNN and DiPSeN on each data set with the settings in ``dipsen/configs/DATASET.toml``
-   (K=200, C=0.1, FedAvg; the in-process engine), into ``OUT/runs``.
+   (K=200, C=0.1, FedAvg; the in-process engine), into ``OUT/runs``; SOCOFing twice, on its default
+   hand x finger task and on gender (:data:`dipsen.report.paper.TASK_VARIANTS`, keys ``socofing-gender/MODEL``).
 2. Run :func:`dipsen.attack.study.study_run` on every final global model.
 3. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json``.
 
@@ -22,11 +23,10 @@ import torch
 from ..attack.study import ProgressFactory, StudySettings, study_run
 from ..attack.target import TrainedRun
 from ..config import load_config
-from ..data import load_dataset
 from ..errors import DipsenError
 from ..federated import FederatedTraining, RunDir, train
 from .build import build_report
-from .paper import DATASETS
+from .paper import DATASETS, TASK_VARIANTS
 
 MODELS = ("cnn", "dipsen")
 QUICK_TRAINING = {"rounds": 3, "clients": 20, "fraction": 0.25, "local_epochs": 1, "train_subset": 2000, "test_subset": 500}
@@ -38,6 +38,15 @@ def paper_config(dataset: str, model: str, quick: bool = False, **overrides):
         raise DipsenError(f"unknown data set {dataset!r}; choose from {', '.join(DATASETS)}")
     with resources.as_file(resources.files("dipsen") / "configs" / f"{dataset}.toml") as path:
         return load_config(path, {"model": model, **(QUICK_TRAINING if quick else {}), **overrides})
+
+
+def study_runs(datasets: tuple[str, ...]) -> dict[str, tuple[str, dict]]:
+    """Report key -> (data set, config overrides): each data set, then its task variants."""
+    runs: dict[str, tuple[str, dict]] = {}
+    for dataset in datasets:
+        runs[dataset] = (dataset, {})
+        runs.update({key: variant for key, variant in TASK_VARIANTS.items() if variant[0] == dataset})
+    return runs
 
 
 def round_progress(progress: ProgressFactory | None, label: str, rounds: int):
@@ -63,18 +72,20 @@ def reproduce(
     """Train, attack and report into ``out``; returns the path of report.md."""
     if out.exists() and any(out.iterdir()):
         raise DipsenError(f"{out} exists and is not empty; choose a new --out folder")
-    configs = {(d, m): paper_config(d, m, quick) for d in datasets for m in MODELS}  # all errors before any work
+    runs = study_runs(datasets)
+    # all errors before any work
+    configs = {(key, m): paper_config(d, m, quick, **overrides) for key, (d, overrides) in runs.items() for m in MODELS}
     settings = settings or (StudySettings.quick() if quick else StudySettings())
     start = time.perf_counter()
     trained: dict[str, TrainedRun] = {}
-    for dataset in datasets:
+    for key in runs:
         for model in MODELS:
-            config = configs[dataset, model]
-            data = load_dataset(dataset, seed=config.seed)
-            label = f"{dataset}/{model}"
+            config = configs[key, model]
+            data = config.load_dataset()
+            label = f"{key}/{model}"
             run = RunDir.create(out / "runs", config)
             train(FederatedTraining(config, data), run, on_round=round_progress(progress, label, config.rounds))
-            trained[f"{dataset}/{model}"] = TrainedRun(run.path, data)
+            trained[label] = TrainedRun(run.path, data)
     training_seconds = time.perf_counter() - start
     studies = {key: study_run(run, settings, progress) for key, run in trained.items()}
     total = time.perf_counter() - start

@@ -45,6 +45,7 @@ PARTITION_SETTINGS = (
     "include_background",
     "bad_rows",
     "ctu13_split",
+    "socofing_task",
     "clients",
     "partition",
     "dirichlet_alpha",
