@@ -46,6 +46,8 @@ def test_clients_per_round():
         ("validation_size = 100", "validation_size 100 needs target_accuracy"),
         ("target_accuracy = 0.9\nvalidation_size = 0", "validation_size must be >= 1, got 0"),
         ('socofing_task = "sex"', "socofing_task must be one of hand-finger, gender, hand, finger, got 'sex'"),
+        ("momentum = 0.9", "momentum 0.9 applies to optimizer sgd only"),  # the default optimizer is adam
+        ('optimizer = "sgd"\nmomentum = 1.0', r"momentum must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_config_files_name_the_value(tmp_path, text, message):

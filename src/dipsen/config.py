@@ -57,12 +57,13 @@ class TrainConfig:
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
-    # local training
+    # local training. Adam, because the noise layer makes every later layer's gradient noisy and
+    # Adam's steps, unlike SGD's, do not grow with that noise (benchmarks/training_diagnostics.py)
     local_epochs: int = 1
     batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
+    optimizer: str = "adam"
+    lr: float = 0.001
+    momentum: float = 0.0  # SGD only
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
@@ -130,6 +131,10 @@ class TrainConfig:
                 raise ConfigError(f"validation_size must be >= 1, got {self.validation_size}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(f"momentum {self.momentum} applies to optimizer sgd only (optimizer is {self.optimizer!r})")
         if not 0 <= self.alpha_dropout < 1:
             raise ConfigError(f"alpha_dropout must be in [0, 1), got {self.alpha_dropout}")
         calibrate_noise(self.sigma, self.dp_epsilon, self.dp_delta, self.dp_attack_bound)

@@ -355,6 +355,9 @@ def test_stop_signals_set_the_flag_and_an_ignored_signal_stays_ignored():
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    # a shell's background job inherits SIGINT ignored, which the handler would rightly keep
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     stop = StopFlag()
     try:
         with _stop_on_signals(stop):
@@ -364,8 +367,8 @@ def test_stop_signals_set_the_flag_and_an_ignored_signal_stays_ignored():
         with pytest.raises(Interrupted, match="SIGTERM"):
             stop.check()
         assert stop.signum == signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
-        assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

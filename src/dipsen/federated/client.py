@@ -21,11 +21,12 @@ StateDict = dict[str, Tensor]
 class LocalTraining:
     epochs: int = 1
     batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.05
+    optimizer: str = "adam"
+    lr: float = 0.001
     momentum: float = 0.0
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """A fresh optimizer each round: FedAvg averages weights only, so no optimizer state outlives a round."""
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.lr)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
