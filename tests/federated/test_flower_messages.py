@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -18,14 +18,16 @@ from dipsen.config import TrainConfig
 from dipsen.errors import DipsenError
 from dipsen.federated.client import ClientUpdate
 from dipsen.federated.flower.server_app import FlowerClients
+from dipsen.federated.flower.task import float_value, int_value, message_record, str_value
 from dipsen.federated.workers import ClientFailure, ClientTask
 
 
 class FakeGrid:
     """Nodes 101, 102, ... serve clients 0, 1, ...; ``train[node]`` says how a node answers a train message.
 
-    ``"ok"``: a reply with the weights it was sent; ``"unavailable"``: the SuperLink's node-unavailable
-    error; ``"silent"``: nothing, ever.
+    ``"ok"``: a reply with the weights it was sent; ``"float-steps"``: the same, but with its step
+    count sent as a float; ``"unavailable"``: the SuperLink's node-unavailable error; ``"silent"``:
+    nothing, ever.
     """
 
     def __init__(self, train: dict[int, str], query: dict[int, str] | None = None) -> None:
@@ -52,9 +54,10 @@ class FakeGrid:
             content = RecordDict({"client": ConfigRecord({"client": node - 101, "samples": 3})})
         else:
             how = self.train[node]
-            metrics = MetricRecord({"num-examples": 3, "mean-loss": 0.5, "steps": 1, "seconds": 0.01})
+            steps = 1.0 if how == "float-steps" else 1
+            metrics = MetricRecord({"num-examples": 3, "mean-loss": 0.5, "steps": steps, "seconds": 0.01})
             content = RecordDict({"arrays": message.content["arrays"], "metrics": metrics})
-        if how == "ok":
+        if how in ("ok", "float-steps"):
             self._replies.append(Message(content, reply_to=message))
         elif how == "unavailable":
             self._replies.append(create_message_error_unavailable_res_message(message.metadata, "node_unavail"))
@@ -121,4 +124,52 @@ def test_messages_live_as_long_as_the_server_waits_for_their_replies():
 def test_a_node_that_cannot_be_reached_at_start_is_named_by_its_own_id():
     grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"}, query={102: "unavailable"})
     with pytest.raises(DipsenError, match=r"^node 102 cannot serve this run: .*Node Unavailable"):
+        FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1)
+
+
+@pytest.mark.parametrize(
+    "read, record, message",
+    [
+        (int_value, ConfigRecord({"seed": "5"}), "'seed' is a str, expected an int"),
+        (int_value, ConfigRecord({"seed": True}), "'seed' is a bool, expected an int"),
+        (int_value, MetricRecord({"steps": 1.0}), "'steps' is a float, expected an int"),
+        (float_value, ConfigRecord({"mean-loss": "0.5"}), "'mean-loss' is a str, expected a number"),
+        (float_value, MetricRecord({"mean-loss": [0.5]}), "'mean-loss' is a list, expected a number"),
+        (str_value, ConfigRecord({"train-config": b"{}"}), "'train-config' is a bytes, expected a str"),
+        (str_value, ConfigRecord({}), "no value 'train-config'"),
+    ],
+)
+def test_a_wrong_typed_or_missing_value_is_a_one_line_error_naming_its_key(read, record, message):
+    key = message.split("'")[1]
+    with pytest.raises(DipsenError) as raised:
+        read(record, key)
+    assert str(raised.value) == f"malformed message: {message}"
+
+
+def test_a_missing_or_wrong_kind_of_record_is_a_one_line_error_naming_it():
+    content = RecordDict({"metrics": ConfigRecord({"steps": 1})})
+    with pytest.raises(DipsenError, match=r"^malformed message: no 'arrays' record$"):
+        message_record(content, "arrays", ArrayRecord)
+    with pytest.raises(DipsenError, match=r"^malformed message: record 'metrics' is a ConfigRecord, expected a MetricRecord$"):
+        message_record(content, "metrics", MetricRecord)
+    assert int_value(message_record(RecordDict({"m": MetricRecord({"steps": 1})}), "m", MetricRecord), "steps") == 1
+
+
+def test_a_reply_with_a_wrong_typed_value_costs_that_update_with_a_one_line_reason():
+    grid = FakeGrid({101: "ok", 102: "float-steps", 103: "ok"})
+    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=5, reply_timeout_seconds=1.0)
+    ok, bad = clients.run({"w": torch.ones(2)}, _tasks([0, 1]))
+    assert isinstance(ok, ClientUpdate) and ok.steps == 1
+    assert isinstance(bad, ClientFailure)
+    assert bad.reason == "unreadable reply: DipsenError: malformed message: 'steps' is a float, expected an int"
+
+
+def test_a_node_that_names_its_client_with_a_wrong_type_stops_the_run_naming_the_key():
+    class StrClientGrid(FakeGrid):
+        def _answer(self, message: Message) -> None:
+            content = RecordDict({"client": ConfigRecord({"client": str(message.metadata.dst_node_id - 101)})})
+            self._replies.append(Message(content, reply_to=message))
+
+    grid = StrClientGrid({101: "ok", 102: "ok", 103: "ok"})
+    with pytest.raises(DipsenError, match=r"^malformed message: 'client' is a str, expected an int$"):
         FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1)

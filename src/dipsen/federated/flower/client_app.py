@@ -11,7 +11,17 @@ from flwr.clientapp import ClientApp
 
 from ..client import client_update
 from ..engine import local_training
-from .task import arrays_to_state, client_data, client_id, client_model, config_from_json, state_to_arrays
+from .task import (
+    arrays_to_state,
+    client_data,
+    client_id,
+    client_model,
+    config_from_json,
+    int_value,
+    message_record,
+    state_to_arrays,
+    str_value,
+)
 
 app = ClientApp()
 
@@ -19,21 +29,26 @@ app = ClientApp()
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which client (partition) this node serves, and how many rows it holds."""
-    config = config_from_json(msg.content["config"]["train-config"])
-    client = client_id(config, context.node_config)
-    _, y = client_data(msg.content["config"]["train-config"], context.node_config)
+    config_json = str_value(message_record(msg.content, "config", ConfigRecord), "train-config")
+    client = client_id(config_from_json(config_json), context.node_config)
+    _, y = client_data(config_json, context.node_config)
     return Message(RecordDict({"client": ConfigRecord({"client": client, "samples": len(y)})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train from the global weights on this node's rows with the seed the server chose."""
-    settings = msg.content["config"]
-    config_json = settings["train-config"]
+    settings = message_record(msg.content, "config", ConfigRecord)
+    config_json = str_value(settings, "train-config")
     x, y = client_data(config_json, context.node_config)
-    model = client_model(config_json, tuple(x.shape[1:]), int(settings["num-classes"]))
+    model = client_model(config_json, tuple(x.shape[1:]), int_value(settings, "num-classes"))
     update = client_update(
-        model, arrays_to_state(msg.content["arrays"]), x, y, local_training(config_from_json(config_json)), int(settings["seed"])
+        model,
+        arrays_to_state(message_record(msg.content, "arrays", ArrayRecord)),
+        x,
+        y,
+        local_training(config_from_json(config_json)),
+        int_value(settings, "seed"),
     )
     metrics = MetricRecord(
         {"num-examples": update.num_samples, "mean-loss": update.mean_loss, "steps": update.steps, "seconds": update.seconds}

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
@@ -30,7 +30,7 @@ from ..client import ClientUpdate, StateDict
 from ..engine import FederatedTraining, resolve_validation_size, train
 from ..run_dir import RunDir
 from ..workers import ClientFailure, ClientTask
-from .task import arrays_to_state, config_to_json, state_to_arrays
+from .task import arrays_to_state, config_to_json, float_value, int_value, message_record, state_to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class FlowerClients:
         self, grid: Grid, config: TrainConfig, num_classes: int, node_wait_seconds: float, reply_timeout_seconds: float
     ) -> None:
         self.grid, self.reply_timeout = grid, reply_timeout_seconds
-        self.settings = {"train-config": config_to_json(config), "num-classes": num_classes}
+        self.settings: dict[str, ConfigRecordValues] = {"train-config": config_to_json(config), "num-classes": num_classes}
         self.nodes = self._discover(config.clients, node_wait_seconds)
 
     def _discover(self, clients: int, wait_seconds: float) -> dict[int, int]:
@@ -67,7 +67,7 @@ class FlowerClients:
                 raise DipsenError(f"node {node} did not answer within {wait_seconds:g} s")
             if reply.has_error():
                 raise DipsenError(f"node {node} cannot serve this run: {reply.error.reason}")
-            client = int(reply.content["client"]["client"])
+            client = int_value(message_record(reply.content, "client", ConfigRecord), "client")
             if client in nodes:
                 raise DipsenError(f"client {client} is served by two nodes ({nodes[client]}, {node})")
             nodes[client] = node
@@ -122,13 +122,13 @@ class FlowerClients:
             source = "SuperLink" if reply.metadata.src_node_id == SUPERLINK_NODE_ID else "client"
             return ClientFailure(f"{source} error: {reply.error.reason}")
         try:
-            metrics = reply.content["metrics"]
+            metrics = message_record(reply.content, "metrics", MetricRecord)
             return ClientUpdate(
-                state=arrays_to_state(reply.content["arrays"]),
-                num_samples=metrics["num-examples"],
-                mean_loss=float(metrics["mean-loss"]),
-                steps=metrics["steps"],  # unconverted: validate_report checks it
-                seconds=float(metrics["seconds"]),
+                state=arrays_to_state(message_record(reply.content, "arrays", ArrayRecord)),
+                num_samples=int_value(metrics, "num-examples"),
+                mean_loss=float_value(metrics, "mean-loss"),
+                steps=int_value(metrics, "steps"),  # an int, unconverted: validate_report checks its value
+                seconds=float_value(metrics, "seconds"),
             )
         except Exception as exc:  # whatever a client sent, a bad reply costs its update, not the run
             return ClientFailure(f"unreadable reply: {type(exc).__name__}: {exc}")

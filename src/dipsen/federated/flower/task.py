@@ -13,6 +13,11 @@ A node finds its data in one of two ways. A simulated node (Flower's simulation 
 in-process engine does (validation slice held out first), and takes its own part. A deployed node
 gets ``partition-file``: a file written by :func:`export_partitions` that holds that one client's
 rows and nothing else.
+
+Both apps read messages only through :func:`message_record` and :func:`int_value`,
+:func:`float_value` and :func:`str_value`: a message from a node or the server is not trusted to
+hold what this layout says, so a missing record or value, or one of the wrong type, raises a
+:class:`DipsenError` that names it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ...config import TrainConfig
 from ...data import Dataset
@@ -52,6 +58,53 @@ PARTITION_SETTINGS = (
     "shards_per_client",
     "seed",
 )
+
+
+R = TypeVar("R", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def message_record(content: RecordDict, name: str, kind: type[R]) -> R:
+    """The record ``name`` of a message's ``content``; raises DipsenError if there is none or it is no ``kind``."""
+    if name not in content:
+        raise DipsenError(f"malformed message: no {name!r} record")
+    record = content[name]
+    if not isinstance(record, kind):
+        raise DipsenError(f"malformed message: record {name!r} is a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _value(record: ConfigRecord | MetricRecord, key: str) -> object:
+    if key not in record:
+        raise DipsenError(f"malformed message: no value {key!r}")
+    return record[key]
+
+
+def _wrong_type(key: str, value: object, expected: str) -> DipsenError:
+    return DipsenError(f"malformed message: {key!r} is a {type(value).__name__}, expected {expected}")
+
+
+def int_value(record: ConfigRecord | MetricRecord, key: str) -> int:
+    """``record[key]`` if it is an int (not a bool); raises DipsenError naming ``key`` otherwise."""
+    value = _value(record, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type(key, value, "an int")
+    return value
+
+
+def float_value(record: ConfigRecord | MetricRecord, key: str) -> float:
+    """``record[key]`` as a float if it is an int or a float (not a bool); raises DipsenError naming ``key`` otherwise."""
+    value = _value(record, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong_type(key, value, "a number")
+    return float(value)
+
+
+def str_value(record: ConfigRecord | MetricRecord, key: str) -> str:
+    """``record[key]`` if it is a str; raises DipsenError naming ``key`` otherwise."""
+    value = _value(record, key)
+    if not isinstance(value, str):
+        raise _wrong_type(key, value, "a str")
+    return value
 
 
 def config_to_json(config: TrainConfig) -> str:
