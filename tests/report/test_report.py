@@ -81,24 +81,21 @@ def test_plots_carry_the_papers_figures_beside_ours(report, tmp_path, monkeypatc
     assert calls["Clean accuracy"]["paper"] == [FIG6["cnn", "mnist"]["clean"], FIG6["dipsen", "mnist"]["clean"]]
 
 
-@pytest.fixture(scope="module")
-def ctu13_study(tmp_path_factory):
+def _central_study(root, config, data, rows: int | None = None) -> dict:
+    """A CNN trained centrally for one epoch (SGD, momentum 0.9) on ``data``'s first ``rows`` training
+    rows, saved as round 1 of a run folder under ``root`` and studied with TINY settings."""
     import torch
     from torch import nn
 
     from dipsen.attack import TrainedRun
-    from dipsen.config import TrainConfig
-    from dipsen.data import load_dataset
     from dipsen.federated import RunDir
     from dipsen.models import build_model, calibrate_noise
 
-    data = load_dataset("ctu13")
-    config = TrainConfig(dataset="ctu13", model="cnn", rounds=1, seed=1).validate()
-    run = RunDir.create(tmp_path_factory.mktemp("runs"), config)
+    run = RunDir.create(root, config)
     torch.manual_seed(1)
-    model = build_model("cnn", (1, 28, 6), 2, calibrate_noise(None, 1.0, 0.05, 0.1))
+    model = build_model("cnn", tuple(data.x_train.shape[1:]), len(data.classes), calibrate_noise(None, 1.0, 0.05, 0.1))
     run.save_checkpoint(0, model.state_dict())
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    x, y = torch.from_numpy(data.x_train[:rows]), torch.from_numpy(data.y_train[:rows])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for batch in torch.randperm(len(y)).split(64):
@@ -107,6 +104,15 @@ def ctu13_study(tmp_path_factory):
         optimizer.step()
     run.save_checkpoint(1, model.state_dict())
     return study_run(TrainedRun(run.path, data), TINY)
+
+
+@pytest.fixture(scope="module")
+def ctu13_study(tmp_path_factory):
+    from dipsen.config import TrainConfig
+    from dipsen.data import load_dataset
+
+    config = TrainConfig(dataset="ctu13", model="cnn", rounds=1, seed=1).validate()
+    return _central_study(tmp_path_factory.mktemp("runs"), config, load_dataset("ctu13"))
 
 
 def test_ctu13_report_sets_every_model_figure_beside_trivial_rules(ctu13_study, tmp_path):
@@ -132,30 +138,11 @@ SOCOFING_SEED = 1  # the subject split (and so the test split's majority rate) d
 
 def _central_socofing_study(root, task: str) -> dict:
     """A CNN trained centrally for one epoch on SOCOFing ``task``, studied with TINY settings."""
-    import torch
-    from torch import nn
-
-    from dipsen.attack import TrainedRun
     from dipsen.config import TrainConfig
-    from dipsen.federated import RunDir
-    from dipsen.models import build_model, calibrate_noise
 
     config = TrainConfig(dataset="socofing", model="cnn", socofing_task=task, rounds=1,
                          seed=SOCOFING_SEED).validate()
-    data = config.load_dataset()
-    run = RunDir.create(root, config)
-    torch.manual_seed(1)
-    model = build_model("cnn", (1, 28, 28), len(data.classes), calibrate_noise(None, 1.0, 0.05, 0.1))
-    run.save_checkpoint(0, model.state_dict())
-    x, y = torch.from_numpy(data.x_train[:1500]), torch.from_numpy(data.y_train[:1500])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for batch in torch.randperm(len(y)).split(64):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-        optimizer.step()
-    run.save_checkpoint(1, model.state_dict())
-    return study_run(TrainedRun(run.path, data), TINY)
+    return _central_study(root, config, config.load_dataset(), rows=1500)
 
 
 @pytest.fixture(scope="module")
