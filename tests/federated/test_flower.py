@@ -1,10 +1,13 @@
-"""dipsen's Flower app: simulation against the in-process engine, malformed updates, a TLS deployment, SIGTERM.
+"""dipsen's Flower app: simulation against the in-process engine, malformed updates, loopback-only sockets,
+an authenticated TLS deployment, SuperNode enrolment, SIGTERM.
 
 Each test starts real Flower processes (SuperLink, Ray or SuperNodes) on loopback; every one of
 them is stopped by PID when the test ends, passed or failed (``Federation`` is a context manager;
 the SIGTERM test kills by PID whatever it saw, should the command under test have left any).
 """
 
+import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +21,15 @@ import torch
 from dipsen.config import TrainConfig
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.engine import sample_clients
-from dipsen.federated.flower.launch import COMPLETED, Federation, deploy_on_loopback, process_alive
+from dipsen.federated.flower.launch import (
+    COMPLETED,
+    CONNECTION,
+    Federation,
+    deploy_on_loopback,
+    generate_certificates,
+    generate_node_key,
+    process_alive,
+)
 
 AGREEMENT = dict(dataset="mnist", model="cnn", clients=10, fraction=0.5, rounds=2, train_subset=2000,
                  test_subset=500, optimizer="adam", lr=0.002, seed=5, workers=2)
@@ -115,7 +126,32 @@ run-dir = ""
 resume = false
 node-wait-seconds = 60.0
 reply-timeout-seconds = 120.0
+enrolled-nodes = ""
 '''
+
+
+def _listening(pids: set[int]) -> dict[str, set[int]]:
+    """Address -> PIDs of every TCP socket one of ``pids`` listens on; IPv4-mapped IPv6 shown as IPv4."""
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A":  # LISTEN
+                host, port = fields[1].split(":")
+                raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))  # host order words
+                ip = ipaddress.ip_address(raw)
+                ip = getattr(ip, "ipv4_mapped", None) or ip
+                sockets[f"socket:[{fields[9]}]"] = f"{ip}:{int(port, 16)}"
+    found: dict[str, set[int]] = {}
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # it ended meanwhile
+            continue
+        for link in links:
+            if link in sockets:
+                found.setdefault(sockets[link], set()).add(pid)
+    return found
 
 
 def test_flower_rejects_malformed_updates_and_finishes_the_round(tmp_path):
@@ -127,13 +163,24 @@ def test_flower_rejects_malformed_updates_and_finishes_the_round(tmp_path):
                       test_subset=200, seed=1, workers=2, engine="flower",
                       min_clients=2).validate()
     run = RunDir.create(tmp_path / "runs", cfg)
-    with Federation(tmp_path / "federation", simulation=True) as federation:
+    certificates = generate_certificates(tmp_path / "certificates")
+    sockets: dict[str, set[int]] = {}  # every address a process of the federation listened on during the run
+    with Federation(tmp_path / "federation", simulation=True, certificates=certificates) as federation:
         run_id = federation.submit({"run-dir": str(run.path), "resume": False}, app=app,
                                    federation_config={"num-supernodes": 5, "client-resources-num-cpus": 1,
                                                       "init-args-num-cpus": 2})
-        status = federation.wait(run_id, timeout=240, run=run)
+
+        def record_sockets():
+            for address, pids in _listening(federation._track()).items():
+                sockets.setdefault(address, set()).update(pids)
+
+        status = federation.wait(run_id, timeout=240, run=run, on_poll=record_sockets, poll_seconds=0.5)
         log = federation.run_log(run_id)
     assert status == COMPLETED, log
+    # the SuperLink (TLS), and Ray's GCS, raylet and workers: loopback only, none on a wildcard or a LAN address
+    assert len(sockets) >= 4, sockets
+    assert all(ipaddress.ip_address(a.rsplit(":", 1)[0]).is_loopback for a in sockets), sockets
+    assert "running on https://127.0.0.1:" in (tmp_path / "federation" / "superlink.log").read_text()
     history = run.metrics()
     assert [r["round"] for r in history] == [1, 2]
     for record in history:
@@ -148,7 +195,7 @@ def test_flower_rejects_malformed_updates_and_finishes_the_round(tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_deployment_with_tls_trains_and_stops_every_process(tmp_path):
+def test_authenticated_tls_deployment_trains_and_stops_every_process(tmp_path):
     cfg = TrainConfig(dataset="mnist", model="cnn", clients=2, fraction=1.0, rounds=2, train_subset=400,
                       test_subset=200, seed=2, engine="flower").validate()
     run = RunDir.create(tmp_path / "runs", cfg)
@@ -163,12 +210,44 @@ def test_deployment_with_tls_trains_and_stops_every_process(tmp_path):
     assert "running on https://127.0.0.1:" in (folder / "superlink.log").read_text()
     assert 'root-certificates = "' in (folder / "flwr-home" / "config.toml").read_text()
     assert sorted(p.name for p in (folder / "partitions").iterdir()) == ["client_0000.npz", "client_0001.npz"]
+    # each SuperNode authenticated with its own enrolled key, and served the client it was enrolled for
+    enrolled = json.loads((folder / "enrolled_nodes.json").read_text())
+    assert sorted(enrolled.values()) == [0, 1]
+    superlink_log = (folder / "superlink.log").read_text()
+    assert "SuperNode authentication is disabled" not in superlink_log
+    assert "/v1/fleet/register-node" not in superlink_log  # no node registered itself: all were enrolled
+    for client in (0, 1):
+        assert f"SuperNode ID: {next(n for n, c in enrolled.items() if c == client)}" in (
+            folder / f"supernode-{client}.log").read_text()
     assert len(deployment.pids) >= 4  # SuperLink, 2 SuperNodes and what they spawned
     deadline = time.time() + 10
     while any(process_alive(pid) for pid in deployment.pids) and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in deployment.pids if process_alive(pid)]
     assert os.path.getsize(run.path / "flower.log") > 0
+
+
+def test_supernode_authentication_admits_an_enrolled_key_and_refuses_any_other(tmp_path):
+    certificates = generate_certificates(tmp_path / "certificates")
+    enrolled, rogue = (generate_node_key(tmp_path / "keys", name) for name in ("enrolled", "rogue"))
+    with Federation(tmp_path / "federation", simulation=False, certificates=certificates, node_auth=True) as federation:
+        node_id = federation.enroll_supernode(enrolled.public)
+        federation.start_supernode("enrolled", 'partition-file="/none"', key=enrolled.private)
+        federation.start_supernode("rogue", 'partition-file="/none"', key=rogue.private)
+        federation.start_supernode("anonymous", 'partition-file="/none"')  # a key of its own making
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            exits = {s.name: s.proc.poll() for s in federation._services if s.name != "superlink"}
+            if exits["rogue"] is not None and exits["anonymous"] is not None:
+                break
+            time.sleep(0.5)
+        nodes = json.loads(federation._flwr("supernode", "ls", CONNECTION, "--format", "json"))["nodes"]
+        logs = {name: federation.log_tail(name, 200) for name in ("enrolled", "rogue", "anonymous")}
+    assert exits == {"enrolled": None, "rogue": 1, "anonymous": 1}, logs
+    assert [(n["node-id"], n["status"]) for n in nodes] == [(str(node_id), "online")]
+    assert f"SuperNode ID: {node_id}" in logs["enrolled"]
+    assert "Failed to activate SuperNode" in logs["rogue"], logs["rogue"]  # a key the SuperLink does not know
+    assert "All SuperNodes must be registered via the CLI" in logs["anonymous"], logs["anonymous"]
 
 
 def _processes() -> dict[int, tuple[int, int]]:

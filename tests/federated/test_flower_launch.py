@@ -1,4 +1,4 @@
-"""How the Flower launcher handles ports, processes, stops, polling, certificates and the run lock.
+"""How the Flower launcher handles ports, addresses, processes, stops, polling, certificates and the run lock.
 
 No Flower process runs here: a small stand-in for ``flower-superlink`` (a Python script that
 listens on its ``--port`` and, as the real one starts ``flower-superexec``, starts a child in a
@@ -24,7 +24,7 @@ from dipsen.config import TrainConfig
 from dipsen.errors import DipsenError
 from dipsen.federated import RunDir
 from dipsen.federated.flower import launch
-from dipsen.federated.flower.launch import Federation, free_port, generate_certificates, process_alive
+from dipsen.federated.flower.launch import Federation, free_port, generate_certificates, generate_node_key, process_alive
 from dipsen.federated.workers import Interrupted, StopFlag
 
 FAKE_SUPERLINK = '''
@@ -73,6 +73,11 @@ def fake_flower(tmp_path, monkeypatch):
                 pass
 
 
+@pytest.fixture
+def certs(tmp_path):
+    return generate_certificates(tmp_path / "certificates")
+
+
 def _started(pids: Path) -> list[int]:
     return [int(p) for line in pids.read_text().splitlines() for p in line.split()]
 
@@ -110,7 +115,7 @@ def test_free_port_skips_a_port_the_kernel_offers_again(monkeypatch):
     assert [free_port(), free_port()] == [41001, 41002]
 
 
-def test_a_start_whose_port_was_taken_is_retried_on_another_port(tmp_path, fake_flower, monkeypatch):
+def test_a_start_whose_port_was_taken_is_retried_on_another_port(tmp_path, fake_flower, certs, monkeypatch):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -118,7 +123,7 @@ def test_a_start_whose_port_was_taken_is_retried_on_another_port(tmp_path, fake_
     real_free_port = launch.free_port
     monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or real_free_port())
     try:
-        with Federation(tmp_path / "federation", simulation=True) as federation:
+        with Federation(tmp_path / "federation", simulation=True, certificates=certs) as federation:
             assert federation.port != taken.getsockname()[1]
             assert launch._listens(_started(fake_flower)[0], federation.port)
             assert f'address = "127.0.0.1:{federation.port}"' in (federation.home / "config.toml").read_text()
@@ -127,8 +132,8 @@ def test_a_start_whose_port_was_taken_is_retried_on_another_port(tmp_path, fake_
     assert not _all_gone(_started(fake_flower))
 
 
-def test_stop_reaches_processes_whose_parent_died_first(tmp_path, fake_flower):
-    with Federation(tmp_path / "federation", simulation=True) as federation:
+def test_stop_reaches_processes_whose_parent_died_first(tmp_path, fake_flower, certs):
+    with Federation(tmp_path / "federation", simulation=True, certificates=certs) as federation:
         superlink, superexec, serverapp = _started(fake_flower)
         assert os.getsid(superexec) == superexec != os.getsid(superlink)  # a session of its own
         os.kill(superlink, signal.SIGKILL)  # the SuperLink dies first: its children go to init
@@ -138,19 +143,20 @@ def test_stop_reaches_processes_whose_parent_died_first(tmp_path, fake_flower):
     assert {superexec, serverapp} <= set(federation.stopped_pids)
 
 
-def test_a_stop_flag_interrupts_the_wait_and_stops_every_process(tmp_path, fake_flower, monkeypatch):
+def test_a_stop_flag_interrupts_the_wait_and_stops_every_process(tmp_path, fake_flower, certs, monkeypatch):
     monkeypatch.setattr(Federation, "status", lambda self, run_id: "running")
     flag = StopFlag()
     threading.Timer(0.5, flag.set, args=(signal.SIGTERM,)).start()  # as the signal handler would
     start = time.monotonic()
-    with pytest.raises(Interrupted), Federation(tmp_path / "federation", simulation=True, stop=flag) as federation:
+    with (pytest.raises(Interrupted),
+          Federation(tmp_path / "federation", simulation=True, certificates=certs, stop=flag) as federation):
         federation.wait(1, timeout=60, poll_seconds=5)
     assert time.monotonic() - start < 10
     assert not _all_gone(_started(fake_flower))
 
 
 def test_flower_is_asked_for_the_status_rarely_and_at_once_when_the_run_has_written_its_end(
-        tmp_path, fake_flower, monkeypatch):
+        tmp_path, fake_flower, certs, monkeypatch):
     run = RunDir.create(tmp_path / "runs", TrainConfig(clients=2, fraction=1.0).validate())
     asked = []
 
@@ -159,14 +165,14 @@ def test_flower_is_asked_for_the_status_rarely_and_at_once_when_the_run_has_writ
         return launch.COMPLETED if (run.path / "final_metrics.json").exists() else "running"
 
     monkeypatch.setattr(Federation, "status", status)
-    with Federation(tmp_path / "federation", simulation=True) as federation:
+    with Federation(tmp_path / "federation", simulation=True, certificates=certs) as federation:
         start = time.monotonic()
         threading.Timer(1.5, run.write_json, args=("final_metrics.json", {})).start()  # the ServerApp's last act
         assert federation.wait(1, timeout=30, run=run, poll_seconds=0.05, status_seconds=20) == launch.COMPLETED
     assert len(asked) == 1 and 1.5 <= asked[0] - start < 5  # not once per poll (30 of them or more)
 
 
-def test_flower_is_asked_at_once_when_a_process_of_the_federation_ends(tmp_path, fake_flower, monkeypatch):
+def test_flower_is_asked_at_once_when_a_process_of_the_federation_ends(tmp_path, fake_flower, certs, monkeypatch):
     asked = []
 
     def status(self, run_id):
@@ -174,12 +180,69 @@ def test_flower_is_asked_at_once_when_a_process_of_the_federation_ends(tmp_path,
         return "finished:failed" if not process_alive(serverapp) else "running"
 
     monkeypatch.setattr(Federation, "status", status)
-    with Federation(tmp_path / "federation", simulation=True) as federation:
+    with Federation(tmp_path / "federation", simulation=True, certificates=certs) as federation:
         superlink, superexec, serverapp = _started(fake_flower)
         start = time.monotonic()
         threading.Timer(1.0, os.kill, args=(serverapp, signal.SIGKILL)).start()  # a ServerApp that crashed
         assert federation.wait(1, timeout=30, poll_seconds=0.05, status_seconds=20) == "finished:failed"
     assert len(asked) == 1 and 1.0 <= asked[0] - start < 4
+
+
+def _command_line(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_superlink_and_supernodes_are_told_to_listen_on_loopback_only_and_to_use_tls(tmp_path, fake_flower, certs):
+    key = generate_node_key(tmp_path / "keys", "client_0000")
+    with Federation(tmp_path / "federation", simulation=False, certificates=certs, node_auth=True) as federation:
+        federation.start_supernode("supernode-0", 'partition-file="/data/client_0000.npz"', key=key.private)
+        federation.await_supernodes()
+        superlink, supernode = (int(line.split()[0]) for line in fake_flower.read_text().splitlines())
+        link, node = _command_line(superlink), _command_line(supernode)
+        connection = (federation.home / "config.toml").read_text()
+    assert _flag(link, "--host") == _flag(node, "--host") == "127.0.0.1"  # Flower's default, but said
+    assert "--insecure" not in link + node and "insecure" not in connection
+    assert (_flag(link, "--ssl-certfile"), _flag(link, "--ssl-keyfile")) == (str(certs.server_cert), str(certs.server_key))
+    assert _flag(node, "--root-certificates") == str(certs.ca) and f'root-certificates = "{certs.ca}"' in connection
+    assert _flag(node, "--superlink") == f"127.0.0.1:{_flag(link, '--port')}"
+    assert "--enable-supernode-auth" in link and _flag(node, "--auth-supernode-private-key") == str(key.private)
+
+
+def test_a_simulation_keeps_ray_on_loopback_and_off_any_cluster_named_in_the_environment(
+        tmp_path, fake_flower, certs, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # would make ray.init join that cluster
+    with Federation(tmp_path / "federation", simulation=True, certificates=certs):
+        superlink = _started(fake_flower)[0]
+        environment = dict(v.split("=", 1) for v in Path(f"/proc/{superlink}/environ").read_text().split("\0") if v)
+        args = _command_line(superlink)
+    assert environment["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and "RAY_ADDRESS" not in environment
+    assert "--simulation" in args and "--enable-supernode-auth" not in args
+
+
+def test_simulation_certificates_outlive_the_run_timeout(tmp_path, monkeypatch):
+    class Refused(Exception):
+        pass
+
+    validity = []
+    real_generate = launch.generate_certificates
+
+    def recording(folder, valid_for):
+        validity.append(valid_for)
+        return real_generate(folder, valid_for)
+
+    def no_federation(*args, **kwargs):
+        raise Refused
+
+    monkeypatch.setattr(launch, "generate_certificates", recording)
+    monkeypatch.setattr(launch, "Federation", no_federation)
+    run = RunDir.create(tmp_path / "runs", TrainConfig(clients=2, fraction=1.0, engine="flower").validate())
+    with pytest.raises(Refused):
+        launch.simulate(run, timeout=30 * 24 * 3600.0)
+    assert validity == [datetime.timedelta(days=31)]
 
 
 def test_deployment_certificates_outlive_the_run_timeout(tmp_path, monkeypatch):
@@ -198,13 +261,13 @@ def test_deployment_certificates_outlive_the_run_timeout(tmp_path, monkeypatch):
         launch.deploy_on_loopback(run, tmp_path / "deployment", timeout=week)
     for name in ("ca.crt", "server.pem"):
         cert = x509.load_pem_x509_certificate((tmp_path / "deployment" / "certificates" / name).read_bytes())
-        assert cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=week)
+        assert cert.not_valid_after_utc > datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=week)
 
 
 def test_generated_certificates_default_to_two_days(tmp_path):
     paths = generate_certificates(tmp_path / "certs")
     cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
-    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
     assert datetime.timedelta(days=1, hours=23) < left <= datetime.timedelta(days=2)
 
 

@@ -1,4 +1,4 @@
-"""The ServerApp's message exchange, on a fake Grid: replies are matched to the messages they answer.
+"""The ServerApp's message exchange, on a fake Grid: replies matched to their messages, nodes to their enrolment.
 
 No Flower process runs here: the fake Grid behaves as Flower's HttpGrid does towards the ServerApp
 (message ids set on push, replies carrying ``reply_to_message_id``), and its SuperLink errors are
@@ -18,7 +18,14 @@ from dipsen.config import TrainConfig
 from dipsen.errors import DipsenError
 from dipsen.federated.client import ClientUpdate
 from dipsen.federated.flower.server_app import FlowerClients
-from dipsen.federated.flower.task import float_value, int_value, message_record, str_value
+from dipsen.federated.flower.task import (
+    float_value,
+    int_value,
+    message_record,
+    read_enrolment,
+    str_value,
+    write_enrolment,
+)
 from dipsen.federated.workers import ClientFailure, ClientTask
 
 
@@ -30,8 +37,9 @@ class FakeGrid:
     nothing, ever.
     """
 
-    def __init__(self, train: dict[int, str], query: dict[int, str] | None = None) -> None:
-        self.train, self.query = train, query or {}
+    def __init__(self, train: dict[int, str], query: dict[int, str] | None = None,
+                 claims: dict[int, int] | None = None) -> None:
+        self.train, self.query, self.claims = train, query or {}, claims or {}
         self.sent: list[Message] = []
         self._replies: list[Message] = []
 
@@ -51,7 +59,8 @@ class FakeGrid:
         node = message.metadata.dst_node_id
         if message.metadata.message_type == MessageType.QUERY:
             how = self.query.get(node, "ok")
-            content = RecordDict({"client": ConfigRecord({"client": node - 101, "samples": 3})})
+            client = self.claims.get(node, node - 101)  # what a node says, true or not
+            content = RecordDict({"client": ConfigRecord({"client": client, "samples": 3})})
         else:
             how = self.train[node]
             steps = 1.0 if how == "float-steps" else 1
@@ -173,3 +182,52 @@ def test_a_node_that_names_its_client_with_a_wrong_type_stops_the_run_naming_the
     grid = StrClientGrid({101: "ok", 102: "ok", 103: "ok"})
     with pytest.raises(DipsenError, match=r"^malformed message: 'client' is a str, expected an int$"):
         FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1)
+
+
+ENROLLED = {101: 0, 102: 1, 103: 2}  # node id -> client, as the deployment enrolled their keys
+
+
+def test_a_rogue_node_that_claims_another_clients_partition_is_refused():
+    grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"}, claims={103: 0})  # node 103 says it serves client 0
+    with pytest.raises(DipsenError, match=r"^node 103 claims client 0, but it is enrolled for client 2: refused$"):
+        FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1,
+                      enrolled=ENROLLED)
+
+
+def test_a_node_outside_the_enrolment_is_never_asked_nor_sent_a_client_update():
+    # node 104 connected first and claims client 2; node 103, enrolled for client 2, too
+    grid = FakeGrid({104: "ok", 101: "ok", 102: "ok", 103: "ok"}, claims={104: 2})
+    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1,
+                            enrolled=ENROLLED)
+    assert clients.nodes == {0: 101, 1: 102, 2: 103}
+    clients.run({"w": torch.ones(2)}, _tasks([0, 1, 2]))
+    assert 104 not in {m.metadata.dst_node_id for m in grid.sent}
+    # without an enrolment, its claim is all the server has to go by
+    with pytest.raises(DipsenError, match=r"^client 2 is served by two nodes \(104, 103\)$"):
+        FlowerClients(FakeGrid({104: "ok", 101: "ok", 102: "ok", 103: "ok"}, claims={104: 2}),
+                      TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1)
+
+
+def test_the_server_waits_for_the_enrolled_nodes_not_for_any_three():
+    grid = FakeGrid({101: "ok", 102: "ok", 104: "ok"}, claims={104: 2})  # 103 never connects
+    with pytest.raises(DipsenError, match=r"^only 2 of 3 client nodes connected within 0.5 s$"):
+        FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=0.5, reply_timeout_seconds=1,
+                      enrolled=ENROLLED)
+    assert grid.sent == []
+
+
+def test_an_enrolment_must_name_each_client_once():
+    with pytest.raises(DipsenError, match=r"^the node enrolment does not name each of the clients 0..2 exactly once$"):
+        FlowerClients(FakeGrid({101: "ok", 102: "ok", 103: "ok"}), TrainConfig(**CONFIG).validate(), 10,
+                      node_wait_seconds=1, reply_timeout_seconds=1, enrolled={101: 0, 102: 1, 103: 1})
+
+
+def test_an_enrolment_file_round_trips_and_a_malformed_one_is_named(tmp_path):
+    big = 9812417804378425701  # Flower's node ids are unsigned 64-bit
+    assert read_enrolment(write_enrolment(tmp_path / "enrolled.json", {big: 0, 7: 1})) == {big: 0, 7: 1}
+    (tmp_path / "bad.json").write_text('{"7": "one"}')
+    with pytest.raises(DipsenError, match=r"maps a node to something other than a client number"):
+        read_enrolment(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[7, 0]")
+    with pytest.raises(DipsenError, match=r"^cannot read the node enrolment .*list.json: not a JSON object$"):
+        read_enrolment(tmp_path / "list.json")

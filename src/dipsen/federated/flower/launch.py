@@ -7,6 +7,10 @@ installed apps), so it never reads or changes the user's ``~/.flwr``. Runtime de
 installation is always off: Flower would otherwise ``uv sync`` the app's dependencies into a
 fresh environment per run (torch with CUDA packages, gigabytes) instead of using this one.
 
+Every port these processes open is bound to loopback (127.0.0.1), Ray's included when the
+simulation runtime starts it; the SuperLink always serves TLS with a throw-away certificate. See
+README "Trust boundary" for what that does and does not keep out.
+
 Processes are started in sessions of their own and stopped by PID, with everything they spawned
 (``flower-superexec``, the ServerApp, ``flwr-simulation``, Ray's workers), also when the caller
 fails or is told to stop: every process in those sessions, or in a session that one of their
@@ -53,6 +57,12 @@ def app_dir() -> Path:
     return root
 
 
+LOOPBACK = "127.0.0.1"
+
+# Ray binds its servers (GCS, raylets, workers) to the node's IP, on Linux the address of the
+# default route; told that no cluster will be formed, it takes loopback instead.
+RAY_ON_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
 START_ATTEMPTS = 3  # starts of one process, each on a new port, before a taken port fails the run
 START_SECONDS = 120.0  # how long a SuperLink or SuperNode may take to listen on its port
 
@@ -68,7 +78,7 @@ def free_port() -> int:
     """
     while True:
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((LOOPBACK, 0))
             port = sock.getsockname()[1]
         if port not in _ports_handed_out:
             _ports_handed_out.add(port)
@@ -90,6 +100,22 @@ class Certificates:
     server_key: Path
 
 
+def _private_folder(folder: Path) -> Path:
+    """``folder``, created if need be, readable by its owner only."""
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # mkdir's mode is masked by the umask, and an existing folder keeps its own
+    return folder
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret to ``path`` created 0600: writing first and chmod-ing after leaves it world-readable for a moment."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # O_CREAT's mode applies only to a new file
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
 def generate_certificates(folder: Path, valid_for: datetime.timedelta = datetime.timedelta(days=2)) -> Certificates:
     """Write a throw-away CA and a loopback server certificate, valid for ``valid_for`` from now, to ``folder``."""
     from cryptography import x509
@@ -97,9 +123,7 @@ def generate_certificates(folder: Path, valid_for: datetime.timedelta = datetime
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    folder = Path(folder)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)  # mkdir's mode is masked by the umask, and an existing folder keeps its own
+    folder = _private_folder(folder)
     now = datetime.datetime.now(datetime.UTC)
 
     def certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool):
@@ -114,7 +138,7 @@ def generate_certificates(folder: Path, valid_for: datetime.timedelta = datetime
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
         if not ca:
-            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return builder.sign(issuer_key, hashes.SHA256())
 
@@ -124,13 +148,34 @@ def generate_certificates(folder: Path, valid_for: datetime.timedelta = datetime
     paths = Certificates(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     paths.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    # created 0600 from the start: writing first and chmod-ing after leaves the key world-readable for a moment
-    descriptor = os.open(paths.server_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)  # O_CREAT's mode applies only to a new file
-    with os.fdopen(descriptor, "wb") as key_file:
-        key_file.write(
-            server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
+    _write_private(
+        paths.server_key,
+        server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    return paths
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A SuperNode's authentication key pair (OpenSSH format): the SuperLink enrols the public half."""
+
+    private: Path
+    public: Path
+
+
+def generate_node_key(folder: Path, name: str) -> NodeKey:
+    """Write a fresh P-384 key pair ``name`` / ``name.pub`` to ``folder``; the private key is owner-only."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = _private_folder(folder)
+    key = ec.generate_private_key(ec.SECP384R1())
+    paths = NodeKey(folder / name, folder / f"{name}.pub")
+    _write_private(
+        paths.private,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+    )
+    paths.public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return paths
 
 
@@ -205,7 +250,10 @@ class _Service:
 
 
 class Federation:
-    """A SuperLink on loopback, optionally with TLS, plus whatever SuperNodes are started on it.
+    """A SuperLink with TLS on loopback, plus whatever SuperNodes are started on it.
+
+    With ``node_auth`` the SuperLink accepts only SuperNodes enrolled by :meth:`enroll_supernode`,
+    each proving on every request that it holds the private key of its enrolled public key.
 
     Use as a context manager: leaving it stops every process it started, with everything they
     spawned. Logs go to files in ``folder``. Once ``stop`` (a :class:`StopFlag`, set by a signal
@@ -214,14 +262,27 @@ class Federation:
     """
 
     def __init__(
-        self, folder: Path, *, simulation: bool, certificates: Certificates | None = None, stop: StopFlag | None = None
+        self,
+        folder: Path,
+        *,
+        simulation: bool,
+        certificates: Certificates,
+        node_auth: bool = False,
+        stop: StopFlag | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.home = self.folder / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.simulation, self.certificates = simulation, certificates
+        self.simulation, self.certificates, self.node_auth = simulation, certificates, node_auth
         self.stop_flag = stop or StopFlag()
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        # RAY_ADDRESS would make the simulation join that Ray cluster instead of starting its own on loopback
+        inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env = {
+            **inherited,
+            **(RAY_ON_LOOPBACK if simulation else {}),
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
         self.port, self.address = 0, ""  # the SuperLink's, once it listens
         self._services: list[_Service] = []
         # every session a process of this federation runs in: those of the processes started here
@@ -242,8 +303,6 @@ class Federation:
 
     def _tls_args(self, *, server: bool) -> list[str]:
         c = self.certificates
-        if c is None:
-            return ["--insecure"]
         if server:
             return ["--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.server_cert), "--ssl-keyfile", str(c.server_key)]
         return ["--root-certificates", str(c.ca)]
@@ -302,34 +361,52 @@ class Federation:
             args = [
                 _tool("flower-superlink"),
                 *self._tls_args(server=True),
+                "--host",  # Flower's default too; said here so that no default can widen it
+                LOOPBACK,
                 "--port",
                 str(port),
                 "--database",
                 ":flwr-in-memory:",
                 "--disable-runtime-dependency-installation",
             ]
-            return args + (["--simulation"] if self.simulation else [])
+            return args + (["--simulation"] if self.simulation else []) + (["--enable-supernode-auth"] if self.node_auth else [])
 
         superlink = self._start("superlink", command)
         self._await_listening([superlink], START_SECONDS)
-        self.port, self.address = superlink.port, f"127.0.0.1:{superlink.port}"
-        security = f'root-certificates = "{self.certificates.ca.resolve()}"' if self.certificates else "insecure = true"
+        self.port, self.address = superlink.port, f"{LOOPBACK}:{superlink.port}"
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n'
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
+            f'root-certificates = "{self.certificates.ca.resolve()}"\n'
         )
 
-    def start_supernode(self, name: str, node_config: str, env: dict[str, str] | None = None) -> None:
+    def enroll_supernode(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with the SuperLink (``flwr supernode register``); returns its node ID.
+
+        Only a SuperNode holding the matching private key can then connect as that node, and under
+        ``node_auth`` no other can connect at all.
+        """
+        reply = json.loads(self._flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json"))
+        if not reply.get("success"):
+            raise DipsenError(f"flwr supernode register failed: {reply}")
+        return int(reply["node-id"])
+
+    def start_supernode(self, name: str, node_config: str, env: dict[str, str] | None = None, key: Path | None = None) -> None:
         """A SuperNode connected to this SuperLink, with ``node_config`` (e.g. ``partition-file="..."``).
 
-        It starts in the background: :meth:`await_supernodes` waits until every SuperNode listens.
+        ``key`` is its private key, whose public half was enrolled (:meth:`enroll_supernode`). It
+        starts in the background: :meth:`await_supernodes` waits until every SuperNode listens.
         """
+        auth = ["--auth-supernode-private-key", str(key)] if key is not None else []
         self._start(
             name,
             lambda port: [
                 _tool("flower-supernode"),
                 *self._tls_args(server=False),
+                *auth,
                 "--superlink",
                 self.address,
+                "--host",  # its API for the ClientApp processes: loopback, as Flower's default
+                LOOPBACK,
                 "--port",
                 str(port),
                 "--node-config",
@@ -516,25 +593,26 @@ def simulate(
     """Train ``run`` (a run folder with its config.json) on a Flower simulation; returns the final metrics.
 
     A SuperLink with the simulation runtime runs K virtual SuperNodes on Ray, ``workers`` of them
-    at a time, each on one CPU thread as the in-process engine's workers. Flower's log of the run
-    is saved as ``flower.log`` in the run folder. Once ``stop`` is set (by a signal handler) every
-    process is stopped and :class:`~dipsen.federated.workers.Interrupted` raised.
+    at a time, each on one CPU thread as the in-process engine's workers. It serves TLS with a
+    throw-away certificate valid for ``timeout`` plus a day, and it and Ray listen on loopback
+    only. Flower's log of the run is saved as ``flower.log`` in the run folder. Once ``stop`` is
+    set (by a signal handler) every process is stopped and
+    :class:`~dipsen.federated.workers.Interrupted` raised.
     """
     config = run.config()
     _refuse_if_in_use(run)
-    with (
-        tempfile.TemporaryDirectory(prefix="dipsen-flower-") as folder,
-        Federation(Path(folder), simulation=True, stop=stop) as federation,
-    ):
-        run_id = federation.submit(
-            {"run-dir": str(run.path.resolve()), "resume": resume},
-            federation_config={
-                "num-supernodes": config.clients,
-                "client-resources-num-cpus": 1,
-                "init-args-num-cpus": config.workers,
-            },
-        )
-        _wait_for_completion(federation, run_id, run, timeout, on_poll)
+    with tempfile.TemporaryDirectory(prefix="dipsen-flower-") as folder:
+        certificates = generate_certificates(Path(folder) / "certificates", _certificate_validity(timeout))
+        with Federation(Path(folder), simulation=True, certificates=certificates, stop=stop) as federation:
+            run_id = federation.submit(
+                {"run-dir": str(run.path.resolve()), "resume": resume},
+                federation_config={
+                    "num-supernodes": config.clients,
+                    "client-resources-num-cpus": 1,
+                    "init-args-num-cpus": config.workers,
+                },
+            )
+            _wait_for_completion(federation, run_id, run, timeout, on_poll)
     return run.read_json("final_metrics.json")
 
 
@@ -551,31 +629,45 @@ class Deployment:
 CERTIFICATE_MARGIN = datetime.timedelta(days=1)
 
 
+def _certificate_validity(timeout: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=timeout) + CERTIFICATE_MARGIN
+
+
 def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0, stop: StopFlag | None = None) -> Deployment:
-    """Train ``run`` on a real Flower deployment on this machine: one SuperLink, K SuperNodes, TLS.
+    """Train ``run`` on a real Flower deployment on this machine: one SuperLink, K authenticated SuperNodes, TLS.
 
     Each client's rows are exported to a file of their own, and each SuperNode (a separate process)
-    is told only its own file. Certificates are self-signed, made for this run, and valid for
-    ``timeout`` plus a day. Logs, partition files and certificates stay in ``folder``. Every
-    process is stopped on return, also on error or once ``stop`` is set.
+    is told only its own file. Each SuperNode gets a key pair of its own whose public half is
+    enrolled with the SuperLink for its client before it starts (``--enable-supernode-auth``); the
+    ServerApp then accepts a node only for the client it was enrolled for. Certificates are
+    self-signed, made for this run, and valid for ``timeout`` plus a day. Logs, partition files,
+    keys, the enrolment and certificates stay in ``folder``. Every process is stopped on return,
+    also on error or once ``stop`` is set.
     """
-    from .task import PARTITION_FILE, export_partitions
+    from .task import PARTITION_FILE, export_partitions, partition_file_name, write_enrolment
 
     config = run.config()
     _refuse_if_in_use(run)
     folder = Path(folder)
     partitions = export_partitions(config, config.load_dataset(), folder / "partitions")
-    certificates = generate_certificates(
-        folder / "certificates", valid_for=datetime.timedelta(seconds=timeout) + CERTIFICATE_MARGIN
-    )
-    with Federation(folder, simulation=False, certificates=certificates, stop=stop) as federation:
+    certificates = generate_certificates(folder / "certificates", valid_for=_certificate_validity(timeout))
+    keys = [generate_node_key(folder / "node-keys", Path(partition_file_name(c)).stem) for c in range(len(partitions))]
+    with Federation(folder, simulation=False, certificates=certificates, node_auth=True, stop=stop) as federation:
+        enrolment = write_enrolment(
+            folder / "enrolled_nodes.json", {federation.enroll_supernode(key.public): c for c, key in enumerate(keys)}
+        )
         for client, path in enumerate(partitions):
             # many SuperNodes share this machine's cores: one thread each, as the in-process workers
             federation.start_supernode(
-                f"supernode-{client}", f'{PARTITION_FILE}="{path.resolve()}"', env={"OMP_NUM_THREADS": "1"}
+                f"supernode-{client}",
+                f'{PARTITION_FILE}="{path.resolve()}"',
+                env={"OMP_NUM_THREADS": "1"},
+                key=keys[client].private,
             )
         federation.await_supernodes()
-        run_id = federation.submit({"run-dir": str(run.path.resolve()), "resume": False})
+        run_id = federation.submit(
+            {"run-dir": str(run.path.resolve()), "resume": False, "enrolled-nodes": str(enrolment.resolve())}
+        )
         status = _wait_for_completion(federation, run_id, run, timeout)
     return Deployment(status, run.read_json("final_metrics.json"), federation.stopped_pids)
 

@@ -9,8 +9,10 @@ in round 1 they sample from whichever nodes have registered so far.
 Run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr run --run-config``):
 ``run-dir`` (a run folder with its config.json, made by ``dipsen train --engine flower`` or
 ``RunDir.create``), ``resume``, ``node-wait-seconds`` (how long to wait for all K nodes to
-connect) and ``reply-timeout-seconds`` (how long a round waits for its clients' replies, and so
-how long its messages live at the SuperLink).
+connect), ``reply-timeout-seconds`` (how long a round waits for its clients' replies, and so
+how long its messages live at the SuperLink) and ``enrolled-nodes`` (empty, or the JSON file of
+:func:`~dipsen.federated.flower.task.write_enrolment`: which client each authenticated node id
+serves; a node is then used only for that client).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..client import ClientUpdate, StateDict
 from ..engine import FederatedTraining, resolve_validation_size, train
 from ..run_dir import RunDir
 from ..workers import ClientFailure, ClientTask
-from .task import arrays_to_state, config_to_json, float_value, int_value, message_record, state_to_arrays
+from .task import arrays_to_state, config_to_json, float_value, int_value, message_record, read_enrolment, state_to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +45,43 @@ class FlowerClients:
     """Runs client updates on the Flower nodes of ``grid``: one ``train`` message per sampled client.
 
     On creation it waits until all K clients' nodes have connected and asks each which client it
-    serves, so every round can send exactly the m clients that ``sample_clients`` picked.
+    serves, so every round can send exactly the m clients that ``sample_clients`` picked. With
+    ``enrolled`` (node id -> client, from an authenticated deployment) it waits for and asks only
+    the enrolled nodes, and a node that claims another client than its own stops the run.
     """
 
     def __init__(
-        self, grid: Grid, config: TrainConfig, num_classes: int, node_wait_seconds: float, reply_timeout_seconds: float
+        self,
+        grid: Grid,
+        config: TrainConfig,
+        num_classes: int,
+        node_wait_seconds: float,
+        reply_timeout_seconds: float,
+        enrolled: dict[int, int] | None = None,
     ) -> None:
         self.grid, self.reply_timeout = grid, reply_timeout_seconds
         self.settings: dict[str, ConfigRecordValues] = {"train-config": config_to_json(config), "num-classes": num_classes}
-        self.nodes = self._discover(config.clients, node_wait_seconds)
+        if enrolled is not None and sorted(enrolled.values()) != list(range(config.clients)):
+            raise DipsenError(f"the node enrolment does not name each of the clients 0..{config.clients - 1} exactly once")
+        self.nodes = self._discover(config.clients, node_wait_seconds, enrolled)
 
-    def _discover(self, clients: int, wait_seconds: float) -> dict[int, int]:
+    def _await_nodes(self, clients: int, wait_seconds: float, enrolled: dict[int, int] | None) -> list[int]:
+        """The nodes to ask once all have connected: every node, or the enrolled ones only."""
         deadline = time.monotonic() + wait_seconds
-        while len(node_ids := list(self.grid.get_node_ids())) < clients:
+        while True:
+            online = list(self.grid.get_node_ids())
+            node_ids = online if enrolled is None else [node for node in online if node in enrolled]
+            if len(node_ids) >= clients:
+                break
             if time.monotonic() > deadline:
                 raise DipsenError(f"only {len(node_ids)} of {clients} client nodes connected within {wait_seconds:g} s")
             time.sleep(0.2)
+        if strangers := sorted(set(online) - set(node_ids)):
+            log.warning("nodes not enrolled for any client are connected and get no message: %s", strangers[:20])
+        return node_ids
+
+    def _discover(self, clients: int, wait_seconds: float, enrolled: dict[int, int] | None) -> dict[int, int]:
+        node_ids = self._await_nodes(clients, wait_seconds, enrolled)
         query = RecordDict({"config": ConfigRecord({"train-config": self.settings["train-config"]})})
         messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY, ttl=wait_seconds) for node in node_ids]
         nodes: dict[int, int] = {}
@@ -68,6 +91,8 @@ class FlowerClients:
             if reply.has_error():
                 raise DipsenError(f"node {node} cannot serve this run: {reply.error.reason}")
             client = int_value(message_record(reply.content, "client", ConfigRecord), "client")
+            if enrolled is not None and enrolled[node] != client:
+                raise DipsenError(f"node {node} claims client {client}, but it is enrolled for client {enrolled[node]}: refused")
             if client in nodes:
                 raise DipsenError(f"client {client} is served by two nodes ({nodes[client]}, {node})")
             nodes[client] = node
@@ -144,12 +169,14 @@ def main(grid: Grid, context: Context) -> None:
     dataset = config.load_dataset()
     # the nodes get the config with its validation slice resolved, as their partition files record it
     resolve_validation_size(config, dataset)
+    enrolment = str(context.run_config["enrolled-nodes"])
     clients = FlowerClients(
         grid,
         config,
         len(dataset.classes),
         float(context.run_config["node-wait-seconds"]),
         float(context.run_config["reply-timeout-seconds"]),
+        read_enrolment(Path(enrolment)) if enrolment else None,
     )
     metrics = train(FederatedTraining(config, dataset, runner=clients), run, resume=bool(context.run_config["resume"]))
     log.info("run finished after %d rounds, test accuracy %.4f", metrics["rounds"], metrics["accuracy"])

@@ -14,6 +14,11 @@ in-process engine does (validation slice held out first), and takes its own part
 gets ``partition-file``: a file written by :func:`export_partitions` that holds that one client's
 rows and nothing else.
 
+A node's answer to ``query`` is a claim, checked against what the operator knows where there is
+an enrolment (a deployment with SuperNode authentication, see :func:`write_enrolment`): the
+SuperLink has verified that a node holds the key enrolled for its node id, and the ServerApp
+accepts that node only for the client it was enrolled for.
+
 Both apps read messages only through :func:`message_record` and :func:`int_value`,
 :func:`float_value` and :func:`str_value`: a message from a node or the server is not trusted to
 hold what this layout says, so a missing record or value, or one of the wrong type, raises a
@@ -140,6 +145,26 @@ def export_partitions(config: TrainConfig, dataset: Dataset, out_dir: Path) -> l
         np.savez(path, x=data.x_train[rows], y=data.y_train[rows], client=client, settings=settings)
         paths.append(path)
     return paths
+
+
+def write_enrolment(path: Path, enrolled: dict[int, int]) -> Path:
+    """Record which client each enrolled node id serves (node id -> client) as JSON at ``path``; returns ``path``."""
+    Path(path).write_text(json.dumps({str(node): client for node, client in sorted(enrolled.items())}, indent=1) + "\n")
+    return Path(path)
+
+
+def read_enrolment(path: Path) -> dict[int, int]:
+    """Node id -> client, as :func:`write_enrolment` wrote it; raises DipsenError naming what is wrong."""
+    try:
+        entries = json.loads(Path(path).read_text())
+        if not isinstance(entries, dict):
+            raise ValueError("not a JSON object")
+        enrolled = {int(node): client for node, client in entries.items()}
+    except (OSError, ValueError) as exc:
+        raise DipsenError(f"cannot read the node enrolment {path}: {exc}") from None
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in enrolled.values()):
+        raise DipsenError(f"the node enrolment {path} maps a node to something other than a client number")
+    return enrolled
 
 
 def client_id(config: TrainConfig, node_config: dict) -> int:
