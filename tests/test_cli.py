@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from test_config import BAD_VALUES, toml_literal  # every option's bad values, from the config schema
 
 
 def dipsen(*args, timeout=300):
@@ -31,11 +32,11 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     "args, message",
     [
         (["train", "--dataset", "cifar"], "dataset must be one of"),
-        (["train", "--fraction", "0"], "fraction must be in"),
+        (["train", "--fraction", "0"], "--fraction must be a number in (0, 1], got 0.0"),
         (["train", "--config", "missing.toml"], "missing.toml"),
         (["train", "--resume", "."], "not a dipsen run folder"),
         (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
-        (["train", "--dp-epsilon", "3"], "dp_epsilon"),
+        (["train", "--dp-epsilon", "3"], "--dp-epsilon must be in (0, 1]"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
@@ -51,3 +52,62 @@ def test_resume_refuses_extra_options(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = dipsen("train", "--resume", str(tmp_path), "--lr", "0.1")
     assert result.returncode == 2 and "drop --lr" in result.stderr
+
+
+def run_main(monkeypatch, capsys, *args):
+    """``dipsen ARGS`` in this process (fast enough to try every option): exit code, stdout, stderr."""
+    from dipsen.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dipsen", *args])
+    with pytest.raises(SystemExit) as done:
+        main()
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+@pytest.mark.parametrize("name, value", BAD_VALUES)
+def test_every_bad_option_is_one_line_exit_2_and_writes_nothing(monkeypatch, capsys, tmp_path, name, value):
+    file = tmp_path / "bad.toml"
+    file.write_text(f"{name} = {toml_literal(value)}\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", "--config", str(file), "--out", str(tmp_path / "runs"))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and f"{file}: {name} must be " in err, err
+    assert not (tmp_path / "runs").exists()
+    if isinstance(value, bool) or value in ("x", "ten", "yes", 7):
+        return  # flags of the wrong type: click's parser, checked below
+    flag = "--" + name.replace("_", "-")
+    code, _, err = run_main(monkeypatch, capsys, "train", flag, str(value), "--out", str(tmp_path / "runs"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--clients", "abc"], "Invalid value for '--clients': 'abc' is not a valid integer"),
+        (["train", "--rounds", "1.5"], "Invalid value for '--rounds'"),
+        (["train", "--no-such-flag"], "No such option '--no-such-flag'"),
+        (["attack"], "Missing argument 'RUN_DIR'"),
+        (["data", "build-socofing-cache", "x.tar.gz"], "Missing option '--out'"),
+    ],
+)
+def test_flags_click_cannot_parse_are_one_line_exit_2(monkeypatch, capsys, args, message):
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_train_help_shows_the_built_in_defaults(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "train", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for shown in ("[default: (200)]", "[default: (0.1)]", "[default: (adam)]", "[default: (0.001)]"):
+        assert shown in text
+
+
+@pytest.mark.parametrize(
+    "text, message", [('{"rounds": "ten"}', "config.json: rounds must be an integer >= 1, got 'ten'"), ("[1]", "not a JSON object")]
+)
+def test_a_bad_run_folder_config_is_one_line_naming_the_file(monkeypatch, capsys, tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

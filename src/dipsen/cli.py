@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -37,71 +38,167 @@ err_console = Console(stderr=True, soft_wrap=True)
 _TRAIN_OPTIONS = {f for f in TrainConfig.__dataclass_fields__}
 
 
+def _default(name: str) -> str | bool:
+    """What ``--help`` shows as the default of a training flag: the built-in value of the field.
+
+    The flags themselves default to None, which means "not given": a TOML file's value then stands.
+    """
+    value = TrainConfig.__dataclass_fields__[name].default
+    if value is None:
+        return False  # the option's help says what an unset value means
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 @app.command()
 def train(
     config: Annotated[Path | None, typer.Option("--config", help="TOML file of options; flags override it.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="mnist | socofing | ctu13")] = None,
-    model: Annotated[str | None, typer.Option(help="cnn | dipsen | noise-only | selu-only")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Your own copy of the original files (default: embedded data).")] = None,
-    clients: Annotated[int | None, typer.Option(help="K, number of clients.")] = None,
-    fraction: Annotated[float | None, typer.Option(help="C, fraction of clients per round.")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Maximum number of rounds.")] = None,
+    dataset: Annotated[str | None, typer.Option(show_default=_default("dataset"), help="mnist | socofing | ctu13")] = None,
+    model: Annotated[
+        str | None, typer.Option(show_default=_default("model"), help="cnn | dipsen | noise-only | selu-only")
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(show_default=_default("data_dir"), help="Your own copy of the original files (default: embedded data)."),
+    ] = None,
+    clients: Annotated[int | None, typer.Option(show_default=_default("clients"), help="K, number of clients.")] = None,
+    fraction: Annotated[
+        float | None, typer.Option(show_default=_default("fraction"), help="C, fraction of clients per round.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(show_default=_default("rounds"), help="Maximum number of rounds.")] = None,
     min_clients: Annotated[
         int | None,
         typer.Option(
+            show_default=_default("min_clients"),
             help="Fewest valid client updates a round needs; with fewer the run stops, resumable "
-            "(default: more than half of m; 0: no minimum)."
+            "(default: more than half of m; 0: no minimum).",
         ),
     ] = None,
     target_accuracy: Annotated[
-        float | None, typer.Option(help="Stop once accuracy on the validation slice reaches this.")
+        float | None,
+        typer.Option(show_default=_default("target_accuracy"), help="Stop once accuracy on the validation slice reaches this."),
     ] = None,
     validation_size: Annotated[
         int | None,
         typer.Option(
-            help="With --target-accuracy: training rows held out from the clients to check it on (default: 10%, at most 5000)."
+            show_default=_default("validation_size"),
+            help="With --target-accuracy: training rows held out from the clients to check it on (default: 10%, at most 5000).",
         ),
     ] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | shards")] = None,
-    dirichlet_alpha: Annotated[float | None, typer.Option()] = None,
-    shards_per_client: Annotated[int | None, typer.Option()] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="E, local epochs per round.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="B, local batch size.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd | adam")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
-    momentum: Annotated[float | None, typer.Option()] = None,
-    sigma: Annotated[float | None, typer.Option(help="Noise multiplier; default derived from (epsilon, delta, L).")] = None,
-    dp_epsilon: Annotated[float | None, typer.Option()] = None,
-    dp_delta: Annotated[float | None, typer.Option()] = None,
-    dp_attack_bound: Annotated[float | None, typer.Option(help="L, the L2 attack size the DP guarantee is for.")] = None,
-    alpha_dropout: Annotated[float | None, typer.Option()] = None,
-    mc_samples: Annotated[int | None, typer.Option(help="Predict with the mean softmax of n noise draws.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    workers: Annotated[int | None, typer.Option(help="Client-training processes (default: one per CPU core).")] = None,
-    engine: Annotated[str | None, typer.Option(help="inprocess | flower (a Flower simulation on Ray).")] = None,
-    train_subset: Annotated[int | None, typer.Option(help="Use a seeded random subset of the training set.")] = None,
-    test_subset: Annotated[int | None, typer.Option(help="Use a seeded random subset of the test set.")] = None,
+    partition: Annotated[str | None, typer.Option(show_default=_default("partition"), help="iid | dirichlet | shards")] = None,
+    dirichlet_alpha: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("dirichlet_alpha"),
+        ),
+    ] = None,
+    shards_per_client: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("shards_per_client"),
+        ),
+    ] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option(show_default=_default("local_epochs"), help="E, local epochs per round.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(show_default=_default("batch_size"), help="B, local batch size.")] = None,
+    optimizer: Annotated[str | None, typer.Option(show_default=_default("optimizer"), help="sgd | adam")] = None,
+    lr: Annotated[float | None, typer.Option(show_default=_default("lr"), help="Local learning rate.")] = None,
+    momentum: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("momentum"),
+        ),
+    ] = None,
+    sigma: Annotated[
+        float | None,
+        typer.Option(show_default=_default("sigma"), help="Noise multiplier; default derived from (epsilon, delta, L)."),
+    ] = None,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("dp_epsilon"),
+        ),
+    ] = None,
+    dp_delta: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("dp_delta"),
+        ),
+    ] = None,
+    dp_attack_bound: Annotated[
+        float | None,
+        typer.Option(show_default=_default("dp_attack_bound"), help="L, the L2 attack size the DP guarantee is for."),
+    ] = None,
+    alpha_dropout: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("alpha_dropout"),
+        ),
+    ] = None,
+    mc_samples: Annotated[
+        int | None, typer.Option(show_default=_default("mc_samples"), help="Predict with the mean softmax of n noise draws.")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("seed"),
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(show_default=_default("workers"), help="Client-training processes (default: one per CPU core).")
+    ] = None,
+    engine: Annotated[
+        str | None, typer.Option(show_default=_default("engine"), help="inprocess | flower (a Flower simulation on Ray).")
+    ] = None,
+    train_subset: Annotated[
+        int | None, typer.Option(show_default=_default("train_subset"), help="Use a seeded random subset of the training set.")
+    ] = None,
+    test_subset: Annotated[
+        int | None, typer.Option(show_default=_default("test_subset"), help="Use a seeded random subset of the test set.")
+    ] = None,
     include_background: Annotated[
         bool | None,
-        typer.Option("--include-background/--exclude-background", help="CTU-13: count Background flows as normal."),
+        typer.Option(
+            "--include-background/--exclude-background",
+            show_default=_default("include_background"),
+            help="CTU-13: count Background flows as normal.",
+        ),
     ] = None,
-    bad_rows: Annotated[str | None, typer.Option(help="CTU-13 malformed rows: error | skip")] = None,
+    bad_rows: Annotated[
+        str | None, typer.Option(show_default=_default("bad_rows"), help="CTU-13 malformed rows: error | skip")
+    ] = None,
     ctu13_split: Annotated[
         str | None,
         typer.Option(
+            show_default=_default("ctu13_split"),
             help="CTU-13 split: time (per file, first 70% / last 30% by StartTime) | host (hold out a seeded ~30% "
-            "of source hosts) | scenario (hold out a seeded ~30% of the --data-dir files)."
+            "of source hosts) | scenario (hold out a seeded ~30% of the --data-dir files).",
         ),
     ] = None,
     socofing_task: Annotated[
         str | None,
         typer.Option(
+            show_default=_default("socofing_task"),
             help="SOCOFing only: the label to predict: hand-finger (10 classes) | gender | hand | finger "
-            "(same subject split for each)."
+            "(same subject split for each).",
+        ),
+    ] = None,
+    keep_checkpoints: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("keep_checkpoints"),
+            help="Round checkpoints kept: all | last | last-N (the newest N) | every-N (multiples of N and the newest). "
+            "last-6 keeps what --resume and orange-box --stale-rounds 5 need.",
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
-    resume: Annotated[Path | None, typer.Option(help="Resume the run in this folder from its last finished round.")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Resume the run in this folder from its last finished round; with --rounds N, finished or not, "
+            "extend it to N rounds (--keep-checkpoints may change too; other options come from its config.json)."
+        ),
+    ] = None,
 ) -> None:
     """Train a model by federated averaging and write a run folder."""
     from .federated import FederatedTraining, RunDir
@@ -110,11 +207,16 @@ def train(
 
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
     if resume is not None:
-        given = sorted("--" + k.replace("_", "-") for k, v in overrides.items() if v is not None)
+        # only these change no finished round's weights: see RunDir.reconfigure
+        changeable = ("rounds", "keep_checkpoints")
+        given = sorted("--" + k.replace("_", "-") for k, v in overrides.items() if v is not None and k not in changeable)
         if config is not None or given:
-            raise DipsenError(f"--resume reads its options from {resume}/config.json; drop {', '.join(given) or '--config'}")
+            raise DipsenError(
+                f"--resume reads its options from {resume}/config.json (only --rounds and --keep-checkpoints may change); "
+                f"drop {', '.join(given) or '--config'}"
+            )
         run = RunDir.open(resume)
-        cfg = run.config()
+        cfg = run.reconfigure(rounds=rounds, keep_checkpoints=keep_checkpoints)
     else:
         cfg = load_config(config, overrides)
         run = None
@@ -214,12 +316,12 @@ def show(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None
 @data_app.command("build-socofing-cache")
 def build_socofing_cache_cmd(
     source: Annotated[Path, typer.Argument(help="SOCOFing Real folder or SOCOFing_Real.tar.gz")],
-    out: Annotated[Path | None, typer.Option(help="Output .npz (default: the embedded cache).")] = None,
+    out: Annotated[Path, typer.Option(help="Output .npz; use it with --data-dir (the embedded cache is never overwritten).")],
 ) -> None:
     """Regenerate the compact SOCOFing cache from the original BMP files."""
     from .data import socofing
 
-    path = socofing.build_socofing_cache(source, out or socofing.EMBEDDED_CACHE)
+    path = socofing.build_socofing_cache(source, out)
     console.print(f"wrote {path}")
 
 
@@ -249,8 +351,21 @@ from . import cli_robustness  # noqa: E402,F401  (registers attack, reproduce, s
 
 
 def main() -> None:
+    """Run the CLI; every user error, a flag click cannot parse included, is one line and exit code 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:
+        sys.exit(2)  # the help has been printed
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        _fail(f"{where}{exc.format_message()} (see --help)")
+    except click.Abort:
+        _fail("aborted", 130)
     except DipsenError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
+        _fail(str(exc))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[red]error:[/] {message}", highlight=False, markup=True)
+    sys.exit(code)

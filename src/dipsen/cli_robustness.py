@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -61,6 +61,7 @@ def attack(
 ) -> None:
     """Attack a run's final global model; prints and saves clean and adversarial metrics."""
     from .attack import ADAPTIVE_BUDGET, PAPER_BUDGET, AttackSetup, RobustnessEvaluation, TrainedRun
+    from .data._io import write_atomic
     from .report import plots
 
     if protocol not in ("paper", "adaptive"):
@@ -74,8 +75,7 @@ def attack(
     sweep = _floats(eps_sweep, "--eps-sweep") if eps_sweep else None
     trained = TrainedRun(run_dir)
     evaluation = RobustnessEvaluation(trained, samples, mc_samples=mc_samples, stale_rounds=stale_rounds, seed=seed)
-    out = trained.path / "attacks"
-    out.mkdir(exist_ok=True)
+    out = trained.path / "attacks"  # created only once there are results: a failed attack leaves nothing behind
     with _progress() as progress:
         factory = _factory(progress)
         clean = evaluation.clean()
@@ -89,8 +89,12 @@ def attack(
         curve = {
             "eps": [0.0, *sweep],
             "chance": evaluation.chance,
-            "paper": {r: [clean.accuracy(r)] + [x.accuracy(r) for x in results] for r in ("single", "mc")},
+            "adaptive" if setup.gradient == "eot" else "single-draw": {
+                **{r: [clean.accuracy(r)] + [x.accuracy(r) for x in results] for r in ("single", "mc")},
+                "attack": setup.label.replace(f"eps={eps:g} ", ""),
+            },
         }
+        out.mkdir(exist_ok=True)
         plots.robustness_curves({trained.config.model: {"sweep": curve}}, trained.config.dataset, out / f"{name}.png")
         console.print(f"plot: {out / (name + '.png')}")
     record = {
@@ -102,7 +106,7 @@ def attack(
         "clean": clean.to_dict(),
         "results": [r.to_dict() for r in results],
     }
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    write_atomic(out / f"{name}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
     _print_attack(evaluation, clean, results, mc_samples)
     console.print(f"saved: {out / (name + '.json')}")
 
@@ -136,31 +140,72 @@ def _print_attack(evaluation, clean, results, mc_samples: int) -> None:
     console.print(f"support: {support}  (precision/recall/F1 are macro averages; per class in the JSON)")
 
 
+def _resumed(resume: Path, given: dict[str, object]) -> dict[str, Any]:
+    """The options the study or sweep in ``resume`` was started with; refused beside options of its own."""
+    from .report.reproduce import OPTIONS_FILE, recorded_options
+
+    flags = [flag for flag, value in given.items() if value is not None]
+    if flags:
+        raise DipsenError(f"--resume reads its options from {resume / OPTIONS_FILE}; drop {', '.join(flags)}")
+    return recorded_options(resume)
+
+
+_RESUME_HELP = (
+    "Finish the {} begun in this folder, with the options it was started with: finished runs and "
+    "measurements are kept, an unfinished run resumes from its last checkpoint."
+)
+
+
 @app.command()
 def reproduce(
-    out: Annotated[Path, typer.Option(help="Report folder (must be new or empty).")] = Path("report"),
-    quick: Annotated[bool, typer.Option(help="Small subsets and budgets: a few minutes, a smoke test.")] = False,
-    datasets: Annotated[str, typer.Option(help="Comma-separated: mnist,socofing,ctu13")] = "mnist,socofing,ctu13",
+    out: Annotated[Path | None, typer.Option(show_default="report", help="Report folder (must be new or empty).")] = None,
+    quick: Annotated[bool | None, typer.Option("--quick", help="Small subsets and budgets: a few minutes, a smoke test.")] = None,
+    datasets: Annotated[
+        str | None, typer.Option(show_default="mnist,socofing,ctu13", help="Comma-separated: mnist,socofing,ctu13")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
 ) -> None:
     """Train CNN and DiPSeN on each data set, run every attack and threat model, write the report."""
     from .report import reproduce as run_study
+    from .report.paper import DATASETS
 
-    chosen = tuple(d.strip() for d in datasets.split(",") if d.strip())
+    if resume is not None:
+        options = _resumed(resume, {"--out": out, "--quick": quick, "--datasets": datasets})
+        out, quick, chosen = resume, options["quick"], tuple(options["datasets"])
+    else:
+        chosen = tuple(d.strip() for d in (datasets or ",".join(DATASETS)).split(",") if d.strip())
     with _progress() as progress:
-        path = run_study(out, quick=quick, datasets=chosen, progress=_factory(progress))
+        path = run_study(
+            out or Path("report"), quick=bool(quick), datasets=chosen, progress=_factory(progress), resume=resume is not None
+        )
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 
 
 @app.command("sweep-sigma")
 def sweep_sigma_cmd(
-    dataset: Annotated[str, typer.Option(help="mnist | socofing | ctu13")] = "mnist",
-    sigmas: Annotated[str, typer.Option(help="Comma-separated noise multipliers.")] = "0,0.05,0.1,0.2537,0.5",
-    out: Annotated[Path, typer.Option(help="Output folder (must be new or empty).")] = Path("sigma-sweep"),
-    quick: Annotated[bool, typer.Option(help="Small subsets and budgets: a smoke test.")] = False,
+    dataset: Annotated[str | None, typer.Option(show_default="mnist", help="mnist | socofing | ctu13")] = None,
+    sigmas: Annotated[
+        str | None, typer.Option(show_default="0,0.05,0.1,0.2537,0.5", help="Comma-separated noise multipliers.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(show_default="sigma-sweep", help="Output folder (must be new or empty).")] = None,
+    quick: Annotated[bool | None, typer.Option("--quick", help="Small subsets and budgets: a smoke test.")] = None,
+    resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("sweep"))] = None,
 ) -> None:
     """Train DiPSeN at several noise levels; plot clean and adversarial accuracy against sigma."""
     from .report.sigma import sweep_sigma
 
+    if resume is not None:
+        options = _resumed(resume, {"--dataset": dataset, "--sigmas": sigmas, "--out": out, "--quick": quick})
+        out, dataset, values, quick = resume, options["dataset"], options["sigmas"], options["quick"]
+    else:
+        values = _floats(sigmas or "0,0.05,0.1,0.2537,0.5", "--sigmas")
     with _progress() as progress:
-        path = sweep_sigma(out, dataset, _floats(sigmas, "--sigmas"), quick=quick, progress=_factory(progress))
+        path = sweep_sigma(
+            out or Path("sigma-sweep"),
+            dataset or "mnist",
+            values,
+            quick=bool(quick),
+            progress=_factory(progress),
+            resume=resume is not None,
+        )
     console.print(f"saved: {path}")

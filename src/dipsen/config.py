@@ -7,10 +7,13 @@ reads back.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -23,6 +26,54 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("sgd", "adam")
 ENGINES = ("inprocess", "flower")
+
+
+def _registry(module: str, name: str) -> Callable[[], tuple[str, ...]]:
+    """The names a registry offers, imported only when a value is checked (dipsen.data loads torch)."""
+    return lambda: tuple(getattr(importlib.import_module(module, __package__), name))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one field accepts: a type (``None`` too if ``optional``), then a range or a set of choices."""
+
+    kind: type  # bool | int | float | str
+    optional: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded
+    high_open: bool = False
+    choices: Callable[[], tuple[str, ...]] | None = None
+
+    def describe(self) -> str:
+        noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[self.kind]
+        if self.low is not None and self.high is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+        return noun
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` as stored (an int given for a float becomes a float); ConfigError naming ``name`` if it does not fit."""
+        if value is None and self.optional:
+            return None
+        if self.choices is not None:
+            allowed = self.choices()
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}", name)
+            return value
+        numeric = (int, float) if self.kind is float else (self.kind,)
+        # bool is an int in Python, and an int is an exact float; a bool is neither here
+        if not isinstance(value, numeric) or (isinstance(value, bool) and self.kind is not bool):
+            raise ConfigError(f"{name} must be {self.describe()}, got {value!r}", name)
+        if self.kind is float and isinstance(value, int | float):
+            value = float(value)
+        if self.kind in (int, float):
+            below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+            above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+            if below or above or not math.isfinite(value):
+                raise ConfigError(f"{name} must be {self.describe()}, got {value!r}", name)
+        return value
 
 
 @dataclass
@@ -68,6 +119,10 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
     engine: str = "inprocess"  # inprocess | flower (a Flower simulation; see dipsen.federated.flower)
+    # round checkpoints the run folder keeps: all | last | last-N | every-N (see dipsen.federated.run_dir);
+    # last-6 bounds the disk and keeps what --resume (the last round) and the orange-box attack at
+    # its default --stale-rounds 5 (round final-5) need
+    keep_checkpoints: str = "last-6"
 
     @property
     def clients_per_round(self) -> int:
@@ -80,64 +135,33 @@ class TrainConfig:
         return self.clients_per_round // 2 + 1 if self.min_clients is None else self.min_clients
 
     def validate(self) -> TrainConfig:
-        """Check every value (ConfigError names the bad one) and resolve ``workers``.
+        """Check every value against :data:`SCHEMA` and the rules between values, and resolve ``workers``.
 
-        The resolved worker count is saved with the run: float results can depend on the
-        thread/process layout, so a resumed run must use the same one.
+        ConfigError names the field (``error.key``), so that :func:`load_config` can say whether
+        the value came from a flag or from the TOML file. The resolved worker count is saved with
+        the run: float results can depend on the thread/process layout, so a resumed run must use
+        the same one.
         """
-        from .data import CTU13_SPLITS, DATASETS, SOCOFING_TASKS
-        from .models import MODELS, calibrate_noise
-        from .partition import SCHEMES
+        from .models import calibrate_noise
 
-        choices = {
-            "dataset": DATASETS,
-            "model": MODELS,
-            "partition": SCHEMES,
-            "optimizer": OPTIMIZERS,
-            "engine": ENGINES,
-            "bad_rows": ("error", "skip"),
-            "ctu13_split": CTU13_SPLITS,
-            "socofing_task": SOCOFING_TASKS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name, rule in SCHEMA.items():
+            setattr(self, name, rule.check(name, getattr(self, name)))
         if self.workers is None:
             self.workers = max(1, min(os.cpu_count() or 1, self.clients_per_round))
-        positive_ints = ("clients", "rounds", "local_epochs", "batch_size", "mc_samples", "workers")
-        for name in positive_ints:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_subset", "test_subset"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        # every random choice is seeded by numpy's SeedSequence from it, which takes non-negative integers
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.min_clients is not None and not 0 <= self.min_clients <= self.clients_per_round:
-            raise ConfigError(f"min_clients must be in [0, m = {self.clients_per_round}], got {self.min_clients}")
-        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
-        if self.validation_size is not None:
-            # without a target nothing stops on it: holding rows out would only take them from the clients
-            if self.target_accuracy is None:
-                raise ConfigError(
-                    f"validation_size {self.validation_size} needs target_accuracy (it is what the target is checked on)"
-                )
-            if self.validation_size < 1:
-                raise ConfigError(f"validation_size must be >= 1, got {self.validation_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.min_clients is not None and self.min_clients > self.clients_per_round:
+            raise ConfigError(f"min_clients must be in [0, m = {self.clients_per_round}], got {self.min_clients}", "min_clients")
+        # without a target nothing stops on it: holding rows out would only take them from the clients
+        if self.validation_size is not None and self.target_accuracy is None:
+            raise ConfigError(
+                f"validation_size {self.validation_size} needs target_accuracy (it is what the target is checked on)",
+                "validation_size",
+            )
         if self.momentum and self.optimizer != "sgd":
-            raise ConfigError(f"momentum {self.momentum} applies to optimizer sgd only (optimizer is {self.optimizer!r})")
-        if not 0 <= self.alpha_dropout < 1:
-            raise ConfigError(f"alpha_dropout must be in [0, 1), got {self.alpha_dropout}")
+            raise ConfigError(
+                f"momentum {self.momentum} applies to optimizer sgd only (optimizer is {self.optimizer!r})", "momentum"
+            )
         calibrate_noise(self.sigma, self.dp_epsilon, self.dp_delta, self.dp_attack_bound)
+        parse_keep_checkpoints(self.keep_checkpoints)
         return self
 
     def load_dataset(self) -> Dataset:
@@ -169,18 +193,91 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+_KEEP_CHECKPOINTS = re.compile(r"(all|last)|(last|every)-([1-9][0-9]*)")
+
+
+def parse_keep_checkpoints(value: str) -> tuple[str, int]:
+    """``keep_checkpoints`` as (rule, N): ("all", 0), ("last", N) or ("every", N); ``last`` is ("last", 1).
+
+    Parsed in :meth:`TrainConfig.validate`, so a malformed value fails before any run folder
+    exists; which rounds each rule keeps is :class:`dipsen.federated.run_dir.RunDir`'s business.
+    """
+    match = _KEEP_CHECKPOINTS.fullmatch(value)
+    if match is None:
+        raise ConfigError(f"keep_checkpoints must be all, last, last-N or every-N (N >= 1), got {value!r}", "keep_checkpoints")
+    word, rule, n = match.groups()
+    if word is not None:
+        return word, 0 if word == "all" else 1
+    return rule, int(n)
+
+
+_COUNT = Rule(int, low=1)
+_OPTIONAL_COUNT = Rule(int, optional=True, low=1)
+_UNIT = Rule(float, low=0, high=1, low_open=True)  # (0, 1]
+
+# Every field of TrainConfig and what it accepts; tests walk it to try a wrong value for each.
+SCHEMA: dict[str, Rule] = {
+    "dataset": Rule(str, choices=_registry(".data", "DATASETS")),
+    "data_dir": Rule(str, optional=True),
+    "train_subset": _OPTIONAL_COUNT,
+    "test_subset": _OPTIONAL_COUNT,
+    "include_background": Rule(bool),
+    "bad_rows": Rule(str, choices=lambda: ("error", "skip")),
+    "ctu13_split": Rule(str, choices=_registry(".data", "CTU13_SPLITS")),
+    "socofing_task": Rule(str, choices=_registry(".data", "SOCOFING_TASKS")),
+    "model": Rule(str, choices=_registry(".models", "MODELS")),
+    "sigma": Rule(float, optional=True, low=0),
+    "dp_epsilon": Rule(float, low=0, low_open=True),  # (0, 1] when it sets sigma: see calibrate_noise
+    "dp_delta": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "dp_attack_bound": Rule(float, low=0, low_open=True),
+    "alpha_dropout": Rule(float, low=0, high=1, high_open=True),
+    "mc_samples": _COUNT,
+    "clients": _COUNT,
+    "fraction": _UNIT,
+    "rounds": _COUNT,
+    "target_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
+    "min_clients": Rule(int, optional=True, low=0),
+    "validation_size": _OPTIONAL_COUNT,
+    "partition": Rule(str, choices=_registry(".partition", "SCHEMES")),
+    "dirichlet_alpha": Rule(float, low=0, low_open=True),
+    "shards_per_client": _COUNT,
+    "local_epochs": _COUNT,
+    "batch_size": _COUNT,
+    "optimizer": Rule(str, choices=lambda: OPTIMIZERS),
+    "lr": Rule(float, low=0, low_open=True),
+    "momentum": Rule(float, low=0, high=1, high_open=True),
+    # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
+    "seed": Rule(int, low=0),
+    "workers": _OPTIONAL_COUNT,
+    "engine": Rule(str, choices=lambda: ENGINES),
+    "keep_checkpoints": Rule(str),  # its form is checked by parse_keep_checkpoints
+}
+
+
 def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""
+    """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides`` (the flags).
+
+    A bad value is reported as the user wrote it: ``--rounds`` for a flag, ``FILE: rounds`` for a key.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         try:
             values = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {getattr(exc, 'strerror', None) or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    values.update(flags)
     try:
         return TrainConfig.from_dict(values, source=str(path or "options")).validate()
-    except TypeError as exc:
-        raise ConfigError(f"{path or 'options'}: {exc}") from None
+    except ConfigError as exc:
+        if exc.key in flags:
+            flag, message = "--" + exc.key.replace("_", "-"), str(exc)
+            named = flag + message[len(exc.key) :] if message.startswith(exc.key) else f"{flag}: {message}"
+            raise ConfigError(named, exc.key) from None
+        if exc.key is not None and path is not None:
+            raise ConfigError(f"{path}: {exc}", exc.key) from None
+        raise

@@ -10,4 +10,8 @@ class DataError(DipsenError):
 
 
 class ConfigError(DipsenError):
-    """A configuration value or file is invalid. The message names the value."""
+    """A configuration value or file is invalid. The message names the value; ``key`` is its field, if one."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key

@@ -323,4 +323,4 @@ def test_config_and_flag_choose_the_task(tmp_path):
     assert [c["class"] for c in final["per_class"]] == ["female", "male"]
     bad = subprocess.run([sys.executable, "-m", "dipsen", "train", "--socofing-task", "sex", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "socofing_task must be one of hand-finger, gender, hand, finger, got 'sex'" in bad.stderr
+    assert bad.returncode == 2 and "--socofing-task must be one of hand-finger, gender, hand, finger, got 'sex'" in bad.stderr

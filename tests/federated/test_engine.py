@@ -381,7 +381,7 @@ def test_seed_must_be_a_non_negative_integer(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dipsen", "train", "--seed", "-1", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == "error: seed must be an integer >= 0, got -1"
+    assert result.stderr.strip() == "error: --seed must be an integer >= 0, got -1"
     assert not any(tmp_path.iterdir())
 
 
@@ -473,3 +473,116 @@ def test_a_round_without_any_valid_update_keeps_the_global_model(mnist, tmp_path
     assert run.metrics()[0]["train_loss"] is None and len(run.metrics()[0]["rejected"]) == 4
     before, after = run.load_checkpoint(0), run.load_checkpoint(1)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+TINY_RUN = dict(dataset="mnist", model="dipsen", clients=4, fraction=0.5, train_subset=200, test_subset=100, seed=3,
+                workers=1)
+
+
+def _dummy_run(tmp_path, keep: str, rounds: range) -> RunDir:
+    """A run folder whose checkpoints of ``rounds`` were saved in order under ``keep``."""
+    run = RunDir.create(tmp_path, TrainConfig(keep_checkpoints=keep).validate())
+    for round_ in rounds:
+        run.save_checkpoint(round_, {"w": torch.tensor([float(round_)])})
+    return run
+
+
+@pytest.mark.parametrize("keep, kept", [("all", list(range(11))), ("last", [10]), ("last-3", [8, 9, 10]),
+                                        ("every-4", [0, 4, 8, 10])])
+def test_keep_checkpoints_prunes_as_each_round_is_saved(tmp_path, keep, kept):
+    run = _dummy_run(tmp_path, keep, range(11))
+    assert run.finished_rounds() == kept
+    assert [run.load_checkpoint(r)["w"].item() for r in kept] == kept
+
+
+def test_the_default_keeps_what_resume_and_the_default_orange_box_attack_need(tmp_path):
+    from dipsen.attack.threat import DEFAULT_STALE_ROUNDS
+    from dipsen.attack.study import StudySettings
+
+    assert TrainConfig().keep_checkpoints == f"last-{DEFAULT_STALE_ROUNDS + 1}"
+    assert StudySettings().stale_rounds == DEFAULT_STALE_ROUNDS
+    run = _dummy_run(tmp_path, TrainConfig().keep_checkpoints, range(201))
+    assert run.finished_rounds() == list(range(200 - DEFAULT_STALE_ROUNDS, 201))
+
+
+@pytest.mark.parametrize("value", ["some", "last-0", "every-", "every-2x", "Last", "last-6 "])
+def test_keep_checkpoints_must_be_a_rule(value):
+    with pytest.raises(ConfigError, match="keep_checkpoints must be all, last, last-N or every-N"):
+        TrainConfig(keep_checkpoints=value).validate()
+
+
+def test_pruning_never_leaves_a_run_without_its_newest_checkpoint(tmp_path, monkeypatch):
+    from dipsen.federated import run_dir
+
+    run = _dummy_run(tmp_path, "last", range(3))
+    real_write = run_dir._atomic_write_bytes
+
+    def killed_while_writing(path, data):
+        raise KeyboardInterrupt  # as a kill before the rename
+
+    monkeypatch.setattr(run_dir, "_atomic_write_bytes", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_checkpoint(3, {"w": torch.tensor([3.0])})
+    assert run.finished_rounds() == [2]  # nothing deleted: round 2 is still the one to resume from
+
+    monkeypatch.setattr(run_dir, "_atomic_write_bytes", real_write)
+    run.reconfigure(keep_checkpoints="all")
+    for round_ in (3, 4, 5):
+        run.save_checkpoint(round_, {"w": torch.tensor([float(round_)])})
+    newest_on_disk = []  # at each deletion: the newest checkpoint there is, and whether it is the one deleted
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        newest_on_disk.append((run.last_round(), path == run.checkpoint_path(run.last_round())))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    run.reconfigure(keep_checkpoints="last")  # prunes at once
+    assert run.finished_rounds() == [5]
+    run.save_checkpoint(6, {"w": torch.tensor([6.0])})
+    assert run.finished_rounds() == [6]
+    assert newest_on_disk == [(5, False)] * 3 + [(6, False)]  # round 5 went only once round 6 was saved
+
+
+def test_extending_a_finished_run_gives_the_weights_of_the_longer_run(mnist, tmp_path):
+    longer_cfg = TrainConfig(rounds=3, **TINY_RUN).validate()
+    longer = RunDir.create(tmp_path / "longer", longer_cfg)
+    train(FederatedTraining(longer_cfg, mnist), longer)
+
+    result = subprocess.run(_tiny_train_command(tmp_path / "short", 2), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (path,) = (tmp_path / "short").iterdir()
+    assert RunDir.open(path).read_json("final_metrics.json")["rounds"] == 2
+    for args, message in ((["--rounds", "1"], f"{path} has finished 2 rounds: --rounds 1 cannot undo them"),
+                          (["--lr", "0.1"], "drop --lr")):
+        refused = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(path), *args],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    extended = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(path), "--rounds", "3",
+                               "--keep-checkpoints", "last"], capture_output=True, text=True, timeout=300)
+    assert extended.returncode == 0, extended.stderr
+    run = RunDir.open(path)
+    assert run.config().rounds == 3 and run.config().keep_checkpoints == "last"
+    assert run.finished_rounds() == [3] and [r["round"] for r in run.metrics()] == [1, 2, 3]
+    ours, reference = _final_state(run), _final_state(longer)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert run.read_json("final_metrics.json") | {"cost": None} == longer.read_json("final_metrics.json") | {"cost": None}
+
+
+def test_extending_an_unfinished_run_deletes_nothing_it_needs(mnist, tmp_path):
+    cfg = TrainConfig(rounds=2, **TINY_RUN).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    assert run.reconfigure(rounds=2) == cfg and run.finished()  # nothing to change: nothing touched
+    run.checkpoint_path(2).unlink()  # as if killed during round 2
+    extended = run.reconfigure(rounds=4)
+    assert extended.rounds == 4 == run.config().rounds and not run.finished()
+    assert train(FederatedTraining(extended, mnist), run, resume=True)["rounds"] == 4
+    assert run.finished() and run.finished_rounds() == [0, 1, 2, 3, 4]
+
+
+def _tiny_train_command(out, rounds: int) -> list[str]:
+    args = [sys.executable, "-m", "dipsen", "train", "--rounds", str(rounds), "--out", str(out)]
+    for key, value in TINY_RUN.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args

@@ -121,7 +121,7 @@ def test_ctu13_report_sets_every_model_figure_beside_trivial_rules(ctu13_study, 
     assert set(baselines["baselines"]) == {"majority", "one-feature", "tree-bottom-row", "tree-context", "logistic"}
     assert baselines["samples"] == TINY.samples
     assert baselines["sweep"]["eps"] == [0.0, 0.1, 0.5, 1.0]
-    assert "domain_limit" in study["sweep"]["paper"]
+    assert "domain_limit" in study["sweep"]["single-draw"]
     assert len(study["worst_case"]["per_class"]["single"]) == 2
     results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
                "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5}, "studies": {"ctu13/cnn": study}}

@@ -6,6 +6,7 @@ changes what the attacker has (paper section V):
 - ``white-box``  the final global model's parameters;
 - ``orange-box`` a stale global model: the checkpoint ``stale_rounds`` rounds before the end (an
                  attacker who stopped receiving updates, or a client that left the federation);
+                 the run must be that long and have kept that checkpoint (see :func:`stale_round`);
 - ``transfer``   black-box (a): no parameters; the attacker trains its own surrogate CNN on its own
                  data (a slice of the test distribution disjoint from the clients' and from the
                  evaluated examples) and transfers examples crafted on it;
@@ -29,10 +30,30 @@ SURROGATE_EPOCHS = 10
 
 
 def stale_round(run: TrainedRun, stale_rounds: int) -> int:
-    """The round whose checkpoint an orange-box attacker holds (never before round 0)."""
+    """The round whose checkpoint an orange-box attacker holds: ``stale_rounds`` before the final one.
+
+    Raises DipsenError, naming the round, the run and the way out, if the run is shorter than
+    ``stale_rounds`` (there is no such round; crafting on round 0, the untrained model, would
+    measure another threat) or its ``keep_checkpoints`` rule has deleted that checkpoint.
+    """
     if stale_rounds < 1:
         raise DipsenError(f"--stale-rounds must be >= 1, got {stale_rounds}")
-    return max(0, run.final_round - stale_rounds)
+    final, round_ = run.final_round, run.final_round - stale_rounds
+    if round_ < 0:
+        shorter = f"use --stale-rounds {final} or less, or " if final >= 1 else ""
+        raise DipsenError(
+            f"orange-box: {run.path} ends at round {final}, so it has no round {round_} ({final} - --stale-rounds "
+            f"{stale_rounds}); {shorter}train it longer: dipsen train --resume {run.path} --rounds N"
+        )
+    saved = run.run.finished_rounds()
+    if round_ not in saved:
+        ages = ", ".join(str(final - r) for r in reversed(saved) if r < final) or "none"
+        raise DipsenError(
+            f"orange-box: {run.path} no longer has the checkpoint of round {round_} (--stale-rounds {stale_rounds}): "
+            f"keep_checkpoints {run.config.keep_checkpoints!r} deleted it; --stale-rounds it can serve: {ages}; "
+            f"or retrain with --keep-checkpoints last-{stale_rounds + 1} or all"
+        )
+    return round_
 
 
 def train_surrogate(

@@ -56,7 +56,7 @@ def describe_file(path: Path) -> dict:
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def write_atomic(out: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(out: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``out`` through ``write(file)`` so that readers only ever see the complete file.
 
     The data goes to a temporary file in the same folder, which replaces ``out`` once complete

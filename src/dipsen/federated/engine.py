@@ -23,7 +23,12 @@ Flower SuperNodes. The round loop, the run folder and resume are the same for bo
 
 Reproducibility: every random choice is seeded from (seed, purpose, round, client), never from
 state carried between rounds, so a run resumed from the checkpoint of round t ends with exactly
-the weights of an uninterrupted run.
+the weights of an uninterrupted run. For the same reason a run, finished or not, whose round limit
+is raised (:meth:`RunDir.reconfigure`, ``dipsen train --resume RUN --rounds N``) and resumed ends
+with exactly the weights of a run of N rounds from the start.
+
+Checkpoints: every round's is saved through :meth:`RunDir.save_checkpoint`, which keeps those the
+run's ``keep_checkpoints`` rule keeps (see :mod:`dipsen.federated.run_dir`), always the newest.
 """
 
 from __future__ import annotations
@@ -300,6 +305,9 @@ def train(
     on_round: Callable[[RoundResult | None, int], None] | None = None,
 ) -> dict:
     """Run (or resume) ``job`` in ``run``; returns the final metrics. Closes ``job`` at the end.
+
+    ``resume`` goes on from the last checkpoint up to ``job.config.rounds`` (a finished run whose
+    limit was raised included) and writes final_metrics.json anew.
 
     ``on_round(result, start_round)`` is called once before the first round (result None) and after
     every finished round, for progress display. Raises :class:`~dipsen.federated.workers.Interrupted`

@@ -1,4 +1,4 @@
-"""The run folder: config, partition summary, per-round metrics, per-round checkpoints, final metrics.
+"""The run folder: config, partition summary, per-round metrics, recent checkpoints, final metrics.
 
 Layout::
 
@@ -7,16 +7,33 @@ Layout::
                              noise calibration (S_f, L, epsilon, delta, sigma)
     RUN/partition.json       samples and classes per client
     RUN/metrics.jsonl        one JSON line per finished round (test and, with a target, validation accuracy)
-    RUN/checkpoints/round_0000.pt ...   global model after each round (0 = initialisation)
-    RUN/final_metrics.json   metrics of the final global model
+    RUN/checkpoints/round_0000.pt ...   global model after a round (0 = initialisation); which are kept: below
+    RUN/final_metrics.json   metrics of the final global model; its presence marks the run finished
     RUN/.lock                held by the process training the run (see RunDir.lock); names its PID
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment
 leaves only complete files; a round counts as finished once its checkpoint exists.
+
+Which checkpoints are kept: ``keep_checkpoints`` in config.json (``--keep-checkpoints``), counted
+from the newest round saved, t:
+
+- ``last-N``: rounds t-N+1 .. t; ``last`` is ``last-1``. The default, ``last-6``, keeps what a run
+  folder is read for: round t (``--resume``, the deployed model of every attack) and round t-5,
+  the stale model of the orange-box attack at its default ``--stale-rounds 5``
+  (:func:`dipsen.attack.threat.stale_round`), the ``stale_rounds`` of ``dipsen reproduce`` too;
+  six checkpoints (about 10 MB for the paper's models) however long the run.
+- ``every-N``: the rounds that are multiples of N (round 0 too), and t.
+- ``all``: every round.
+
+:meth:`RunDir.save_checkpoint` prunes, right after the new checkpoint is in place, so the rule
+holds for every engine (the Flower ServerApp saves through it too). It never deletes round t, and
+deletes older ones only once round t's file and its name are on disk: a run killed at any moment
+keeps its newest checkpoint and resumes from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import io
 import json
@@ -29,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
-from ..errors import DipsenError
+from ..config import TrainConfig, parse_keep_checkpoints
+from ..errors import ConfigError, DipsenError
 from .client import StateDict
 
 _CHECKPOINT = re.compile(r"^round_(\d{4,})\.pt$")
@@ -45,22 +62,48 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_folder(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _kept(round_: int, newest: int, keep_checkpoints: str) -> bool:
+    """Whether the checkpoint of ``round_`` stays once ``newest`` is saved (see the module docstring)."""
+    rule, n = parse_keep_checkpoints(keep_checkpoints)
+    if rule == "all" or round_ >= newest:
+        return True
+    return round_ > newest - n if rule == "last" else round_ % n == 0
+
+
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
 
     @classmethod
-    def create(cls, out: Path, config: TrainConfig) -> RunDir:
-        """A new, empty run folder under ``out`` named after dataset, model and time."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(out) / f"{config.dataset}-{config.model}-{stamp}"
-        path, n = base, 1
-        while path.exists():
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
+    def create(cls, out: Path, config: TrainConfig, name: str | None = None) -> RunDir:
+        """A new run folder ``out/name``; by default ``name`` is dataset, model and time, made unique.
+
+        A given ``name`` is for callers that find their runs again (``dipsen reproduce --resume``):
+        a folder there without config.json, left by a kill before config.json was written, holds
+        nothing and is taken over; one with config.json is refused.
+        """
+        if name is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            base = Path(out) / f"{config.dataset}-{config.model}-{stamp}"
+            path, n = base, 1
+            while path.exists():
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+        else:
+            path = Path(out) / name
+            if (path / "config.json").exists():
+                raise DipsenError(f"{path} already holds a run")
         run = cls(path)
-        run.checkpoints.mkdir(parents=True)
+        run.checkpoints.mkdir(parents=True, exist_ok=name is not None)
         run.write_json("config.json", config.to_dict())
         return run
 
@@ -100,9 +143,50 @@ class RunDir:
     def config(self) -> TrainConfig:
         file = self.path / "config.json"
         try:
-            return TrainConfig.from_dict(json.loads(file.read_text()), source=str(file)).validate()
+            values = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise DipsenError(f"{file}: corrupt config: {exc}") from None
+        if not isinstance(values, dict):
+            raise DipsenError(f"{file}: corrupt config: not a JSON object")
+        try:
+            return TrainConfig.from_dict(values, source=str(file)).validate()
+        except ConfigError as exc:
+            if exc.key is None:
+                raise
+            raise ConfigError(f"{file}: {exc}", exc.key) from None
+
+    def reconfigure(self, rounds: int | None = None, keep_checkpoints: str | None = None) -> TrainConfig:
+        """The run's config with a new round limit and/or checkpoint rule, saved to config.json (``--resume``).
+
+        Neither changes the weights of any round, so a run extended from t to N rounds ends with
+        exactly the weights of a run of N rounds from the start; every other option would. ``rounds``
+        may not be fewer than the rounds finished. When it changes, final_metrics.json (the run
+        under its former limit) is deleted before config.json is rewritten, so a kill in between
+        leaves an unfinished run rather than one whose final metrics belie its config; training
+        writes the new one. A new checkpoint rule prunes at once.
+        """
+        config = self.config()
+        updated = dataclasses.replace(
+            config,
+            rounds=config.rounds if rounds is None else rounds,
+            keep_checkpoints=config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
+        ).validate()
+        if updated == config:
+            return config
+        last = self.last_round()
+        if last is not None and updated.rounds < last:
+            raise DipsenError(f"{self.path} has finished {last} rounds: --rounds {updated.rounds} cannot undo them")
+        with self.lock():
+            if updated.rounds != config.rounds:
+                (self.path / "final_metrics.json").unlink(missing_ok=True)
+            self.write_json("config.json", updated.to_dict())
+            if last is not None:
+                self._prune(last)
+        return updated
+
+    def finished(self) -> bool:
+        """Whether training has finished: final_metrics.json is its last write (and goes when ``reconfigure`` extends it)."""
+        return (self.path / "final_metrics.json").is_file()
 
     def write_json(self, name: str, obj) -> None:
         _atomic_write_bytes(self.path / name, (json.dumps(obj, indent=2) + "\n").encode())
@@ -114,9 +198,26 @@ class RunDir:
         return self.checkpoints / f"round_{round_:04d}.pt"
 
     def save_checkpoint(self, round_: int, state: StateDict) -> None:
+        """Save the global model after ``round_``, then delete the checkpoints the run's rule lets go."""
         buffer = io.BytesIO()
         torch.save({"round": round_, "model_state": state}, buffer)
         _atomic_write_bytes(self.checkpoint_path(round_), buffer.getvalue())
+        self._prune(round_)
+
+    def _prune(self, newest: int) -> None:
+        """Delete the checkpoints that ``keep_checkpoints`` does not keep once ``newest`` is saved.
+
+        The rule is read from config.json at every save, so it is the run's own whatever process
+        saves (a Flower ServerApp) and follows a ``reconfigure``. ``newest`` itself always stays,
+        and the folder is synced first, so the newest checkpoint's rename is on disk before any
+        older file goes, even across a power cut.
+        """
+        rule = self.config().keep_checkpoints
+        doomed = [r for r in self.finished_rounds() if not _kept(r, newest, rule)]
+        if doomed:
+            _fsync_folder(self.checkpoints)
+            for round_ in doomed:
+                self.checkpoint_path(round_).unlink(missing_ok=True)
 
     def load_checkpoint(self, round_: int) -> StateDict:
         path = self.checkpoint_path(round_)
@@ -128,6 +229,7 @@ class RunDir:
             raise DipsenError(f"{path}: unreadable checkpoint: {exc}") from None
 
     def finished_rounds(self) -> list[int]:
+        """The rounds whose checkpoints are on disk (those ``keep_checkpoints`` keeps), the last finished one last."""
         return sorted(int(m.group(1)) for p in self.checkpoints.glob("round_*.pt") if (m := _CHECKPOINT.match(p.name)))
 
     def last_round(self) -> int | None:

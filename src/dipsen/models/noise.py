@@ -112,14 +112,14 @@ def calibrate_noise(
     """
     if sigma is not None:
         if not (sigma >= 0 and math.isfinite(sigma)):
-            raise ConfigError(f"sigma must be a finite number >= 0, got {sigma}")
+            raise ConfigError(f"sigma must be a finite number >= 0, got {sigma}", "sigma")
         return NoiseCalibration(SENSITIVITY_BOUND, epsilon, delta, attack_bound, float(sigma), True)
     if not 0 < epsilon <= 1:
-        raise ConfigError(f"dp_epsilon must be in (0, 1] for the Gaussian mechanism, got {epsilon}")
+        raise ConfigError(f"dp_epsilon must be in (0, 1] for the Gaussian mechanism, got {epsilon}", "dp_epsilon")
     if not 0 < delta < 1:
-        raise ConfigError(f"dp_delta must be in (0, 1), got {delta}")
+        raise ConfigError(f"dp_delta must be in (0, 1), got {delta}", "dp_delta")
     if not attack_bound > 0:
-        raise ConfigError(f"dp_attack_bound (L) must be > 0, got {attack_bound}")
+        raise ConfigError(f"dp_attack_bound (L) must be > 0, got {attack_bound}", "dp_attack_bound")
     derived = gaussian_mechanism_sigma(epsilon, delta, attack_bound)
     return NoiseCalibration(SENSITIVITY_BOUND, epsilon, delta, attack_bound, derived, False)
 

@@ -213,7 +213,7 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
         lines.append(
             f"- {DATASET_NAMES[dataset]}: {verdict}. Iteration doubling: "
             f"{'converged' if study['doubling']['converged'] else '**not converged** (more iterations still help)'}. "
-            f"EOT sweep: {study['sweep'].get('adaptive', study['sweep']['paper'])['verdict']}."
+            f"EOT sweep: {study['sweep'].get('adaptive', study['sweep']['single-draw'])['verdict']}."
         )
     return [Heading("What survives"), Paragraph("\n".join(lines) or "No DiPSeN run in this study.")]
 
@@ -380,7 +380,7 @@ def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
         name = f"fig5_{dataset}.png"
         plots.robustness_curves(models, dataset, out / name)
         any_sweep = next(iter(models.values()))["sweep"]
-        restricted = "domain_limit" in any_sweep["paper"]
+        restricted = "domain_limit" in any_sweep["single-draw"]
         headers = [
             "model",
             "curve",
@@ -390,10 +390,10 @@ def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
         ]
         rows = []
         for model, study in models.items():
-            for curve in ("paper", "adaptive"):
+            for curve in ("single-draw", "adaptive"):
                 if curve in study["sweep"]:
                     c = study["sweep"][curve]
-                    rule = "single" if curve == "paper" else "mc"
+                    rule = "single" if curve == "single-draw" else "mc"
                     limit = [_pct(c["domain_limit"][rule])] if restricted else []
                     rows.append(
                         [

@@ -13,15 +13,17 @@ from .paper import DATASET_NAMES  # noqa: E402
 
 
 def robustness_curves(studies: dict[str, dict], dataset: str, path: Path) -> Path:
-    """Fig. 5 counterpart: accuracy against eps for each model, paper-protocol and adaptive PGD."""
+    """Fig. 5 counterpart: accuracy against eps for each model, PGD through one draw and EOT PGD, as the sweep ran them."""
     fig, ax = plt.subplots(figsize=(6, 4))
     chance = None
     for model, study in studies.items():
         sweep = study["sweep"]
         chance = sweep["chance"]
-        ax.plot(sweep["eps"], sweep["paper"]["single"], marker="o", label=f"{model}: paper protocol (1 draw)")
-        if "adaptive" in sweep:
-            ax.plot(sweep["eps"], sweep["adaptive"]["mc"], marker="s", linestyle="--", label=f"{model}: EOT PGD (mean of draws)")
+        # one-draw gradients judged by one draw (the paper's rule); EOT judged by the mean of draws
+        for key, rule, style in (("single-draw", "single", "-"), ("adaptive", "mc", "--")):
+            if key in sweep:
+                curve, judged = sweep[key], "1 draw" if rule == "single" else "mean of draws"
+                ax.plot(sweep["eps"], curve[rule], marker="o", linestyle=style, label=f"{model}: {curve['attack']} ({judged})")
     baselines = next((s["baselines"] for s in studies.values() if s.get("baselines")), None)
     if baselines is not None:  # trivial rules under their exact worst case, on the same eps
         eps = next(iter(studies.values()))["sweep"]["eps"]

@@ -1,28 +1,45 @@
 """``dipsen reproduce``: the whole study end to end, into one report folder.
 
 1. Train the CNN and DiPSeN on each data set with the settings in ``dipsen/configs/DATASET.toml``
-   (K=200, C=0.1, FedAvg; the in-process engine), into ``OUT/runs``; SOCOFing twice, on its default
-   hand x finger task and on gender (:data:`dipsen.report.paper.TASK_VARIANTS`, keys ``socofing-gender/MODEL``).
-2. Run :func:`dipsen.attack.study.study_run` on every final global model.
+   (K=200, C=0.1, FedAvg; the in-process engine), into ``OUT/runs/KEY-MODEL``; SOCOFing twice, on its
+   default hand x finger task and on gender (:data:`dipsen.report.paper.TASK_VARIANTS`, keys
+   ``socofing-gender/MODEL``). Each run keeps the checkpoints the study reads: the final one and the
+   orange-box attack's stale one (``keep_checkpoints = last-(stale_rounds + 1)``).
+2. Run :func:`dipsen.attack.study.study_run` on every final global model; each result is saved as
+   ``OUT/runs/KEY-MODEL/study.json`` as soon as it is done.
 3. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json``.
 
 ``quick=True`` trains on 2,000-example subsets for 3 rounds and attacks 40 examples with tiny
 budgets: it exercises every step in a few minutes and measures nothing worth reporting.
+
+Resuming (``resume=True``; ``dipsen reproduce --resume OUT``): ``OUT/options.json`` records what the
+study was started with, and a resume must ask for the same. A run folder with final_metrics.json
+is taken as it is, one without is resumed from its last checkpoint (the engine's resume: the
+weights of an uninterrupted run), and a run with its study.json is not attacked again, so an
+interrupted study loses at most one round of training or one run's attacks.
+
+Time: the report's minutes are sums that do not depend on interruptions: training is the rounds'
+time in each run's metrics.jsonl, attacks the wall time of each run's study, saved with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..attack.study import ProgressFactory, StudySettings, study_run
 from ..attack.target import TrainedRun
-from ..config import load_config
+from ..config import TrainConfig, load_config
+from ..data import Dataset
+from ..data._io import write_atomic
 from ..errors import DipsenError
 from ..federated import FederatedTraining, RunDir, train
 from .build import build_report
@@ -30,9 +47,11 @@ from .paper import DATASETS, TASK_VARIANTS
 
 MODELS = ("cnn", "dipsen")
 QUICK_TRAINING = {"rounds": 3, "clients": 20, "fraction": 0.25, "local_epochs": 1, "train_subset": 2000, "test_subset": 500}
+OPTIONS_FILE = "options.json"  # in OUT: what the study was started with
+STUDY_FILE = "study.json"  # in each run folder: its study_run result
 
 
-def paper_config(dataset: str, model: str, quick: bool = False, **overrides):
+def paper_config(dataset: str, model: str, quick: bool = False, **overrides) -> TrainConfig:
     """The study's training settings for ``dataset`` and ``model`` (from the packaged TOML file)."""
     if dataset not in DATASETS:
         raise DipsenError(f"unknown data set {dataset!r}; choose from {', '.join(DATASETS)}")
@@ -54,11 +73,70 @@ def round_progress(progress: ProgressFactory | None, label: str, rounds: int):
     if progress is None:
         return None
     advance = progress(f"training {label}", rounds)
-    return lambda result, start_round: advance(1) if result is not None else None
+    return lambda result, start_round: advance(start_round) if result is None else advance(1)
 
 
 def machine_description() -> str:
     return f"{platform.machine()} Linux, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def open_output(out: Path, options: dict[str, Any], resume: bool) -> None:
+    """Start ``out`` as a new output folder recording ``options`` or, with ``resume``, check it records them.
+
+    ``options`` are everything the results depend on besides the run folders' own config.json: a
+    resume with others would mix two studies in one report, so it is refused.
+    """
+    options = json.loads(json.dumps(options))  # as they are read back: tuples become lists
+    if resume:
+        recorded = recorded_options(out)
+        if recorded != options:
+            differ = sorted(k for k in options.keys() | recorded.keys() if options.get(k) != recorded.get(k))
+            raise DipsenError(f"{out} was started with other {', '.join(differ)} (see {out / OPTIONS_FILE}); resume with those")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise DipsenError(f"{out} exists and is not empty; choose a new --out folder, or continue it with --resume {out}")
+    write_atomic(out / OPTIONS_FILE, lambda f: f.write(json.dumps(options, indent=1).encode()))
+
+
+def recorded_options(out: Path) -> dict[str, Any]:
+    """The options ``out`` was started with: what ``--resume OUT`` reads back."""
+    file = out / OPTIONS_FILE
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DipsenError(f"{out}: nothing to resume (no {OPTIONS_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise DipsenError(f"{file}: corrupt: {exc}") from None
+
+
+def train_run(folder: Path, config: TrainConfig, data: Dataset, progress: ProgressFactory | None, label: str) -> None:
+    """Train the run in ``folder`` to its end: resumed from its last checkpoint if begun, else from the start with ``config``."""
+    if (folder / "config.json").is_file():
+        run, resume = RunDir.open(folder), True
+        config = run.config()  # a begun run goes on with the options it was started with
+    else:
+        run, resume = RunDir.create(folder.parent, config, folder.name), False
+    train(FederatedTraining(config, data), run, resume=resume, on_round=round_progress(progress, label, config.rounds))
+
+
+def training_seconds(folder: Path) -> float:
+    """The time of a run's rounds (client updates, aggregation, evaluation) from its metrics.jsonl."""
+    return sum(r["train_seconds"] + r["eval_seconds"] for r in RunDir(folder).metrics())
+
+
+def saved_result(folder: Path, name: str, data: Dataset | None, measure: Callable[[TrainedRun], dict]) -> dict:
+    """``{"seconds", "result"}`` of ``measure`` on the finished run in ``folder``, saved as ``folder/name`` once done.
+
+    Measured only if not saved before (a resumed study), on the run with ``data`` (None: loaded
+    from its config), and always returned as read back from the file, so a resumed study reports
+    exactly what an uninterrupted one would.
+    """
+    run = RunDir.open(folder)
+    if not (folder / name).is_file():
+        start = time.perf_counter()
+        result = measure(TrainedRun(folder, data))
+        run.write_json(name, {"seconds": time.perf_counter() - start, "result": result})
+    return run.read_json(name)
 
 
 def reproduce(
@@ -68,32 +146,36 @@ def reproduce(
     datasets: tuple[str, ...] = DATASETS,
     settings: StudySettings | None = None,
     progress: ProgressFactory | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Train, attack and report into ``out``; returns the path of report.md."""
-    if out.exists() and any(out.iterdir()):
-        raise DipsenError(f"{out} exists and is not empty; choose a new --out folder")
+    """Train, attack and report into ``out`` (with ``resume``: finish the study begun there); returns report.md's path."""
     runs = study_runs(datasets)
-    # all errors before any work
-    configs = {(key, m): paper_config(d, m, quick, **overrides) for key, (d, overrides) in runs.items() for m in MODELS}
     settings = settings or (StudySettings.quick() if quick else StudySettings())
-    start = time.perf_counter()
-    trained: dict[str, TrainedRun] = {}
-    for key in runs:
-        for model in MODELS:
-            config = configs[key, model]
-            data = config.load_dataset()
-            label = f"{key}/{model}"
-            run = RunDir.create(out / "runs", config)
-            train(FederatedTraining(config, data), run, on_round=round_progress(progress, label, config.rounds))
-            trained[label] = TrainedRun(run.path, data)
-    training_seconds = time.perf_counter() - start
-    studies = {key: study_run(run, settings, progress) for key, run in trained.items()}
-    total = time.perf_counter() - start
+    keep = f"last-{settings.stale_rounds + 1}"  # the final model and the orange-box attack's stale one
+    # all errors before any work
+    configs = {
+        f"{key}/{m}": paper_config(d, m, quick, keep_checkpoints=keep, **overrides)
+        for key, (d, overrides) in runs.items()
+        for m in MODELS
+    }
+    open_output(out, {"quick": quick, "datasets": datasets, "settings": settings.to_dict()}, resume)
+    folders = {label: out / "runs" / label.replace("/", "-") for label in configs}
+    loaded: dict[str, Dataset] = {}  # data sets loaded for training, kept for the study
+    for label, config in configs.items():
+        if not RunDir(folders[label]).finished():
+            loaded[label] = config.load_dataset()
+            train_run(folders[label], config, loaded[label], progress, label)
+    records = {
+        label: saved_result(folder, STUDY_FILE, loaded.get(label), lambda trained: study_run(trained, settings, progress))
+        for label, folder in folders.items()
+    }
+    training = sum(training_seconds(folder) for folder in folders.values())
+    attacks = sum(record["seconds"] for record in records.values())
     results = {
         "quick": quick,
         "machine": machine_description(),
         "settings": settings.to_dict(),
-        "seconds": {"total": total, "training": training_seconds, "attacks": total - training_seconds},
-        "studies": studies,
+        "seconds": {"total": training + attacks, "training": training, "attacks": attacks},
+        "studies": {label: record["result"] for label, record in records.items()},
     }
     return build_report(results, out)

@@ -2,13 +2,18 @@
 
 Trains DiPSeN at each noise multiplier sigma (and the CNN once), then measures on the same
 examples: clean accuracy, paper-protocol PGD (1 draw) and adaptive PGD through EOT (mean rule).
-Writes ``sigma_sweep.json``, ``sigma_sweep.png`` and ``sigma_sweep.md`` into ``out``.
+Writes ``sigma_sweep.json``, ``sigma_sweep.png`` and ``sigma_sweep.md`` into ``out``; the runs go to
+``OUT/runs/cnn`` and ``OUT/runs/sigma-S`` (keeping their last checkpoint only: the measurements read
+nothing else), each run's measurements to its ``sigma_sweep_point.json`` as soon as they are done.
+``resume=True`` (``dipsen sweep-sigma --resume OUT``) finishes a sweep begun in ``out`` as
+:func:`dipsen.report.reproduce.reproduce` finishes a study: same options, finished runs and
+measurements kept, unfinished runs resumed.
 """
 
 from __future__ import annotations
 
 import json
-import time
+from functools import partial
 from pathlib import Path
 
 from ..attack.evaluate import AttackSetup, RobustnessEvaluation
@@ -16,30 +21,41 @@ from ..attack.study import ProgressFactory, StudySettings
 from ..attack.target import TrainedRun
 from ..data import load_dataset
 from ..errors import DipsenError
-from ..federated import FederatedTraining, RunDir, train
+from ..federated import RunDir
 from . import plots
 from .render import Block, Heading, Paragraph, Table, to_markdown
-from .reproduce import machine_description, paper_config, round_progress
+from .reproduce import machine_description, open_output, paper_config, saved_result, train_run, training_seconds
+
+POINT_FILE = "sigma_sweep_point.json"  # in each run folder: its measurements
 
 
 def sweep_sigma(
-    out: Path, dataset: str, sigmas: list[float], *, quick: bool = False, progress: ProgressFactory | None = None
+    out: Path,
+    dataset: str,
+    sigmas: list[float],
+    *,
+    quick: bool = False,
+    progress: ProgressFactory | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Train and attack DiPSeN at each sigma; returns the path of sigma_sweep.md."""
+    """Train and attack DiPSeN at each sigma (``resume``: finish the sweep begun in ``out``); returns sigma_sweep.md's path."""
     if not sigmas or any(s < 0 for s in sigmas):
         raise DipsenError(f"--sigmas must be a non-empty list of numbers >= 0, got {sigmas}")
-    if out.exists() and any(out.iterdir()):
-        raise DipsenError(f"{out} exists and is not empty; choose a new --out folder")
+    sigmas = sorted(sigmas)
     settings = StudySettings.quick() if quick else StudySettings()
-    start = time.perf_counter()
+    points = [("cnn", "cnn", {}), *[(f"sigma={s:g}", "dipsen", {"sigma": s}) for s in sigmas]]
+    configs = {label: paper_config(dataset, model, quick, keep_checkpoints="last", **kw) for label, model, kw in points}
+    open_output(out, {"dataset": dataset, "sigmas": sigmas, "quick": quick, "settings": settings.to_dict()}, resume)
     data = load_dataset(dataset, seed=0)
-    measured: dict[str, dict] = {}
-    for label, model, overrides in [("cnn", "cnn", {}), *[(f"sigma={s:g}", "dipsen", {"sigma": s}) for s in sorted(sigmas)]]:
-        config = paper_config(dataset, model, quick, **overrides)
-        run = RunDir.create(out / "runs", config)
-        train(FederatedTraining(config, data), run, on_round=round_progress(progress, label, config.rounds))
-        measured[label] = _measure(TrainedRun(run.path, data), settings, progress, label)
-    seconds = time.perf_counter() - start
+    folders = {label: out / "runs" / label.replace("=", "-") for label in configs}
+    records: dict[str, dict] = {}
+    for label, config in configs.items():
+        if not RunDir(folders[label]).finished():
+            train_run(folders[label], config, data, progress, label)
+        measure = partial(_measure, settings=settings, progress=progress, label=label)
+        records[label] = saved_result(folders[label], POINT_FILE, data, measure)
+    seconds = sum(training_seconds(folder) for folder in folders.values()) + sum(r["seconds"] for r in records.values())
+    measured = {label: record["result"] for label, record in records.items()}
     results = {
         "dataset": dataset,
         "machine": machine_description(),

@@ -1,0 +1,125 @@
+"""reproduce and sweep-sigma resume: finished runs and measurements are kept, unfinished runs resumed."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dipsen.attack import Budget
+from dipsen.attack.study import StudySettings
+from dipsen.errors import DipsenError
+from dipsen.federated import RunDir
+from dipsen.report.sigma import sweep_sigma
+
+REPRODUCE = importlib.import_module("dipsen.report.reproduce")  # dipsen.report.reproduce is also the function
+SIGMA = importlib.import_module("dipsen.report.sigma")
+TINY = StudySettings(samples=12, mc_samples=2, eot_draws=2, paper_budget=Budget(3, 1 / 3, 0),
+                     adaptive_budget=Budget(3, 1 / 3, 1, queries=5, hsj_iterations=1, hsj_evaluations=10),
+                     doubling_samples=6, hsj_samples=2, stale_rounds=1, attacker_samples=200, surrogate_epochs=1,
+                     sweep_eps=(0.1, 0.5), sweep_samples=10, sweep_budget=Budget(3, 1 / 3, 0), sweep_eot_draws=2)
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised from inside the work, it leaves the folders as a kill would."""
+
+
+def _counting(monkeypatch, module, name: str, kill_at: int | None = None) -> list:
+    """Replace ``module.name`` by a wrapper recording its calls that raises Killed at call ``kill_at``."""
+    real, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, kwargs))
+        if len(calls) == kill_at:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def _stamps(folder) -> dict:
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    real_train, trained = REPRODUCE.train, []
+
+    def train(job, run, *, resume=False, on_round=None):
+        trained.append((run.path.name, resume))
+        if len(trained) == 2:  # the second run is killed once its round 1 is saved
+
+            def on_round(result, start_round):
+                if result is not None:
+                    raise Killed
+
+        return real_train(job, run, resume=resume, on_round=on_round)
+
+    monkeypatch.setattr(REPRODUCE, "train", train)
+    with pytest.raises(Killed):
+        REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY)
+    cnn, dipsen = out / "runs" / "mnist-cnn", out / "runs" / "mnist-dipsen"
+    assert trained == [("mnist-cnn", False), ("mnist-dipsen", False)]
+    assert RunDir.open(cnn).finished() and RunDir.open(cnn).config().keep_checkpoints == "last-2"
+    assert not RunDir.open(dipsen).finished() and RunDir.open(dipsen).last_round() == 1
+    with pytest.raises(DipsenError, match="exists and is not empty; choose a new --out folder, or continue it with --resume"):
+        REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY)
+    with pytest.raises(DipsenError, match="was started with other datasets"):
+        REPRODUCE.reproduce(out, quick=True, datasets=("mnist", "ctu13"), settings=TINY, resume=True)
+    cnn_files = _stamps(cnn)
+
+    studied = _counting(monkeypatch, REPRODUCE, "study_run", kill_at=2)  # killed while attacking the second run
+    with pytest.raises(Killed):
+        REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
+    assert trained[2:] == [("mnist-dipsen", True)]  # resumed from round 1, the finished run left alone
+    assert RunDir.open(dipsen).read_json("final_metrics.json")["rounds"] == 3
+    assert [r["round"] for r in RunDir.open(dipsen).metrics()] == [1, 2, 3]
+    assert _stamps(cnn).items() > cnn_files.items() and set(_stamps(cnn)) - set(cnn_files) == {Path(REPRODUCE.STUDY_FILE)}
+    assert [args[0].path.name for args, _ in studied] == ["mnist-cnn", "mnist-dipsen"]
+    cnn_files = _stamps(cnn)
+
+    studied.clear()
+    path = REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
+    assert len(trained) == 3 and [args[0].path.name for args, _ in studied] == ["mnist-dipsen"]
+    assert _stamps(cnn) == cnn_files
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen"} and path == out / "report.md" and path.exists()
+    saved = {label: RunDir.open(out / "runs" / label.replace("/", "-")).read_json(REPRODUCE.STUDY_FILE)
+             for label in results["studies"]}
+    assert results["studies"] == {label: record["result"] for label, record in saved.items()}
+    assert results["seconds"]["attacks"] == pytest.approx(sum(record["seconds"] for record in saved.values()))
+
+
+def test_a_resumed_sigma_sweep_measures_only_what_is_missing(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    measured = _counting(monkeypatch, SIGMA, "_measure", kill_at=2)  # killed while measuring sigma=0
+    with pytest.raises(Killed):
+        sweep_sigma(out, "mnist", [0.0], quick=True)
+    assert (out / "runs" / "cnn" / SIGMA.POINT_FILE).is_file()
+    assert RunDir.open(out / "runs" / "sigma-0").config().keep_checkpoints == "last"
+    assert RunDir.open(out / "runs" / "sigma-0").finished_rounds() == [3]
+    with pytest.raises(DipsenError, match="was started with other sigmas"):
+        sweep_sigma(out, "mnist", [0.1], quick=True, resume=True)
+
+    measured.clear()
+    trained = _counting(monkeypatch, REPRODUCE, "train")
+    path = sweep_sigma(out, "mnist", [0.0], quick=True, resume=True)
+    assert trained == [] and [args[0].path.name for args, _ in measured] == ["sigma-0"]
+    results = json.loads((out / "sigma_sweep.json").read_text())["results"]
+    assert list(results) == ["cnn", "sigma=0"] and "| sigma=0 |" in path.read_text()
+
+
+def _dipsen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dipsen", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_resume_reads_its_options_from_the_folder(tmp_path):
+    REPRODUCE.open_output(tmp_path, {"dataset": "mnist", "sigmas": [0.0], "quick": True}, resume=False)
+    result = _dipsen("sweep-sigma", "--resume", str(tmp_path), "--quick", "--sigmas", "0.1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: --resume reads its options from {tmp_path}/options.json; drop --sigmas, --quick"
+    result = _dipsen("reproduce", "--resume", str(tmp_path / "missing"))
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'missing'}: nothing to resume (no options.json)"
