@@ -6,8 +6,8 @@ in-process engine, keeps the run folders, and prints a markdown table of accurac
 step; randomized models are scored with both prediction rules (one draw, and the mean softmax of
 ``--mc-samples`` draws, same weights).
 
-Usage: python benchmarks/accuracy_table.py [--datasets mnist socofing ctu13] [--rounds N]
-       [--local-epochs E] [--out runs/table]
+Usage: python benchmarks/accuracy_table.py [--datasets mnist socofing ctu13] [--models cnn dipsen ...]
+       [--socofing-task gender] [--rounds N] [--local-epochs E] [--out runs/table]
 """
 
 from __future__ import annotations
@@ -32,15 +32,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--local-epochs", type=int, default=None)
+    parser.add_argument("--socofing-task", default=None, help="SOCOFing's label (default: the config's, hand-finger)")
     parser.add_argument("--mc-samples", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("runs/table"))
     args = parser.parse_args()
 
     rows = []
     for name in args.datasets:
-        data = paper_config(name, "cnn").load_dataset()
+        settings = {"rounds": args.rounds, "local_epochs": args.local_epochs}
+        if name == "socofing":
+            settings["socofing_task"] = args.socofing_task
+        data = paper_config(name, "cnn", **settings).load_dataset()
         for model in args.models:
-            cfg = paper_config(name, model, rounds=args.rounds, local_epochs=args.local_epochs)
+            cfg = paper_config(name, model, **settings)
             start = time.perf_counter()
             job = FederatedTraining(cfg, data)
             metrics = train(job, RunDir.create(args.out, cfg))

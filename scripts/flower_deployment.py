@@ -4,11 +4,14 @@ What it does (see ``dipsen.federated.flower.launch.deploy_on_loopback``):
 
 1. resolves the training options as ``dipsen train`` does and creates the run folder;
 2. exports each client's training rows to a file of its own (``WORKDIR/partitions/client_NNNN.npz``);
-3. makes a throw-away CA and a server certificate for 127.0.0.1 (``WORKDIR/certificates``);
-4. starts ``flower-superlink`` with TLS and one ``flower-supernode`` per client, each a separate
-   process that is given only its own partition file (``--node-config partition-file=...``), all on
-   loopback, with runtime dependency installation off;
-5. submits the run with ``flwr run``, waits for it to finish (following the run folder, asking
+3. makes a throw-away CA and a server certificate for 127.0.0.1 (``WORKDIR/certificates``) and a
+   key pair per client (``WORKDIR/node-keys``, private keys readable by their owner only);
+4. starts ``flower-superlink`` with TLS and SuperNode authentication, enrols each client's public key
+   (``flwr supernode register``; node id -> client in ``WORKDIR/enrolled_nodes.json``), and starts one
+   ``flower-supernode`` per client, each a separate process that is given only its own partition file
+   (``--node-config partition-file=...``) and its own private key, all on loopback, with runtime
+   dependency installation off;
+5. submits the run with ``flwr run`` (the ServerApp messages only the enrolled nodes), waits for it to finish (following the run folder, asking
    ``flwr ls --format json`` now and then), saves Flower's log as ``flower.log`` in the run folder,
    and stops every process it started, also on Ctrl-C, SIGTERM or SIGHUP.
 
