@@ -24,6 +24,11 @@ def mnist():
     return load_dataset("mnist")
 
 
+@pytest.fixture(scope="session")
+def ctu13():
+    return load_dataset("ctu13")
+
+
 def _train_run(root, mnist, model_name: str) -> TrainedRun:
     config = TrainConfig(dataset="mnist", model=model_name, rounds=EPOCHS, seed=1).validate()
     run = RunDir.create(root, config)

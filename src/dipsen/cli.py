@@ -109,6 +109,14 @@ def train(
             show_default=_default("momentum"),
         ),
     ] = None,
+    input_noise: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("input_noise"),
+            help="Std of Gaussian noise added to every training input: trains a base model for randomized "
+            "smoothing, certified at this sigma by dipsen certify.",
+        ),
+    ] = None,
     sigma: Annotated[
         float | None,
         typer.Option(show_default=_default("sigma"), help="Noise multiplier; default derived from (epsilon, delta, L)."),
@@ -347,7 +355,7 @@ def _print_metrics(metrics: dict) -> None:
         )
 
 
-from . import cli_robustness  # noqa: E402,F401  (registers attack, reproduce, sweep-sigma on app)
+from . import cli_certify, cli_robustness  # noqa: E402,F401  (register attack, reproduce, sweep-sigma, certify on app)
 
 
 def main() -> None:

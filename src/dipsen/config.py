@@ -115,6 +115,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 0.001
     momentum: float = 0.0  # SGD only
+    input_noise: float = 0.0  # std of Gaussian noise on every training input (training for randomized smoothing)
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
@@ -246,6 +247,7 @@ SCHEMA: dict[str, Rule] = {
     "optimizer": Rule(str, choices=lambda: OPTIMIZERS),
     "lr": Rule(float, low=0, low_open=True),
     "momentum": Rule(float, low=0, high=1, high_open=True),
+    "input_noise": Rule(float, low=0),
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
     "seed": Rule(int, low=0),
     "workers": _OPTIONAL_COUNT,

@@ -1,4 +1,4 @@
-"""CTU-13 fixtures for the attack tests: the data set and a run folder of a small CNN trained on it."""
+"""CTU-13 fixture for the attack tests: a run folder of a small CNN trained on it (the data set: tests/conftest.py)."""
 
 import pytest
 import torch
@@ -6,14 +6,8 @@ from torch import nn
 
 from dipsen.attack import TrainedRun
 from dipsen.config import TrainConfig
-from dipsen.data import load_dataset
 from dipsen.federated import RunDir
 from dipsen.models import build_model, calibrate_noise
-
-
-@pytest.fixture(scope="session")
-def ctu13():
-    return load_dataset("ctu13")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,9 @@ class LocalTraining:
     optimizer: str = "adam"
     lr: float = 0.001
     momentum: float = 0.0
+    # std of Gaussian noise added to every training input (Cohen et al.'s training for randomized
+    # smoothing: a base classifier that is accurate under the noise it will be certified with)
+    input_noise: float = 0.0
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """A fresh optimizer each round: FedAvg averages weights only, so no optimizer state outlives a round."""
@@ -65,7 +68,10 @@ def client_update(
         order = torch.randperm(len(x), generator=shuffle)
         for batch in order.split(training.batch_size):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[batch]), y[batch])
+            inputs = x[batch]
+            if training.input_noise > 0:
+                inputs = inputs + training.input_noise * torch.randn_like(inputs)
+            loss = loss_fn(model(inputs), y[batch])
             loss.backward()
             optimizer.step()
             total_loss += loss.item()

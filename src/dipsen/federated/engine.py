@@ -93,7 +93,7 @@ class RoundResult:
 
 
 def local_training(config: TrainConfig) -> LocalTraining:
-    return LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum)
+    return LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum, config.input_noise)
 
 
 def sample_clients(config: TrainConfig, round_: int) -> list[int]:

@@ -84,6 +84,18 @@ def sigma_curves(
     return _save(fig, path)
 
 
+def certified_accuracy(curves: dict[str, dict[str, float]], title: str, path: Path) -> Path:
+    """The field's standard plot: certified accuracy against L2 radius, one step curve per certificate."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_radius in curves.items():
+        radii = [float(r) for r in by_radius]
+        ax.step(radii, list(by_radius.values()), where="post", marker="o", label=name)
+    ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
