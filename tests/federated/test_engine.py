@@ -350,7 +350,7 @@ def test_a_stop_request_ends_the_run_between_rounds_and_kills_the_workers(mnist,
 
 
 def test_stop_signals_set_the_flag_and_an_ignored_signal_stays_ignored():
-    from dipsen.cli import _stop_on_signals
+    from dipsen.cli.train import _stop_on_signals
     from dipsen.federated.workers import Interrupted, StopFlag
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

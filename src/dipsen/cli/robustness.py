@@ -11,15 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
-from .cli import app, console
-from .errors import DipsenError
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+from ..errors import DipsenError
+from .app import app, console, progress_bar
 
 
 def _factory(progress: Progress):
@@ -60,9 +56,9 @@ def attack(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Attack a run's final global model; prints and saves clean and adversarial metrics."""
-    from .attack import ADAPTIVE_BUDGET, PAPER_BUDGET, AttackSetup, RobustnessEvaluation, TrainedRun
-    from .data._io import write_atomic
-    from .report import plots
+    from ..attack import ADAPTIVE_BUDGET, PAPER_BUDGET, AttackSetup, RobustnessEvaluation, TrainedRun
+    from ..data._io import write_atomic
+    from ..report import plots
 
     if protocol not in ("paper", "adaptive"):
         raise DipsenError(f"--protocol must be paper or adaptive, got {protocol!r}")
@@ -76,7 +72,7 @@ def attack(
     trained = TrainedRun(run_dir)
     evaluation = RobustnessEvaluation(trained, samples, mc_samples=mc_samples, stale_rounds=stale_rounds, seed=seed)
     out = trained.path / "attacks"  # created only once there are results: a failed attack leaves nothing behind
-    with _progress() as progress:
+    with progress_bar(remaining=False) as progress:
         factory = _factory(progress)
         clean = evaluation.clean()
         if sweep:
@@ -142,7 +138,7 @@ def _print_attack(evaluation, clean, results, mc_samples: int) -> None:
 
 def _resumed(resume: Path, given: dict[str, object]) -> dict[str, Any]:
     """The options the study or sweep in ``resume`` was started with; refused beside options of its own."""
-    from .report.reproduce import OPTIONS_FILE, recorded_options
+    from ..report.reproduce import OPTIONS_FILE, recorded_options
 
     flags = [flag for flag, value in given.items() if value is not None]
     if flags:
@@ -166,15 +162,15 @@ def reproduce(
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
 ) -> None:
     """Train CNN and DiPSeN on each data set, run every attack and threat model, write the report."""
-    from .report import reproduce as run_study
-    from .report.paper import DATASETS
+    from ..report import reproduce as run_study
+    from ..report.paper import DATASETS
 
     if resume is not None:
         options = _resumed(resume, {"--out": out, "--quick": quick, "--datasets": datasets})
         out, quick, chosen = resume, options["quick"], tuple(options["datasets"])
     else:
         chosen = tuple(d.strip() for d in (datasets or ",".join(DATASETS)).split(",") if d.strip())
-    with _progress() as progress:
+    with progress_bar(remaining=False) as progress:
         path = run_study(
             out or Path("report"), quick=bool(quick), datasets=chosen, progress=_factory(progress), resume=resume is not None
         )
@@ -192,14 +188,14 @@ def sweep_sigma_cmd(
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("sweep"))] = None,
 ) -> None:
     """Train DiPSeN at several noise levels; plot clean and adversarial accuracy against sigma."""
-    from .report.sigma import sweep_sigma
+    from ..report.sigma import sweep_sigma
 
     if resume is not None:
         options = _resumed(resume, {"--dataset": dataset, "--sigmas": sigmas, "--out": out, "--quick": quick})
         out, dataset, values, quick = resume, options["dataset"], options["sigmas"], options["quick"]
     else:
         values = _floats(sigmas or "0,0.05,0.1,0.2537,0.5", "--sigmas")
-    with _progress() as progress:
+    with progress_bar(remaining=False) as progress:
         path = sweep_sigma(
             out or Path("sigma-sweep"),
             dataset or "mnist",

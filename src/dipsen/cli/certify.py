@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .cli import app, console
-from .errors import DipsenError
+from ..errors import DipsenError
+from .app import app, console, progress_bar
 
 
 @app.command()
@@ -29,10 +28,10 @@ def certify(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Certify a run's final global model: certified accuracy per L2 radius, JSON and PNG in the run folder."""
-    from .attack import TrainedRun
-    from .certify.evaluate import CertifySettings, certify_run
-    from .data._io import write_atomic
-    from .report import plots
+    from ..attack import TrainedRun
+    from ..certify.evaluate import CertifySettings, certify_run
+    from ..data._io import write_atomic
+    from ..report import plots
 
     try:
         radius_values = tuple(float(r) for r in radii.split(",") if r.strip())
@@ -41,8 +40,7 @@ def certify(
     settings = CertifySettings(method, sigma, n0, n, alpha, samples, radius_values, seed).validate()
     trained = TrainedRun(run_dir)
     settings.resolve(trained)  # the values that depend on the run, before any work
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"certifying ({method})", total=samples)
         record = certify_run(trained, settings, lambda done: progress.advance(task, done))
     name = f"certify-{method}"

@@ -1,39 +1,22 @@
-"""Command-line interface: a thin layer over dipsen's packages.
-
-User errors (bad files, bad values, bad run folders) are printed as one line, without traceback.
-"""
+"""``dipsen train`` and ``dipsen show``: federated training into a run folder, and its final metrics."""
 
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import TrainConfig, load_config
-from .errors import DipsenError
+from ..config import TrainConfig, load_config
+from ..errors import DipsenError
+from .app import app, console, err_console, progress_bar
 
 if TYPE_CHECKING:
-    from .federated.workers import StopFlag
-
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    no_args_is_help=True,
-    help="Federated CNN / DiPSeN training and robustness evaluation.",
-)
-data_app = typer.Typer(no_args_is_help=True, help="Manage the embedded data sets.")
-app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+    from ..federated.workers import StopFlag
 
 _TRAIN_OPTIONS = {f for f in TrainConfig.__dataclass_fields__}
 
@@ -209,9 +192,9 @@ def train(
     ] = None,
 ) -> None:
     """Train a model by federated averaging and write a run folder."""
-    from .federated import FederatedTraining, RunDir
-    from .federated import train as run_training
-    from .federated.workers import Interrupted, StopFlag
+    from ..federated import FederatedTraining, RunDir
+    from ..federated import train as run_training
+    from ..federated.workers import Interrupted, StopFlag
 
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
     if resume is not None:
@@ -232,7 +215,7 @@ def train(
     stop = StopFlag()
     with ExitStack() as signals:
         if cfg.engine == "flower":
-            from .federated.engine import federated_data
+            from ..federated.engine import federated_data
 
             federated_data(cfg, data)  # resolves validation_size; raises on bad settings before any file is written
             signals.enter_context(_stop_on_signals(stop))  # then simulate stops Flower's processes and raises
@@ -247,14 +230,7 @@ def train(
             f"run folder: [bold]{run.path}[/]  ({cfg.dataset}, {cfg.model}, K={cfg.clients}, "
             f"m={cfg.clients_per_round}/round, up to {cfg.rounds} rounds)"
         )
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
+        progress = progress_bar()
         task = progress.add_task("training", total=cfg.rounds)
 
         def on_round(result, start_round):
@@ -278,7 +254,7 @@ def train(
         try:
             with progress:
                 if job is None:
-                    from .federated.flower.launch import simulate
+                    from ..federated.flower.launch import simulate
 
                     metrics = simulate(run, resume=resume is not None, on_poll=on_poll, stop=stop)
                 else:
@@ -298,7 +274,7 @@ def _stop_on_signals(stop: StopFlag) -> Iterator[None]:
     A signal that was ignored when dipsen started stays ignored, as Python itself leaves SIGINT:
     that is how ``nohup`` and a script's background jobs keep a process through a hang-up or a Ctrl-C.
     """
-    from .federated.workers import STOP_SIGNALS
+    from ..federated.workers import STOP_SIGNALS
 
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
     for signum in previous:
@@ -313,24 +289,12 @@ def _stop_on_signals(stop: StopFlag) -> Iterator[None]:
 @app.command()
 def show(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
     """Print the final metrics of a finished run."""
-    from .federated import RunDir
+    from ..federated import RunDir
 
     run = RunDir.open(run_dir)
     if not (run.path / "final_metrics.json").exists():
         raise DipsenError(f"{run_dir}: run has not finished (no final_metrics.json); resume it with --resume")
     _print_metrics(run.read_json("final_metrics.json"))
-
-
-@data_app.command("build-socofing-cache")
-def build_socofing_cache_cmd(
-    source: Annotated[Path, typer.Argument(help="SOCOFing Real folder or SOCOFing_Real.tar.gz")],
-    out: Annotated[Path, typer.Option(help="Output .npz; use it with --data-dir (the embedded cache is never overwritten).")],
-) -> None:
-    """Regenerate the compact SOCOFing cache from the original BMP files."""
-    from .data import socofing
-
-    path = socofing.build_socofing_cache(source, out)
-    console.print(f"wrote {path}")
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -353,27 +317,3 @@ def _print_metrics(metrics: dict) -> None:
             f"{cost['mean_round_seconds']:.2f} s per round (of which {cost['mean_eval_seconds']:.2f} s evaluation), "
             f"{cost['train_samples_per_second']:.0f} training samples/s"
         )
-
-
-from . import cli_certify, cli_robustness  # noqa: E402,F401  (register attack, reproduce, sweep-sigma, certify on app)
-
-
-def main() -> None:
-    """Run the CLI; every user error, a flag click cannot parse included, is one line and exit code 2."""
-    try:
-        code = app(standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError:
-        sys.exit(2)  # the help has been printed
-    except click.UsageError as exc:
-        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
-        _fail(f"{where}{exc.format_message()} (see --help)")
-    except click.Abort:
-        _fail("aborted", 130)
-    except DipsenError as exc:
-        _fail(str(exc))
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/] {message}", highlight=False, markup=True)
-    sys.exit(code)
