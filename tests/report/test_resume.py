@@ -74,7 +74,8 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     studied = _counting(monkeypatch, REPRODUCE, "study_run", kill_at=2)  # killed while attacking the second run
     with pytest.raises(Killed):
         REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    assert trained[2:] == [("mnist-dipsen", True)]  # resumed from round 1, the finished run left alone
+    # resumed from round 1, the finished run left alone; then the smoothed CNN the certification section needs
+    assert trained[2:] == [("mnist-dipsen", True), ("mnist-cnn-smooth-0.25", False)]
     assert RunDir.open(dipsen).read_json("final_metrics.json")["rounds"] == 3
     assert [r["round"] for r in RunDir.open(dipsen).metrics()] == [1, 2, 3]
     assert _stamps(cnn).items() > cnn_files.items() and set(_stamps(cnn)) - set(cnn_files) == {Path(REPRODUCE.STUDY_FILE)}
@@ -83,7 +84,7 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
 
     studied.clear()
     path = REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    assert len(trained) == 3 and [args[0].path.name for args, _ in studied] == ["mnist-dipsen"]
+    assert len(trained) == 4 and [args[0].path.name for args, _ in studied] == ["mnist-dipsen"]
     assert _stamps(cnn) == cnn_files
     results = json.loads((out / "results.json").read_text())
     assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen"} and path == out / "report.md" and path.exists()
@@ -91,6 +92,11 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
              for label in results["studies"]}
     assert results["studies"] == {label: record["result"] for label, record in saved.items()}
     assert results["seconds"]["attacks"] == pytest.approx(sum(record["seconds"] for record in saved.values()))
+    assert set(results["certified"]) == {"mnist/cnn-smooth-0.25", "mnist/dipsen"}
+    smoothing = results["certified"]["mnist/cnn-smooth-0.25"]
+    assert smoothing["certificate"]["method"] == "smoothing" and set(smoothing["attacked"]) == {"0", "0.25", "0.5"}
+    assert results["certified"]["mnist/dipsen"]["certificate"]["method"] == "pixeldp"
+    assert "## What can be certified" in path.read_text()
 
 
 def test_a_resumed_sigma_sweep_measures_only_what_is_missing(tmp_path, monkeypatch):

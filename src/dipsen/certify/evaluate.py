@@ -18,6 +18,7 @@ import torch
 from ..attack.target import TrainedRun
 from ..errors import DipsenError
 from ..models import calibrate_noise
+from .attack import smoothed_pgd_l2
 from .pixeldp import pixeldp_certify
 from .smoothing import ABSTAIN, Smooth
 
@@ -122,3 +123,28 @@ def certify_run(trained: TrainedRun, settings: CertifySettings, progress: Callab
         "seconds": seconds,
         "forward_passes_per_second": passes / seconds,
     }
+
+
+def attacked_accuracy(
+    trained: TrainedRun, settings: CertifySettings, radii: tuple[float, ...], draws: int = 1000
+) -> dict[str, float]:
+    """Accuracy of the smoothed classifier under :func:`~dipsen.certify.attack.smoothed_pgd_l2` at each L2 radius.
+
+    On the examples :func:`certify_run` certifies; each prediction by Cohen's PREDICT with ``draws``
+    draws at ``settings.alpha`` (an abstention counts as wrong). A sound certificate at r can never
+    be above this at r, beyond its alpha: the report puts the two side by side.
+    """
+    settings = settings.resolve(trained)
+    if settings.method != "smoothing" or settings.sigma is None:
+        raise DipsenError("the L2 attack check is for smoothing certificates")
+    data = trained.attack_data(settings.samples)
+    x, y = torch.as_tensor(data.x_eval), torch.as_tensor(data.y_eval).long()
+    model = trained.model()
+    smooth = Smooth(model, len(trained.dataset.classes), settings.sigma, settings.batch_size)
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    accuracy = {}
+    for radius in radii:
+        adversarial = smoothed_pgd_l2(model, x, y, radius, settings.sigma, generator=generator) if radius > 0 else x
+        right = [smooth.predict(a, draws, settings.alpha, generator) == int(t) for a, t in zip(adversarial, y, strict=True)]
+        accuracy[f"{radius:g}"] = sum(right) / len(right)
+    return accuracy

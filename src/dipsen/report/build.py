@@ -1,9 +1,10 @@
 """Turn the study's measurements into ``report.md``, ``report.html``, PNG plots and ``results.json``.
 
-Input: ``results = {"settings", "quick", "machine", "seconds", "studies": {"DATASET/MODEL": study}}``
+Input: ``results = {"settings", "quick", "machine", "seconds", "studies": {"DATASET/MODEL": study}, "certified"}``
 where each study is :func:`dipsen.attack.study.study_run`'s dict and DATASET is one of
 :data:`~dipsen.report.paper.REPORT_DATASETS` (a data set or a task variant such as ``socofing-gender``).
 Every table puts the paper's figure next to ours; our figures are only ever read from ``results``.
+``certified`` (optional) feeds :func:`dipsen.report.certified.certified_section`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from . import plots
+from .certified import certified_section
 from .paper import DATASET_NAMES, FIG6, OVERHEAD, REPORT_DATASETS, paper_dataset
 from .render import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
 
@@ -35,6 +37,7 @@ def build_report(results: dict, out: Path) -> Path:
     blocks += _curves(studies, datasets, out)
     blocks += _details(studies, datasets, n)
     blocks += _variants(studies, datasets)
+    blocks += certified_section(results.get("certified") or {}, out)
     (out / "report.md").write_text(to_markdown(blocks))
     (out / "report.html").write_text(to_html(blocks, "dipsen robustness report"))
     return out / "report.md"

@@ -7,7 +7,11 @@
    orange-box attack's stale one (``keep_checkpoints = last-(stale_rounds + 1)``).
 2. Run :func:`dipsen.attack.study.study_run` on every final global model; each result is saved as
    ``OUT/runs/KEY-MODEL/study.json`` as soon as it is done.
-3. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json``.
+3. Certify (:mod:`dipsen.certify`): train a CNN with Gaussian input noise for each sigma of
+   :data:`SMOOTHING_SIGMAS` (``OUT/runs/KEY-cnn-smooth-SIGMA``) and certify it by randomized
+   smoothing, with the L2 attack's accuracy beside it; certify each DiPSeN run by PixelDP. Each
+   result is saved in its run folder (``certify.json``) as soon as it is done.
+4. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json``.
 
 ``quick=True`` trains on 2,000-example subsets for 3 rounds and attacks 40 examples with tiny
 budgets: it exercises every step in a few minutes and measures nothing worth reporting.
@@ -29,6 +33,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ import torch
 
 from ..attack.study import ProgressFactory, StudySettings, study_run
 from ..attack.target import TrainedRun
+from ..certify.evaluate import CertifySettings, attacked_accuracy, certify_run
 from ..config import TrainConfig, load_config
 from ..data import Dataset
 from ..data._io import write_atomic
@@ -49,6 +55,12 @@ MODELS = ("cnn", "dipsen")
 QUICK_TRAINING = {"rounds": 3, "clients": 20, "fraction": 0.25, "local_epochs": 1, "train_subset": 2000, "test_subset": 500}
 OPTIONS_FILE = "options.json"  # in OUT: what the study was started with
 STUDY_FILE = "study.json"  # in each run folder: its study_run result
+CERTIFY_FILE = "certify.json"  # in each certified run folder: its certificate and attacked accuracy
+SMOOTHING_SIGMAS = {"mnist": (0.25, 0.5), "socofing": (0.25,), "ctu13": (0.25,)}
+"""Input-noise std of the smoothed CNNs the study trains and certifies, per data set (Cohen et al.'s 0.25, 0.5)."""
+CERTIFY = CertifySettings(n0=100, n=2000, samples=100, radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5))
+"""n = 2,000 draws certify radii up to 2.7 sigma at alpha 0.001: enough for the report's r = 0.5 and 1."""
+QUICK_CERTIFY = CertifySettings(n0=10, n=100, samples=10, radii=(0.0, 0.25, 0.5))
 
 
 def paper_config(dataset: str, model: str, quick: bool = False, **overrides) -> TrainConfig:
@@ -158,7 +170,15 @@ def reproduce(
         for key, (d, overrides) in runs.items()
         for m in MODELS
     }
-    open_output(out, {"quick": quick, "datasets": datasets, "settings": settings.to_dict()}, resume)
+    smoothed = {
+        f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", input_noise=sigma)
+        for d in datasets
+        for sigma in SMOOTHING_SIGMAS[d][: 1 if quick else None]  # quick: the first sigma only
+    }
+    certify = QUICK_CERTIFY if quick else CERTIFY
+    options = {"quick": quick, "datasets": datasets, "settings": settings.to_dict(), "certify": asdict(certify)}
+    open_output(out, options, resume)
+    configs |= smoothed
     folders = {label: out / "runs" / label.replace("/", "-") for label in configs}
     loaded: dict[str, Dataset] = {}  # data sets loaded for training, kept for the study
     for label, config in configs.items():
@@ -168,14 +188,31 @@ def reproduce(
     records = {
         label: saved_result(folder, STUDY_FILE, loaded.get(label), lambda trained: study_run(trained, settings, progress))
         for label, folder in folders.items()
+        if label not in smoothed
+    }
+    certified = {
+        label: saved_result(folders[label], CERTIFY_FILE, loaded.get(label), lambda trained: _certify(trained, certify, progress))
+        for label in [*smoothed, *(f"{d}/dipsen" for d in datasets)]
     }
     training = sum(training_seconds(folder) for folder in folders.values())
     attacks = sum(record["seconds"] for record in records.values())
+    certifying = sum(record["seconds"] for record in certified.values())
     results = {
         "quick": quick,
         "machine": machine_description(),
         "settings": settings.to_dict(),
-        "seconds": {"total": training + attacks, "training": training, "attacks": attacks},
+        "seconds": {"total": training + attacks + certifying, "training": training, "attacks": attacks, "certify": certifying},
         "studies": {label: record["result"] for label, record in records.items()},
+        "certified": {label: record["result"] for label, record in certified.items()},
     }
     return build_report(results, out)
+
+
+def _certify(trained: TrainedRun, settings: CertifySettings, progress: ProgressFactory | None) -> dict:
+    """A smoothed CNN's certificate and the L2 attack's accuracy at its radii, or a DiPSeN run's PixelDP certificate."""
+    method = "smoothing" if trained.config.input_noise > 0 else "pixeldp"
+    settings = replace(settings, method=method)
+    advance = progress(f"certifying {trained.config.dataset} {trained.path.name}", settings.samples) if progress else None
+    certificate = certify_run(trained, settings, advance)
+    attacked = attacked_accuracy(trained, settings, settings.radii, draws=settings.n // 2) if method == "smoothing" else None
+    return {"certificate": certificate, "attacked": attacked}
