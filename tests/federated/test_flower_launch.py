@@ -223,6 +223,14 @@ def test_a_simulation_keeps_ray_on_loopback_and_off_any_cluster_named_in_the_env
     assert "--simulation" in args and "--enable-supernode-auth" not in args
 
 
+def test_processes_find_this_python_s_flower_tools_without_an_activated_venv(tmp_path, fake_flower, certs, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # .venv/bin/dipsen run from a shell without the venv on PATH
+    with Federation(tmp_path / "federation", simulation=True, certificates=certs):
+        superlink = _started(fake_flower)[0]
+        environment = dict(v.split("=", 1) for v in Path(f"/proc/{superlink}/environ").read_text().split("\0") if v)
+    assert environment["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # where flower-superexec is
+
+
 def test_simulation_certificates_outlive_the_run_timeout(tmp_path, monkeypatch):
     class Refused(Exception):
         pass

@@ -280,6 +280,9 @@ class Federation:
         self.env = {
             **inherited,
             **(RAY_ON_LOOPBACK if simulation else {}),
+            # the SuperLink starts flower-superexec by name: from this Python's environment, even when
+            # dipsen runs as .venv/bin/dipsen from a shell where that venv is not activated
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [inherited.get("PATH")])]),
             "FLWR_HOME": str(self.home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
