@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .data import Dataset
 
 OPTIMIZERS = ("sgd", "adam")
+ADV_TRAIN = ("none", "fgsm-rs", "pgd")  # adversarial training (see dipsen.federated.adversarial)
 ENGINES = ("inprocess", "flower")
 
 
@@ -105,6 +106,13 @@ class TrainConfig:
     # rows held out of the training set to stop on (only with target_accuracy); None: resolved by
     # dipsen.federated.engine.resolve_validation_size to 10% of the training rows, at most 5,000
     validation_size: int | None = None
+    # server-side aggregation (see dipsen.federated.aggregate): the rule, its parameters, update
+    # clipping (None: off) and the largest share of a round's weighted mean one client may have
+    aggregator: str = "fedavg"
+    trim_fraction: float = 0.1  # trimmed-mean only: share cut at each end of every coordinate
+    byzantine: int = 0  # krum, multi-krum, bulyan: f, the Byzantine clients to withstand
+    clip_norm: float | None = None
+    max_client_weight: float = 1.0
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
@@ -116,6 +124,16 @@ class TrainConfig:
     lr: float = 0.001
     momentum: float = 0.0  # SGD only
     input_noise: float = 0.0  # std of Gaussian noise on every training input (training for randomized smoothing)
+    # adversarial training in client_update (see dipsen.federated.adversarial): none | fgsm-rs | pgd,
+    # L-inf eps, PGD steps (pgd only), step (None: 1.25 eps for fgsm-rs, 2.5 eps / adv_steps for pgd),
+    # share of each batch's loss on adversarial examples
+    adv_train: str = "none"
+    adv_eps: float = 0.3
+    adv_steps: int = 10
+    adv_step_size: float | None = None
+    adv_mix: float = 0.5
+    # stop once the PGD accuracy of the global model on the validation slice reaches it (robust_accuracy)
+    target_robust_accuracy: float | None = None
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
@@ -132,8 +150,25 @@ class TrainConfig:
 
     @property
     def required_updates(self) -> int:
-        """Valid client updates a round needs to count: ``min_clients``, by default more than half of m."""
-        return self.clients_per_round // 2 + 1 if self.min_clients is None else self.min_clients
+        """Valid client updates a round needs to count: ``min_clients``, by default more than half of m.
+
+        Never fewer than the aggregator needs against ``byzantine`` clients (2f + 3 for Krum, 4f + 3
+        for Bulyan: :func:`dipsen.federated.aggregate.min_updates`).
+        """
+        from .federated.aggregate import min_updates
+
+        base = self.clients_per_round // 2 + 1 if self.min_clients is None else self.min_clients
+        return max(base, min_updates(self.aggregator, self.byzantine))
+
+    @property
+    def robust_evaluation(self) -> bool:
+        """Whether every round measures ``robust_accuracy``: with adversarial training or a robust target."""
+        return self.adv_train != "none" or self.target_robust_accuracy is not None
+
+    @property
+    def holds_out_validation(self) -> bool:
+        """Whether training rows are held out as a validation slice: a target or the robust accuracy is checked on it."""
+        return self.target_accuracy is not None or self.robust_evaluation
 
     def validate(self) -> TrainConfig:
         """Check every value against :data:`SCHEMA` and the rules between values, and resolve ``workers``.
@@ -152,11 +187,15 @@ class TrainConfig:
         if self.min_clients is not None and self.min_clients > self.clients_per_round:
             raise ConfigError(f"min_clients must be in [0, m = {self.clients_per_round}], got {self.min_clients}", "min_clients")
         # without a target nothing stops on it: holding rows out would only take them from the clients
-        if self.validation_size is not None and self.target_accuracy is None:
+        if self.validation_size is not None and not self.holds_out_validation:
             raise ConfigError(
-                f"validation_size {self.validation_size} needs target_accuracy (it is what the target is checked on)",
+                f"validation_size {self.validation_size} needs target_accuracy, adv_train or target_robust_accuracy "
+                "(it is what they are checked on)",
                 "validation_size",
             )
+        if self.adv_step_size is not None and self.adv_train == "none":
+            raise ConfigError(f"adv_step_size {self.adv_step_size} applies to adv_train fgsm-rs or pgd only", "adv_step_size")
+        self._check_aggregation()
         if self.momentum and self.optimizer != "sgd":
             raise ConfigError(
                 f"momentum {self.momentum} applies to optimizer sgd only (optimizer is {self.optimizer!r})", "momentum"
@@ -164,6 +203,31 @@ class TrainConfig:
         calibrate_noise(self.sigma, self.dp_epsilon, self.dp_delta, self.dp_attack_bound)
         parse_keep_checkpoints(self.keep_checkpoints)
         return self
+
+    def _check_aggregation(self) -> None:
+        """The aggregator's parameters fit it and m (see :mod:`dipsen.federated.aggregate`)."""
+        from .federated.aggregate import BYZANTINE_AGGREGATORS, min_updates
+
+        m = self.clients_per_round
+        if self.byzantine and self.aggregator not in BYZANTINE_AGGREGATORS:
+            raise ConfigError(
+                f"byzantine {self.byzantine} applies to aggregator {', '.join(BYZANTINE_AGGREGATORS)} only "
+                f"(aggregator is {self.aggregator!r})",
+                "byzantine",
+            )
+        need = min_updates(self.aggregator, self.byzantine)
+        if need > m:
+            rule = "4f + 3" if self.aggregator == "bulyan" else "2f + 3"
+            raise ConfigError(
+                f"byzantine {self.byzantine} is too large for m = {m}: {self.aggregator} needs m >= {rule} = {need}",
+                "byzantine",
+            )
+        if self.aggregator == "trimmed-mean" and math.floor(self.trim_fraction * m) < 1:
+            raise ConfigError(
+                f"trim_fraction {self.trim_fraction} trims no update at m = {m} (floor(trim_fraction * m) = 0): "
+                f"use at least {1 / m:.3g}",
+                "trim_fraction",
+            )
 
     def load_dataset(self) -> Dataset:
         """The data set this config names, loaded with its data settings (every engine and the attacks use this)."""
@@ -239,6 +303,11 @@ SCHEMA: dict[str, Rule] = {
     "target_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
     "min_clients": Rule(int, optional=True, low=0),
     "validation_size": _OPTIONAL_COUNT,
+    "aggregator": Rule(str, choices=_registry(".federated.aggregate", "AGGREGATORS")),
+    "trim_fraction": Rule(float, low=0, high=0.5, high_open=True),
+    "byzantine": Rule(int, low=0),
+    "clip_norm": Rule(float, optional=True, low=0, low_open=True),
+    "max_client_weight": _UNIT,
     "partition": Rule(str, choices=_registry(".partition", "SCHEMES")),
     "dirichlet_alpha": Rule(float, low=0, low_open=True),
     "shards_per_client": _COUNT,
@@ -248,6 +317,12 @@ SCHEMA: dict[str, Rule] = {
     "lr": Rule(float, low=0, low_open=True),
     "momentum": Rule(float, low=0, high=1, high_open=True),
     "input_noise": Rule(float, low=0),
+    "adv_train": Rule(str, choices=lambda: ADV_TRAIN),
+    "adv_eps": _UNIT,
+    "adv_steps": _COUNT,
+    "adv_step_size": Rule(float, optional=True, low=0, low_open=True),
+    "adv_mix": _UNIT,
+    "target_robust_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
     "seed": Rule(int, low=0),
     "workers": _OPTIONAL_COUNT,

@@ -231,3 +231,16 @@ def test_an_enrolment_file_round_trips_and_a_malformed_one_is_named(tmp_path):
     (tmp_path / "list.json").write_text("[7, 0]")
     with pytest.raises(DipsenError, match=r"^cannot read the node enrolment .*list.json: not a JSON object$"):
         read_enrolment(tmp_path / "list.json")
+
+
+def test_adversarial_training_sends_the_feasible_domain_to_the_nodes(ctu13):
+    from dipsen.attack.domain import feasible_domain
+    from dipsen.federated.flower.client_app import _domain
+
+    grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"})
+    domain = feasible_domain(ctu13)
+    clients = FlowerClients(grid, TrainConfig(**CONFIG, adv_train="fgsm-rs").validate(), 2, node_wait_seconds=5,
+                            reply_timeout_seconds=1.0, domain=domain)
+    clients.run({"w": torch.ones(2)}, _tasks([0]))
+    (train,) = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert _domain(message_record(train.content, "config", ConfigRecord)) == domain

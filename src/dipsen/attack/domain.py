@@ -9,6 +9,9 @@ the destination-port class (categorical: no flow can be 0.4 tcp), nor turn a zer
 (no earlier flow) into a flow. Packet and byte counts are integers: after an attack each is moved
 to the nearest value that is an integer count in original units and still inside the eps-ball.
 Not enforced: cross-feature consistency such as SrcBytes <= TotBytes.
+
+Adversarial training crafts its examples inside the same domain, through
+:meth:`FeasibleDomain.project_tensor` (see :mod:`dipsen.federated.adversarial`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ..data import Dataset
 
@@ -50,6 +55,28 @@ class FeasibleDomain:
         for column, (low, high) in (self.integer_scalers or {}).items():
             out[..., column] = _snap_to_counts(out[..., column], x[..., column], eps, low, high)
         return out
+
+    def project_tensor(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+        """:meth:`project` on CPU tensors (adversarial training): the same projection, no gradient.
+
+        The numpy arrays share the tensors' memory, so on the CPU this costs no copy.
+        """
+        projected = self.project(x_adv.detach().cpu().numpy(), x.detach().cpu().numpy(), eps)
+        return torch.from_numpy(projected).to(x.device)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (the Flower ServerApp sends the domain to its nodes with each train message)."""
+        scalers = None if self.integer_scalers is None else {str(c): list(v) for c, v in self.integer_scalers.items()}
+        return {"description": self.description, "perturbable_columns": self.perturbable_columns, "integer_scalers": scalers}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FeasibleDomain:
+        scalers = values.get("integer_scalers")
+        return cls(
+            str(values["description"]),
+            values.get("perturbable_columns"),
+            None if scalers is None else {int(c): (float(low), float(high)) for c, (low, high) in scalers.items()},
+        )
 
 
 def feasible_domain(dataset: Dataset) -> FeasibleDomain:

@@ -56,6 +56,38 @@ def train(
             "(default: more than half of m; 0: no minimum).",
         ),
     ] = None,
+    aggregator: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("aggregator"),
+            help="fedavg | trimmed-mean | median | krum | multi-krum | bulyan (the server's rule; see README).",
+        ),
+    ] = None,
+    trim_fraction: Annotated[
+        float | None,
+        typer.Option(show_default=_default("trim_fraction"), help="trimmed-mean: share of values cut at each end, in [0, 0.5)."),
+    ] = None,
+    byzantine: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("byzantine"),
+            help="f, Byzantine clients to withstand (krum, multi-krum: m >= 2f+3; bulyan: m >= 4f+3).",
+        ),
+    ] = None,
+    clip_norm: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("clip_norm"),
+            help="Clip each client's update w_k - w to this L2 norm before aggregating (default: no clipping).",
+        ),
+    ] = None,
+    max_client_weight: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("max_client_weight"),
+            help="Largest share of a round's weighted mean one client may have (fedavg, multi-krum).",
+        ),
+    ] = None,
     target_accuracy: Annotated[
         float | None,
         typer.Option(show_default=_default("target_accuracy"), help="Stop once accuracy on the validation slice reaches this."),
@@ -98,6 +130,41 @@ def train(
             show_default=_default("input_noise"),
             help="Std of Gaussian noise added to every training input: trains a base model for randomized "
             "smoothing, certified at this sigma by dipsen certify.",
+        ),
+    ] = None,
+    adv_train: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("adv_train"),
+            help="Adversarial training in every local step: none | fgsm-rs (FGSM from a random start) | pgd "
+            "(--adv-steps steps from a random start); examples stay in the data set's feasible domain.",
+        ),
+    ] = None,
+    adv_eps: Annotated[
+        float | None, typer.Option(show_default=_default("adv_eps"), help="L-inf radius of the training examples, in (0, 1].")
+    ] = None,
+    adv_steps: Annotated[
+        int | None, typer.Option(show_default=_default("adv_steps"), help="pgd: attack steps per batch.")
+    ] = None,
+    adv_step_size: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("adv_step_size"),
+            help="Attack step (default: 1.25 eps for fgsm-rs, 2.5 eps / --adv-steps for pgd).",
+        ),
+    ] = None,
+    adv_mix: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("adv_mix"),
+            help="Share of each batch's loss on adversarial examples, in (0, 1] (1: adversarial only).",
+        ),
+    ] = None,
+    target_robust_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("target_robust_accuracy"),
+            help="Stop once PGD-10 accuracy (at --adv-eps) on the validation slice reaches this.",
         ),
     ] = None,
     sigma: Annotated[
@@ -239,6 +306,8 @@ def train(
                 return
             loss = "-" if result.train_loss is None else f"{result.train_loss:.3f}"
             val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
+            if result.robust_accuracy is not None:
+                val += f" robust {result.robust_accuracy:.4f}"
             progress.update(
                 task, completed=result.round, description=f"round {result.round} acc {result.test_accuracy:.4f}{val} loss {loss}"
             )

@@ -2,17 +2,28 @@
 
 The client receives the global weights, trains E local epochs on its own data only (mini-batches
 of size B, reshuffled each epoch) and returns its new weights with its sample count, which FedAvg
-uses as its weight. All randomness (shuffling, noise draws, AlphaDropout) comes from ``seed``, so an
-update is a pure function of (global weights, data, settings, seed).
+uses as its weight. All randomness (shuffling, noise draws, AlphaDropout, adversarial random
+starts) comes from ``seed``, so an update is a pure function of (global weights, data, settings, seed).
+
+With ``adv_train`` (see :mod:`dipsen.federated.adversarial`) each mini-batch's loss is
+``(1 - adv_mix) * CE(clean) + adv_mix * CE(adversarial)``, the adversarial examples crafted from
+the clean batch against the current local weights; ``input_noise``, if any, is then added to both.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .adversarial import attack_steps, default_step_size, perturb
+
+if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated
+    from ..attack.domain import FeasibleDomain
 
 StateDict = dict[str, Tensor]
 
@@ -27,6 +38,31 @@ class LocalTraining:
     # std of Gaussian noise added to every training input (Cohen et al.'s training for randomized
     # smoothing: a base classifier that is accurate under the noise it will be certified with)
     input_noise: float = 0.0
+    # adversarial training: none | fgsm-rs | pgd, within L-inf eps and ``domain`` (the data set's
+    # feasible inputs, required unless adv_train is none); adv_step_size None: the method's default
+    adv_train: str = "none"
+    adv_eps: float = 0.3
+    adv_steps: int = 10  # pgd only
+    adv_step_size: float | None = None
+    adv_mix: float = 0.5
+    domain: FeasibleDomain | None = None
+
+    def __post_init__(self) -> None:
+        if self.adv_train != "none" and self.domain is None:
+            raise ValueError("adversarial training needs the data set's feasible domain")
+
+    def noisy(self, inputs: Tensor) -> Tensor:
+        """``inputs`` with the training noise added (``input_noise``), if any."""
+        if self.input_noise > 0:
+            return inputs + self.input_noise * torch.randn_like(inputs)
+        return inputs
+
+    def adversarial_examples(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        """The ``adv_train`` examples of (x, y) against ``model`` as it is now (random starts from ``generator``)."""
+        assert self.domain is not None  # __post_init__
+        steps = attack_steps(self.adv_train, self.adv_steps)
+        step = self.adv_step_size if self.adv_step_size is not None else default_step_size(self.adv_train, self.adv_eps, steps)
+        return perturb(model, x, y, self.adv_eps, steps, step, self.domain, generator)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """A fresh optimizer each round: FedAvg averages weights only, so no optimizer state outlives a round."""
@@ -59,6 +95,8 @@ def client_update(
     start = time.perf_counter()
     torch.manual_seed(seed)  # noise layer and AlphaDropout draw from the global generator
     shuffle = torch.Generator().manual_seed(seed)
+    # the random starts of adversarial examples: a stream of their own, so shuffling stays as without them
+    starts = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
     model.load_state_dict(global_state)
     model.train()
     optimizer = training.make_optimizer(model.parameters())
@@ -68,10 +106,14 @@ def client_update(
         order = torch.randperm(len(x), generator=shuffle)
         for batch in order.split(training.batch_size):
             optimizer.zero_grad(set_to_none=True)
-            inputs = x[batch]
-            if training.input_noise > 0:
-                inputs = inputs + training.input_noise * torch.randn_like(inputs)
-            loss = loss_fn(model(inputs), y[batch])
+            inputs, labels = x[batch], y[batch]
+            if training.adv_train == "none":
+                loss = loss_fn(model(training.noisy(inputs)), labels)
+            else:
+                adversarial = training.adversarial_examples(model, inputs, labels, starts)
+                loss = training.adv_mix * loss_fn(model(training.noisy(adversarial)), labels)
+                if training.adv_mix < 1:
+                    loss = loss + (1 - training.adv_mix) * loss_fn(model(training.noisy(inputs)), labels)
             loss.backward()
             optimizer.step()
             total_loss += loss.item()

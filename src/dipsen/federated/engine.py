@@ -2,7 +2,9 @@
 
 Each round t the aggregator samples m = max(1, C*K) of the K clients without replacement, every
 sampled client runs :func:`client_update` from the global weights on its own partition, and
-:func:`fedavg` combines the results weighted by sample counts. The global model is evaluated on
+:func:`~dipsen.federated.aggregate.aggregate` combines the results: by default :func:`fedavg`
+weighted by the server's sample counts (each capped at the size of the partition the server
+assigned, see :mod:`dipsen.federated.aggregate`), or the robust rule the config names. The global model is evaluated on
 the held-out test set after every round; training stops after ``rounds`` rounds or as soon as the
 accuracy on a validation slice reaches ``target_accuracy``. The slice is held out of the training
 rows (``validation_size`` of them, seeded) before they are partitioned, so no client trains on it
@@ -27,6 +29,12 @@ the weights of an uninterrupted run. For the same reason a run, finished or not,
 is raised (:meth:`RunDir.reconfigure`, ``dipsen train --resume RUN --rounds N``) and resumed ends
 with exactly the weights of a run of N rounds from the start.
 
+Adversarial training (``adv_train``, see :mod:`dipsen.federated.adversarial`) and
+``target_robust_accuracy`` hold out the validation slice too: after every round the global model's
+PGD accuracy on its first :data:`ROBUST_SLICE_CAP` rows is recorded as ``robust_accuracy``, the
+global model of the best round so far is kept as ``RUN/best_robust.pt`` (the guard against
+catastrophic overfitting) and the run stops once ``target_robust_accuracy`` is reached.
+
 Checkpoints: every round's is saved through :meth:`RunDir.save_checkpoint`, which keeps those the
 run's ``keep_checkpoints`` rule keeps (see :mod:`dipsen.federated.run_dir`), always the newest.
 """
@@ -37,7 +45,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -48,17 +56,23 @@ from ..errors import ConfigError, DipsenError
 from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
-from .aggregate import fedavg, validate_report, validate_update
+from .aggregate import Aggregation, aggregate, min_updates, server_counts, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict
 from .run_dir import RunDir
 from .workers import ClientFailure, ClientRunner, ClientTask, StopFlag, WorkerDied
 
+if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated
+    from ..attack.domain import FeasibleDomain
+
 log = logging.getLogger(__name__)
 
 _INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION, _VALIDATION = range(7)
+_ROBUST = 7
 
 # default validation slice: this share of the training rows, at most VALIDATION_CAP of them
 VALIDATION_SHARE, VALIDATION_CAP = 0.1, 5000
+# robust_accuracy: PGD on the first ROBUST_SLICE_CAP rows of the validation slice (a seeded random sample)
+ROBUST_SLICE_CAP = 500
 
 
 def derive_seed(*keys: int) -> int:
@@ -79,6 +93,7 @@ class RoundResult:
     round: int
     test_accuracy: float
     validation_accuracy: float | None  # None without a target: no slice is held out
+    robust_accuracy: float | None  # PGD accuracy on the validation slice; None unless config.robust_evaluation
     train_loss: float | None  # None when every update of the round was rejected
     clients: list[int]
     samples: int
@@ -92,8 +107,35 @@ class RoundResult:
         return asdict(self)
 
 
-def local_training(config: TrainConfig) -> LocalTraining:
-    return LocalTraining(config.local_epochs, config.batch_size, config.optimizer, config.lr, config.momentum, config.input_noise)
+def aggregation(config: TrainConfig) -> Aggregation:
+    return Aggregation(config.aggregator, config.trim_fraction, config.byzantine, config.clip_norm, config.max_client_weight)
+
+
+def local_training(config: TrainConfig, domain: FeasibleDomain | None = None) -> LocalTraining:
+    """The client-side settings of ``config``; ``domain`` (:func:`training_domain`) is needed with ``adv_train``."""
+    return LocalTraining(
+        config.local_epochs,
+        config.batch_size,
+        config.optimizer,
+        config.lr,
+        config.momentum,
+        config.input_noise,
+        config.adv_train,
+        config.adv_eps,
+        config.adv_steps,
+        config.adv_step_size,
+        config.adv_mix,
+        domain,
+    )
+
+
+def training_domain(config: TrainConfig, dataset: Dataset) -> FeasibleDomain | None:
+    """The data set's feasible domain (the attacks' own) when the run crafts adversarial examples, else None."""
+    if not config.robust_evaluation:
+        return None
+    from ..attack.domain import feasible_domain  # not at the top: dipsen.attack imports dipsen.federated
+
+    return feasible_domain(dataset)
 
 
 def sample_clients(config: TrainConfig, round_: int) -> list[int]:
@@ -128,7 +170,7 @@ def resolve_validation_size(config: TrainConfig, dataset: Dataset) -> None:
     config, as ``validate`` resolves ``workers``, so that config.json names the slice and every
     process rebuilding the partition (a resumed run, a Flower node) holds out the same rows.
     """
-    if config.target_accuracy is None or config.validation_size is not None:
+    if not config.holds_out_validation or config.validation_size is not None:
         return
     rows = len(dataset.y_train) if config.train_subset is None else min(config.train_subset, len(dataset.y_train))
     config.validation_size = max(1, min(VALIDATION_CAP, int(VALIDATION_SHARE * rows)))
@@ -190,7 +232,8 @@ class FederatedTraining:
         self.noise = self.model_args[3]  # the calibrated noise that build_model receives
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args)
-        self.training = local_training(config)
+        self.domain = training_domain(config, dataset)
+        self.training = local_training(config, self.domain)
         self.stop = stop or StopFlag()
         self.clients = runner or ClientRunner(
             self.model_args,
@@ -225,6 +268,7 @@ class FederatedTraining:
                 "held_out_of": "the training rows (after train_subset), before partitioning",
                 "seed": derive_seed(config.seed, _VALIDATION),
                 "class_counts": np.bincount(self.y_validation, minlength=len(self.dataset.classes)).tolist(),
+                "robust_accuracy_samples": min(ROBUST_SLICE_CAP, len(self.y_validation)) if config.robust_evaluation else None,
             }
         return {
             "dataset": self.dataset.info,
@@ -254,11 +298,31 @@ class FederatedTraining:
         predictions = predict_labels(self.model, self.x_validation, self.config.mc_samples)
         return float((predictions == self.y_validation).mean())
 
+    def robust_accuracy(self, round_: int) -> float | None:
+        """PGD accuracy (10 steps, ``adv_eps``, random start) on the validation slice; None unless ``robust_evaluation``.
+
+        On the first :data:`ROBUST_SLICE_CAP` rows of the validation slice, not of the test set: the
+        slice is held out of every client's rows and, like the stop on ``target_accuracy``, the
+        stop on ``target_robust_accuracy`` and the choice of ``best_robust.pt`` never look at the
+        test set. Its rows are a seeded random sample of the training rows, so the first ones are
+        a fixed random sample too, the same every round (and after a resume).
+        """
+        if not self.config.robust_evaluation:
+            return None
+        from .adversarial import robust_accuracy
+
+        assert self.domain is not None  # training_domain, since robust_evaluation
+        n = min(ROBUST_SLICE_CAP, len(self.y_validation))
+        seed = derive_seed(self.config.seed, _ROBUST, round_)
+        x, y = self.x_validation[:n], self.y_validation[:n]
+        return robust_accuracy(self.model, x, y, self.config.adv_eps, self.domain, self.config.mc_samples, seed)
+
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
         clients = sample_clients(self.config, round_)
         tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients]
         updates: list[ClientUpdate] = []
+        valid_clients: list[int] = []
         rejected: list[dict] = []
         for task, outcome in zip(tasks, self.clients.run(global_state, tasks), strict=True):
             if isinstance(outcome, ClientFailure):
@@ -269,23 +333,32 @@ class FederatedTraining:
                 )
             if reason is None and isinstance(outcome, ClientUpdate):
                 updates.append(outcome)
+                valid_clients.append(task.client)
             else:
                 log.warning("round %d: rejected the update of client %d: %s", round_, task.client, reason)
                 rejected.append({"client": task.client, "reason": reason})
-        new_state = fedavg([u.state for u in updates], [u.num_samples for u in updates]) if updates else global_state
+        # the weights are the server's: a count is capped at the size of the partition the server assigned
+        counts = server_counts([u.num_samples for u in updates], [len(self.parts[c]) for c in valid_clients])
+        for client, update, count in zip(valid_clients, updates, counts, strict=True):
+            if count < update.num_samples:
+                log.warning("round %d: client %d claims %d samples, its partition %d", round_, client, update.num_samples, count)
+        spec = aggregation(self.config)
+        # too few updates for the rule: the global model stays, and the round fails on required_updates
+        enough = bool(updates) and len(updates) >= min_updates(spec.rule, spec.byzantine)
+        new_state = aggregate([u.state for u in updates], counts, global_state, spec) if enough else global_state
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
         accuracy = self.test_accuracy(round_)
         validation_accuracy = self.validation_accuracy(round_)
+        robust_accuracy = self.robust_accuracy(round_)
         steps = sum(u.steps for u in updates)
-        samples = sum(u.num_samples for u in updates) * self.config.local_epochs
+        samples = sum(counts) * self.config.local_epochs
         result = RoundResult(
             round=round_,
             test_accuracy=accuracy,
             validation_accuracy=validation_accuracy,
-            train_loss=float(np.average([u.mean_loss for u in updates], weights=[u.num_samples for u in updates]))
-            if updates
-            else None,
+            robust_accuracy=robust_accuracy,
+            train_loss=float(np.average([u.mean_loss for u in updates], weights=counts)) if updates else None,
             clients=clients,
             samples=samples,
             steps=steps,
@@ -334,6 +407,7 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
         state = run.load_checkpoint(last)
         job.model.load_state_dict(state)
         start_round = last
+        _restore_best_robust(run, history, last, state)
     if on_round:
         on_round(None, start_round)
     done = _target_reached(config, history)
@@ -354,6 +428,8 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
         run.append_metrics(result.to_dict())  # before the checkpoint: see RunDir.keep_metrics_through
         run.save_checkpoint(round_, state)
         history.append(result.to_dict())
+        if result.robust_accuracy is not None and _best_robust_round(history) == round_:
+            run.save_best_robust(round_, result.robust_accuracy, state)  # after the checkpoint: see _restore_best_robust
         if on_round:
             on_round(result, start_round)
         done = _target_reached(config, history)
@@ -375,8 +451,44 @@ def training_cost(history: list[dict]) -> dict | None:
 
 
 def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
-    """Whether the last round's validation accuracy reached the target (never the test accuracy)."""
-    return bool(history) and config.target_accuracy is not None and history[-1]["validation_accuracy"] >= config.target_accuracy
+    """Whether the last round's validation or robust accuracy reached its target (never the test accuracy).
+
+    With both targets set, either one stops the run.
+    """
+    if not history:
+        return False
+    last = history[-1]
+    clean = config.target_accuracy is not None and last["validation_accuracy"] >= config.target_accuracy
+    robust = config.target_robust_accuracy is not None and (last.get("robust_accuracy") or 0.0) >= config.target_robust_accuracy
+    return clean or robust
+
+
+def _best_robust_round(history: list[dict]) -> int | None:
+    """The round of the highest ``robust_accuracy`` in ``history`` (the earliest of equals); None if none was measured."""
+    measured = [r for r in history if r.get("robust_accuracy") is not None]
+    return max(measured, key=lambda r: r["robust_accuracy"])["round"] if measured else None
+
+
+def _restore_best_robust(run: RunDir, history: list[dict], last: int, state: StateDict) -> None:
+    """On resume, make ``best_robust.pt`` the best round of ``history`` again, if it is not.
+
+    It is written after its round's checkpoint, so a kill in between leaves an older one while the
+    best round is the last finished one, whose weights are ``state``; any other mismatch (the
+    file deleted) is repaired from that round's checkpoint if the run kept it.
+    """
+    best = _best_robust_round(history)
+    if best is None:
+        return
+    saved = run.best_robust()
+    if saved is not None and saved["round"] == best:
+        return
+    accuracy = next(r["robust_accuracy"] for r in history if r["round"] == best)
+    if best == last:
+        run.save_best_robust(best, accuracy, state)
+    elif best in run.finished_rounds():
+        run.save_best_robust(best, accuracy, run.load_checkpoint(best))
+    else:
+        log.warning("%s: best_robust.pt is not round %d (the best robust accuracy), whose checkpoint is gone", run.path, best)
 
 
 def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:

@@ -8,6 +8,8 @@ Layout::
     RUN/partition.json       samples and classes per client
     RUN/metrics.jsonl        one JSON line per finished round (test and, with a target, validation accuracy)
     RUN/checkpoints/round_0000.pt ...   global model after a round (0 = initialisation); which are kept: below
+    RUN/best_robust.pt       with adversarial training or --target-robust-accuracy: the global model of
+                             the round with the highest robust_accuracy (round, robust_accuracy, model_state)
     RUN/final_metrics.json   metrics of the final global model; its presence marks the run finished
     RUN/.lock                held by the process training the run (see RunDir.lock); names its PID
 
@@ -51,6 +53,7 @@ from ..errors import ConfigError, DipsenError
 from .client import StateDict
 
 _CHECKPOINT = re.compile(r"^round_(\d{4,})\.pt$")
+BEST_ROBUST = "best_robust.pt"
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -218,6 +221,22 @@ class RunDir:
             _fsync_folder(self.checkpoints)
             for round_ in doomed:
                 self.checkpoint_path(round_).unlink(missing_ok=True)
+
+    def save_best_robust(self, round_: int, robust_accuracy: float, state: StateDict) -> None:
+        """Save ``state`` as ``RUN/best_robust.pt``, the global model with the best robust accuracy (atomic)."""
+        buffer = io.BytesIO()
+        torch.save({"round": round_, "robust_accuracy": robust_accuracy, "model_state": state}, buffer)
+        _atomic_write_bytes(self.path / BEST_ROBUST, buffer.getvalue())
+
+    def best_robust(self) -> dict | None:
+        """``RUN/best_robust.pt`` as saved (round, robust_accuracy, model_state); None if there is none."""
+        path = self.path / BEST_ROBUST
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # torch raises several types for damaged files
+            raise DipsenError(f"{path}: unreadable: {exc}") from None
 
     def load_checkpoint(self, round_: int) -> StateDict:
         path = self.checkpoint_path(round_)

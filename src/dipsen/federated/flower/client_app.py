@@ -6,6 +6,9 @@ may answer any message for its node.
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -23,7 +26,19 @@ from .task import (
     str_value,
 )
 
+if TYPE_CHECKING:
+    from ...attack.domain import FeasibleDomain
+
 app = ClientApp()
+
+
+def _domain(settings: ConfigRecord) -> FeasibleDomain | None:
+    """The feasible domain the ServerApp sent for adversarial training, if any."""
+    if "feasible-domain" not in settings:
+        return None
+    from ...attack.domain import FeasibleDomain
+
+    return FeasibleDomain.from_dict(json.loads(str_value(settings, "feasible-domain")))
 
 
 @app.query()
@@ -47,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays_to_state(message_record(msg.content, "arrays", ArrayRecord)),
         x,
         y,
-        local_training(config_from_json(config_json)),
+        local_training(config_from_json(config_json), _domain(settings)),
         int_value(settings, "seed"),
     )
     metrics = MetricRecord(

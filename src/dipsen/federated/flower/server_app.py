@@ -1,8 +1,10 @@
 """dipsen's Flower ServerApp: the in-process engine's round loop, with client updates run on Flower nodes.
 
 The ServerApp runs :func:`dipsen.federated.train` itself, so sampling (``sample_clients``), update
-validation, FedAvg, evaluation, the run folder, checkpoints and resume are the in-process
-engine's, line for line; only :class:`FlowerClients` differs from the local worker pool. Flower's
+validation, the server-side weights (a node's claimed sample count capped at the size of the
+partition this ServerApp computed for its client), the aggregator (FedAvg or a robust rule of
+:mod:`dipsen.federated.aggregate`), evaluation, the run folder, checkpoints and resume are the
+in-process engine's, line for line; only :class:`FlowerClients` differs from the local worker pool. Flower's
 own strategies are not used: their sampling would pick other clients than ``sample_clients``, and
 in round 1 they sample from whichever nodes have registered so far.
 
@@ -17,10 +19,12 @@ serves; a node is then used only for that client).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -29,10 +33,13 @@ from flwr.serverapp import Grid, ServerApp
 from ...config import TrainConfig
 from ...errors import DipsenError
 from ..client import ClientUpdate, StateDict
-from ..engine import FederatedTraining, resolve_validation_size, train
+from ..engine import FederatedTraining, resolve_validation_size, train, training_domain
 from ..run_dir import RunDir
 from ..workers import ClientFailure, ClientTask
 from .task import arrays_to_state, config_to_json, float_value, int_value, message_record, read_enrolment, state_to_arrays
+
+if TYPE_CHECKING:
+    from ...attack.domain import FeasibleDomain
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +65,12 @@ class FlowerClients:
         node_wait_seconds: float,
         reply_timeout_seconds: float,
         enrolled: dict[int, int] | None = None,
+        domain: FeasibleDomain | None = None,
     ) -> None:
         self.grid, self.reply_timeout = grid, reply_timeout_seconds
         self.settings: dict[str, ConfigRecordValues] = {"train-config": config_to_json(config), "num-classes": num_classes}
+        if domain is not None:  # adversarial training: the nodes hold rows, not the data set's scaler
+            self.settings["feasible-domain"] = json.dumps(domain.to_dict())
         if enrolled is not None and sorted(enrolled.values()) != list(range(config.clients)):
             raise DipsenError(f"the node enrolment does not name each of the clients 0..{config.clients - 1} exactly once")
         self.nodes = self._discover(config.clients, node_wait_seconds, enrolled)
@@ -177,6 +187,7 @@ def main(grid: Grid, context: Context) -> None:
         float(context.run_config["node-wait-seconds"]),
         float(context.run_config["reply-timeout-seconds"]),
         read_enrolment(Path(enrolment)) if enrolment else None,
+        training_domain(config, dataset),
     )
     metrics = train(FederatedTraining(config, dataset, runner=clients), run, resume=bool(context.run_config["resume"]))
     log.info("run finished after %d rounds, test accuracy %.4f", metrics["rounds"], metrics["accuracy"])

@@ -1,0 +1,73 @@
+"""Cost of adversarial training per local step: fgsm-rs and pgd-k against plain training, in one run.
+
+Each method runs :func:`dipsen.federated.client_update` (the code both engines train with) from the
+same weights on the same ``--samples`` MNIST training images in batches of ``--batch``; a step's
+time is the update's seconds over its steps, best of ``--repeats`` with the methods interleaved,
+and the ratio is against plain training of the same model in the same run. Forward-backward
+passes per step: plain 1; fgsm-rs 3 (the attack's, the adversarial loss's, the clean loss's);
+pgd-k k + 2; one fewer with ``--mix 1`` (no clean loss). The projection onto the feasible domain
+runs once per attack step.
+
+Usage: python benchmarks/adv_train_cost.py [--samples 640] [--batch 32] [--pgd-steps 10] [--mix 0.5]
+                                           [--repeats 3] [--threads 2] [--models cnn,dipsen]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dipsen.attack.domain import feasible_domain
+from dipsen.data import load_dataset
+from dipsen.federated import LocalTraining, client_update
+from dipsen.models import build_model, calibrate_noise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--mix", type=float, default=0.5)
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="cnn,dipsen")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    mnist = load_dataset("mnist")
+    domain = feasible_domain(mnist)
+    x, y = torch.from_numpy(mnist.x_train[: args.samples]), torch.from_numpy(mnist.y_train[: args.samples])
+    methods = {
+        "plain": LocalTraining(batch_size=args.batch),
+        "fgsm-rs": LocalTraining(batch_size=args.batch, adv_train="fgsm-rs", adv_eps=args.eps, adv_mix=args.mix, domain=domain),
+        f"pgd-{args.pgd_steps}": LocalTraining(
+            batch_size=args.batch,
+            adv_train="pgd",
+            adv_eps=args.eps,
+            adv_steps=args.pgd_steps,
+            adv_mix=args.mix,
+            domain=domain,
+        ),
+    }
+    print(
+        f"MNIST, {args.samples} images in batches of {args.batch}, eps {args.eps}, adv_mix {args.mix}, "
+        f"{args.threads} threads, best of {args.repeats} (interleaved)"
+    )
+    print(f"{'model':8} {'method':8} {'ms/step':>8} {'x plain':>8}")
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = build_model(name, (1, 28, 28), 10, calibrate_noise(None, 1.0, 0.05, 0.1))
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        best = {method: float("inf") for method in methods}
+        for _ in range(args.repeats):
+            for method, training in methods.items():
+                update = client_update(model, start, x, y, training, seed=0)
+                best[method] = min(best[method], update.seconds / update.steps)
+        for method, seconds in best.items():
+            print(f"{name:8} {method:8} {seconds * 1e3:>8.1f} {seconds / best['plain']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
