@@ -45,8 +45,9 @@ def main() -> None:
 
         def ceiling() -> None:
             with torch.inference_mode():
-                for _ in range(args.draws // args.batch):
-                    model(x.expand(args.batch, *x.shape) + torch.randn(args.batch, *x.shape))
+                for start in range(0, args.draws, args.batch):
+                    size = min(args.batch, args.draws - start)
+                    model(x.expand(size, *x.shape) + torch.randn(size, *x.shape))
 
         smooth = Smooth(model, 10, 0.25, args.batch)
         certify = (lambda: smooth.counts(x, args.draws)) if method == "smoothing" else (
