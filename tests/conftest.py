@@ -4,6 +4,7 @@ Attacks and reports only need a run folder with checkpoints; central training ge
 seconds (one checkpoint per epoch stands in for one per round).
 """
 
+import sys
 import time
 
 import pytest
@@ -27,6 +28,21 @@ def mnist():
 @pytest.fixture(scope="session")
 def ctu13():
     return load_dataset("ctu13")
+
+
+@pytest.fixture
+def dipsen_cli(monkeypatch, capsys):
+    """``dipsen ARGS`` in this process (fast enough to try every option): (exit code, stdout, stderr)."""
+    from dipsen.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["dipsen", *args])
+        with pytest.raises(SystemExit) as done:
+            main()
+        out, err = capsys.readouterr()
+        return done.value.code, out, err
+
+    return run
 
 
 def _train_run(root, mnist, model_name: str) -> TrainedRun:

@@ -54,29 +54,18 @@ def test_resume_refuses_extra_options(tmp_path):
     assert result.returncode == 2 and "drop --lr" in result.stderr
 
 
-def run_main(monkeypatch, capsys, *args):
-    """``dipsen ARGS`` in this process (fast enough to try every option): exit code, stdout, stderr."""
-    from dipsen.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["dipsen", *args])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
-
-
 @pytest.mark.parametrize("name, value", BAD_VALUES)
-def test_every_bad_option_is_one_line_exit_2_and_writes_nothing(monkeypatch, capsys, tmp_path, name, value):
+def test_every_bad_option_is_one_line_exit_2_and_writes_nothing(dipsen_cli, tmp_path, name, value):
     file = tmp_path / "bad.toml"
     file.write_text(f"{name} = {toml_literal(value)}\n")
-    code, _, err = run_main(monkeypatch, capsys, "train", "--config", str(file), "--out", str(tmp_path / "runs"))
+    code, _, err = dipsen_cli("train", "--config", str(file), "--out", str(tmp_path / "runs"))
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and f"{file}: {name} must be " in err, err
     assert not (tmp_path / "runs").exists()
     if isinstance(value, bool) or value in ("x", "ten", "yes", 7):
         return  # flags of the wrong type: click's parser, checked below
     flag = "--" + name.replace("_", "-")
-    code, _, err = run_main(monkeypatch, capsys, "train", flag, str(value), "--out", str(tmp_path / "runs"))
+    code, _, err = dipsen_cli("train", flag, str(value), "--out", str(tmp_path / "runs"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err, err
     assert not (tmp_path / "runs").exists()
 
@@ -91,13 +80,13 @@ def test_every_bad_option_is_one_line_exit_2_and_writes_nothing(monkeypatch, cap
         (["data", "build-socofing-cache", "x.tar.gz"], "Missing option '--out'"),
     ],
 )
-def test_flags_click_cannot_parse_are_one_line_exit_2(monkeypatch, capsys, args, message):
-    code, _, err = run_main(monkeypatch, capsys, *args)
+def test_flags_click_cannot_parse_are_one_line_exit_2(dipsen_cli, args, message):
+    code, _, err = dipsen_cli(*args)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_train_help_shows_the_built_in_defaults(monkeypatch, capsys):
-    code, out, _ = run_main(monkeypatch, capsys, "train", "--help")
+def test_train_help_shows_the_built_in_defaults(dipsen_cli):
+    code, out, _ = dipsen_cli("train", "--help")
     assert code == 0
     text = " ".join(out.split())
     for shown in ("[default: (200)]", "[default: (0.1)]", "[default: (adam)]", "[default: (0.001)]"):
@@ -107,7 +96,7 @@ def test_train_help_shows_the_built_in_defaults(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "text, message", [('{"rounds": "ten"}', "config.json: rounds must be an integer >= 1, got 'ten'"), ("[1]", "not a JSON object")]
 )
-def test_a_bad_run_folder_config_is_one_line_naming_the_file(monkeypatch, capsys, tmp_path, text, message):
+def test_a_bad_run_folder_config_is_one_line_naming_the_file(dipsen_cli, tmp_path, text, message):
     (tmp_path / "config.json").write_text(text)
-    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(tmp_path))
+    code, _, err = dipsen_cli("train", "--resume", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

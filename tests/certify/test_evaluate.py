@@ -1,7 +1,6 @@
 """dipsen certify on a run folder: the record, the CLI, and the check that no certificate outlives an attack."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -73,18 +72,8 @@ def test_the_l2_attack_lowers_accuracy_with_a_large_radius(smoothed_run):
     assert attacked < clean - 0.2  # the attack works; otherwise the check above would prove nothing
 
 
-def run_main(monkeypatch, capsys, *args):
-    from dipsen.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["dipsen", *args])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
-
-
-def test_certify_command_writes_json_and_plot(monkeypatch, capsys, smoothed_run):
-    code, out, err = run_main(monkeypatch, capsys, "certify", str(smoothed_run.path), "--samples", "4", "--n", "100", "--n0", "10")
+def test_certify_command_writes_json_and_plot(dipsen_cli, smoothed_run):
+    code, out, err = dipsen_cli("certify", str(smoothed_run.path), "--samples", "4", "--n", "100", "--n0", "10")
     assert code == 0, err
     record = json.loads((smoothed_run.path / "certify-smoothing.json").read_text())
     assert record["samples"] == 4 and record["n"] == 100 and "0.5" in record["certified_accuracy"]
@@ -103,6 +92,6 @@ def test_certify_command_writes_json_and_plot(monkeypatch, capsys, smoothed_run)
         (["--radii", "0,a"], "--radii must be comma-separated numbers"),
     ],
 )
-def test_bad_certify_values_are_one_line(monkeypatch, capsys, smoothed_run, args, message):
-    code, _, err = run_main(monkeypatch, capsys, "certify", str(smoothed_run.path), *args)
+def test_bad_certify_values_are_one_line(dipsen_cli, smoothed_run, args, message):
+    code, _, err = dipsen_cli("certify", str(smoothed_run.path), *args)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

@@ -83,16 +83,22 @@ def certify_run(trained: TrainedRun, settings: CertifySettings, progress: Callab
     generator = torch.Generator().manual_seed(settings.seed)
     cfg = trained.config
     noise = calibrate_noise(cfg.sigma, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_attack_bound)
-    smooth = Smooth(model, len(trained.dataset.classes), settings.sigma or 1.0, settings.batch_size)
+    if settings.method == "smoothing" and settings.sigma is not None:  # resolve() gave smoothing its sigma
+        smooth = Smooth(model, len(trained.dataset.classes), settings.sigma, settings.batch_size)
+
+        def certify_one(x: torch.Tensor) -> tuple[int, float]:
+            cert = smooth.certify(x, settings.n0, settings.n, settings.alpha, generator)
+            return cert.label, cert.radius
+    else:
+
+        def certify_one(x: torch.Tensor) -> tuple[int, float]:
+            cert = pixeldp_certify(model, x, settings.n, settings.alpha, noise, settings.batch_size)
+            return cert.label, cert.l2_size
+
     labels, radii = [], []
     start = time.perf_counter()
     for x in torch.as_tensor(data.x_eval):
-        if settings.method == "smoothing":
-            cert = smooth.certify(x, settings.n0, settings.n, settings.alpha, generator)
-            label, radius = cert.label, cert.radius
-        else:
-            pixel = pixeldp_certify(model, x, settings.n, settings.alpha, noise, settings.batch_size)
-            label, radius = pixel.label, pixel.l2_size
+        label, radius = certify_one(x)
         labels.append(label)
         radii.append(radius)
         if progress is not None:

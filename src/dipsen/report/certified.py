@@ -35,9 +35,9 @@ def certified_section(certified: dict, out: Path) -> list[Block]:
     rows = []
     for label, entry in certified.items():
         record, attacked = entry["certificate"], entry.get("attacked")
-        dataset, run = label.split("/", 1)
-        name = f"smoothed CNN, sigma {record['sigma']:g}" if record["method"] == "smoothing" else "DiPSeN, PixelDP"
-        cells = [DATASET_NAMES.get(dataset, dataset), name, f"{record['samples']} / {record['n']} / {record['alpha']:g}"]
+        dataset = label.split("/", 1)[0]
+        sizes = f"{record['samples']} / {record['n']} / {record['alpha']:g}"
+        cells = [DATASET_NAMES.get(dataset, dataset), _certificate_name(record), sizes]
         for r in TABLE_RADII:
             certified_at = record["certified_accuracy"].get(r)
             attacked_at = None if attacked is None else attacked.get(r)
@@ -61,11 +61,7 @@ def certified_section(certified: dict, out: Path) -> list[Block]:
     )
     for dataset in dict.fromkeys(label.split("/", 1)[0] for label in certified):
         curves = {
-            (
-                f"smoothed CNN, sigma {e['certificate']['sigma']:g}"
-                if e["certificate"]["method"] == "smoothing"
-                else "DiPSeN, PixelDP"
-            ): e["certificate"]["certified_accuracy"]
+            _certificate_name(e["certificate"]): e["certificate"]["certified_accuracy"]
             for label, e in certified.items()
             if label.startswith(dataset + "/")
         }
@@ -73,3 +69,7 @@ def certified_section(certified: dict, out: Path) -> list[Block]:
         plots.certified_accuracy(curves, f"{DATASET_NAMES.get(dataset, dataset)}: certified accuracy", out / name)
         blocks.append(Image(name, f"{DATASET_NAMES.get(dataset, dataset)}: certified accuracy against L2 radius"))
     return blocks
+
+
+def _certificate_name(record: dict) -> str:
+    return f"smoothed CNN, sigma {record['sigma']:g}" if record["method"] == "smoothing" else "DiPSeN, PixelDP"
