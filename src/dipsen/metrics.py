@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
 
 from .models import predict_proba, prediction_rule
@@ -15,6 +14,8 @@ def predict_labels(model: nn.Module, x: np.ndarray, mc_samples: int = 1) -> np.n
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...] | list[str]) -> dict:
     """Accuracy, macro and weighted precision/recall/F1, and per-class figures with support."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support  # slow to import: only here
+
     labels = list(range(len(class_names)))
     result: dict = {"accuracy": float(accuracy_score(y_true, y_pred)), "samples": int(len(y_true))}
     for average in ("macro", "weighted"):
