@@ -4,6 +4,7 @@ import importlib
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -74,20 +75,27 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     studied = _counting(monkeypatch, REPRODUCE, "study_run", kill_at=2)  # killed while attacking the second run
     with pytest.raises(Killed):
         REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    # resumed from round 1, the finished run left alone; then the smoothed CNN the certification section needs
-    assert trained[2:] == [("mnist-dipsen", True), ("mnist-cnn-smooth-0.25", False)]
+    # resumed from round 1, the finished run left alone; then FAT and the smoothed CNN the certification section needs
+    assert trained[2:] == [("mnist-dipsen", True), ("mnist-cnn-fat", False), ("mnist-cnn-smooth-0.25", False)]
+    fat = out / "runs" / "mnist-cnn-fat"
+    assert RunDir.open(fat).finished() and RunDir.open(fat).config().adv_train == "fgsm-rs"
     assert RunDir.open(dipsen).read_json("final_metrics.json")["rounds"] == 3
     assert [r["round"] for r in RunDir.open(dipsen).metrics()] == [1, 2, 3]
     assert _stamps(cnn).items() > cnn_files.items() and set(_stamps(cnn)) - set(cnn_files) == {Path(REPRODUCE.STUDY_FILE)}
     assert [args[0].path.name for args, _ in studied] == ["mnist-cnn", "mnist-dipsen"]
     cnn_files = _stamps(cnn)
 
-    studied.clear()
     path = REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    assert len(trained) == 4 and [args[0].path.name for args, _ in studied] == ["mnist-dipsen"]
+    assert len(trained) == 5 and [args[0].path.name for args, _ in studied[2:]] == ["mnist-dipsen", "mnist-cnn-fat"]
     assert _stamps(cnn) == cnn_files
     results = json.loads((out / "results.json").read_text())
-    assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen"} and path == out / "report.md" and path.exists()
+    assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen", "mnist/cnn-fat"} and path == out / "report.md"
+    assert results["training_seconds"] == {label: REPRODUCE.training_seconds(out / "runs" / label.replace("/", "-"))
+                                           for label in [*results["studies"], "mnist/cnn-smooth-0.25"]}
+    assert results["seconds"]["training"] == pytest.approx(sum(results["training_seconds"].values()))
+    assert results["defences"]["cnn-fat"] == {"model": "cnn", "adv_train": "fgsm-rs", "adv_mix": 0.5, "adv_eps": TINY.eps,
+                                              "datasets": ["mnist", "ctu13"]}
+    assert "| MNIST | FAT (cnn-fat) |" in path.read_text()
     saved = {label: RunDir.open(out / "runs" / label.replace("/", "-")).read_json(REPRODUCE.STUDY_FILE)
              for label in results["studies"]}
     assert results["studies"] == {label: record["result"] for label, record in saved.items()}
@@ -97,6 +105,21 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     assert smoothing["certificate"]["method"] == "smoothing" and set(smoothing["attacked"]) == {"0", "0.25", "0.5"}
     assert results["certified"]["mnist/dipsen"]["certificate"]["method"] == "pixeldp"
     assert "## What can be certified" in path.read_text()
+
+    # a finished study resumed again: nothing trained or attacked, FAT included
+    fat_files = _stamps(fat)
+    REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
+    assert len(trained) == 5 and len(studied) == 4 and _stamps(fat) == fat_files
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_a_folder_of_the_study_before_its_defences_is_refused(tmp_path):
+    options = {"quick": True, "datasets": ["mnist"], "settings": TINY.to_dict(), "certify": asdict(REPRODUCE.QUICK_CERTIFY)}
+    REPRODUCE.open_output(tmp_path, options, resume=False)  # as the version without FAT runs recorded them
+    with pytest.raises(DipsenError, match=r"was started by an earlier version of this command: .*options.json records no "
+                                          r"defences, so its runs are not this version's; start a new --out folder"):
+        REPRODUCE.reproduce(tmp_path, quick=True, datasets=("mnist",), settings=TINY, resume=True)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_resumed_sigma_sweep_measures_only_what_is_missing(tmp_path, monkeypatch):
@@ -128,4 +151,5 @@ def test_resume_reads_its_options_from_the_folder(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: --resume reads its options from {tmp_path}/options.json; drop --sigmas, --quick"
     result = _dipsen("reproduce", "--resume", str(tmp_path / "missing"))
-    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'missing'}: nothing to resume (no options.json)"
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: nothing to resume (no options.json)"

@@ -1,10 +1,13 @@
 """Turn the study's measurements into ``report.md``, ``report.html``, PNG plots and ``results.json``.
 
 Input: ``results = {"settings", "quick", "machine", "seconds", "studies": {"DATASET/MODEL": study}, "certified"}``
-where each study is :func:`dipsen.attack.study.study_run`'s dict and DATASET is one of
-:data:`~dipsen.report.paper.REPORT_DATASETS` (a data set or a task variant such as ``socofing-gender``).
+where each study is :func:`dipsen.attack.study.study_run`'s dict, DATASET is one of
+:data:`~dipsen.report.paper.REPORT_DATASETS` (a data set or a task variant such as ``socofing-gender``)
+and MODEL one of :data:`~dipsen.report.defences.STUDIED_MODELS`: the paper's ``cnn`` and ``dipsen``, and
+the defences the study adds (``cnn-fat``), which have no paper figure ("—").
 Every table puts the paper's figure next to ours; our figures are only ever read from ``results``.
-``certified`` (optional) feeds :func:`dipsen.report.certified.certified_section`.
+``certified`` (optional) feeds :func:`dipsen.report.certified.certified_section`; it, ``training_seconds``
+(optional, per run label) and ``defences`` (optional) feed :func:`dipsen.report.defences.defences_section`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from . import plots
 from .certified import certified_section
+from .defences import DEFENCES, PAPER_MODELS, STUDIED_MODELS, defences_section
 from .paper import DATASET_NAMES, FIG6, OVERHEAD, REPORT_DATASETS, paper_dataset
 from .render import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
 
@@ -31,6 +35,7 @@ def build_report(results: dict, out: Path) -> Path:
     blocks: list[Block] = [Heading("dipsen robustness report: CNN against DiPSeN", 1), Paragraph(_preamble(results))]
     blocks += _summary(studies, datasets, n, out)
     blocks += _verdicts(studies, datasets, n)
+    blocks += defences_section(results, datasets, out)
     blocks += _baseline(studies, datasets, n, out)
     blocks += _task_difficulty(studies, datasets, n)
     blocks += _overhead(studies, datasets, out)
@@ -43,10 +48,10 @@ def build_report(results: dict, out: Path) -> Path:
     return out / "report.md"
 
 
-def _runs(studies: dict, datasets: list[str]):
-    """(dataset, model, study) for every study present, in report order."""
+def _runs(studies: dict, datasets: list[str], models: tuple[str, ...] = STUDIED_MODELS):
+    """(dataset, model, study) for every study of ``models`` present, in report order."""
     for dataset in datasets:
-        for model in ("cnn", "dipsen"):
+        for model in models:
             study = _study(studies, dataset, model)
             if study is not None:
                 yield dataset, model, study
@@ -60,8 +65,13 @@ def _study(studies: dict, dataset: str, model: str) -> dict | None:
     return studies.get(f"{dataset}/{model}")
 
 
+def _models(studies: dict, dataset: str) -> dict[str, dict]:
+    """Model -> study of every model studied on ``dataset``, in report order."""
+    return {m: study for m in STUDIED_MODELS if (study := _study(studies, dataset, m)) is not None}
+
+
 def _fig6(model: str, dataset: str) -> dict:
-    """The paper's Fig. 6 figures for ``model`` on the paper's data set behind report key ``dataset``."""
+    """The paper's Fig. 6 figures for ``model`` on the paper's data set behind report key ``dataset`` (none for a defence)."""
     return FIG6.get((model, paper_dataset(dataset)), {})
 
 
@@ -141,13 +151,21 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
             headers,
             rows,
             "Accuracy. Ours: paper protocol, 1 draw (bold); majority class: accuracy of always answering the most "
-            "frequent class of the whole test split; last column: every attack of the study.",
+            "frequent class of the whole test split; last column: every attack of the study." + _defence_caption(runs),
         ),
         *_socofing_task(studies),
         Image(
             "fig6_summary.png", "PGD accuracy: the paper's figure, ours under the paper's protocol, ours under adaptive attack"
         ),
     ]
+
+
+def _defence_caption(runs: list) -> str:
+    present = [key for key in DEFENCES if any(model == key for _, model, _ in runs)]
+    return "".join(
+        f" {key}: the CNN with {DEFENCES[key].name} (see 'Defences compared'); the paper has no such model (—)."
+        for key in present
+    )
 
 
 def _socofing_task(studies: dict) -> list[Block]:
@@ -270,7 +288,7 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
     """Binary tasks (CTU-13): our models beside trivial rules fitted on the same training windows."""
     blocks: list[Block] = []
     for dataset in datasets:
-        models = {m: studies[f"{dataset}/{m}"] for m in ("cnn", "dipsen") if _study(studies, dataset, m)}
+        models = _models(studies, dataset)
         reference = next((s["baselines"] for s in models.values() if s.get("baselines")), None)
         if reference is None:
             continue
@@ -353,33 +371,55 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
 
 
 def _overhead(studies: dict, datasets: list[str], out: Path) -> list[Block]:
-    rows, groups, ratios = [], [], []
+    """DiPSeN's time per step against the CNN's (the paper's claim), and each defence's beside it."""
+    rows, groups = [], []
+    series: dict[str, list[float | None]] = {f"{m} / cnn time per step": [] for m in STUDIED_MODELS[1:]}
     for dataset in datasets:
-        cnn, dipsen = _study(studies, dataset, "cnn"), _study(studies, dataset, "dipsen")
-        if not (cnn and dipsen and cnn["training_cost"] and dipsen["training_cost"]):
+        steps = {m: s["training_cost"]["mean_step_seconds"] for m, s in _models(studies, dataset).items() if s["training_cost"]}
+        if "cnn" not in steps or len(steps) < 2:
             continue
-        a, b = cnn["training_cost"]["mean_step_seconds"], dipsen["training_cost"]["mean_step_seconds"]
-        rows.append([DATASET_NAMES[dataset], f"{a * 1e3:.2f}", f"{b * 1e3:.2f}", f"{b / a - 1:+.1%}", f"{OVERHEAD:+.1%}"])
+        cnn = steps["cnn"]
+        ratios = {m: steps[m] / cnn if m in steps else None for m in STUDIED_MODELS[1:]}
+        dipsen = ratios["dipsen"]
+        rows.append(
+            [
+                DATASET_NAMES[dataset],
+                *[f"{steps[m] * 1e3:.2f}" if m in steps else "—" for m in PAPER_MODELS],
+                "—" if dipsen is None else f"{dipsen - 1:+.1%}",
+                f"{OVERHEAD:+.1%}",
+                *[
+                    cell
+                    for m in DEFENCES
+                    for cell in ((f"{steps[m] * 1e3:.2f}", f"{ratios[m]:.2f}×") if m in steps else ("—", "—"))
+                ],
+            ]
+        )
         groups.append(DATASET_NAMES[dataset])
-        ratios.append(b / a)
-    plots.grouped_bars(
-        groups, {"DiPSeN / CNN time per step": ratios}, "Training overhead", "ratio", out / "fig4_overhead.png", ylim=None
-    )
+        for m, values in zip(ratios, series.values(), strict=True):
+            values.append(ratios[m])
+    plots.grouped_bars(groups, series, "Training time per step against the CNN's", "ratio", out / "fig4_overhead.png", ylim=None)
     return [
         Heading("Training overhead per step (the paper's Fig. 4)"),
         Table(
-            ["data set", "CNN ms/step", "DiPSeN ms/step", "overhead: ours", "overhead: paper (mean)"],
+            [
+                "data set",
+                *[f"{m} ms/step" for m in PAPER_MODELS],
+                "DiPSeN overhead: ours",
+                "overhead: paper (mean)",
+                *[column for m in DEFENCES for column in (f"{m} ms/step", f"{m} / cnn")],
+            ],
             rows,
-            "Mean time per local SGD step inside the federated runs (one worker thread per client).",
+            "Mean time per local SGD step inside the federated runs (one worker thread per client). "
+            "The paper's overhead is DiPSeN's; a defence's step includes crafting its adversarial examples.",
         ),
-        Image("fig4_overhead.png", "DiPSeN's time per training step relative to the CNN's"),
+        Image("fig4_overhead.png", "Each model's time per training step relative to the CNN's"),
     ]
 
 
 def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
     blocks: list[Block] = [Heading("Robustness against eps (the paper's Fig. 5)")]
     for dataset in datasets:
-        models = {m: studies[f"{dataset}/{m}"] for m in ("cnn", "dipsen") if _study(studies, dataset, m)}
+        models = _models(studies, dataset)
         name = f"fig5_{dataset}.png"
         plots.robustness_curves(models, dataset, out / name)
         any_sweep = next(iter(models.values()))["sweep"]
@@ -418,7 +458,7 @@ def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
 def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
     blocks: list[Block] = [Heading("Every attack, every threat model")]
     for dataset in datasets:
-        models = {m: studies[f"{dataset}/{m}"] for m in ("cnn", "dipsen") if _study(studies, dataset, m)}
+        models = _models(studies, dataset)
         headers = ["protocol", "attack", *[f"{m}: 1 draw / mean of {n}" for m in models], "crafted on"]
         rows = []
         sections = (("paper", "paper"), ("adaptive", "adaptive"), ("threats", "threat model"))
@@ -436,8 +476,9 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
                 crafted = result["crafted_on"]
                 limited = f" (n={result['samples']})" if result["samples"] != study["samples"] else ""
                 cells.append(f"{_pct(_acc(result))} / {_pct(_acc(result, 'mc'))}{limited}")
-            # the randomized model's setup names the gradient view; the CNN's gradient is deterministic
-            shown = [s[section][name] for s in models.values() if name in s[section]][-1]
+            # the randomized model's setup names the gradient view; the CNNs' gradient is deterministic
+            having = sorted((s for s in models.values() if name in s[section]), key=lambda s: not s.get("randomized"))
+            shown = having[0][section][name]
             rows.append([label, shown["label"], *cells, crafted])
         for rule, rule_name in (("single", "1 draw"), ("mc", f"mean of {n}")):
             rows.append(
@@ -484,7 +525,7 @@ def _variants(studies: dict, datasets: list[str]) -> list[Block]:
         "PGD: paper / ours",
     ]
     rows = []
-    for dataset, model, study in _runs(studies, datasets):
+    for dataset, model, study in _runs(studies, datasets, PAPER_MODELS):  # the paper's figures: its models
         paper = _fig6(model, dataset)
         for variant, results in study["variants"].items():
             rows.append(

@@ -3,15 +3,18 @@
 1. Train the CNN and DiPSeN on each data set with the settings in ``dipsen/configs/DATASET.toml``
    (K=200, C=0.1, FedAvg; the in-process engine), into ``OUT/runs/KEY-MODEL``; SOCOFing twice, on its
    default hand x finger task and on gender (:data:`dipsen.report.paper.TASK_VARIANTS`, keys
-   ``socofing-gender/MODEL``). Each run keeps the checkpoints the study reads: the final one and the
-   orange-box attack's stale one (``keep_checkpoints = last-(stale_rounds + 1)``).
+   ``socofing-gender/MODEL``). Beside them, the defences of :data:`dipsen.report.defences.DEFENCES` on
+   the data sets each names (``DATASET/KEY``): federated adversarial training of the CNN (``cnn-fat``:
+   FGSM-RS at the study's eps) on MNIST and CTU-13. Each run keeps the checkpoints the study reads: the
+   final one and the orange-box attack's stale one (``keep_checkpoints = last-(stale_rounds + 1)``).
 2. Run :func:`dipsen.attack.study.study_run` on every final global model; each result is saved as
    ``OUT/runs/KEY-MODEL/study.json`` as soon as it is done.
 3. Certify (:mod:`dipsen.certify`): train a CNN with Gaussian input noise for each sigma of
    :data:`SMOOTHING_SIGMAS` (``OUT/runs/KEY-cnn-smooth-SIGMA``) and certify it by randomized
    smoothing, with the L2 attack's accuracy beside it; certify each DiPSeN run by PixelDP. Each
    result is saved in its run folder (``certify.json``) as soon as it is done.
-4. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json``.
+4. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json`` (with each run's
+   training time, ``training_seconds[LABEL]``, and what the defences were trained with, ``defences``).
 
 ``quick=True`` trains on 2,000-example subsets for 3 rounds and attacks 40 examples with tiny
 budgets: it exercises every step in a few minutes and measures nothing worth reporting.
@@ -20,7 +23,9 @@ Resuming (``resume=True``; ``dipsen reproduce --resume OUT``): ``OUT/options.jso
 study was started with, and a resume must ask for the same. A run folder with final_metrics.json
 is taken as it is, one without is resumed from its last checkpoint (the engine's resume: the
 weights of an uninterrupted run), and a run with its study.json is not attacked again, so an
-interrupted study loses at most one round of training or one run's attacks.
+interrupted study loses at most one round of training or one run's attacks. A folder begun by an
+earlier version whose options.json lacks an option this one records (``defences``: it had no FAT
+runs) is refused: its run set differs.
 
 Time: the report's minutes are sums that do not depend on interruptions: training is the rounds'
 time in each run's metrics.jsonl, attacks the wall time of each run's study, saved with it.
@@ -49,6 +54,7 @@ from ..data._io import write_atomic
 from ..errors import DipsenError
 from ..federated import FederatedTraining, RunDir, train
 from .build import build_report
+from .defences import DEFENCES, defences_record
 from .paper import DATASETS, TASK_VARIANTS
 
 MODELS = ("cnn", "dipsen")
@@ -80,6 +86,34 @@ def study_runs(datasets: tuple[str, ...]) -> dict[str, tuple[str, dict]]:
     return runs
 
 
+def study_configs(
+    datasets: tuple[str, ...], quick: bool, settings: StudySettings
+) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
+    """The study's runs, label -> training config: those it attacks, and the smoothed CNNs it certifies.
+
+    Attacked: CNN and DiPSeN on each data set and task variant (:func:`study_runs`), each data set's
+    defences of :data:`DEFENCES` after them; all keep the final and the orange-box attack's stale
+    checkpoint. Certified: a CNN trained with input noise for each sigma of :data:`SMOOTHING_SIGMAS`.
+    """
+    keep = f"last-{settings.stale_rounds + 1}"  # the final model and the orange-box attack's stale one
+    attacked: dict[str, TrainConfig] = {}
+    for key, (dataset, overrides) in study_runs(datasets).items():
+        for model in MODELS:
+            attacked[f"{key}/{model}"] = paper_config(dataset, model, quick, keep_checkpoints=keep, **overrides)
+        # SOCOFing has no defence: its CNN's clean accuracy (~45%) leaves robustness out of the question
+        for name, defence in DEFENCES.items():
+            if key == dataset and dataset in defence.datasets:
+                attacked[f"{key}/{name}"] = paper_config(
+                    dataset, defence.model, quick, keep_checkpoints=keep, **defence.config(settings.eps)
+                )
+    smoothed = {
+        f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", input_noise=sigma)
+        for d in datasets
+        for sigma in SMOOTHING_SIGMAS[d][: 1 if quick else None]  # quick: the first sigma only
+    }
+    return attacked, smoothed
+
+
 def round_progress(progress: ProgressFactory | None, label: str, rounds: int):
     """An ``on_round`` callback for :func:`dipsen.federated.train` that advances one bar per round."""
     if progress is None:
@@ -101,6 +135,11 @@ def open_output(out: Path, options: dict[str, Any], resume: bool) -> None:
     options = json.loads(json.dumps(options))  # as they are read back: tuples become lists
     if resume:
         recorded = recorded_options(out)
+        if missing := sorted(options.keys() - recorded.keys()):
+            raise DipsenError(
+                f"{out} was started by an earlier version of this command: {out / OPTIONS_FILE} records no "
+                f"{', '.join(missing)}, so its runs are not this version's; start a new --out folder"
+            )
         if recorded != options:
             differ = sorted(k for k in options.keys() | recorded.keys() if options.get(k) != recorded.get(k))
             raise DipsenError(f"{out} was started with other {', '.join(differ)} (see {out / OPTIONS_FILE}); resume with those")
@@ -161,22 +200,17 @@ def reproduce(
     resume: bool = False,
 ) -> Path:
     """Train, attack and report into ``out`` (with ``resume``: finish the study begun there); returns report.md's path."""
-    runs = study_runs(datasets)
     settings = settings or (StudySettings.quick() if quick else StudySettings())
-    keep = f"last-{settings.stale_rounds + 1}"  # the final model and the orange-box attack's stale one
-    # all errors before any work
-    configs = {
-        f"{key}/{m}": paper_config(d, m, quick, keep_checkpoints=keep, **overrides)
-        for key, (d, overrides) in runs.items()
-        for m in MODELS
-    }
-    smoothed = {
-        f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", input_noise=sigma)
-        for d in datasets
-        for sigma in SMOOTHING_SIGMAS[d][: 1 if quick else None]  # quick: the first sigma only
-    }
+    configs, smoothed = study_configs(datasets, quick, settings)  # all errors before any work
     certify = QUICK_CERTIFY if quick else CERTIFY
-    options = {"quick": quick, "datasets": datasets, "settings": settings.to_dict(), "certify": asdict(certify)}
+    defences = defences_record(settings.eps)
+    options = {
+        "quick": quick,
+        "datasets": datasets,
+        "settings": settings.to_dict(),
+        "certify": asdict(certify),
+        "defences": defences,
+    }
     open_output(out, options, resume)
     configs |= smoothed
     folders = {label: out / "runs" / label.replace("/", "-") for label in configs}
@@ -194,7 +228,8 @@ def reproduce(
         label: saved_result(folders[label], CERTIFY_FILE, loaded.get(label), lambda trained: _certify(trained, certify, progress))
         for label in [*smoothed, *(f"{d}/dipsen" for d in datasets)]
     }
-    training = sum(training_seconds(folder) for folder in folders.values())
+    run_seconds = {label: training_seconds(folder) for label, folder in folders.items()}
+    training = sum(run_seconds.values())
     attacks = sum(record["seconds"] for record in records.values())
     certifying = sum(record["seconds"] for record in certified.values())
     results = {
@@ -204,6 +239,8 @@ def reproduce(
         "seconds": {"total": training + attacks + certifying, "training": training, "attacks": attacks, "certify": certifying},
         "studies": {label: record["result"] for label, record in records.items()},
         "certified": {label: record["result"] for label, record in certified.items()},
+        "training_seconds": run_seconds,
+        "defences": defences,
     }
     return build_report(results, out)
 

@@ -1,0 +1,279 @@
+"""The defences the study trains beside the paper's two models, and the report's "Defences compared" section.
+
+:data:`DEFENCES` is the run set's one place for them: ``dipsen reproduce`` trains each on the data sets
+it names, from the data set's packaged config for its base model plus its overrides, and attacks it
+with the same study as the CNN and DiPSeN (``results["studies"]["DATASET/KEY"]``).
+
+:func:`defences_section` reads ``results`` (``studies``, ``certified``, ``training_seconds``,
+``defences``, ``settings``) and puts, per data set, the undefended CNN, DiPSeN, every defence and
+every smoothed CNN in one table. Figures are only ever read from the input; a model without a
+figure gets "—" or says why it has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..attack.study import NEAR_ZERO
+from . import plots
+from .paper import DATASET_NAMES, DATASETS
+from .render import Block, Heading, Image, Paragraph, Table
+
+PAPER_MODELS = ("cnn", "dipsen")
+
+
+@dataclass(frozen=True)
+class Defence:
+    """A model the study trains and attacks beyond the paper's: ``model`` trained with ``overrides``."""
+
+    name: str  # in the report's prose
+    model: str  # the architecture, as the training config names it
+    datasets: tuple[str, ...]  # the data sets it is trained on (their task variants excluded)
+    overrides: dict[str, Any] = field(default_factory=dict)  # training-config values beside the data set's TOML
+    at_study_eps: bool = False  # adversarial training: adv_eps is the study's attack eps
+
+    def config(self, eps: float) -> dict[str, Any]:
+        """The training-config overrides of a study attacking at ``eps``."""
+        return {**self.overrides, **({"adv_eps": eps} if self.at_study_eps else {})}
+
+
+FAT = "cnn-fat"
+DEFENCES = {
+    # Federated adversarial training: the paper's CNN, every client training on FGSM-RS examples
+    # (dipsen.federated.adversarial) at the eps the study attacks with. Not on SOCOFing: the CNN's
+    # clean accuracy on its hand x finger task is about 45%, so robustness is not the question there.
+    FAT: Defence("FAT", "cnn", ("mnist", "ctu13"), {"adv_train": "fgsm-rs", "adv_mix": 0.5}, at_study_eps=True),
+}
+"""Report model key -> the defence trained under it (run ``OUT/runs/DATASET-KEY``)."""
+STUDIED_MODELS = (*PAPER_MODELS, *DEFENCES)
+"""Every model the study attacks, in report order."""
+CERTIFIED_RADII = ("0.5", "1")
+"""The L2 radii of the table's certified columns (keys of a certificate's ``certified_accuracy``)."""
+MODEL_NAMES = {"cnn": "CNN (no defence)", "dipsen": "DiPSeN", **{k: f"{d.name} ({k})" for k, d in DEFENCES.items()}}
+
+
+def defences_record(eps: float) -> dict[str, dict]:
+    """What each defence was trained with, as ``options.json`` and ``results["defences"]`` record it."""
+    return {key: {"model": d.model, **d.config(eps), "datasets": list(d.datasets)} for key, d in DEFENCES.items()}
+
+
+def sweep_check(study: dict) -> tuple[str, bool]:
+    """The study's two checks of an attack that works, in words, and whether either failed.
+
+    The eps sweep (EOT where the model is randomized) must fall near 0 at its largest eps, the same
+    rule as :func:`dipsen.attack.study.sweep_verdict`; doubling the adaptive PGD's iterations must
+    not lower accuracy by more than the study's tolerance. A failure flags possible gradient masking.
+    """
+    sweep = study["sweep"]
+    curve = sweep.get("adaptive", sweep["single-draw"])
+    accuracies, largest = curve["mc"], sweep["eps"][-1]
+    if accuracies[0] <= sweep["chance"] + NEAR_ZERO:
+        words, failed = "eps sweep: no verdict (near the majority class before any attack)", False
+    elif accuracies[-1] <= NEAR_ZERO:
+        words, failed = f"eps sweep falls to {accuracies[-1]:.2f} at eps {largest:g}", False
+    else:
+        limit = f"; {curve['domain_limit']['mc']:.2f} on the whole feasible domain" if "domain_limit" in curve else ""
+        words, failed = f"**eps sweep stays at {accuracies[-1]:.2f} at eps {largest:g}{limit}: possible gradient masking**", True
+    doubling = study["doubling"]
+    if doubling["converged"]:
+        words += "; doubling the iterations: converged"
+    else:
+        rule = max(("single", "mc"), key=lambda r: doubling[r]["base"] - doubling[r]["doubled"])  # the rule that moved
+        moved = f"{doubling[rule]['base']:.3f} → {doubling[rule]['doubled']:.3f} ({'1 draw' if rule == 'single' else 'mean'})"
+        words += f"; **doubling the iterations: {moved}, not converged**"
+        failed = True
+    return words, failed
+
+
+@dataclass
+class _Row:
+    """One model of one data set in the table: attacked (``study``) or certified only."""
+
+    label: str  # DATASET/KEY
+    name: str
+    study: dict | None
+    certificate: dict | None
+
+
+def defences_section(results: dict, datasets: list[str], out: Path) -> list[Block]:
+    """Per data set: clean accuracy, attacked accuracy, certified accuracy and training time of every model."""
+    studies, certified = results["studies"], results.get("certified") or {}
+    seconds = results.get("training_seconds") or {}
+    n, eps = results["settings"]["mc_samples"], results["settings"]["eps"]
+    rows: list[list[str]] = []
+    groups: list[str] = []
+    series: dict[str, list[float | None]] = {
+        f"clean (mean of {n})": [],
+        f"adaptive worst case at eps {eps:g} (mean of {n})": [],
+        "certified at L2 r = 0.5": [],
+    }
+    text = []
+    for dataset in datasets:
+        entries = _rows(dataset, studies, certified)
+        if not entries:
+            continue
+        cnn_seconds = seconds.get(f"{dataset}/cnn")
+        for row in entries:
+            rows.append([DATASET_NAMES[dataset], row.name, *_cells(row, seconds.get(row.label), cnn_seconds)])
+            groups.append(f"{DATASET_NAMES[dataset]} {row.name}")
+            record = (row.certificate or {}).get("certificate") or {}
+            certificate = record.get("certified_accuracy", {})
+            if row.study is not None:
+                values = [_acc(row.study["clean"], "mc"), row.study["worst_case"]["mc"]["all"]]
+            else:
+                values = [record.get("accuracy"), None]
+            for values_of, value in zip(series.values(), [*values, certificate.get("0.5")], strict=True):
+                values_of.append(value)
+        text.append(_reading(dataset, entries, seconds, eps, n))
+    if not rows:
+        return []
+    plots.grouped_bars(groups, series, "Defences: clean against worst-case accuracy", "accuracy", out / "defences.png")
+    headers = [
+        "data set",
+        "model",
+        f"clean: 1 draw (/ mean of {n})",
+        "paper-protocol PGD (1 draw)",
+        f"adaptive worst case at eps {eps:g}: 1 draw (/ mean of {n})",
+        *[f"certified, L2 r = {r}" for r in CERTIFIED_RADII],
+        "training (min)",
+        "training / CNN's",
+        "attack checks",
+    ]
+    return [
+        Heading("Defences compared"),
+        Paragraph(_introduction(results, datasets)),
+        Table(
+            headers,
+            rows,
+            f"'/ mean of {n}' for randomized models only. Smoothed CNNs: the certified prediction's accuracy "
+            "(abstentions count as wrong) on the certificate's examples; they are certified in L2 and not attacked "
+            "by the L-inf study. Certified columns: '—' where the model has no certificate. Training: the rounds' time "
+            "in the run's metrics.jsonl. Attack checks: the eps sweep must fall near 0 and doubling the iterations "
+            "must not lower accuracy further, else the figure may be gradient masking.",
+        ),
+        Paragraph("\n".join(f"- {line}" for line in text)),
+        Image("defences.png", "Per data set and model: clean accuracy, adaptive worst case and certified accuracy"),
+    ]
+
+
+def _rows(dataset: str, studies: dict, certified: dict) -> list[_Row]:
+    rows = [
+        _Row(f"{dataset}/{model}", MODEL_NAMES[model], study, certified.get(f"{dataset}/{model}"))
+        for model in STUDIED_MODELS
+        if (study := studies.get(f"{dataset}/{model}")) is not None
+    ]
+    for label, entry in certified.items():
+        if label.startswith(f"{dataset}/") and label not in studies:  # a smoothed CNN: certified, not attacked
+            record = entry["certificate"]
+            name = f"smoothed CNN, sigma {record['sigma']:g}" if record["method"] == "smoothing" else label.split("/", 1)[1]
+            rows.append(_Row(label, name, None, entry))
+    return rows
+
+
+def _acc(result: dict, rule: str = "single") -> float:
+    return result["metrics"][rule]["accuracy"]
+
+
+def _both(single: float, mc: float, randomized: bool) -> str:
+    return f"{single:.3f} / {mc:.3f}" if randomized else f"{single:.3f}"
+
+
+def _cells(row: _Row, seconds: float | None, cnn_seconds: float | None) -> list[str]:
+    certificate = (row.certificate or {}).get("certificate", {}).get("certified_accuracy", {})
+    certified = [f"{certificate[r]:.3f}" if r in certificate else "—" for r in CERTIFIED_RADII]
+    minutes = "—" if seconds is None else f"{seconds / 60:.1f}"
+    ratio = "—" if seconds is None or not cnn_seconds else f"{seconds / cnn_seconds:.2f}×"
+    study = row.study
+    if study is None:
+        record = (row.certificate or {})["certificate"]
+        unattacked = "not attacked (certified in L2 only)"
+        clean = f"{record['accuracy']:.3f} (certified prediction, {record['samples']} examples)"
+        return [clean, unattacked, unattacked, *certified, minutes, ratio, "—"]
+    randomized = bool(study.get("randomized"))
+    worst = study["worst_case"]
+    return [
+        _both(_acc(study["clean"]), _acc(study["clean"], "mc"), randomized),
+        f"{_acc(study['paper']['pgd']):.3f}",
+        _both(worst["single"]["all"], worst["mc"]["all"], randomized),
+        *certified,
+        minutes,
+        ratio,
+        sweep_check(study)[0],
+    ]
+
+
+def _introduction(results: dict, datasets: list[str]) -> str:
+    recorded = results.get("defences") or {}
+    studies = results["studies"]
+    text = [
+        "The paper's models beside the defences the study adds (not in the paper, so they have no paper figure). "
+        "Every attacked model goes through the same study: the paper's protocol and every adaptive attack and "
+        "threat model, on the same examples."
+    ]
+    for key, defence in DEFENCES.items():
+        trained = recorded.get(key) or {}
+        how = (
+            f"a share {trained['adv_mix']:g} of every client's mini-batch loss on {trained['adv_train']} adversarial "
+            f"examples at eps {trained['adv_eps']:g}"
+            if {"adv_train", "adv_mix", "adv_eps"} <= trained.keys()
+            else "every client's mini-batch loss partly on adversarial examples"
+        )
+        text.append(
+            f"{defence.name} ({key}): the CNN trained with federated adversarial training, {how} "
+            "(`dipsen train --adv-train`); its run holds out a validation slice of the training rows "
+            "to watch its PGD accuracy after every round, and the study attacks the final round's model, as for the "
+            "others."
+        )
+        for dataset in (d for d in datasets if d in DATASETS and d not in defence.datasets):
+            cnn = studies.get(f"{dataset}/cnn")
+            why = (
+                f"the undefended CNN's clean accuracy there is {_acc(cnn['clean']):.3f} (1 draw), "
+                "so robustness is not the question"
+                if cnn
+                else "clean accuracy is too low there for robustness to be the question"
+            )
+            text.append(f"No {defence.name} run on {DATASET_NAMES[dataset]}: {why}.")
+    if any(label.split("/", 1)[1].startswith("cnn-smooth-") for label in results.get("certified") or {}):
+        text.append(
+            "Smoothed CNNs (randomized smoothing, see 'What can be certified') are certified in L2 and not attacked by "
+            "the L-inf study: they have certified figures only."
+        )
+    return " ".join(text)
+
+
+def _reading(dataset: str, rows: list[_Row], seconds: dict, eps: float, n: int) -> str:
+    """Which model keeps the most worst-case accuracy on ``dataset``, at what clean accuracy and training time."""
+    name = DATASET_NAMES[dataset]
+    attacked = [row for row in rows if row.study is not None]
+    if not attacked:
+        return f"{name}: no model attacked."
+    worst = {row.label: row.study["worst_case"]["mc"]["all"] for row in attacked if row.study}
+    cnn = next((row for row in attacked if row.label == f"{dataset}/cnn"), None)
+    best = max(attacked, key=lambda row: worst[row.label])  # the first of equals: the CNN before any defence
+    listed = ", ".join(f"{row.name} {worst[row.label]:.3f}" for row in attacked)
+    line = f"{name}: worst case at eps {eps:g} (mean of {n}): {listed}. "
+    if cnn is not None and best is cnn:
+        line += "No defence keeps more worst-case accuracy than the undefended CNN."
+    else:
+        assert best.study is not None
+        line += f"{best.name} keeps the most, at clean accuracy {_acc(best.study['clean'], 'mc'):.3f} (mean of {n})"
+        if cnn is not None and cnn.study is not None:
+            line += f" against the CNN's {_acc(cnn.study['clean'], 'mc'):.3f}"
+        if seconds.get(best.label) and seconds.get(f"{dataset}/cnn"):
+            line += f", for {seconds[best.label] / seconds[f'{dataset}/cnn']:.2f} times the CNN's training time"
+        line += "."
+        if sweep_check(best.study)[1]:
+            line += " Its attack checks fail (see the last column): this figure may be gradient masking, not robustness."
+    smoothed = [row for row in rows if row.study is None and row.certificate]
+    if smoothed:
+        radius = CERTIFIED_RADII[0]
+        figures = ", ".join(
+            f"{row.certificate['certificate']['certified_accuracy'][radius]:.3f} for the {row.name}"
+            for row in smoothed
+            if row.certificate and radius in row.certificate["certificate"]["certified_accuracy"]
+        )
+        if figures:
+            line += f" Certified at L2 r = {radius} (a different threat model, not comparable with L-inf eps {eps:g}): {figures}."
+    return line
