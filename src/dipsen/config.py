@@ -113,6 +113,13 @@ class TrainConfig:
     byzantine: int = 0  # krum, multi-krum, bulyan: f, the Byzantine clients to withstand
     clip_norm: float | None = None
     max_client_weight: float = 1.0
+    # client-level differential privacy (DP-FedAvg, see dipsen.federated.privacy): Gaussian noise of
+    # std z * clip_norm on the sum of the clipped steps, the mean over m; z given (client_dp_noise)
+    # or calibrated to a target epsilon over the rounds (client_dp_epsilon). Not dp_epsilon / dp_delta,
+    # the noise layer's guarantee for input perturbations. client_dp_delta None: resolved to 1 / K^1.1
+    client_dp_noise: float | None = None
+    client_dp_epsilon: float | None = None
+    client_dp_delta: float | None = None
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
@@ -134,6 +141,10 @@ class TrainConfig:
     adv_mix: float = 0.5
     # stop once the PGD accuracy of the global model on the validation slice reaches it (robust_accuracy)
     target_robust_accuracy: float | None = None
+    # simulated poisoning (see dipsen.federated.poisoning): round(f * K) of the K clients, drawn from the
+    # seed, send malicious_attack's update instead of their honest one; 0: none (in-process engine only)
+    malicious_fraction: float = 0.0
+    malicious_attack: str | None = None
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
@@ -159,6 +170,11 @@ class TrainConfig:
 
         base = self.clients_per_round // 2 + 1 if self.min_clients is None else self.min_clients
         return max(base, min_updates(self.aggregator, self.byzantine))
+
+    @property
+    def client_dp(self) -> bool:
+        """Whether the server aggregates with client-level DP (a noise multiplier or a target epsilon is set)."""
+        return self.client_dp_noise is not None or self.client_dp_epsilon is not None
 
     @property
     def robust_evaluation(self) -> bool:
@@ -196,12 +212,14 @@ class TrainConfig:
         if self.adv_step_size is not None and self.adv_train == "none":
             raise ConfigError(f"adv_step_size {self.adv_step_size} applies to adv_train fgsm-rs or pgd only", "adv_step_size")
         self._check_aggregation()
+        self._check_client_dp()
         if self.momentum and self.optimizer != "sgd":
             raise ConfigError(
                 f"momentum {self.momentum} applies to optimizer sgd only (optimizer is {self.optimizer!r})", "momentum"
             )
         calibrate_noise(self.sigma, self.dp_epsilon, self.dp_delta, self.dp_attack_bound)
         parse_keep_checkpoints(self.keep_checkpoints)
+        self._check_malicious()
         return self
 
     def _check_aggregation(self) -> None:
@@ -227,6 +245,67 @@ class TrainConfig:
                 f"trim_fraction {self.trim_fraction} trims no update at m = {m} (floor(trim_fraction * m) = 0): "
                 f"use at least {1 / m:.3g}",
                 "trim_fraction",
+            )
+
+    def _check_client_dp(self) -> None:
+        """Client-level DP's settings fit together (see :mod:`dipsen.federated.privacy`); resolves its delta."""
+        if self.client_dp_noise is not None and self.client_dp_epsilon is not None:
+            raise ConfigError(
+                f"client_dp_epsilon {self.client_dp_epsilon} and client_dp_noise {self.client_dp_noise} exclude each other: "
+                "give the noise multiplier or the target epsilon it is calibrated to",
+                "client_dp_epsilon",
+            )
+        if not self.client_dp:
+            if self.client_dp_delta is not None:
+                raise ConfigError(
+                    f"client_dp_delta {self.client_dp_delta} applies with client_dp_noise or client_dp_epsilon only",
+                    "client_dp_delta",
+                )
+            return
+        key = "client_dp_noise" if self.client_dp_noise is not None else "client_dp_epsilon"
+        given = f"{key} {getattr(self, key)}"
+        if self.clip_norm is None:
+            raise ConfigError(f"{given} needs clip_norm (the clip C of each client's update, its sensitivity)", key)
+        if self.aggregator != "fedavg":
+            raise ConfigError(f"{given} needs aggregator fedavg (aggregator is {self.aggregator!r})", key)
+        if self.max_client_weight != 1.0:
+            raise ConfigError(
+                f"max_client_weight {self.max_client_weight} does not apply with {key}: every client weighs 1/m",
+                "max_client_weight",
+            )
+        if self.client_dp_delta is None:
+            from .federated.privacy import default_delta
+
+            self.client_dp_delta = default_delta(self.clients)
+
+    def _check_malicious(self) -> None:
+        """Simulated malicious clients fit the run (see :mod:`dipsen.federated.poisoning`)."""
+        from .federated.poisoning import ATTACKS, malicious_count
+
+        if not self.malicious_fraction:
+            if self.malicious_attack is not None:
+                raise ConfigError(
+                    f"malicious_attack {self.malicious_attack!r} applies with malicious_fraction > 0 only", "malicious_attack"
+                )
+            return
+        given = f"malicious_fraction {self.malicious_fraction}"
+        if self.malicious_attack is None:
+            raise ConfigError(f"{given} needs malicious_attack, one of {', '.join(ATTACKS)}", "malicious_fraction")
+        if self.engine != "inprocess":
+            raise ConfigError(
+                f"{given}: malicious clients are simulated in-process only (engine is {self.engine!r})", "malicious_fraction"
+            )
+        count = malicious_count(self.clients, self.malicious_fraction)
+        if count == 0:
+            raise ConfigError(
+                f"{given} makes no client malicious: round({self.malicious_fraction} * {self.clients}) = 0; "
+                f"use at least {1 / self.clients:.3g}",
+                "malicious_fraction",
+            )
+        if count >= self.clients:
+            raise ConfigError(
+                f"{given} leaves no honest client: round({self.malicious_fraction} * {self.clients}) = {count}",
+                "malicious_fraction",
             )
 
     def load_dataset(self) -> Dataset:
@@ -308,6 +387,9 @@ SCHEMA: dict[str, Rule] = {
     "byzantine": Rule(int, low=0),
     "clip_norm": Rule(float, optional=True, low=0, low_open=True),
     "max_client_weight": _UNIT,
+    "client_dp_noise": Rule(float, optional=True, low=0, low_open=True),
+    "client_dp_epsilon": Rule(float, optional=True, low=0, low_open=True),
+    "client_dp_delta": Rule(float, optional=True, low=0, high=1, low_open=True, high_open=True),
     "partition": Rule(str, choices=_registry(".partition", "SCHEMES")),
     "dirichlet_alpha": Rule(float, low=0, low_open=True),
     "shards_per_client": _COUNT,
@@ -323,6 +405,8 @@ SCHEMA: dict[str, Rule] = {
     "adv_step_size": Rule(float, optional=True, low=0, low_open=True),
     "adv_mix": _UNIT,
     "target_robust_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
+    "malicious_fraction": Rule(float, low=0, high=1, high_open=True),
+    "malicious_attack": Rule(str, optional=True, choices=_registry(".federated.poisoning", "ATTACKS")),
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
     "seed": Rule(int, low=0),
     "workers": _OPTIONAL_COUNT,

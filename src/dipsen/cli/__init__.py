@@ -1,8 +1,8 @@
 """Command-line interface: a thin layer over dipsen's packages, one module per command group.
 
 ``app`` (app.py) holds the Typer application; train.py (train, show), data.py (data ...),
-robustness.py (attack, reproduce, sweep-sigma) and certify.py (certify) register their commands on
-it when imported here. User errors (bad files, bad values, bad run folders, flags click cannot
+robustness.py (attack, reproduce, sweep-sigma), certify.py (certify) and poison.py (poison-study)
+register their commands on it when imported here. User errors (bad files, bad values, bad run folders, flags click cannot
 parse) are printed as one line, without traceback, with exit status 2.
 """
 
@@ -16,7 +16,7 @@ import click
 from ..errors import DipsenError
 from .app import app, console, err_console
 
-for _commands in ("train", "data", "robustness", "certify"):  # each registers its commands on app, in --help order
+for _commands in ("train", "data", "robustness", "certify", "poison"):  # each registers its commands on app, in --help order
     importlib.import_module(f".{_commands}", __name__)
 
 __all__ = ["app", "console", "main"]

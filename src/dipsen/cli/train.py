@@ -88,6 +88,29 @@ def train(
             help="Largest share of a round's weighted mean one client may have (fedavg, multi-krum).",
         ),
     ] = None,
+    client_dp_noise: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("client_dp_noise"),
+            help="Client-level DP (DP-FedAvg): noise multiplier z; the server adds Gaussian noise of std z*C/m to the "
+            "mean of the clipped updates (C: --clip-norm, required; m clients sampled; fedavg only). Not --dp-epsilon.",
+        ),
+    ] = None,
+    client_dp_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("client_dp_epsilon"),
+            help="Client-level DP: the target epsilon for a whole client's data over --rounds rounds; z is calibrated "
+            "to it (instead of --client-dp-noise). Not --dp-epsilon, the noise layer's input-perturbation guarantee.",
+        ),
+    ] = None,
+    client_dp_delta: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("client_dp_delta"),
+            help="Client-level DP: the delta its epsilon is for (default: 1/K^1.1). Not --dp-delta.",
+        ),
+    ] = None,
     target_accuracy: Annotated[
         float | None,
         typer.Option(show_default=_default("target_accuracy"), help="Stop once accuracy on the validation slice reaches this."),
@@ -97,6 +120,22 @@ def train(
         typer.Option(
             show_default=_default("validation_size"),
             help="With --target-accuracy: training rows held out from the clients to check it on (default: 10%, at most 5000).",
+        ),
+    ] = None,
+    malicious_fraction: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("malicious_fraction"),
+            help="Simulated poisoning: share f in [0, 1) of the K clients that are malicious (round(f*K), seeded; "
+            "recorded in run_info.json); 0: none. In-process engine only.",
+        ),
+    ] = None,
+    malicious_attack: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("malicious_attack"),
+            help="What the malicious clients send: model-replacement | sign-flip | gaussian | label-flip | scaled-count "
+            "(see README, Poisoning study).",
         ),
     ] = None,
     partition: Annotated[str | None, typer.Option(show_default=_default("partition"), help="iid | dirichlet | shards")] = None,
@@ -175,12 +214,14 @@ def train(
         float | None,
         typer.Option(
             show_default=_default("dp_epsilon"),
+            help="The noise layer's epsilon (input perturbations of L2 size L, sets --sigma); not client-level DP.",
         ),
     ] = None,
     dp_delta: Annotated[
         float | None,
         typer.Option(
             show_default=_default("dp_delta"),
+            help="The noise layer's delta (with --dp-epsilon); not --client-dp-delta.",
         ),
     ] = None,
     dp_attack_bound: Annotated[
@@ -308,6 +349,8 @@ def train(
             val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
             if result.robust_accuracy is not None:
                 val += f" robust {result.robust_accuracy:.4f}"
+            if result.client_dp_epsilon is not None:
+                val += f" client-eps {result.client_dp_epsilon:.3g}"
             progress.update(
                 task, completed=result.round, description=f"round {result.round} acc {result.test_accuracy:.4f}{val} loss {loss}"
             )
@@ -379,6 +422,14 @@ def _print_metrics(metrics: dict) -> None:
         )
     console.print(table)
     console.print(f"accuracy: [bold]{metrics['accuracy']:.4f}[/]")
+    dp = metrics.get("client_dp")
+    if dp:
+        target = "" if dp.get("target_epsilon") is None else f", calibrated to {dp['target_epsilon']:g}"
+        console.print(
+            f"client-level DP: epsilon [bold]{dp['epsilon']:.4g}[/] at delta {dp['delta']:.3g} after {dp['rounds']} rounds "
+            f"(noise multiplier {dp['noise_multiplier']:.4g}{target}, clip norm {dp['clip_norm']:g}, "
+            f"{dp['sampled']} of {dp['population']} clients per round; {dp['accountant']})"
+        )
     cost = metrics.get("cost") or {}
     if cost:
         console.print(

@@ -29,6 +29,9 @@ wise), ``krum`` (Blanchard et al. 2017: the update closest to its n - f - 2 near
 to their median). Median, trimmed mean, Krum and Bulyan are Flower's own functions
 (``flwr.server.strategy.aggregate``); Multi-Krum's selection is ours, because Flower's returns
 only the mean, not which clients it kept, and the weight cap applies among those kept.
+
+Client-level differential privacy (DP-FedAvg, ``Aggregation.noise_multiplier``) replaces the
+weighted mean by :func:`dipsen.federated.privacy.private_mean`: see :mod:`dipsen.federated.privacy`.
 """
 
 from __future__ import annotations
@@ -140,6 +143,10 @@ class Aggregation:
     byzantine: int = 0  # f, the Byzantine clients krum, multi-krum and bulyan are to withstand
     clip_norm: float | None = None  # C: each update w_k - w is scaled to L2 norm at most C first
     max_client_weight: float = 1.0  # the largest share of the mean one client may have
+    # client-level DP (fedavg with clip_norm only; see dipsen.federated.privacy): z, the noise
+    # multiplier (None: off), and m, the clients sampled per round, the mean's fixed denominator
+    noise_multiplier: float | None = None
+    sampled: int | None = None
 
 
 def min_updates(rule: str, byzantine: int) -> int:
@@ -262,7 +269,13 @@ def _restore(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return value.to(reference.dtype)
 
 
-def aggregate(states: Sequence[StateDict], counts: Sequence[int], global_state: StateDict, spec: Aggregation) -> StateDict:
+def aggregate(
+    states: Sequence[StateDict],
+    counts: Sequence[int],
+    global_state: StateDict,
+    spec: Aggregation,
+    noise_seed: int | None = None,
+) -> StateDict:
     """The new global weights from the round's valid ``states`` under ``spec``; each key keeps its dtype.
 
     ``counts`` are the server's sample counts (:func:`server_counts`). Steps: clip each update to
@@ -270,7 +283,18 @@ def aggregate(states: Sequence[StateDict], counts: Sequence[int], global_state: 
     coordinate-wise ``median`` or ``trimmed-mean``, ``krum`` (the one update with the lowest score),
     ``multi-krum`` (fedavg of the n - f lowest-scored, weights capped among them) or ``bulyan``.
     All arithmetic is float64; integer buffers are rounded at the end, as fedavg rounds them.
+
+    With client-level DP (``spec.noise_multiplier`` set; fedavg and ``clip_norm`` only) the result
+    is :func:`dipsen.federated.privacy.private_mean` instead: clipped steps summed with weight 1
+    each, divided by ``spec.sampled`` (m), plus Gaussian noise drawn from ``noise_seed``; counts
+    are ignored and no update at all is allowed (the noise alone).
     """
+    if spec.noise_multiplier is not None:
+        from .privacy import private_mean  # privacy imports clip_update from here
+
+        if spec.rule != "fedavg" or spec.clip_norm is None or spec.sampled is None or noise_seed is None:
+            raise ValueError("client-level DP needs the fedavg rule, clip_norm, sampled and a noise_seed")
+        return private_mean(states, global_state, spec.clip_norm, spec.sampled, spec.noise_multiplier, noise_seed)
     if not states:
         raise ValueError("aggregate needs at least one client update")
     if spec.rule not in AGGREGATORS:

@@ -35,6 +35,18 @@ PGD accuracy on its first :data:`ROBUST_SLICE_CAP` rows is recorded as ``robust_
 global model of the best round so far is kept as ``RUN/best_robust.pt`` (the guard against
 catastrophic overfitting) and the run stops once ``target_robust_accuracy`` is reached.
 
+Client-level differential privacy (``client_dp_noise`` or ``client_dp_epsilon``, see
+:mod:`dipsen.federated.privacy`): :func:`aggregation` carries the noise multiplier into
+:func:`~dipsen.federated.aggregate.aggregate`, whose noise is seeded from (seed, round) like every
+other draw; each round's metrics record the epsilon spent through that round, final_metrics.json
+the run's ``client_dp``. Both engines aggregate here, so both get it.
+
+Simulated malicious clients (``malicious_fraction``, ``malicious_attack``; in-process only, see
+:mod:`dipsen.federated.poisoning`): a seeded set of clients, recorded in run_info.json as
+``malicious``. :meth:`FederatedTraining.run_round` marks their tasks for label flipping where the
+attack trains on flipped labels, and turns each of their updates into what the attack sends
+(:meth:`~dipsen.federated.poisoning.Adversary.send`) before validating it like any other.
+
 Checkpoints: every round's is saved through :meth:`RunDir.save_checkpoint`, which keeps those the
 run's ``keep_checkpoints`` rule keeps (see :mod:`dipsen.federated.run_dir`), always the newest.
 """
@@ -58,6 +70,8 @@ from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
 from .aggregate import Aggregation, aggregate, min_updates, server_counts, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict
+from .poisoning import adversary
+from .privacy import client_dp
 from .run_dir import RunDir
 from .workers import ClientFailure, ClientRunner, ClientTask, StopFlag, WorkerDied
 
@@ -68,6 +82,8 @@ log = logging.getLogger(__name__)
 
 _INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION, _VALIDATION = range(7)
 _ROBUST = 7
+_CLIENT_DP = 8  # the noise of client-level DP (see dipsen.federated.privacy)
+_MALICIOUS = 9  # simulated malicious clients: which ones, and their attacks' draws (see dipsen.federated.poisoning)
 
 # default validation slice: this share of the training rows, at most VALIDATION_CAP of them
 VALIDATION_SHARE, VALIDATION_CAP = 0.1, 5000
@@ -102,13 +118,25 @@ class RoundResult:
     eval_seconds: float  # evaluation of the new global model: test set, and validation slice if any
     step_seconds: float
     rejected: list[dict] = field(default_factory=list)  # {"client": id, "reason": why}
+    # client-level DP: the epsilon (at the run's client_dp_delta) of the models of rounds 1..round; None without it
+    client_dp_epsilon: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def aggregation(config: TrainConfig) -> Aggregation:
-    return Aggregation(config.aggregator, config.trim_fraction, config.byzantine, config.clip_norm, config.max_client_weight)
+    """The server's rule from ``config``, client-level DP's noise multiplier (calibrated once, cached) included."""
+    dp = client_dp(config)
+    return Aggregation(
+        config.aggregator,
+        config.trim_fraction,
+        config.byzantine,
+        config.clip_norm,
+        config.max_client_weight,
+        noise_multiplier=None if dp is None else dp.noise_multiplier,
+        sampled=config.clients_per_round,
+    )
 
 
 def local_training(config: TrainConfig, domain: FeasibleDomain | None = None) -> LocalTraining:
@@ -230,6 +258,8 @@ class FederatedTraining:
         self.x_train, self.y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         self.model_args = model_args(config, data.x_train.shape[1:], len(dataset.classes))
         self.noise = self.model_args[3]  # the calibrated noise that build_model receives
+        self.client_dp = client_dp(config)  # client-level DP (z calibrated here if a target epsilon is set), or None
+        self.adversary = adversary(config, derive_seed(config.seed, _MALICIOUS))  # simulated malicious clients, or None
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args)
         self.domain = training_domain(config, dataset)
@@ -282,6 +312,8 @@ class FederatedTraining:
             "noise": {**asdict(self.noise), "std": self.noise.std} if self.model.is_randomized else None,
             "prediction_rule": prediction_rule(self.model, self.config.mc_samples),
             "clients_per_round": self.config.clients_per_round,
+            "client_dp": None if self.client_dp is None else self.client_dp.settings(),
+            "malicious": None if self.adversary is None else self.adversary.describe(),
         }
 
     def test_accuracy(self, round_: int) -> float:
@@ -320,11 +352,16 @@ class FederatedTraining:
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
         clients = sample_clients(self.config, round_)
-        tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c)) for c in clients]
+        poison = self.adversary  # simulated malicious clients (see dipsen.federated.poisoning), or None
+        flips = set() if poison is None else {c for c in clients if poison.flips_labels(c)}  # train on flipped labels
+        tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c), c in flips) for c in clients]
         updates: list[ClientUpdate] = []
         valid_clients: list[int] = []
         rejected: list[dict] = []
         for task, outcome in zip(tasks, self.clients.run(global_state, tasks), strict=True):
+            if poison is not None and isinstance(outcome, ClientUpdate):  # a malicious client's update, as it sends it
+                seed = derive_seed(self.config.seed, _MALICIOUS, round_, task.client)
+                outcome = poison.send(task.client, outcome, global_state, self.training, seed)
             if isinstance(outcome, ClientFailure):
                 reason: str | None = outcome.reason
             else:
@@ -343,9 +380,11 @@ class FederatedTraining:
             if count < update.num_samples:
                 log.warning("round %d: client %d claims %d samples, its partition %d", round_, client, update.num_samples, count)
         spec = aggregation(self.config)
-        # too few updates for the rule: the global model stays, and the round fails on required_updates
-        enough = bool(updates) and len(updates) >= min_updates(spec.rule, spec.byzantine)
-        new_state = aggregate([u.state for u in updates], counts, global_state, spec) if enough else global_state
+        # too few updates for the rule: the global model stays, and the round fails on required_updates.
+        # With client DP even none is aggregated: the noise alone, so that no release tells that none came
+        enough = (bool(updates) or spec.noise_multiplier is not None) and len(updates) >= min_updates(spec.rule, spec.byzantine)
+        noise_seed = derive_seed(self.config.seed, _CLIENT_DP, round_)
+        new_state = aggregate([u.state for u in updates], counts, global_state, spec, noise_seed) if enough else global_state
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
         accuracy = self.test_accuracy(round_)
@@ -366,6 +405,7 @@ class FederatedTraining:
             eval_seconds=time.perf_counter() - trained,
             step_seconds=sum(u.seconds for u in updates) / max(steps, 1),
             rejected=rejected,
+            client_dp_epsilon=None if self.client_dp is None else self.client_dp.epsilon(round_),
         )
         return new_state, result
 
@@ -497,5 +537,6 @@ def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:
     metrics = evaluate_model(job.model, job.x_test, job.y_test, job.dataset.classes, job.config.mc_samples)
     metrics["rounds"] = final_round
     metrics["cost"] = training_cost(history)
+    metrics["client_dp"] = None if job.client_dp is None else job.client_dp.summary(final_round)
     run.write_json("final_metrics.json", metrics)
     return metrics

@@ -163,10 +163,11 @@ class RunDir:
 
         Neither changes the weights of any round, so a run extended from t to N rounds ends with
         exactly the weights of a run of N rounds from the start; every other option would. ``rounds``
-        may not be fewer than the rounds finished. When it changes, final_metrics.json (the run
-        under its former limit) is deleted before config.json is rewritten, so a kill in between
-        leaves an unfinished run rather than one whose final metrics belie its config; training
-        writes the new one. A new checkpoint rule prunes at once.
+        may not be fewer than the rounds finished, and may not change at all in a run whose client-DP
+        noise was calibrated to a target epsilon over its rounds (``client_dp_epsilon``). When it
+        changes, final_metrics.json (the run under its former limit) is deleted before config.json is
+        rewritten, so a kill in between leaves an unfinished run rather than one whose final metrics
+        belie its config; training writes the new one. A new checkpoint rule prunes at once.
         """
         config = self.config()
         updated = dataclasses.replace(
@@ -176,6 +177,11 @@ class RunDir:
         ).validate()
         if updated == config:
             return config
+        if config.client_dp_epsilon is not None and updated.rounds != config.rounds:
+            raise DipsenError(
+                f"{self.path}: its client-DP noise was calibrated to epsilon {config.client_dp_epsilon} over "
+                f"{config.rounds} rounds; --rounds {updated.rounds} would change the noise of every round (start a new run)"
+            )
         last = self.last_round()
         if last is not None and updated.rounds < last:
             raise DipsenError(f"{self.path} has finished {last} rounds: --rounds {updated.rounds} cannot undo them")

@@ -34,6 +34,7 @@ import torch.multiprocessing as tmp
 
 from ..models import build_model
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
+from .poisoning import flip_labels
 
 # Sent to the whole process group by a terminal (Ctrl-C, hang-up) or by a service manager: they
 # are the main process's to handle, and it stops the workers.
@@ -43,11 +44,21 @@ CLOSE_SECONDS = 10.0  # how long close() lets idle workers exit before it kills 
 
 
 class ClientTask(NamedTuple):
-    """One client's share of a round: its id, its training rows and the seed of its update."""
+    """One client's share of a round: its id, its training rows and the seed of its update.
+
+    ``flip_labels``: a simulated malicious client (:mod:`dipsen.federated.poisoning`) that trains on
+    its rows with every label y replaced by C - 1 - y; the runner flips them, not ``client_update``.
+    """
 
     client: int
     indices: np.ndarray
     seed: int
+    flip_labels: bool = False
+
+
+def _labels(y: torch.Tensor, indices: np.ndarray, flip: bool, num_classes: int) -> torch.Tensor:
+    """The labels a client trains on: its rows of ``y``, flipped for a label-flipping client."""
+    return flip_labels(y[indices], num_classes) if flip else y[indices]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +132,16 @@ def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: t
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     torch.set_num_threads(1)
     model = build_model(*model_args)
+    num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...)
     while True:
         try:
             state, clients = conn.recv()
         except EOFError:  # the main process closed the pipe (close()) or is gone
             return
-        updates = [client_update(model, _torch_state(state), x[i], y[i], training, seed) for i, seed in clients]
+        updates = [
+            client_update(model, _torch_state(state), x[i], _labels(y, i, flip, num_classes), training, seed)
+            for i, seed, flip in clients
+        ]
         try:
             # weights as numpy arrays, beside the update's other fields (see the module docstring)
             conn.send([(_numpy_state(u.state), dataclasses.replace(u, state={})) for u in updates])
@@ -178,6 +193,7 @@ class ClientRunner:
         stop: StopFlag | None = None,
     ) -> None:
         self.x, self.y, self.training = x, y, training
+        self.num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...): for flip_labels
         self.stop = stop or StopFlag()
         self._workers: list[_Worker] = []
         if workers == 1:
@@ -213,7 +229,8 @@ class ClientRunner:
             updates = []
             with _single_thread():
                 for t in tasks:
-                    updates.append(client_update(self._model, state, self.x[t.indices], self.y[t.indices], self.training, t.seed))
+                    labels = _labels(self.y, t.indices, t.flip_labels, self.num_classes)
+                    updates.append(client_update(self._model, state, self.x[t.indices], labels, self.training, t.seed))
                     self.stop.check()
             return updates
         try:
@@ -226,7 +243,9 @@ class ClientRunner:
         count = max(1, min(len(tasks), len(self._workers) * self.CHUNKS_PER_WORKER))
         bounds = [round(j * len(tasks) / count) for j in range(count + 1)]
         shared = _numpy_state(state)
-        chunks = [(shared, [(t.indices, t.seed) for t in tasks[a:b]]) for a, b in zip(bounds, bounds[1:], strict=False)]
+        chunks = [
+            (shared, [(t.indices, t.seed, t.flip_labels) for t in tasks[a:b]]) for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
         results: list[list[tuple[dict[str, np.ndarray], ClientUpdate]]] = [[] for _ in chunks]
         queue, idle = deque(range(len(chunks))), list(self._workers)
         busy: dict[connection.Connection, tuple[_Worker, int]] = {}

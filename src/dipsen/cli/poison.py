@@ -1,0 +1,114 @@
+"""``dipsen poison-study``: the robust aggregators against simulated malicious clients (see dipsen.report.poisoning)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app, console, progress_bar
+from .robustness import _RESUME_HELP, _floats, _resumed
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else text.split(",")
+
+
+@app.command("poison-study")
+def poison_study_cmd(
+    dataset: Annotated[str | None, typer.Option(show_default="mnist", help="mnist | ctu13")] = None,
+    attacks: Annotated[
+        str | None,
+        typer.Option(
+            show_default="model-replacement,sign-flip,label-flip",
+            help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count.",
+        ),
+    ] = None,
+    aggregators: Annotated[
+        str | None,
+        typer.Option(
+            show_default="fedavg,median,trimmed-mean,multi-krum",
+            help="Comma-separated: fedavg, trimmed-mean, median, krum, multi-krum, bulyan.",
+        ),
+    ] = None,
+    fractions: Annotated[
+        str | None,
+        typer.Option(
+            show_default="0,0.2",
+            help="Comma-separated shares f of malicious clients, in [0, 1); f = 0 runs once per aggregator.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(show_default="cnn, or the --config file's", help="Model of every run (see dipsen train).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(show_default="the TOML's", help="Rounds of every run.")] = None,
+    clients: Annotated[int | None, typer.Option(show_default="the TOML's (200)", help="K, number of clients.")] = None,
+    fraction: Annotated[
+        float | None, typer.Option(show_default="the TOML's (0.1)", help="C, fraction of clients per round.")
+    ] = None,
+    local_epochs: Annotated[int | None, typer.Option(show_default="the TOML's", help="E, local epochs per round.")] = None,
+    train_subset: Annotated[
+        int | None, typer.Option(show_default="all", help="Use a seeded random subset of the training set.")
+    ] = None,
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(help="Also report the rounds until the test accuracy first reached this (the runs do not stop on it)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            show_default="src/dipsen/configs/DATASET.toml",
+            help="TOML file of training options for every run; the flags above override it.",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(show_default="poison-study", help="Output folder (must be new or empty).")] = None,
+    resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
+) -> None:
+    """Train under simulated poisoning: attack x aggregator x malicious share f; write a table and a plot."""
+    from ..report.poisoning import DEFAULT_AGGREGATORS, DEFAULT_ATTACKS, DEFAULT_FRACTIONS, poison_study, study_options
+
+    given: dict[str, object] = {
+        "--dataset": dataset,
+        "--attacks": attacks,
+        "--aggregators": aggregators,
+        "--fractions": fractions,
+        "--model": model,
+        "--rounds": rounds,
+        "--clients": clients,
+        "--fraction": fraction,
+        "--local-epochs": local_epochs,
+        "--train-subset": train_subset,
+        "--target-accuracy": target_accuracy,
+        "--config": config,
+        "--out": out,
+    }
+    if resume is not None:
+        options, folder = _resumed(resume, given), resume
+    else:
+        options = study_options(
+            dataset or "mnist",
+            _names(attacks) or DEFAULT_ATTACKS,
+            _names(aggregators) or DEFAULT_AGGREGATORS,
+            DEFAULT_FRACTIONS if fractions is None else _floats(fractions, "--fractions"),
+            target_accuracy=target_accuracy,
+            config_file=config,
+            train={
+                "model": model,
+                "rounds": rounds,
+                "clients": clients,
+                "fraction": fraction,
+                "local_epochs": local_epochs,
+                "train_subset": train_subset,
+            },
+        )
+        folder = out or Path("poison-study")
+    with progress_bar() as progress:
+        task = progress.add_task("poison-study", total=None)
+
+        def on_progress(description: str, done: float, total: int) -> None:
+            progress.update(task, description=description, completed=done, total=total)
+
+        path = poison_study(folder, options, resume=resume is not None, on_progress=on_progress)
+    console.print(f"saved: {path}, {path.with_name('poisoning.json')} and {path.with_name('poisoning.png')}")

@@ -1,0 +1,330 @@
+"""``dipsen poison-study``: the robust aggregators against simulated malicious clients.
+
+Runs the grid attack x aggregator x f (the share of malicious clients; see
+:mod:`dipsen.federated.poisoning`) on one data set: every run is ``dipsen train`` with
+``--aggregator A --malicious-fraction f --malicious-attack ATTACK`` on the same base settings
+(the data set's packaged TOML, or ``--config``, then the study's flags). f = 0 is the attack-free
+reference and runs once per aggregator, not once per attack. Krum-family aggregators are told
+f = ceil(f * m) Byzantine clients (``--byzantine``): the number of malicious clients expected
+among the m sampled each round; trimmed-mean cuts at least that share, f / m, at each end
+(``--trim-fraction``, at most :data:`MAX_TRIM_FRACTION`). Every other aggregator setting
+(``clip_norm``, ``max_client_weight``) is the base's.
+
+Writes into ``out``: ``options.json`` (what the study was started with), ``runs/NAME`` (one run
+folder per grid point, NAME = ``ATTACK-fF-AGGREGATOR``, ``none-f0-AGGREGATOR`` for f = 0),
+``poisoning.json`` (per run: final and best test accuracy, the rounds to reach
+``target_accuracy`` if one is given, every round's test accuracy, the run folder),
+``poisoning.md`` (final test accuracy: rows attack x f, the attack-free row first; columns
+aggregators) and ``poisoning.png`` (test accuracy against round, one panel per attack at the
+largest f, one line per aggregator, the attack-free runs dashed).
+
+``target_accuracy`` is a reading of the test accuracy after the fact: the runs do not stop on it
+and hold nothing out, so every run trains its full ``rounds``. ``resume=True`` (``dipsen
+poison-study --resume OUT``) finishes a study begun in ``out`` as ``dipsen reproduce --resume``
+does: the recorded options, finished runs kept, unfinished ones resumed from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig, load_config
+from ..data._io import write_atomic
+from ..errors import ConfigError, DipsenError
+from ..federated import RunDir
+from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS
+from ..federated.poisoning import ATTACKS
+from .render import Block, Heading, Paragraph, Table, to_markdown
+from .reproduce import machine_description, open_output, train_run, training_seconds
+
+DATASETS = ("mnist", "ctu13")
+DEFAULT_ATTACKS = ("model-replacement", "sign-flip", "label-flip")
+DEFAULT_AGGREGATORS = ("fedavg", "median", "trimmed-mean", "multi-krum")
+MAX_TRIM_FRACTION = 0.45  # trim_fraction must stay below 1/2: something must be left to average
+DEFAULT_FRACTIONS = (0.0, 0.2)
+RESULTS_FILE, TABLE_FILE, PLOT_FILE = "poisoning.json", "poisoning.md", "poisoning.png"
+# the study's flags that set training options (each a TrainConfig field)
+TRAIN_FLAGS = ("model", "rounds", "clients", "fraction", "local_epochs", "train_subset")
+DEFAULT_MODEL = "cnn"  # the study is about the federation, not the defence: the packaged TOML's model is not used
+
+# on_progress(description, runs done (a fraction within the current run), runs in all)
+OnProgress = Callable[[str, float, int], None]
+
+
+@dataclass(frozen=True)
+class PoisonRun:
+    """One grid point: its attack (None at f = 0), f, aggregator, run folder name and validated config."""
+
+    attack: str | None
+    fraction: float
+    aggregator: str
+    name: str
+    config: TrainConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.attack or 'none'} f={self.fraction:g} {self.aggregator}"
+
+
+def _choices(values: Sequence[str], allowed: Sequence[str], option: str) -> list[str]:
+    chosen = list(dict.fromkeys(v.strip() for v in values if v.strip()))
+    if not chosen:
+        raise DipsenError(f"{option} needs at least one of {', '.join(allowed)}")
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown:
+        raise DipsenError(f"{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def study_options(
+    dataset: str = "mnist",
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    aggregators: Sequence[str] = DEFAULT_AGGREGATORS,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    *,
+    target_accuracy: float | None = None,
+    config_file: Path | None = None,
+    train: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The study's options, checked: what ``options.json`` records and :func:`poison_study` runs.
+
+    The base training settings are the data set's packaged TOML with :data:`DEFAULT_MODEL` (or
+    ``config_file`` as it is), then ``train`` (flags: :data:`TRAIN_FLAGS`, None = not given),
+    resolved and validated here.
+    Raises :class:`~dipsen.errors.DipsenError` (one line) on any bad value, before anything is written.
+    """
+    if dataset not in DATASETS:
+        raise DipsenError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    attacks = _choices(attacks, ATTACKS, "--attacks")
+    aggregators = _choices(aggregators, AGGREGATORS, "--aggregators")
+    bad = [f for f in fractions if not (isinstance(f, int | float) and 0 <= f < 1)]
+    if not fractions or bad:
+        raise DipsenError(f"--fractions must be numbers in [0, 1), got {', '.join(map(str, fractions)) or 'none'}")
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:
+        raise DipsenError(f"--target-accuracy must be a number in (0, 1], got {target_accuracy}")
+    overrides = {k: v for k, v in (train or {}).items() if v is not None}
+    if unknown := sorted(set(overrides) - set(TRAIN_FLAGS)):
+        raise DipsenError(f"unknown training option(s) {', '.join(unknown)}")
+    if config_file is None:
+        with resources.as_file(resources.files("dipsen") / "configs" / f"{dataset}.toml") as path:
+            base = load_config(path, {"model": DEFAULT_MODEL, **overrides, "dataset": dataset})
+    else:
+        base = load_config(config_file, {**overrides, "dataset": dataset})
+    options = {
+        "dataset": dataset,
+        "attacks": attacks,
+        "aggregators": aggregators,
+        "fractions": sorted({float(f) for f in fractions}),
+        "target_accuracy": target_accuracy,
+        "train": base.to_dict(),
+    }
+    plan(options)  # every run's config is valid
+    return options
+
+
+def byzantine_for(fraction: float, clients_per_round: int) -> int:
+    """ceil(f * m): the malicious clients expected among a round's m (krum, multi-krum, bulyan's f)."""
+    return math.ceil(Fraction(repr(fraction)) * clients_per_round)
+
+
+def plan(options: dict[str, Any]) -> list[PoisonRun]:
+    """The grid's runs in table order: f = 0 for each aggregator, then attack x f > 0 x aggregator."""
+    base = TrainConfig.from_dict(dict(options["train"]), source="options")
+    points: list[tuple[str | None, float]] = [(None, 0.0)] if 0.0 in options["fractions"] else []
+    points += [(attack, f) for attack in options["attacks"] for f in options["fractions"] if f > 0]
+    runs = []
+    for attack, fraction in points:
+        for aggregator in options["aggregators"]:
+            expected = byzantine_for(fraction, base.clients_per_round)
+            byzantine = expected if aggregator in BYZANTINE_AGGREGATORS else 0
+            # trimmed-mean is told the attackers' share as the Krum family is told their number
+            trim = base.trim_fraction
+            if aggregator == "trimmed-mean":
+                trim = max(trim, expected / base.clients_per_round)
+            config = dataclasses.replace(
+                base,
+                aggregator=aggregator,
+                byzantine=byzantine,
+                trim_fraction=min(trim, MAX_TRIM_FRACTION),
+                malicious_fraction=fraction,
+                malicious_attack=attack,
+                keep_checkpoints="last",  # the study reads metrics.jsonl and final_metrics.json only
+            )
+            name = f"{attack or 'none'}-f{fraction:g}-{aggregator}"
+            try:
+                config.validate()
+            except ConfigError as exc:
+                raise DipsenError(f"run {name}: {exc}") from None
+            runs.append(PoisonRun(attack, fraction, aggregator, name, config))
+    return runs
+
+
+def rounds_to(history: list[dict], target: float | None) -> int | None:
+    """The first round whose test accuracy reaches ``target``; None if none does (or no target)."""
+    if target is None:
+        return None
+    return next((r["round"] for r in history if r["test_accuracy"] >= target), None)
+
+
+def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, Any]:
+    """What poisoning.json records of a finished run."""
+    done = RunDir.open(folder)
+    history = done.metrics()
+    final = done.read_json("final_metrics.json")
+    best = max(history, key=lambda r: r["test_accuracy"]) if history else None
+    info = done.read_json("run_info.json")
+    return {
+        "attack": run.attack,
+        "fraction": run.fraction,
+        "aggregator": run.aggregator,
+        "byzantine": run.config.byzantine,
+        "malicious_clients": len((info.get("malicious") or {}).get("clients", [])),
+        "final_accuracy": final["accuracy"],
+        "best_accuracy": None if best is None else best["test_accuracy"],
+        "best_round": None if best is None else best["round"],
+        "rounds_to_target": rounds_to(history, target),
+        "rounds": final["rounds"],
+        "test_accuracy": [r["test_accuracy"] for r in history],
+        "rejected_updates": sum(len(r["rejected"]) for r in history),
+        "seconds": training_seconds(folder),
+        "run": str(folder),
+    }
+
+
+def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on_progress: OnProgress | None = None) -> Path:
+    """Run the grid of ``options`` (:func:`study_options`) into ``out``; returns poisoning.md's path.
+
+    ``resume``: finish the study begun in ``out`` (its options.json must record ``options``).
+    """
+    runs = plan(options)
+    open_output(out, options, resume)
+    data = runs[0].config.load_dataset()  # the runs differ in aggregation and attack only
+    start = time.perf_counter()
+    records = []
+    for i, run in enumerate(runs):
+        folder = out / "runs" / run.name
+        if not RunDir(folder).finished():
+            train_run(folder, run.config, data, _round_progress(on_progress, run.label, i, len(runs)), run.label)
+        records.append(run_record(run, folder, options["target_accuracy"]))
+        if on_progress:
+            on_progress(f"done {run.label}", i + 1, len(runs))
+    base = runs[0].config
+    results = {
+        "dataset": options["dataset"],
+        "machine": machine_description(),
+        "options": options,
+        "model": base.model,
+        "clients": base.clients,
+        "clients_per_round": base.clients_per_round,
+        "rounds": base.rounds,
+        "local_epochs": base.local_epochs,
+        "seconds": {"training": sum(r["seconds"] for r in records), "this_call": time.perf_counter() - start},
+        "runs": records,
+    }
+    write_atomic(out / RESULTS_FILE, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    accuracy_plot(records, out / PLOT_FILE, f"{options['dataset']}: test accuracy under attack")
+    (out / TABLE_FILE).write_text(to_markdown(report_blocks(results)))
+    return out / TABLE_FILE
+
+
+def _round_progress(on_progress: OnProgress | None, label: str, index: int, total: int):
+    """A ProgressFactory for :func:`train_run` that moves the runs bar by a fraction per round."""
+    if on_progress is None:
+        return None
+
+    def factory(description: str, rounds: int):
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            on_progress(f"run {index + 1}/{total}: {label}", index + min(done, rounds) / max(rounds, 1), total)
+
+        return advance
+
+    return factory
+
+
+def _row_label(attack: str | None, fraction: float) -> str:
+    return "no attack (f = 0)" if attack is None else f"{attack}, f = {fraction:g}"
+
+
+def table_rows(records: list[dict], value: Callable[[dict], str]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: attack x f down (the attack-free row first, as planned), aggregators across."""
+    aggregators = list(dict.fromkeys(r["aggregator"] for r in records))
+    cells: dict[tuple[str | None, float], dict[str, str]] = {}
+    for r in records:
+        cells.setdefault((r["attack"], r["fraction"]), {})[r["aggregator"]] = value(r)
+    rows = [[_row_label(*key), *(row.get(a, "") for a in aggregators)] for key, row in cells.items()]
+    return ["attack", *aggregators], rows
+
+
+def report_blocks(results: dict[str, Any]) -> list[Block]:
+    options, records = results["options"], results["runs"]
+    train = options["train"]
+    headers, rows = table_rows(records, lambda r: f"{r['final_accuracy']:.3f}")
+    k, m = results["clients"], results["clients_per_round"]
+    blocks: list[Block] = [
+        Heading(f"Poisoning study: {options['dataset']}", 1),
+        Paragraph(
+            f"{results['model']} on {options['dataset']}, K = {k} clients, m = {m} per round, {results['rounds']} rounds of "
+            f"{results['local_epochs']} local epoch(s); f of the K clients malicious (round(f K), seeded), "
+            f"so about f m per round. Krum-family aggregators are given f = ceil(f m) Byzantine clients; "
+            f"trimmed-mean cuts {train['trim_fraction']:g} at each end; clip norm {train['clip_norm'] or 'none'}, "
+            f"largest client weight {train['max_client_weight']:g}. Measured on {results['machine']}: "
+            f"{results['seconds']['training'] / 60:.1f} min of training in all."
+        ),
+        Table(headers, rows, caption="final test accuracy (one noise draw for randomized models)"),
+    ]
+    if options["target_accuracy"] is not None:
+        target = options["target_accuracy"]
+        headers, rows = table_rows(records, lambda r: "never" if r["rounds_to_target"] is None else str(r["rounds_to_target"]))
+        blocks.append(Table(headers, rows, caption=f"rounds until the test accuracy first reached {target:g}"))
+    blocks.append(Paragraph(f"![test accuracy against round]({PLOT_FILE})"))
+    return blocks
+
+
+def accuracy_plot(records: list[dict], path: Path, title: str) -> Path:
+    """Test accuracy against round: a panel per attack at the largest f, a line per aggregator, f = 0 dashed."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .plots import plt  # matplotlib with the Agg backend
+
+    largest = max(r["fraction"] for r in records)
+    attacks = list(dict.fromkeys(r["attack"] for r in records if r["fraction"] == largest)) or [None]
+    reference = {r["aggregator"]: r for r in records if r["attack"] is None}
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.6), squeeze=False, sharey=True)
+    colours = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["aggregator"] for r in records))}
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        for aggregator, colour in colours.items():
+            if attack is not None and aggregator in reference:
+                curve = reference[aggregator]["test_accuracy"]
+                ax.plot(range(1, len(curve) + 1), curve, color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
+            run = next(
+                (r for r in records if r["attack"] == attack and r["fraction"] == largest and r["aggregator"] == aggregator), None
+            )
+            if run is not None:
+                curve = run["test_accuracy"]
+                ax.plot(range(1, len(curve) + 1), curve, color=colour, marker=".", label=aggregator)
+        ax.set(title=_row_label(attack, largest), xlabel="round", ylim=(0, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].legend(
+        fontsize=7, title="dashed: no attack" if len(attacks) > 1 or attacks[0] is not None else None, title_fontsize=7
+    )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
