@@ -279,7 +279,8 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
             f"{results['model']} on {options['dataset']}, K = {k} clients, m = {m} per round, {results['rounds']} rounds of "
             f"{results['local_epochs']} local epoch(s); f of the K clients malicious (round(f K), seeded), "
             f"so about f m per round. Krum-family aggregators are given f = ceil(f m) Byzantine clients; "
-            f"trimmed-mean cuts {train['trim_fraction']:g} at each end; clip norm {train['clip_norm'] or 'none'}, "
+            f"trimmed-mean cuts the larger of {train['trim_fraction']:g} and ceil(f m) / m at each end; "
+            f"clip norm {train['clip_norm'] or 'none'}, "
             f"largest client weight {train['max_client_weight']:g}. Measured on {results['machine']}: "
             f"{results['seconds']['training'] / 60:.1f} min of training in all."
         ),
