@@ -324,3 +324,11 @@ def test_config_and_flag_choose_the_task(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dipsen", "train", "--socofing-task", "sex", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--socofing-task must be one of hand-finger, gender, hand, finger, got 'sex'" in bad.stderr
+
+
+def test_a_larger_side_decodes_the_originals_at_that_size_and_a_cache_refuses_it(tmp_path, fixture_records):
+    larger = read_originals(copy_fixtures(tmp_path / "originals"), side=56)
+    assert larger["images"].shape == (6, 56, 56) and larger["images"].dtype == np.uint8
+    np.testing.assert_array_equal(larger["sha256"], fixture_records["sha256"])  # same files, same order
+    with pytest.raises(ConfigError, match="caches hold 28x28 images; side 56 needs the originals"):
+        load_socofing(side=56)

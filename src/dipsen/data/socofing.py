@@ -87,21 +87,24 @@ def parse_name(name: str, origin: str) -> dict:
     }
 
 
-def decode_image(data: bytes, origin: str) -> np.ndarray:
-    """(28, 28) uint8 grayscale thumbnail of BMP bytes; DataError naming ``origin`` if they do not decode."""
+def decode_image(data: bytes, origin: str, side: int = SIDE) -> np.ndarray:
+    """(side, side) uint8 grayscale thumbnail of BMP bytes; DataError naming ``origin`` if they do not decode."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "BMP":
                 raise DataError(f"{origin}: not a BMP image (found {image.format or 'unknown format'})")
             image.load()
-            gray = image.convert("L").resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+            gray = image.convert("L").resize((side, side), Image.Resampling.LANCZOS)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{origin}: cannot decode BMP image: {exc}") from None
     return np.asarray(gray, dtype=np.uint8)
 
 
-def read_originals(source: Path) -> Records:
+def read_originals(source: Path, side: int = SIDE) -> Records:
     """Records of every SOCOFing BMP under ``source`` (a folder or a tar archive), in a fixed order.
+
+    Images are ``side`` x ``side`` thumbnails (:func:`decode_image`); the cache and the embedded data
+    set always use :data:`SIDE`.
 
     A folder is searched recursively for ``*.BMP``; if it holds none, the ``*.tar.gz``/``*.tgz``/``*.tar``
     archives in it are read instead. Other files are ignored. Records are sorted by subject, hand,
@@ -112,7 +115,7 @@ def read_originals(source: Path) -> Records:
     rows = []
     for origin, name, data in _iter_files(Path(source)):
         row = parse_name(name.rsplit("/", 1)[-1], origin)
-        row.update(images=decode_image(data, origin), sha256=sha256_hex(data), source=name)
+        row.update(images=decode_image(data, origin, side), sha256=sha256_hex(data), source=name)
         rows.append(row)
     if not rows:
         raise DataError(f"{source}: no SOCOFing BMP files found")
@@ -177,26 +180,33 @@ def read_cache(path: Path) -> tuple[Records, dict]:
     return records, meta
 
 
-def load_socofing(data_dir: Path | None = None, *, seed: int = 0, task: str = "hand-finger") -> Dataset:
+def load_socofing(data_dir: Path | None = None, *, seed: int = 0, task: str = "hand-finger", side: int = SIDE) -> Dataset:
     """The ``task`` (one of :data:`TASKS`), split by subject with ``seed`` (see :mod:`dipsen.data.socofing_split`).
 
     ``data_dir`` may be None (the embedded cache), a ``.npz`` cache, a folder of originals or a tar archive
-    of them. Guarantees: no subject and no image content (sha256 of the original file) in both splits, and
-    the same split (same images in train and test) for every task. ``info["majority_rate"]`` is the share of
-    ``info["majority_class"]``, the most frequent class of the test split (None for an empty test split).
+    of them. Images are ``side`` x ``side``; a ``side`` other than :data:`SIDE` needs the originals (caches
+    hold 28x28 images only). Guarantees: no subject and no image content (sha256 of the original file) in
+    both splits, and the same split (same images in train and test) for every task and side.
+    ``info["majority_rate"]`` is the share of ``info["majority_class"]``, the most frequent class of the
+    test split (None for an empty test split).
     """
     if task not in TASKS:
         raise ConfigError(f"socofing_task must be one of {', '.join(TASKS)}, got {task!r}")
     classes, names_of = TASKS[task]
+    if side < 1:
+        raise ConfigError(f"SOCOFing image side must be a positive integer, got {side}")
     if data_dir is None or Path(data_dir).suffix == ".npz":
+        if side != SIDE:
+            raise ConfigError(f"SOCOFing caches hold {SIDE}x{SIDE} images; side {side} needs the originals")
         path = EMBEDDED_CACHE if data_dir is None else Path(data_dir)
         records, meta = read_cache(path)
         source: dict[str, object] = {"cache": describe_file(path), "built_with": meta}
         if data_dir is None:
             source["embedded"] = True
     else:
-        records = read_originals(Path(data_dir))
-        source = {"originals": str(data_dir), "preprocessing": PREPROCESSING}
+        records = read_originals(Path(data_dir), side)
+        resize = PREPROCESSING["resize"].replace(f"{SIDE}x{SIDE}", f"{side}x{side}")
+        source = {"originals": str(data_dir), "preprocessing": {**PREPROCESSING, "resize": resize}}
     split = split_by_subject(records, seed=seed)
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[name] for name in names_of(records)], dtype=np.int64)
