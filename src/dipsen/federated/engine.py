@@ -71,7 +71,7 @@ from ..partition import partition, summarize
 from .aggregate import Aggregation, aggregate, min_updates, server_counts, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict
 from .poisoning import adversary
-from .privacy import client_dp
+from .privacy import ClientDP, client_dp
 from .run_dir import RunDir
 from .workers import ClientFailure, ClientRunner, ClientTask, StopFlag, WorkerDied
 
@@ -125,9 +125,8 @@ class RoundResult:
         return asdict(self)
 
 
-def aggregation(config: TrainConfig) -> Aggregation:
-    """The server's rule from ``config``, client-level DP's noise multiplier (calibrated once, cached) included."""
-    dp = client_dp(config)
+def aggregation(config: TrainConfig, dp: ClientDP | None) -> Aggregation:
+    """The server's rule from ``config``, with the noise multiplier of its client-level DP ``dp`` (:func:`client_dp`)."""
     return Aggregation(
         config.aggregator,
         config.trim_fraction,
@@ -260,6 +259,7 @@ class FederatedTraining:
         self.noise = self.model_args[3]  # the calibrated noise that build_model receives
         self.client_dp = client_dp(config)  # client-level DP (z calibrated here if a target epsilon is set), or None
         self.adversary = adversary(config, derive_seed(config.seed, _MALICIOUS))  # simulated malicious clients, or None
+        self.aggregation = aggregation(config, self.client_dp)
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args)
         self.domain = training_domain(config, dataset)
@@ -379,7 +379,7 @@ class FederatedTraining:
         for client, update, count in zip(valid_clients, updates, counts, strict=True):
             if count < update.num_samples:
                 log.warning("round %d: client %d claims %d samples, its partition %d", round_, client, update.num_samples, count)
-        spec = aggregation(self.config)
+        spec = self.aggregation
         # too few updates for the rule: the global model stays, and the round fails on required_updates.
         # With client DP even none is aggregated: the noise alone, so that no release tells that none came
         enough = (bool(updates) or spec.noise_multiplier is not None) and len(updates) >= min_updates(spec.rule, spec.byzantine)
