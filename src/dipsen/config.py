@@ -128,7 +128,9 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32
     optimizer: str = "adam"
-    lr: float = 0.001
+    lr: float = 0.001  # the peak rate with a schedule other than constant
+    # the rate of each round (see dipsen.federated.schedule): constant | cyclic (0 -> lr at 2/5 of the run -> 0)
+    lr_schedule: str = "constant"
     momentum: float = 0.0  # SGD only
     input_noise: float = 0.0  # std of Gaussian noise on every training input (training for randomized smoothing)
     # adversarial training in client_update (see dipsen.federated.adversarial): none | fgsm-rs | pgd,
@@ -397,6 +399,7 @@ SCHEMA: dict[str, Rule] = {
     "batch_size": _COUNT,
     "optimizer": Rule(str, choices=lambda: OPTIMIZERS),
     "lr": Rule(float, low=0, low_open=True),
+    "lr_schedule": Rule(str, choices=_registry(".federated.schedule", "LR_SCHEDULES")),
     "momentum": Rule(float, low=0, high=1, high_open=True),
     "input_noise": Rule(float, low=0),
     "adv_train": Rule(str, choices=lambda: ADV_TRAIN),

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from dipsen.config import TrainConfig
 from dipsen.errors import DipsenError
-from dipsen.federated.client import ClientUpdate
+from dipsen.federated.client import ClientUpdate, LocalTraining
 from dipsen.federated.flower.server_app import FlowerClients
 from dipsen.federated.flower.task import (
     float_value,
@@ -244,3 +244,15 @@ def test_adversarial_training_sends_the_feasible_domain_to_the_nodes(ctu13):
     clients.run({"w": torch.ones(2)}, _tasks([0]))
     (train,) = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert _domain(message_record(train.content, "config", ConfigRecord)) == domain
+
+
+def test_a_task_s_learning_rate_reaches_the_client_training():
+    from dipsen.federated.flower.client_app import _at_round_rate
+
+    grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"})
+    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 2, node_wait_seconds=5, reply_timeout_seconds=1.0)
+    clients.run({"w": torch.ones(2)}, [ClientTask(0, np.arange(3), 100, lr=0.0125)])
+    (train,) = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    settings = message_record(train.content, "config", ConfigRecord)
+    assert _at_round_rate(LocalTraining(lr=0.001), settings).lr == 0.0125
+    assert _at_round_rate(LocalTraining(lr=0.001), ConfigRecord({"seed": 1})).lr == 0.001

@@ -156,7 +156,17 @@ def train(
     ] = None,
     batch_size: Annotated[int | None, typer.Option(show_default=_default("batch_size"), help="B, local batch size.")] = None,
     optimizer: Annotated[str | None, typer.Option(show_default=_default("optimizer"), help="sgd | adam")] = None,
-    lr: Annotated[float | None, typer.Option(show_default=_default("lr"), help="Local learning rate.")] = None,
+    lr: Annotated[
+        float | None, typer.Option(show_default=_default("lr"), help="Local learning rate (the peak of --lr-schedule cyclic).")
+    ] = None,
+    lr_schedule: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("lr_schedule"),
+            help="constant | cyclic: the clients' rate per round; cyclic rises from 0 to --lr at 2/5 of --rounds, "
+            "then falls to 0 (Wong et al.'s schedule for fast adversarial training).",
+        ),
+    ] = None,
     momentum: Annotated[
         float | None,
         typer.Option(

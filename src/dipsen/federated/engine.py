@@ -73,6 +73,7 @@ from .client import ClientUpdate, LocalTraining, StateDict
 from .poisoning import adversary
 from .privacy import ClientDP, client_dp
 from .run_dir import RunDir
+from .schedule import round_lr
 from .workers import ClientFailure, ClientRunner, ClientTask, StopFlag, WorkerDied
 
 if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated
@@ -120,6 +121,7 @@ class RoundResult:
     rejected: list[dict] = field(default_factory=list)  # {"client": id, "reason": why}
     # client-level DP: the epsilon (at the run's client_dp_delta) of the models of rounds 1..round; None without it
     client_dp_epsilon: float | None = None
+    lr: float | None = None  # the clients' learning rate this round (lr_schedule); None in runs older than it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -354,7 +356,8 @@ class FederatedTraining:
         clients = sample_clients(self.config, round_)
         poison = self.adversary  # simulated malicious clients (see dipsen.federated.poisoning), or None
         flips = set() if poison is None else {c for c in clients if poison.flips_labels(c)}  # train on flipped labels
-        tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c), c in flips) for c in clients]
+        lr = round_lr(self.config.lr_schedule, self.config.lr, round_, self.config.rounds)
+        tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c), c in flips, lr) for c in clients]
         updates: list[ClientUpdate] = []
         valid_clients: list[int] = []
         rejected: list[dict] = []
@@ -406,6 +409,7 @@ class FederatedTraining:
             step_seconds=sum(u.seconds for u in updates) / max(steps, 1),
             rejected=rejected,
             client_dp_epsilon=None if self.client_dp is None else self.client_dp.epsilon(round_),
+            lr=lr,
         )
         return new_state, result
 

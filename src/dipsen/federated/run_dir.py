@@ -164,7 +164,8 @@ class RunDir:
         Neither changes the weights of any round, so a run extended from t to N rounds ends with
         exactly the weights of a run of N rounds from the start; every other option would. ``rounds``
         may not be fewer than the rounds finished, and may not change at all in a run whose client-DP
-        noise was calibrated to a target epsilon over its rounds (``client_dp_epsilon``). When it
+        noise was calibrated to a target epsilon over its rounds (``client_dp_epsilon``) or whose
+        learning rate is scheduled over them (``lr_schedule``). When it
         changes, final_metrics.json (the run under its former limit) is deleted before config.json is
         rewritten, so a kill in between leaves an unfinished run rather than one whose final metrics
         belie its config; training writes the new one. A new checkpoint rule prunes at once.
@@ -181,6 +182,11 @@ class RunDir:
             raise DipsenError(
                 f"{self.path}: its client-DP noise was calibrated to epsilon {config.client_dp_epsilon} over "
                 f"{config.rounds} rounds; --rounds {updated.rounds} would change the noise of every round (start a new run)"
+            )
+        if config.lr_schedule != "constant" and updated.rounds != config.rounds:
+            raise DipsenError(
+                f"{self.path}: its {config.lr_schedule} learning rate is scheduled over {config.rounds} rounds; "
+                f"--rounds {updated.rounds} would change the rate of every round (start a new run)"
             )
         last = self.last_round()
         if last is not None and updated.rounds < last:

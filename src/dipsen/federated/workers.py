@@ -48,12 +48,20 @@ class ClientTask(NamedTuple):
 
     ``flip_labels``: a simulated malicious client (:mod:`dipsen.federated.poisoning`) that trains on
     its rows with every label y replaced by C - 1 - y; the runner flips them, not ``client_update``.
+    ``lr``: the round's learning rate (:func:`dipsen.federated.schedule.round_lr`); None: the
+    runner's ``LocalTraining.lr``.
     """
 
     client: int
     indices: np.ndarray
     seed: int
     flip_labels: bool = False
+    lr: float | None = None
+
+
+def _at_rate(training: LocalTraining, lr: float | None) -> LocalTraining:
+    """``training`` at the round's learning rate ``lr`` (None: its own)."""
+    return training if lr is None else dataclasses.replace(training, lr=lr)
 
 
 def _labels(y: torch.Tensor, indices: np.ndarray, flip: bool, num_classes: int) -> torch.Tensor:
@@ -139,8 +147,8 @@ def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: t
         except EOFError:  # the main process closed the pipe (close()) or is gone
             return
         updates = [
-            client_update(model, _torch_state(state), x[i], _labels(y, i, flip, num_classes), training, seed)
-            for i, seed, flip in clients
+            client_update(model, _torch_state(state), x[i], _labels(y, i, flip, num_classes), _at_rate(training, lr), seed)
+            for i, seed, flip, lr in clients
         ]
         try:
             # weights as numpy arrays, beside the update's other fields (see the module docstring)
@@ -230,7 +238,8 @@ class ClientRunner:
             with _single_thread():
                 for t in tasks:
                     labels = _labels(self.y, t.indices, t.flip_labels, self.num_classes)
-                    updates.append(client_update(self._model, state, self.x[t.indices], labels, self.training, t.seed))
+                    training = _at_rate(self.training, t.lr)
+                    updates.append(client_update(self._model, state, self.x[t.indices], labels, training, t.seed))
                     self.stop.check()
             return updates
         try:
@@ -244,7 +253,8 @@ class ClientRunner:
         bounds = [round(j * len(tasks) / count) for j in range(count + 1)]
         shared = _numpy_state(state)
         chunks = [
-            (shared, [(t.indices, t.seed, t.flip_labels) for t in tasks[a:b]]) for a, b in zip(bounds, bounds[1:], strict=False)
+            (shared, [(t.indices, t.seed, t.flip_labels, t.lr) for t in tasks[a:b]])
+            for a, b in zip(bounds, bounds[1:], strict=False)
         ]
         results: list[list[tuple[dict[str, np.ndarray], ClientUpdate]]] = [[] for _ in chunks]
         queue, idle = deque(range(len(chunks))), list(self._workers)

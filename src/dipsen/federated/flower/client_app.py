@@ -6,13 +6,14 @@ may answer any message for its node.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..client import client_update
+from ..client import LocalTraining, client_update
 from ..engine import local_training
 from .task import (
     arrays_to_state,
@@ -20,6 +21,7 @@ from .task import (
     client_id,
     client_model,
     config_from_json,
+    float_value,
     int_value,
     message_record,
     state_to_arrays,
@@ -39,6 +41,13 @@ def _domain(settings: ConfigRecord) -> FeasibleDomain | None:
     from ...attack.domain import FeasibleDomain
 
     return FeasibleDomain.from_dict(json.loads(str_value(settings, "feasible-domain")))
+
+
+def _at_round_rate(training: LocalTraining, settings: ConfigRecord) -> LocalTraining:
+    """``training`` at the learning rate the server sent for this round (its schedule), if it sent one."""
+    if "lr" not in settings:
+        return training
+    return dataclasses.replace(training, lr=float_value(settings, "lr"))
 
 
 @app.query()
@@ -62,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays_to_state(message_record(msg.content, "arrays", ArrayRecord)),
         x,
         y,
-        local_training(config_from_json(config_json), _domain(settings)),
+        _at_round_rate(local_training(config_from_json(config_json), _domain(settings)), settings),
         int_value(settings, "seed"),
     )
     metrics = MetricRecord(

@@ -139,7 +139,7 @@ class FlowerClients:
         # a message lives as long as the round waits for its reply: Flower's default is 12 hours
         messages = [
             Message(
-                RecordDict({"arrays": arrays, "config": ConfigRecord({**self.settings, "seed": task.seed})}),
+                RecordDict({"arrays": arrays, "config": ConfigRecord({**self.settings, **self._task_settings(task)})}),
                 dst_node_id=self.nodes[task.client],
                 message_type=MessageType.TRAIN,
                 ttl=self.reply_timeout,
@@ -147,6 +147,11 @@ class FlowerClients:
             for task in tasks
         ]
         return [self._update(reply) for reply in self._exchange(messages, self.reply_timeout)]
+
+    @staticmethod
+    def _task_settings(task: ClientTask) -> dict[str, int | float]:
+        """What a train message says of its task beside the run's settings: the seed, and the round's rate if set."""
+        return {"seed": task.seed} if task.lr is None else {"seed": task.seed, "lr": task.lr}
 
     def _update(self, reply: Message | None) -> ClientUpdate | ClientFailure:
         """The reply as a ClientUpdate; ClientFailure if there is none or it cannot be read."""
