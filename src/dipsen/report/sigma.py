@@ -1,32 +1,51 @@
 """``dipsen sweep-sigma``: the noise/accuracy trade-off of DiPSeN, with the CNN as reference.
 
 Trains DiPSeN at each noise multiplier sigma (and the CNN once), then measures on the same
-examples: clean accuracy, paper-protocol PGD (1 draw) and adaptive PGD through EOT (mean rule).
+examples: clean accuracy, paper-protocol PGD (1 draw), adaptive PGD through EOT (mean rule) and the
+certified accuracy at L2 radii :data:`RADII` of the PixelDP certificate of the model's own noise layer
+(``dipsen certify --method pixeldp``, with ``dipsen reproduce``'s certify settings; None for a model
+without noise: the CNN and sigma 0).
 Writes ``sigma_sweep.json``, ``sigma_sweep.png`` and ``sigma_sweep.md`` into ``out``; the runs go to
 ``OUT/runs/cnn`` and ``OUT/runs/sigma-S`` (keeping their last checkpoint only: the measurements read
 nothing else), each run's measurements to its ``sigma_sweep_point.json`` as soon as they are done.
 ``resume=True`` (``dipsen sweep-sigma --resume OUT``) finishes a sweep begun in ``out`` as
 :func:`dipsen.report.reproduce.reproduce` finishes a study: same options, finished runs and
-measurements kept, unfinished runs resumed.
+measurements kept, unfinished runs resumed. A sweep begun by a version without certificates is
+refused (its options.json records no ``certify``): its point files lack them.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 from ..attack.evaluate import AttackSetup, RobustnessEvaluation
 from ..attack.study import ProgressFactory, StudySettings
 from ..attack.target import TrainedRun
+from ..certify.evaluate import CertifySettings, certify_run
+from ..certify.pixeldp import l2_size
 from ..data import load_dataset
 from ..errors import DipsenError
 from ..federated import RunDir
+from ..models import calibrate_noise
 from . import plots
 from .render import Block, Heading, Paragraph, Table, to_markdown
-from .reproduce import machine_description, open_output, paper_config, saved_result, train_run, training_seconds
+from .reproduce import (
+    CERTIFY,
+    QUICK_CERTIFY,
+    machine_description,
+    open_output,
+    paper_config,
+    saved_result,
+    train_run,
+    training_seconds,
+)
 
 POINT_FILE = "sigma_sweep_point.json"  # in each run folder: its measurements
+RADII = ("0.5", "1")
+"""L2 radii at which each point's certified accuracy is measured (keys of ``certify_run``'s ``certified_accuracy``)."""
 
 
 def sweep_sigma(
@@ -43,16 +62,24 @@ def sweep_sigma(
         raise DipsenError(f"--sigmas must be a non-empty list of numbers >= 0, got {sigmas}")
     sigmas = sorted(sigmas)
     settings = StudySettings.quick() if quick else StudySettings()
+    certify = replace(
+        QUICK_CERTIFY if quick else CERTIFY,
+        method="pixeldp",
+        samples=settings.samples,
+        seed=settings.seed,
+        radii=tuple(map(float, RADII)),
+    )
     points = [("cnn", "cnn", {}), *[(f"sigma={s:g}", "dipsen", {"sigma": s}) for s in sigmas]]
     configs = {label: paper_config(dataset, model, quick, keep_checkpoints="last", **kw) for label, model, kw in points}
-    open_output(out, {"dataset": dataset, "sigmas": sigmas, "quick": quick, "settings": settings.to_dict()}, resume)
+    options = {"dataset": dataset, "sigmas": sigmas, "quick": quick, "settings": settings.to_dict(), "certify": asdict(certify)}
+    open_output(out, options, resume)
     data = load_dataset(dataset, seed=0)
     folders = {label: out / "runs" / label.replace("=", "-") for label in configs}
     records: dict[str, dict] = {}
     for label, config in configs.items():
         if not RunDir(folders[label]).finished():
             train_run(folders[label], config, data, progress, label)
-        measure = partial(_measure, settings=settings, progress=progress, label=label)
+        measure = partial(_measure, settings=settings, certify=certify, progress=progress, label=label)
         records[label] = saved_result(folders[label], POINT_FILE, data, measure)
     seconds = sum(training_seconds(folder) for folder in folders.values()) + sum(r["seconds"] for r in records.values())
     measured = {label: record["result"] for label, record in records.items()}
@@ -61,32 +88,47 @@ def sweep_sigma(
         "machine": machine_description(),
         "quick": quick,
         "settings": settings.to_dict(),
+        "certify": asdict(certify),
         "seconds": seconds,
         "results": measured,
     }
     (out / "sigma_sweep.json").write_text(json.dumps(results, indent=1))
     sweep = [measured[k] for k in measured if k != "cnn"]
     cnn = measured["cnn"]
+    ceiling = l2_size(1.0, calibrate_noise(1.0, delta=configs[points[-1][0]].dp_delta))  # at eps 1, per unit of sigma
     plots.sigma_curves(
         [m["sigma"] for m in sweep],
         {
             "clean (1 draw)": [m["clean"] for m in sweep],
             "paper-protocol PGD (1 draw)": [m["paper_pgd"] for m in sweep],
             "EOT PGD (mean of draws)": [m["adaptive_pgd"] for m in sweep],
+            **{f"certified, L2 r = {r} (PixelDP)": [m["certified"][r] for m in sweep] for r in RADII},
         },
         {"CNN clean": cnn["clean"], "CNN PGD": cnn["adaptive_pgd"]},
         out / "sigma_sweep.png",
-        f"{dataset}: DiPSeN accuracy against sigma (eps {settings.eps})",
+        f"{dataset}: DiPSeN accuracy against sigma (L-inf eps {settings.eps}, L2 r)",
     )
     rows = [
-        [label, f"{m['clean']:.3f}", f"{m['clean_mc']:.3f}", f"{m['paper_pgd']:.3f}", f"{m['adaptive_pgd']:.3f}"]
+        [
+            label,
+            *(f"{m[k]:.3f}" for k in ("clean", "clean_mc", "paper_pgd", "adaptive_pgd")),
+            *("—" if m["certified"][r] is None else f"{m['certified'][r]:.3f}" for r in RADII),
+        ]
         for label, m in measured.items()
     ]
     blocks: list[Block] = [
         Heading(f"Noise/accuracy trade-off on {dataset}", 1),
         Paragraph(
             f"Measured on {machine_description()} in {seconds / 60:.1f} min; {settings.samples} examples, "
-            f"eps {settings.eps}." + (" **quick mode**: not a result." if quick else "")
+            f"L-inf eps {settings.eps}." + (" **quick mode**: not a result." if quick else "")
+        ),
+        Paragraph(
+            "Certified: the share of examples whose PixelDP-certified prediction (the noise layer's own certificate, "
+            f"`dipsen certify --method pixeldp`) is correct at L2 radius r or more, from n = {certify.n} noise draws "
+            f"per example at alpha {certify.alpha:g} (n0 = {certify.n0} is not used: the n draws give both the "
+            f"prediction and its bounds); '—': no noise, no certificate. PixelDP certifies no radius above "
+            f"{ceiling:.3f} sigma here (eps = 1 of the Gaussian mechanism). An L2 certificate is a different "
+            "threat model from the L-inf attacks: neither figure bounds the other."
         ),
         Table(
             [
@@ -95,6 +137,7 @@ def sweep_sigma(
                 f"clean: mean of {settings.mc_samples}",
                 "paper PGD: 1 draw",
                 f"EOT PGD: mean of {settings.mc_samples}",
+                *(f"certified: L2 r = {r}" for r in RADII),
             ],
             rows,
         ),
@@ -104,7 +147,9 @@ def sweep_sigma(
     return out / "sigma_sweep.md"
 
 
-def _measure(trained: TrainedRun, settings: StudySettings, progress: ProgressFactory | None, label: str) -> dict:
+def _measure(
+    trained: TrainedRun, settings: StudySettings, certify: CertifySettings, progress: ProgressFactory | None, label: str
+) -> dict:
     evaluation = RobustnessEvaluation(trained, settings.samples, mc_samples=settings.mc_samples, seed=settings.seed)
 
     def run(setup: AttackSetup):
@@ -116,6 +161,10 @@ def _measure(trained: TrainedRun, settings: StudySettings, progress: ProgressFac
     adaptive = run(
         AttackSetup("pgd", settings.eps, gradient="eot", eot_draws=settings.eot_draws, budget=settings.adaptive_budget)
     )
+    certified = dict.fromkeys(RADII)  # None: no noise layer (the CNN, sigma 0), nothing to certify
+    if evaluation.randomized:
+        advance = progress(f"{label}: PixelDP certificate", certify.samples) if progress else None
+        certified = certify_run(trained, certify, advance)["certified_accuracy"]
     return {
         "sigma": trained.config.sigma if evaluation.target.noise is not None else None,
         "run": str(trained.path),
@@ -123,4 +172,5 @@ def _measure(trained: TrainedRun, settings: StudySettings, progress: ProgressFac
         "clean_mc": clean.accuracy("mc"),
         "paper_pgd": paper.accuracy("single"),
         "adaptive_pgd": adaptive.accuracy("mc"),
+        "certified": certified,
     }
