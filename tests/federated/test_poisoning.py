@@ -478,7 +478,6 @@ def test_poison_study_writes_its_files_and_resume_skips_finished_runs(dipsen_cli
         (["--attacks", "backdoor"], "--attacks: unknown 'backdoor'"),
         (["--fractions", "0,1.5"], "--fractions must be numbers in [0, 1)"),
         (["--dataset", "socofing"], "--dataset must be one of mnist, ctu13"),
-        (["--aggregators", "krum", "--fractions", "0.9"], "run sign-flip-f0.9-krum: byzantine 5 is too large for m = 5"),
     ],
 )
 def test_poison_study_bad_input_is_one_line_exit_2_and_writes_nothing(dipsen_cli, tmp_path, flags, message):
@@ -491,20 +490,35 @@ def test_poison_study_bad_input_is_one_line_exit_2_and_writes_nothing(dipsen_cli
     assert not out.exists()
 
 
-def test_the_study_grid_runs_f_zero_once_per_aggregator_and_tells_krum_the_expected_attackers():
+def test_the_study_grid_runs_f_zero_once_per_aggregator_and_tells_krum_its_bound_on_the_attackers():
     from dipsen.report.poisoning import plan, study_options
 
     options = study_options("mnist", ["sign-flip", "label-flip"], ["fedavg", "multi-krum"], [0, 0.2, 0.3])
     runs = plan(options)
     assert [r.name for r in runs[:2]] == ["none-f0-fedavg", "none-f0-multi-krum"] and len(runs) == 2 + 2 * 2 * 2
     byzantine = {(r.attack, r.fraction, r.aggregator): r.config.byzantine for r in runs}
-    assert (
-        byzantine[("sign-flip", 0.2, "multi-krum")] == 4 and byzantine[("sign-flip", 0.3, "multi-krum")] == 6
-    )  # ceil(f m), m = 20
+    # the 0.99 quantile of the hypergeometric count (K 200, m 20): 8 at f 0.2, capped at (m - 3) // 2 = 8 at f 0.3
+    assert byzantine[("sign-flip", 0.2, "multi-krum")] == 8 == byzantine[("sign-flip", 0.3, "multi-krum")]
     assert byzantine[("sign-flip", 0.2, "fedavg")] == 0 and byzantine[(None, 0.0, "multi-krum")] == 0
     assert {r.config.local_epochs for r in runs} == {3}  # the packaged mnist.toml's
     assert {r.config.model for r in runs} == {"cnn"}  # not the TOML's dipsen: the study is about aggregation
     assert all(dataclasses.asdict(r.config)["malicious_attack"] == r.attack for r in runs)
+
+
+def test_the_rules_are_told_a_bound_that_a_round_rarely_exceeds():
+    from math import comb
+
+    from dipsen.report.poisoning import BYZANTINE_COVERAGE, byzantine_for, exceeded
+
+    def tail(k: int, clients: int, bad: int, m: int) -> float:  # P(count > k), counted by hand
+        return sum(comb(bad, j) * comb(clients - bad, m - j) for j in range(k + 1, min(bad, m) + 1)) / comb(clients, m)
+
+    for clients, fraction, m in ((200, 0.2, 20), (200, 0.1, 20), (50, 0.3, 10), (1000, 0.05, 100)):
+        bad = round(fraction * clients)
+        f = byzantine_for(fraction, clients, m)
+        assert tail(f, clients, bad, m) <= 1 - BYZANTINE_COVERAGE < tail(f - 1, clients, bad, m)
+        assert exceeded(f, fraction, clients, m) == pytest.approx(tail(f, clients, bad, m), rel=1e-9, abs=1e-15)
+    assert exceeded(4, 0.2, 200, 20) == pytest.approx(0.3679, abs=1e-4)  # the mean, 4, is exceeded in 37% of rounds
 
 
 def test_the_study_grid_tells_trimmed_mean_the_attackers_share():
@@ -513,5 +527,5 @@ def test_the_study_grid_tells_trimmed_mean_the_attackers_share():
     runs = plan(study_options("mnist", ["sign-flip"], ["trimmed-mean", "median"], [0, 0.2, 0.3]))
     trim = {(r.fraction, r.aggregator): r.config.trim_fraction for r in runs}
     assert trim[(0.0, "trimmed-mean")] == 0.1  # the default where no client attacks
-    assert trim[(0.2, "trimmed-mean")] == 0.2 and trim[(0.3, "trimmed-mean")] == 0.3  # ceil(f m) / m, m = 20
+    assert trim[(0.2, "trimmed-mean")] == 0.4 and trim[(0.3, "trimmed-mean")] == 0.45  # 8/20; 11/20 capped at 0.45
     assert trim[(0.2, "median")] == 0.1  # the others keep the base setting

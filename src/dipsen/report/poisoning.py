@@ -5,10 +5,12 @@ Runs the grid attack x aggregator x f (the share of malicious clients; see
 ``--aggregator A --malicious-fraction f --malicious-attack ATTACK`` on the same base settings
 (the data set's packaged TOML, or ``--config``, then the study's flags). f = 0 is the attack-free
 reference and runs once per aggregator, not once per attack. Krum-family aggregators are told
-f = ceil(f * m) Byzantine clients (``--byzantine``): the number of malicious clients expected
-among the m sampled each round; trimmed-mean cuts at least that share, f / m, at each end
-(``--trim-fraction``, at most :data:`MAX_TRIM_FRACTION`). Every other aggregator setting
-(``clip_norm``, ``max_client_weight``) is the base's.
+(``--byzantine``) the number of malicious clients that a round's m hold with probability
+:data:`BYZANTINE_COVERAGE` (:func:`byzantine_for`; at most what the rule accepts at m), and
+trimmed-mean cuts at least that share at each end (``--trim-fraction``, at most
+:data:`MAX_TRIM_FRACTION`); each run records how often a round holds more
+(``p_more_than_byzantine``). Every other aggregator setting (``clip_norm``, ``max_client_weight``)
+is the base's.
 
 Writes into ``out``: ``options.json`` (what the study was started with), ``runs/NAME`` (one run
 folder per grid point, NAME = ``ATTACK-fF-AGGREGATOR``, ``none-f0-AGGREGATOR`` for f = 0),
@@ -32,7 +34,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from ..data._io import write_atomic
 from ..errors import ConfigError, DipsenError
 from ..federated import RunDir
 from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS
-from ..federated.poisoning import ATTACKS
+from ..federated.poisoning import ATTACKS, malicious_count
 from .render import Block, Heading, Paragraph, Table, to_markdown
 from .reproduce import machine_description, open_output, train_run, training_seconds
 
@@ -55,6 +56,8 @@ RESULTS_FILE, TABLE_FILE, PLOT_FILE = "poisoning.json", "poisoning.md", "poisoni
 # the study's flags that set training options (each a TrainConfig field)
 TRAIN_FLAGS = ("model", "rounds", "clients", "fraction", "local_epochs", "train_subset")
 DEFAULT_MODEL = "cnn"  # the study is about the federation, not the defence: the packaged TOML's model is not used
+# the rules are told the count of malicious clients a round holds with this probability (byzantine_for)
+BYZANTINE_COVERAGE = 0.99
 
 # on_progress(description, runs done (a fraction within the current run), runs in all)
 OnProgress = Callable[[str, float, int], None]
@@ -131,9 +134,39 @@ def study_options(
     return options
 
 
-def byzantine_for(fraction: float, clients_per_round: int) -> int:
-    """ceil(f * m): the malicious clients expected among a round's m (krum, multi-krum, bulyan's f)."""
-    return math.ceil(Fraction(repr(fraction)) * clients_per_round)
+def byzantine_for(fraction: float, clients: int, clients_per_round: int) -> int:
+    """The malicious clients a round's m will hold with probability :data:`BYZANTINE_COVERAGE`.
+
+    The round samples m of the K clients without replacement, round(f K) of them malicious, so
+    the count of malicious clients in a round is hypergeometric; the server must be told a bound
+    it rarely exceeds, not its mean: at K = 200, m = 20, f = 0.2 the mean is 4, but a round holds
+    more than 4 with probability 0.37, and a Krum-family rule told 4 then keeps attackers.
+    """
+    from scipy.stats import hypergeom
+
+    malicious = malicious_count(clients, fraction)
+    return int(hypergeom.ppf(BYZANTINE_COVERAGE, clients, malicious, clients_per_round))
+
+
+def exceeded(byzantine: int, fraction: float, clients: int, clients_per_round: int) -> float:
+    """P(a round's m hold more than ``byzantine`` malicious clients), from the same hypergeometric law."""
+    from scipy.stats import hypergeom
+
+    return float(hypergeom.sf(byzantine, clients, malicious_count(clients, fraction), clients_per_round))
+
+
+def largest_byzantine(aggregator: str, clients_per_round: int) -> int:
+    """The largest f the rule accepts at m (m >= 2f + 3 for krum, multi-krum; 4f + 3 for bulyan)."""
+    return (clients_per_round - 3) // (4 if aggregator == "bulyan" else 2)
+
+
+def p_more_than_told(config: TrainConfig, fraction: float) -> float | None:
+    """P(a round holds more malicious clients than the rule was told of); None for rules told nothing, or without attack."""
+    m = config.clients_per_round
+    told = {"trimmed-mean": math.floor(config.trim_fraction * m)}.get(config.aggregator, config.byzantine)
+    if fraction == 0 or (config.aggregator not in BYZANTINE_AGGREGATORS and config.aggregator != "trimmed-mean"):
+        return None
+    return exceeded(told, fraction, config.clients, m)
 
 
 def plan(options: dict[str, Any]) -> list[PoisonRun]:
@@ -144,12 +177,13 @@ def plan(options: dict[str, Any]) -> list[PoisonRun]:
     runs = []
     for attack, fraction in points:
         for aggregator in options["aggregators"]:
-            expected = byzantine_for(fraction, base.clients_per_round)
-            byzantine = expected if aggregator in BYZANTINE_AGGREGATORS else 0
+            m = base.clients_per_round
+            bound = byzantine_for(fraction, base.clients, m) if fraction > 0 else 0
+            byzantine = min(bound, largest_byzantine(aggregator, m)) if aggregator in BYZANTINE_AGGREGATORS else 0
             # trimmed-mean is told the attackers' share as the Krum family is told their number
             trim = base.trim_fraction
             if aggregator == "trimmed-mean":
-                trim = max(trim, expected / base.clients_per_round)
+                trim = max(trim, bound / m)
             config = dataclasses.replace(
                 base,
                 aggregator=aggregator,
@@ -188,6 +222,7 @@ def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, 
         "aggregator": run.aggregator,
         "byzantine": run.config.byzantine,
         "malicious_clients": len((info.get("malicious") or {}).get("clients", [])),
+        "p_more_than_byzantine": p_more_than_told(run.config, run.fraction),
         "final_accuracy": final["accuracy"],
         "best_accuracy": None if best is None else best["test_accuracy"],
         "best_round": None if best is None else best["round"],
@@ -278,8 +313,9 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         Paragraph(
             f"{results['model']} on {options['dataset']}, K = {k} clients, m = {m} per round, {results['rounds']} rounds of "
             f"{results['local_epochs']} local epoch(s); f of the K clients malicious (round(f K), seeded), "
-            f"so about f m per round. Krum-family aggregators are given f = ceil(f m) Byzantine clients; "
-            f"trimmed-mean cuts the larger of {train['trim_fraction']:g} and ceil(f m) / m at each end; "
+            f"so about f m per round. Krum-family aggregators are told the number of malicious clients a round "
+            f"holds with probability {BYZANTINE_COVERAGE:g} (at most what the rule accepts at m); trimmed-mean cuts "
+            f"the larger of {train['trim_fraction']:g} and that share at each end; "
             f"clip norm {train['clip_norm'] or 'none'}, "
             f"largest client weight {train['max_client_weight']:g}. Measured on {results['machine']}: "
             f"{results['seconds']['training'] / 60:.1f} min of training in all."
