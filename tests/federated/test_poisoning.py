@@ -499,7 +499,8 @@ def test_the_study_grid_runs_f_zero_once_per_aggregator_and_tells_krum_its_bound
     byzantine = {(r.attack, r.fraction, r.aggregator): r.config.byzantine for r in runs}
     # the 0.99 quantile of the hypergeometric count (K 200, m 20): 8 at f 0.2, capped at (m - 3) // 2 = 8 at f 0.3
     assert byzantine[("sign-flip", 0.2, "multi-krum")] == 8 == byzantine[("sign-flip", 0.3, "multi-krum")]
-    assert byzantine[("sign-flip", 0.2, "fedavg")] == 0 and byzantine[(None, 0.0, "multi-krum")] == 0
+    assert byzantine[("sign-flip", 0.2, "fedavg")] == 0
+    assert byzantine[(None, 0.0, "multi-krum")] == 8  # configured for the worst threat, attacked or not
     assert {r.config.local_epochs for r in runs} == {3}  # the packaged mnist.toml's
     assert {r.config.model for r in runs} == {"cnn"}  # not the TOML's dipsen: the study is about aggregation
     assert all(dataclasses.asdict(r.config)["malicious_attack"] == r.attack for r in runs)
@@ -526,6 +527,8 @@ def test_the_study_grid_tells_trimmed_mean_the_attackers_share():
 
     runs = plan(study_options("mnist", ["sign-flip"], ["trimmed-mean", "median"], [0, 0.2, 0.3]))
     trim = {(r.fraction, r.aggregator): r.config.trim_fraction for r in runs}
-    assert trim[(0.0, "trimmed-mean")] == 0.1  # the default where no client attacks
-    assert trim[(0.2, "trimmed-mean")] == 0.4 and trim[(0.3, "trimmed-mean")] == 0.45  # 8/20; 11/20 capped at 0.45
+    # configured for the study's largest f in every run, attacked or not: 11/20 at f 0.3, capped at 0.45
+    assert trim[(0.0, "trimmed-mean")] == trim[(0.2, "trimmed-mean")] == trim[(0.3, "trimmed-mean")] == 0.45
     assert trim[(0.2, "median")] == 0.1  # the others keep the base setting
+    runs = plan(study_options("mnist", ["sign-flip"], ["trimmed-mean"], [0, 0.1]))
+    assert {r.config.trim_fraction for r in runs} == {0.25}  # 5 of 20 at f 0.1

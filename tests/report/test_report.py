@@ -172,7 +172,8 @@ def test_defences_compared_reads_every_figure_from_the_input(report):
             f"{clean['cnn']['mc']['accuracy']:.3f}, for 2.50 times the CNN's training time. Its attack checks fail") in section
     assert ("Certified at L2 r = 0.5 (a different threat model, not comparable with L-inf eps 0.3): "
             "0.612 for the smoothed CNN, sigma 0.25.") in section
-    assert "a share 0.5 of every client's mini-batch loss on fgsm-rs adversarial examples at eps 0.3" in section
+    assert ("on MNIST, a share 1 of every client's mini-batch loss on fgsm-rs adversarial examples at eps 0.3, "
+            "cyclic learning rate peaking at 0.004") in section
 
 
 def test_the_reading_names_no_defence_when_none_beats_the_cnn(report, tmp_path):

@@ -93,8 +93,14 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     assert results["training_seconds"] == {label: REPRODUCE.training_seconds(out / "runs" / label.replace("/", "-"))
                                            for label in [*results["studies"], "mnist/cnn-smooth-0.25"]}
     assert results["seconds"]["training"] == pytest.approx(sum(results["training_seconds"].values()))
-    assert results["defences"]["cnn-fat"] == {"model": "cnn", "adv_train": "fgsm-rs", "adv_mix": 0.5, "adv_eps": TINY.eps,
-                                              "datasets": ["mnist", "ctu13"]}
+    recorded = results["defences"]["cnn-fat"]
+    assert recorded["model"] == "cnn" and set(recorded["datasets"]) == {"mnist", "ctu13"}
+    assert recorded["datasets"]["ctu13"] == {"adv_train": "fgsm-rs", "adv_mix": 0.5, "adv_eps": TINY.eps}
+    assert recorded["datasets"]["mnist"] == {"adv_train": "fgsm-rs", "adv_mix": 1.0, "adv_eps": TINY.eps, "lr_schedule": "cyclic",
+                                        "lr": 0.004, "rounds": 60, "local_epochs": 2}
+    # quick mode's budget wins over the defence's own rounds and epochs
+    fat_config = RunDir.open(fat).config()
+    assert (fat_config.rounds, fat_config.local_epochs, fat_config.lr_schedule) == (3, 1, "cyclic")
     assert "| MNIST | FAT (cnn-fat) |" in path.read_text()
     saved = {label: RunDir.open(out / "runs" / label.replace("/", "-")).read_json(REPRODUCE.STUDY_FILE)
              for label in results["studies"]}

@@ -4,12 +4,13 @@ Runs the grid attack x aggregator x f (the share of malicious clients; see
 :mod:`dipsen.federated.poisoning`) on one data set: every run is ``dipsen train`` with
 ``--aggregator A --malicious-fraction f --malicious-attack ATTACK`` on the same base settings
 (the data set's packaged TOML, or ``--config``, then the study's flags). f = 0 is the attack-free
-reference and runs once per aggregator, not once per attack. Krum-family aggregators are told
+reference and runs once per aggregator, not once per attack. In every run, the attack-free ones
+too (a server cannot know whether it is attacked), Krum-family aggregators are told
 (``--byzantine``) the number of malicious clients that a round's m hold with probability
-:data:`BYZANTINE_COVERAGE` (:func:`byzantine_for`; at most what the rule accepts at m), and
-trimmed-mean cuts at least that share at each end (``--trim-fraction``, at most
-:data:`MAX_TRIM_FRACTION`); each run records how often a round holds more
-(``p_more_than_byzantine``). Every other aggregator setting (``clip_norm``, ``max_client_weight``)
+:data:`BYZANTINE_COVERAGE` at the study's largest f (:func:`byzantine_for`; at most what the rule
+accepts at m), and trimmed-mean cuts at least that share at each end (``--trim-fraction``, at most
+:data:`MAX_TRIM_FRACTION`); so the attack-free row is the price of that configuration. Each run
+records how often one of its rounds holds more attackers than that (``p_more_than_byzantine``). Every other aggregator setting (``clip_norm``, ``max_client_weight``)
 is the base's.
 
 Writes into ``out``: ``options.json`` (what the study was started with), ``runs/NAME`` (one run
@@ -174,11 +175,14 @@ def plan(options: dict[str, Any]) -> list[PoisonRun]:
     base = TrainConfig.from_dict(dict(options["train"]), source="options")
     points: list[tuple[str | None, float]] = [(None, 0.0)] if 0.0 in options["fractions"] else []
     points += [(attack, f) for attack in options["attacks"] for f in options["fractions"] if f > 0]
+    # the server is configured for the study's worst threat in every run, the attack-free ones too: it cannot
+    # know whether it is attacked, and the attack-free row is then the price of that configuration
+    m = base.clients_per_round
+    worst = max(options["fractions"])
+    bound = byzantine_for(worst, base.clients, m) if worst > 0 else 0
     runs = []
     for attack, fraction in points:
         for aggregator in options["aggregators"]:
-            m = base.clients_per_round
-            bound = byzantine_for(fraction, base.clients, m) if fraction > 0 else 0
             byzantine = min(bound, largest_byzantine(aggregator, m)) if aggregator in BYZANTINE_AGGREGATORS else 0
             # trimmed-mean is told the attackers' share as the Krum family is told their number
             trim = base.trim_fraction
@@ -313,9 +317,10 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         Paragraph(
             f"{results['model']} on {options['dataset']}, K = {k} clients, m = {m} per round, {results['rounds']} rounds of "
             f"{results['local_epochs']} local epoch(s); f of the K clients malicious (round(f K), seeded), "
-            f"so about f m per round. Krum-family aggregators are told the number of malicious clients a round "
-            f"holds with probability {BYZANTINE_COVERAGE:g} (at most what the rule accepts at m); trimmed-mean cuts "
-            f"the larger of {train['trim_fraction']:g} and that share at each end; "
+            f"so about f m per round. In every run, the attack-free ones too, Krum-family aggregators are told the "
+            f"number of malicious clients a round holds with probability {BYZANTINE_COVERAGE:g} at the largest f "
+            f"(at most what the rule accepts at m); trimmed-mean cuts the larger of {train['trim_fraction']:g} and that "
+            f"share at each end; "
             f"clip norm {train['clip_norm'] or 'none'}, "
             f"largest client weight {train['max_client_weight']:g}. Measured on {results['machine']}: "
             f"{results['seconds']['training'] / 60:.1f} min of training in all."

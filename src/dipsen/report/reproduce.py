@@ -74,7 +74,8 @@ def paper_config(dataset: str, model: str, quick: bool = False, **overrides) -> 
     if dataset not in DATASETS:
         raise DipsenError(f"unknown data set {dataset!r}; choose from {', '.join(DATASETS)}")
     with resources.as_file(resources.files("dipsen") / "configs" / f"{dataset}.toml") as path:
-        return load_config(path, {"model": model, **(QUICK_TRAINING if quick else {}), **overrides})
+        # quick's small budget wins over any override (a defence's own rounds, say)
+        return load_config(path, {"model": model, **overrides, **(QUICK_TRAINING if quick else {})})
 
 
 def study_runs(datasets: tuple[str, ...]) -> dict[str, tuple[str, dict]]:
@@ -104,7 +105,7 @@ def study_configs(
         for name, defence in DEFENCES.items():
             if key == dataset and dataset in defence.datasets:
                 attacked[f"{key}/{name}"] = paper_config(
-                    dataset, defence.model, quick, keep_checkpoints=keep, **defence.config(settings.eps)
+                    dataset, defence.model, quick, keep_checkpoints=keep, **defence.config(settings.eps, dataset)
                 )
     smoothed = {
         f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", input_noise=sigma)
