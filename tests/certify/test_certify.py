@@ -109,3 +109,18 @@ def test_certified_accuracy_never_exceeds_attacked_accuracy():
         assert certified <= robust, (radius, certified, robust)
         assert certified > 0 or radius > 0.5
     assert math.isfinite(certs[0].radius)
+
+
+def test_pixeldp_bounds_hold_for_every_class_together(monkeypatch):
+    # the label is the argmax of the same counts: each of the 2 C Clopper-Pearson bounds is at alpha / (2 C)
+    import dipsen.certify.pixeldp as pixeldp
+
+    counts = np.array([0, 0, 0, 1500, 0, 500, 0, 0, 0, 0])
+    monkeypatch.setattr(pixeldp, "class_counts", lambda *args: counts)
+    noise = calibrate_noise(None, 1.0, 0.05, 0.1)
+    model = build_model("dipsen", (1, 28, 28), 10, noise, 0.05)
+    cert = pixeldp_certify(model, torch.rand(1, 28, 28), draws=2000, alpha=0.001, noise=noise)
+    level = 0.001 / 20
+    lower, upper = beta.ppf(level, 1500, 501), beta.ppf(1 - level, 501, 1500)  # one-sided Clopper-Pearson
+    assert cert.label == 3 and cert.epsilon == pytest.approx(largest_epsilon(lower, upper, 0.05), rel=1e-9)
+    assert 0 < cert.epsilon < largest_epsilon(beta.ppf(0.001 / 2, 1500, 501), upper, 0.05)  # stricter than alpha / 2

@@ -12,7 +12,9 @@ one-hot of the predicted class is an (eps, delta)-DP score in [0, 1].
 **Robustness condition** (Prop. 1): if E[y_k(x)] > e^(2 eps) max_{j != k} E[y_j(x)] + (1 + e^eps) delta,
 the expected-score prediction k is the same for every x + d with ||d||_2 <= L. With Monte-Carlo
 estimates the condition is checked on a lower bound for k and upper bounds for the others
-(Clopper-Pearson, union bound over the classes), so it holds with probability at least 1 - alpha.
+(Clopper-Pearson at alpha / (2 C) each: a union bound over a lower and an upper bound for every one
+of the C classes, since k itself is chosen from the counts), so it holds with probability at least
+1 - alpha.
 
 What is certified: L2 changes of the input of at most L, for the prediction by *expected* scores
 (the mean over draws; approximated by the counts used here), not for a single noise draw's
@@ -65,10 +67,12 @@ def pixeldp_certify(
     counts = class_counts(model, x, draws, model.output.out_features, batch_size)
     classes = len(counts)
     label = int(counts.argmax())
-    lower = lower_confidence_bound(int(counts[label]), draws, alpha / 2)
+    # the label is chosen from the same counts, so its bound must hold whichever class is chosen: a lower
+    # and an upper bound for every class at alpha / (2 classes) hold together with probability >= 1 - alpha
+    level = alpha / (2 * classes)
+    lower = lower_confidence_bound(int(counts[label]), draws, level)
     others = [int(c) for j, c in enumerate(counts) if j != label]
-    # upper bound of each other class at level alpha / (2 (classes - 1)): all bounds hold together w.p. >= 1 - alpha
-    upper = max(1 - lower_confidence_bound(draws - c, draws, alpha / (2 * (classes - 1))) for c in others)
+    upper = max(1 - lower_confidence_bound(draws - c, draws, level) for c in others)
     epsilon = largest_epsilon(lower, upper, noise.delta)
     if epsilon <= 0:
         return PixelDPCertificate(ABSTAIN, 0.0, 0.0)

@@ -161,7 +161,7 @@ def reproduce(
     ] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
 ) -> None:
-    """Train CNN and DiPSeN on each data set, run every attack and threat model, write the report."""
+    """Train CNN, DiPSeN, FAT and smoothed CNNs on each data set, attack and certify them, write the report."""
     from ..report import reproduce as run_study
     from ..report.paper import DATASETS
 
@@ -187,7 +187,7 @@ def sweep_sigma_cmd(
     quick: Annotated[bool | None, typer.Option("--quick", help="Small subsets and budgets: a smoke test.")] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("sweep"))] = None,
 ) -> None:
-    """Train DiPSeN at several noise levels; plot clean and adversarial accuracy against sigma."""
+    """Train DiPSeN at several noise levels; plot clean, attacked and certified accuracy against sigma."""
     from ..report.sigma import sweep_sigma
 
     if resume is not None:

@@ -10,8 +10,8 @@ too (a server cannot know whether it is attacked), Krum-family aggregators are t
 :data:`BYZANTINE_COVERAGE` at the study's largest f (:func:`byzantine_for`; at most what the rule
 accepts at m), and trimmed-mean cuts at least that share at each end (``--trim-fraction``, at most
 :data:`MAX_TRIM_FRACTION`); so the attack-free row is the price of that configuration. Each run
-records how often one of its rounds holds more attackers than that (``p_more_than_byzantine``). Every other aggregator setting (``clip_norm``, ``max_client_weight``)
-is the base's.
+records how often one of its rounds holds more attackers than that (``p_more_than_byzantine``).
+Every other aggregator setting (``clip_norm``, ``max_client_weight``) is the base's.
 
 Writes into ``out``: ``options.json`` (what the study was started with), ``runs/NAME`` (one run
 folder per grid point, NAME = ``ATTACK-fF-AGGREGATOR``, ``none-f0-AGGREGATOR`` for f = 0),
