@@ -278,7 +278,8 @@ def test_reproduce_trains_socofing_on_gender_too():
 
 
 def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only():
-    from dipsen.report.reproduce import study_configs
+    from dipsen.report.defences import DEFENCES
+    from dipsen.report.reproduce import QUICK_TRAINING, study_configs
 
     for quick in (True, False):
         attacked, smoothed = study_configs(("mnist", "socofing", "ctu13"), quick, TINY)
@@ -288,7 +289,9 @@ def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only()
         for dataset in ("mnist", "ctu13"):
             fat, cnn = attacked[f"{dataset}/cnn-fat"], attacked[f"{dataset}/cnn"]
             assert (fat.model, fat.adv_train, fat.adv_eps, fat.keep_checkpoints) == ("cnn", "fgsm-rs", TINY.eps, "last-2")
-            assert replace(fat, adv_train="none", adv_eps=cnn.adv_eps) == cnn  # else the CNN's (quick) settings
+            own = DEFENCES["cnn-fat"].config(TINY.eps, dataset)  # the defence's settings; else the CNN's (quick) ones
+            assert replace(fat, **{key: getattr(cnn, key) for key in own}) == cnn
+            assert all(getattr(fat, key) == value for key, value in own.items() if not (quick and key in QUICK_TRAINING))
     assert study_configs(("socofing",), True, TINY)[0].keys() == {"socofing/cnn", "socofing/dipsen",
                                                                   "socofing-gender/cnn", "socofing-gender/dipsen"}
     attacked, _ = study_configs(("mnist",), False, replace(TINY, eps=0.2))
