@@ -257,6 +257,9 @@ def test_the_engine_aggregates_what_the_malicious_clients_send(mnist, tmp_path, 
     final = _final(run)
     assert all(torch.allclose(final[k].double(), expected[k].double(), atol=1e-6) for k in g)
     assert run.metrics()[0]["rejected"] == [] and len(malicious) == 2
+    # the round's step count is taken at the capped counts: the claim of 10^12 samples does not inflate it
+    batch, epochs = job.training.batch_size, job.training.epochs
+    assert run.metrics()[0]["steps"] == sum(epochs * math.ceil(n / batch) for n in counts)
 
 
 # --- the global step under attack ---------------------------------------------------------------

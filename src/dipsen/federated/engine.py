@@ -54,6 +54,7 @@ run's ``keep_checkpoints`` rule keeps (see :mod:`dipsen.federated.run_dir`), alw
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -393,7 +394,12 @@ class FederatedTraining:
         accuracy = self.test_accuracy(round_)
         validation_accuracy = self.validation_accuracy(round_)
         robust_accuracy = self.robust_accuracy(round_)
-        steps = sum(u.steps for u in updates)
+        # what a client reports is checked against its own claimed count (validate_report); the round's step
+        # count is taken at the server's capped counts, so an inflated claim cannot inflate it
+        steps = sum(
+            min(u.steps, self.training.epochs * math.ceil(c / self.training.batch_size))
+            for u, c in zip(updates, counts, strict=True)
+        )
         samples = sum(counts) * self.config.local_epochs
         result = RoundResult(
             round=round_,
