@@ -98,7 +98,7 @@ def validate_report(update: ClientUpdate, training: LocalTraining) -> str | None
         value = getattr(update, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             return f"{name} {value!r} is not a finite number >= 0"
-    expected = training.epochs * math.ceil(update.num_samples / training.batch_size)
+    expected = training.steps_for(update.num_samples)
     if type(update.steps) is not int or update.steps != expected:  # not a bool, a float or a numpy int
         return (
             f"steps {update.steps!r}, expected {expected} ({training.epochs} epochs of "

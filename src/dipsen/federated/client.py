@@ -12,6 +12,8 @@ the clean batch against the current local weights; ``input_noise``, if any, is t
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -63,6 +65,14 @@ class LocalTraining:
         steps = attack_steps(self.adv_train, self.adv_steps)
         step = self.adv_step_size if self.adv_step_size is not None else default_step_size(self.adv_train, self.adv_eps, steps)
         return perturb(model, x, y, self.adv_eps, steps, step, self.domain, generator)
+
+    def steps_for(self, samples: int) -> int:
+        """The optimizer steps :func:`client_update` takes on ``samples`` rows: ``epochs`` passes of ceil(samples / B)."""
+        return self.epochs * math.ceil(samples / self.batch_size)
+
+    def at_rate(self, lr: float | None) -> LocalTraining:
+        """These settings at learning rate ``lr`` (a round's, from the server's schedule); None: unchanged."""
+        return self if lr is None else dataclasses.replace(self, lr=lr)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """A fresh optimizer each round: FedAvg averages weights only, so no optimizer state outlives a round."""

@@ -54,7 +54,6 @@ run's ``keep_checkpoints`` rule keeps (see :mod:`dipsen.federated.run_dir`), alw
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -394,12 +393,8 @@ class FederatedTraining:
         accuracy = self.test_accuracy(round_)
         validation_accuracy = self.validation_accuracy(round_)
         robust_accuracy = self.robust_accuracy(round_)
-        # what a client reports is checked against its own claimed count (validate_report); the round's step
-        # count is taken at the server's capped counts, so an inflated claim cannot inflate it
-        steps = sum(
-            min(u.steps, self.training.epochs * math.ceil(c / self.training.batch_size))
-            for u, c in zip(updates, counts, strict=True)
-        )
+        # at the server's capped counts, not the steps a client reports for the count it claims
+        steps = sum(self.training.steps_for(c) for c in counts)
         samples = sum(counts) * self.config.local_epochs
         result = RoundResult(
             round=round_,

@@ -155,7 +155,7 @@ def replacement_boost(state: StateDict, global_state: StateDict, gamma: float) -
 
 def claim_samples(update: ClientUpdate, samples: int, training: LocalTraining) -> ClientUpdate:
     """``update`` claiming ``samples`` samples, with the step count that many would take (a consistent lie)."""
-    steps = training.epochs * math.ceil(samples / training.batch_size)
+    steps = training.steps_for(samples)
     return dataclasses.replace(update, num_samples=samples, steps=steps)
 
 

@@ -59,11 +59,6 @@ class ClientTask(NamedTuple):
     lr: float | None = None
 
 
-def _at_rate(training: LocalTraining, lr: float | None) -> LocalTraining:
-    """``training`` at the round's learning rate ``lr`` (None: its own)."""
-    return training if lr is None else dataclasses.replace(training, lr=lr)
-
-
 def _labels(y: torch.Tensor, indices: np.ndarray, flip: bool, num_classes: int) -> torch.Tensor:
     """The labels a client trains on: its rows of ``y``, flipped for a label-flipping client."""
     return flip_labels(y[indices], num_classes) if flip else y[indices]
@@ -147,7 +142,7 @@ def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: t
         except EOFError:  # the main process closed the pipe (close()) or is gone
             return
         updates = [
-            client_update(model, _torch_state(state), x[i], _labels(y, i, flip, num_classes), _at_rate(training, lr), seed)
+            client_update(model, _torch_state(state), x[i], _labels(y, i, flip, num_classes), training.at_rate(lr), seed)
             for i, seed, flip, lr in clients
         ]
         try:
@@ -238,7 +233,7 @@ class ClientRunner:
             with _single_thread():
                 for t in tasks:
                     labels = _labels(self.y, t.indices, t.flip_labels, self.num_classes)
-                    training = _at_rate(self.training, t.lr)
+                    training = self.training.at_rate(t.lr)
                     updates.append(client_update(self._model, state, self.x[t.indices], labels, training, t.seed))
                     self.stop.check()
             return updates

@@ -6,7 +6,6 @@ may answer any message for its node.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import TYPE_CHECKING
 
@@ -45,9 +44,7 @@ def _domain(settings: ConfigRecord) -> FeasibleDomain | None:
 
 def _at_round_rate(training: LocalTraining, settings: ConfigRecord) -> LocalTraining:
     """``training`` at the learning rate the server sent for this round (its schedule), if it sent one."""
-    if "lr" not in settings:
-        return training
-    return dataclasses.replace(training, lr=float_value(settings, "lr"))
+    return training.at_rate(float_value(settings, "lr") if "lr" in settings else None)
 
 
 @app.query()
