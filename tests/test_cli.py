@@ -94,7 +94,8 @@ def test_train_help_shows_the_built_in_defaults(dipsen_cli):
 
 
 @pytest.mark.parametrize(
-    "text, message", [('{"rounds": "ten"}', "config.json: rounds must be an integer >= 1, got 'ten'"), ("[1]", "not a JSON object")]
+    "text, message",
+    [('{"rounds": "ten"}', "config.json: rounds must be an integer >= 1, got 'ten'"), ("[1]", "not a JSON object")],
 )
 def test_a_bad_run_folder_config_is_one_line_naming_the_file(dipsen_cli, tmp_path, text, message):
     (tmp_path / "config.json").write_text(text)

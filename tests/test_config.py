@@ -98,8 +98,10 @@ def test_shipped_configs_are_valid():
         load_config(file, {})
 
 
-@pytest.mark.parametrize("fraction, clients, expected", [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29), (0.29, 200, 58),
-                                                         (0.1, 200, 20), (0.001, 200, 1), (1.0, 7, 7)])
+@pytest.mark.parametrize(
+    "fraction, clients, expected",
+    [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29), (0.29, 200, 58), (0.1, 200, 20), (0.001, 200, 1), (1.0, 7, 7)],
+)
 def test_clients_per_round_is_exact_for_fractions_floats_cannot_hold(fraction, clients, expected):
     assert TrainConfig(fraction=fraction, clients=clients).clients_per_round == expected
 

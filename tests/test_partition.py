@@ -20,7 +20,7 @@ def test_every_sample_in_exactly_one_client(scheme):
 def test_iid_sizes_are_balanced_and_seeded():
     parts = partition(LABELS, 200, "iid", seed=3)
     assert {len(p) for p in parts} == {25}
-    assert all(np.array_equal(a, b) for a, b in zip(parts, partition(LABELS, 200, "iid", seed=3)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, partition(LABELS, 200, "iid", seed=3), strict=True))
 
 
 def test_label_skew_is_stronger_for_small_alpha_and_shards():

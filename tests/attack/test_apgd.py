@@ -133,7 +133,8 @@ def test_every_point_queried_on_ctu13_is_feasible(ctu13, ctu13_run, attack):
     np.random.seed(0)
     # only Square takes the projection: APGD's iterates are checked before integer snapping
     project = {"project": lambda x_adv, x_orig: domain.project(x_adv, x_orig, 0.3)} if attack == "square" else {}
-    attack_ = build_attack(attack, art_classifier(recorder, (1, 28, 6), 2), 0.3,
-                           Budget(iterations=8, restarts=2, queries=30), **project)
+    attack_ = build_attack(
+        attack, art_classifier(recorder, (1, 28, 6), 2), 0.3, Budget(iterations=8, restarts=2, queries=30), **project
+    )
     attack_.generate(x=x, y=y, mask=mask)
     _assert_every_query_feasible(recorder.batches, window, mask[:1], 0.3)

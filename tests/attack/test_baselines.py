@@ -10,7 +10,11 @@ from sklearn.tree import DecisionTreeClassifier
 
 from dipsen.attack import FeasibleDomain, feasible_domain
 from dipsen.attack.baselines import (
-    BASELINES, dataset_baselines, feasible_box, linear_worst_decision, reference_baselines,
+    BASELINES,
+    dataset_baselines,
+    feasible_box,
+    linear_worst_decision,
+    reference_baselines,
     tree_worst_case,
 )
 from dipsen.errors import DipsenError
@@ -37,8 +41,7 @@ EVAL_Y = np.array([1, 1, 0, 1])
 
 @pytest.mark.parametrize(("eps", "robust", "robust_recall"), [(0.0, 1.0, 1.0), (0.1, 0.75, 2 / 3), (0.6, 0.25, 1 / 3)])
 def test_stump_threshold_and_exact_robust_accuracy_by_hand(eps, robust, robust_recall):
-    result = reference_baselines(TRAIN_X, TRAIN_Y, EVAL_X, EVAL_Y, domain=VOLUME_ONLY, eps=eps, classes=CLASSES,
-                                 slack=0.0)
+    result = reference_baselines(TRAIN_X, TRAIN_Y, EVAL_X, EVAL_Y, domain=VOLUME_ONLY, eps=eps, classes=CLASSES, slack=0.0)
     stump = result["baselines"]["one-feature"]
     assert stump["column"] == 0 and stump["positive_side"] == "<="
     assert stump["threshold_scaled"] == pytest.approx(0.5, abs=1e-6)
@@ -55,21 +58,31 @@ def test_stump_threshold_and_exact_robust_accuracy_by_hand(eps, robust, robust_r
 
 def test_a_coordinate_the_attacker_cannot_move_keeps_the_stump_robust():
     swap = lambda x: x[..., ::-1].copy()  # noqa: E731 - the informative feature moves to column 1
-    result = reference_baselines(swap(TRAIN_X), TRAIN_Y, swap(EVAL_X), EVAL_Y, domain=VOLUME_ONLY, eps=0.6,
-                                 classes=CLASSES, slack=0.0)
+    result = reference_baselines(
+        swap(TRAIN_X), TRAIN_Y, swap(EVAL_X), EVAL_Y, domain=VOLUME_ONLY, eps=0.6, classes=CLASSES, slack=0.0
+    )
     stump = result["baselines"]["one-feature"]
     assert stump["column"] == 1
     assert stump["accuracy"] == stump["robust_accuracy"] == 1.0
     everything = FeasibleDomain("every coordinate")  # the same data when column 1 may move too
-    moved = reference_baselines(swap(TRAIN_X), TRAIN_Y, swap(EVAL_X), EVAL_Y, domain=everything, eps=0.6,
-                                classes=CLASSES, slack=0.0)["baselines"]["one-feature"]
+    moved = reference_baselines(
+        swap(TRAIN_X), TRAIN_Y, swap(EVAL_X), EVAL_Y, domain=everything, eps=0.6, classes=CLASSES, slack=0.0
+    )["baselines"]["one-feature"]
     assert moved["robust_accuracy"] == 0.0  # the padding row too: nothing is immovable now
 
 
 def test_threshold_in_original_units():
-    result = reference_baselines(TRAIN_X, TRAIN_Y, EVAL_X, EVAL_Y, domain=VOLUME_ONLY, eps=0.1, classes=CLASSES,
-                                 feature_names=("TotBytes", "Proto"),
-                                 scaler={"space": "log1p", "TotBytes": {"min": 0.0, "max": 10.0}})
+    result = reference_baselines(
+        TRAIN_X,
+        TRAIN_Y,
+        EVAL_X,
+        EVAL_Y,
+        domain=VOLUME_ONLY,
+        eps=0.1,
+        classes=CLASSES,
+        feature_names=("TotBytes", "Proto"),
+        scaler={"space": "log1p", "TotBytes": {"min": 0.0, "max": 10.0}},
+    )
     stump = result["baselines"]["one-feature"]
     assert stump["feature"] == "TotBytes" and stump["unit"] == "bytes"
     assert stump["threshold_original"] == pytest.approx(np.expm1(5.0), rel=1e-5)  # 147.4 bytes: <= 147
@@ -78,8 +91,7 @@ def test_threshold_in_original_units():
 
 def test_a_stump_without_a_useful_split_is_reported_as_constant():
     x_train = _windows([[0.3, 0.5]] * 4)  # nothing to split on
-    result = reference_baselines(x_train, np.array([1, 1, 1, 0]), EVAL_X, EVAL_Y, domain=VOLUME_ONLY, eps=0.6,
-                                 classes=CLASSES)
+    result = reference_baselines(x_train, np.array([1, 1, 1, 0]), EVAL_X, EVAL_Y, domain=VOLUME_ONLY, eps=0.6, classes=CLASSES)
     stump = result["baselines"]["one-feature"]
     assert stump["feature"] is None and stump["description"].startswith("always 'botnet'")
     assert stump["accuracy"] == stump["robust_accuracy"] == 0.75
@@ -108,7 +120,7 @@ def test_logistic_worst_case_matches_brute_force_over_the_box_vertices(d):
     y = rng.integers(0, 2, size=50)
     worst, vertex = linear_worst_decision(model.coef_[0], float(model.intercept_[0]), lo, hi, y)
     for i in range(len(y)):
-        corners = np.array(list(itertools.product(*zip(lo[i], hi[i]))))
+        corners = np.array(list(itertools.product(*zip(lo[i], hi[i], strict=True))))
         values = model.decision_function(corners)
         assert worst[i] == pytest.approx(values.min() if y[i] == 1 else values.max(), abs=1e-6)
         assert model.decision_function(vertex[i : i + 1])[0] == pytest.approx(worst[i], abs=1e-6)
@@ -123,13 +135,16 @@ def test_logistic_robust_accuracy_of_the_entry_point_matches_brute_force():
     y_eval = rng.integers(0, 2, size=60)
     eps = 0.08
     for domain in (FeasibleDomain("everything"), VOLUME_ONLY):
-        result = reference_baselines(x_train, y_train, x_eval, y_eval, domain=domain, eps=eps, classes=CLASSES,
-                                     slack=0.0)["baselines"]["logistic"]
+        result = reference_baselines(x_train, y_train, x_eval, y_eval, domain=domain, eps=eps, classes=CLASSES, slack=0.0)[
+            "baselines"
+        ]["logistic"]
         model = LogisticRegression(max_iter=1000, random_state=0).fit(x_train.reshape(300, -1), y_train)
         mask = np.ones(x_eval.shape, bool) if domain.mask(x_eval) is None else domain.mask(x_eval).astype(bool)
         lo, hi = feasible_box(x_eval.reshape(60, -1), mask.reshape(60, -1), eps)
-        survived = [np.all(model.predict(np.array(list(itertools.product(*zip(lo[i], hi[i]))))) == y_eval[i])
-                    for i in range(60)]
+        survived = [
+            np.all(model.predict(np.array(list(itertools.product(*zip(lo[i], hi[i], strict=True))))) == y_eval[i])
+            for i in range(60)
+        ]
         assert result["robust_accuracy"] == pytest.approx(np.mean(survived))
         assert 0 < result["robust_accuracy"] < result["accuracy"]  # the check is not vacuous
 
@@ -182,8 +197,7 @@ def test_ctu13_baselines(ctu13):
     assert baselines["majority"]["accuracy"] == pytest.approx(np.mean(ctu13.y_test == majority))
     assert baselines["majority"]["accuracy"] == pytest.approx(np.bincount(ctu13.y_test).max() / len(ctu13.y_test))
     stump = baselines["one-feature"]
-    assert stump["accuracy"] >= 0.9 and stump["feature"] in ("Dur", "TotPkts", "TotBytes", "SrcBytes", "Proto",
-                                                             "DportClass")
+    assert stump["accuracy"] >= 0.9 and stump["feature"] in ("Dur", "TotPkts", "TotBytes", "SrcBytes", "Proto", "DportClass")
     for name, entry in baselines.items():
         assert entry["robust_accuracy"] <= entry["attack_accuracy"] <= entry["accuracy"], name
         assert entry["robust_recall"] <= entry["recall"], name

@@ -15,8 +15,7 @@ def test_square_on_ctu13_reports_exactly_what_the_deployed_model_does_on_its_fea
     model = ctu13_run.model()
     x, y = torch.from_numpy(ctu13.x_test[:60]), torch.from_numpy(ctu13.y_test[:60]).long()
     torch.manual_seed(0)
-    square = Square(model, EPS, queries=40,
-                    project=lambda c, xo: torch.from_numpy(domain.project(c.numpy(), xo.numpy(), EPS)))
+    square = Square(model, EPS, queries=40, project=lambda c, xo: torch.from_numpy(domain.project(c.numpy(), xo.numpy(), EPS)))
     x_adv, success = square.attack(x, y, torch.from_numpy(domain.mask(x.numpy())))
     with torch.no_grad():
         wrong = model(x_adv).argmax(dim=1) != y
@@ -46,7 +45,17 @@ def test_square_output_on_ctu13_needs_no_projection_in_the_evaluation(ctu13_run)
     assert result.accuracy("single") < evaluation.clean().accuracy("single")
 
 
-@pytest.mark.parametrize(("iteration", "queries", "p"), [(0, 1000, 0.8), (1, 1000, 0.8), (2, 1000, 0.4), (6, 1000, 0.2),
-                                                         (999, 1000, 0.8 / 512), (10, 10_000, 0.8), (11, 10_000, 0.4)])
+@pytest.mark.parametrize(
+    ("iteration", "queries", "p"),
+    [
+        (0, 1000, 0.8),
+        (1, 1000, 0.8),
+        (2, 1000, 0.4),
+        (6, 1000, 0.2),
+        (999, 1000, 0.8 / 512),
+        (10, 10_000, 0.8),
+        (11, 10_000, 0.4),
+    ],
+)
 def test_window_fraction_follows_the_papers_schedule_rescaled_to_the_budget(iteration, queries, p):
     assert window_fraction(0.8, iteration, queries) == pytest.approx(p)

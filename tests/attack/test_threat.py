@@ -100,8 +100,10 @@ def test_orange_box_refuses_a_run_shorter_than_stale_rounds(cnn_run):
     from dipsen.attack.threat import stale_round
 
     assert cnn_run.final_round == 3 and stale_round(cnn_run, 3) == 0  # round 0 is 3 rounds before the end
-    message = (f"orange-box: {cnn_run.path} ends at round 3, so it has no round -2 (3 - --stale-rounds 5); use "
-               f"--stale-rounds 3 or less, or train it longer: dipsen train --resume {cnn_run.path} --rounds N")
+    message = (
+        f"orange-box: {cnn_run.path} ends at round 3, so it has no round -2 (3 - --stale-rounds 5); use "
+        f"--stale-rounds 3 or less, or train it longer: dipsen train --resume {cnn_run.path} --rounds N"
+    )
     with pytest.raises(DipsenError) as error:
         RobustnessEvaluation(cnn_run, samples=10, stale_rounds=5).source("orange-box")
     assert str(error.value) == message
@@ -118,11 +120,30 @@ def test_orange_box_names_a_pruned_checkpoint_and_what_is_left(cnn_run, mnist, t
     assert run.finished_rounds() == [0, 2, 3]
     trained = TrainedRun(run.path, mnist)
     assert stale_round(trained, 1) == 2
-    with pytest.raises(DipsenError, match=f"^orange-box: {run.path} no longer has the checkpoint of round 1 "
-                                          r"\(--stale-rounds 2\): keep_checkpoints 'every-2' deleted it; --stale-rounds "
-                                          r"it can serve: 1, 3; or retrain with --keep-checkpoints last-3 or all$"):
+    with pytest.raises(
+        DipsenError,
+        match=f"^orange-box: {run.path} no longer has the checkpoint of round 1 "
+        r"\(--stale-rounds 2\): keep_checkpoints 'every-2' deleted it; --stale-rounds "
+        r"it can serve: 1, 3; or retrain with --keep-checkpoints last-3 or all$",
+    ):
         stale_round(trained, 2)
-    result = subprocess.run([sys.executable, "-m", "dipsen", "attack", str(run.path), "--threat", "orange-box",
-                             "--stale-rounds", "2", "--samples", "5"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dipsen",
+            "attack",
+            str(run.path),
+            "--threat",
+            "orange-box",
+            "--stale-rounds",
+            "2",
+            "--samples",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "no longer has the checkpoint of round 1" in result.stderr and not (run.path / "attacks").exists()

@@ -41,8 +41,7 @@ def edit_field(line: str, column: int, value: str) -> str:
     return ",".join(fields)
 
 
-LABELS = {"normal": "flow=From-Normal-V47-Jist", "botnet": "flow=From-Botnet-V47-TCP-Attempt",
-          "background": "flow=Background"}
+LABELS = {"normal": "flow=From-Normal-V47-Jist", "botnet": "flow=From-Botnet-V47-TCP-Attempt", "background": "flow=Background"}
 START = pd.Timestamp("2011-08-16 10:00:00")
 
 
@@ -54,10 +53,18 @@ def flow(second: float, src: str, kind: str, dur: float = 0.1, total_bytes: int 
 
 def multi_host_lines() -> list[str]:
     """Three botnet and five normal hosts, each sending flows over 100 s, and background traffic."""
-    counts = {("10.0.1.1", "botnet"): 20, ("10.0.1.2", "botnet"): 10, ("10.0.1.3", "botnet"): 14,
-              ("10.0.0.1", "normal"): 30, ("10.0.0.2", "normal"): 10, ("10.0.0.3", "normal"): 12,
-              ("10.0.0.4", "normal"): 8, ("10.0.0.5", "normal"): 20, ("10.0.0.1", "background"): 15,
-              ("10.0.2.1", "background"): 10}
+    counts = {
+        ("10.0.1.1", "botnet"): 20,
+        ("10.0.1.2", "botnet"): 10,
+        ("10.0.1.3", "botnet"): 14,
+        ("10.0.0.1", "normal"): 30,
+        ("10.0.0.2", "normal"): 10,
+        ("10.0.0.3", "normal"): 12,
+        ("10.0.0.4", "normal"): 8,
+        ("10.0.0.5", "normal"): 20,
+        ("10.0.0.1", "background"): 15,
+        ("10.0.2.1", "background"): 10,
+    }
     lines = [fixture_lines()[0]]
     for n, ((src, kind), count) in enumerate(counts.items()):
         lines += [flow(i * 100 / count + n / 10, src, kind, total_bytes=100 + 7 * i + n) for i in range(count)]
@@ -97,7 +104,7 @@ def expected_windows(path: Path, split_time: str, split: str, include_background
         return out
 
     windows, labels = [], []
-    for i, flow in period.iterrows():
+    for _, flow in period.iterrows():
         if flow["kind"] == -1 and not include_background:
             continue
         ended = period[(period["SrcAddr"] == flow["SrcAddr"]) & (period["rank"] < flow["rank"])]
@@ -132,8 +139,9 @@ def test_windows_match_a_direct_computation(fixture_ds, split):
 def test_a_window_holds_no_flow_that_ends_after_its_classified_flow(tmp_path):
     # 10.0.0.1 (normal) and 10.0.0.2 (botnet) send a 0.1 s flow every second; in the test period
     # 10.0.0.1 also starts a 100 s normal flow and a 50 s background flow, which end after its short flows.
-    lines = [fixture_lines()[0]] + [flow(second, src, kind) for second in range(20)
-                                    for src, kind in (("10.0.0.1", "normal"), ("10.0.0.2", "botnet"))]
+    lines = [fixture_lines()[0]] + [
+        flow(second, src, kind) for second in range(20) for src, kind in (("10.0.0.1", "normal"), ("10.0.0.2", "botnet"))
+    ]
     lines += [flow(13.5, "10.0.0.1", "normal", dur=100), flow(13.6, "10.0.0.1", "background", dur=50)]
     path = write_lines(tmp_path / "long.binetflow", lines)
     ds = load_dataset("ctu13", path)
@@ -149,8 +157,9 @@ def test_a_window_holds_no_flow_that_ends_after_its_classified_flow(tmp_path):
     ids = ds.test_origins.flows
     context_end = np.where(ids >= 0, end[np.maximum(ids, 0)], np.iinfo(np.int64).min)
     assert (context_end <= end[ids[:, -1:]]).all()
-    assert (flows["SrcAddr"].to_numpy()[ids[ids >= 0]] == np.repeat(flows["SrcAddr"].to_numpy()[ids[:, -1]],
-                                                                      (ids >= 0).sum(axis=1))).all()
+    assert (
+        flows["SrcAddr"].to_numpy()[ids[ids >= 0]] == np.repeat(flows["SrcAddr"].to_numpy()[ids[:, -1]], (ids >= 0).sum(axis=1))
+    ).all()
 
 
 def test_first_test_window_of_a_host_holds_no_train_flow(fixture_ds):
@@ -243,9 +252,15 @@ def test_host_split_holds_out_whole_source_hosts(tmp_path):
 
 def test_host_split_needs_botnet_flows_from_two_hosts():
     # Scenario 6: every botnet flow comes from 147.32.84.165.
-    with pytest.raises(DataError, match=naming(FIXTURE, ": ctu13_split 'host' cannot put botnet flows in both train and "
-                                                        "test: it needs botnet flows from at least 2 source hosts, and "
-                                                        f"all 200 come from one host, {BOTNET_HOST}")):
+    with pytest.raises(
+        DataError,
+        match=naming(
+            FIXTURE,
+            ": ctu13_split 'host' cannot put botnet flows in both train and "
+            "test: it needs botnet flows from at least 2 source hosts, and "
+            f"all 200 come from one host, {BOTNET_HOST}",
+        ),
+    ):
         load_dataset("ctu13", FIXTURE, ctu13_split="host")
 
 
@@ -264,8 +279,10 @@ def test_scenario_split_holds_out_whole_files(tmp_path):
 
 
 def test_scenario_split_needs_two_files_and_both_classes_on_each_side(tmp_path):
-    with pytest.raises(DataError, match=naming(FIXTURE, ": ctu13_split 'scenario' holds out whole files and needs "
-                                                        "at least 2 .binetflow files, found 1")):
+    with pytest.raises(
+        DataError,
+        match=naming(FIXTURE, ": ctu13_split 'scenario' holds out whole files and needs at least 2 .binetflow files, found 1"),
+    ):
         load_dataset("ctu13", FIXTURE, ctu13_split="scenario")
     write_lines(tmp_path / "a.binetflow", [line for line in fixture_lines() if "Botnet" not in line])
     write_lines(tmp_path / "b.binetflow", fixture_lines())
@@ -281,8 +298,25 @@ def test_the_train_command_and_the_flower_task_pass_the_split_on(tmp_path):
     config = TrainConfig(dataset="ctu13", data_dir=str(FIXTURE), ctu13_split="host").validate()
     with pytest.raises(DataError, match="ctu13_split 'host' cannot put botnet flows"):
         config.load_dataset()  # what the Flower task and the ServerApp load
-    result = subprocess.run([sys.executable, "-m", "dipsen", "train", "--dataset", "ctu13", "--data-dir", str(FIXTURE),
-                             "--ctu13-split", "host", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dipsen",
+            "train",
+            "--dataset",
+            "ctu13",
+            "--data-dir",
+            str(FIXTURE),
+            "--ctu13-split",
+            "host",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "ctu13_split 'host' cannot put botnet flows" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
 

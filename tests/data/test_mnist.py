@@ -129,6 +129,5 @@ def test_image_and_label_counts_must_agree(tmp_path, test_split):
 
 def test_missing_file_is_named(tmp_path):
     shutil.copy(EMBEDDED / "train-labels-idx1-ubyte.gz", tmp_path)
-    with pytest.raises(DataError, match=naming(tmp_path / 'train-images-idx3-ubyte', ": file not found")):
+    with pytest.raises(DataError, match=naming(tmp_path / "train-images-idx3-ubyte", ": file not found")):
         load_dataset("mnist", tmp_path)
-

@@ -18,7 +18,14 @@ from PIL import Image
 from dipsen.config import TrainConfig
 from dipsen.data import SOCOFING_TASKS, load_dataset
 from dipsen.data.socofing import (
-    CACHE_NAME, CLASSES, EMBEDDED_CACHE, TASKS, build_socofing_cache, load_socofing, read_cache, read_originals
+    CACHE_NAME,
+    CLASSES,
+    EMBEDDED_CACHE,
+    TASKS,
+    build_socofing_cache,
+    load_socofing,
+    read_cache,
+    read_originals,
 )
 from dipsen.data.socofing_split import split_by_subject
 from dipsen.errors import ConfigError, DataError
@@ -52,8 +59,13 @@ def copy_fixtures(folder: Path, names: list[str] = BMP_NAMES) -> Path:
 def test_fixtures_parse_with_their_labels(fixture_records):
     r = fixture_records
     assert r["subject"].tolist() == [1, 53, 64, 203, 511, 590]
-    assert [f"{h}_{f}" for h, f in zip(r["hand"], r["finger"])] == [
-        "Left_index", "Left_index", "Left_little", "Left_little", "Left_middle", "Right_little"
+    assert [f"{h}_{f}" for h, f in zip(r["hand"], r["finger"], strict=True)] == [
+        "Left_index",
+        "Left_index",
+        "Left_little",
+        "Left_little",
+        "Left_middle",
+        "Right_little",
     ]
     assert set(r["gender"]) == {"M"} and set(r["variant"]) == {""}
     assert r["images"].shape == (6, 28, 28) and r["images"].dtype == np.uint8
@@ -128,9 +140,7 @@ def test_duplicates_on_the_fixtures(fixture_records):
     split = split_by_subject(fixture_records, seed=0)
     kept = fixture_records["source"][np.concatenate([split.train, split.test])]
     # 64 and 203 agree (Left_little): one copy kept. 511 and 590 conflict: both dropped.
-    assert sorted(kept) == [
-        "1__M_Left_index_finger.BMP", "53__M_Left_index_finger.BMP", "64__M_Left_little_finger.BMP"
-    ]
+    assert sorted(kept) == ["1__M_Left_index_finger.BMP", "53__M_Left_index_finger.BMP", "64__M_Left_little_finger.BMP"]
     assert split.info["duplicates"]["dropped_identical_copies"] == ["203__M_Left_little_finger.BMP"]
     assert len(split.info["duplicates"]["dropped_conflicting_labels"]) == 2
     assert split.info["split"]["joined_subject_groups"] == [[64, 203], [511, 590]]
@@ -150,7 +160,8 @@ def test_altered_variants_parse_and_follow_their_real_image(tmp_path):
     # conflicting 511 image is dropped with it, although its own content is unique.
     dup = ds.info["duplicates"]
     assert sorted(dup["dropped_identical_copies"]) == [
-        "203__M_Left_little_finger.BMP", "Altered/Altered-Easy/1__M_Left_index_finger_CR.BMP"
+        "203__M_Left_little_finger.BMP",
+        "Altered/Altered-Easy/1__M_Left_index_finger_CR.BMP",
     ]
     assert dup["dropped_altered_of_conflicting"] == ["Altered/Altered-Easy/511__M_Left_middle_finger_Zcut.BMP"]
     assert dup["kept"] == 3
@@ -311,18 +322,47 @@ def test_config_and_flag_choose_the_task(tmp_path):
     config = TrainConfig(dataset="socofing", socofing_task="hand").validate()
     assert config.load_dataset().classes == ("Left", "Right")
     result = subprocess.run(
-        [sys.executable, "-m", "dipsen", "train", "--dataset", "socofing", "--model", "cnn", "--socofing-task", "gender",
-         "--clients", "2", "--fraction", "1", "--rounds", "1", "--train-subset", "64", "--test-subset", "64",
-         "--workers", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "dipsen",
+            "train",
+            "--dataset",
+            "socofing",
+            "--model",
+            "cnn",
+            "--socofing-task",
+            "gender",
+            "--clients",
+            "2",
+            "--fraction",
+            "1",
+            "--rounds",
+            "1",
+            "--train-subset",
+            "64",
+            "--test-subset",
+            "64",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run / "config.json").read_text())["socofing_task"] == "gender"
     final = json.loads((run / "final_metrics.json").read_text())
     assert [c["class"] for c in final["per_class"]] == ["female", "male"]
-    bad = subprocess.run([sys.executable, "-m", "dipsen", "train", "--socofing-task", "sex", "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dipsen", "train", "--socofing-task", "sex", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "--socofing-task must be one of hand-finger, gender, hand, finger, got 'sex'" in bad.stderr
 
 

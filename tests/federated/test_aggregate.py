@@ -44,19 +44,22 @@ def test_validate_update_accepts_an_honest_update():
     assert validate_update(update, _global(), 30) is None
 
 
-@pytest.mark.parametrize("update, samples, reason", [
-    ({"w": torch.ones(3, 2)}, 30, "missing \\['b'\\]"),
-    ({"w": torch.ones(3, 2), "b": torch.zeros(2), "x": torch.zeros(1)}, 30, "unexpected \\['x'\\]"),
-    ({"w": torch.ones(2, 3), "b": torch.zeros(2)}, 30, "w has shape \\(2, 3\\), expected \\(3, 2\\)"),
-    ({"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.zeros(2)}, 30, "w has dtype torch.float64"),
-    ({"w": torch.tensor([[1.0, float("nan")]] * 3), "b": torch.zeros(2)}, 30, "w contains NaN or Inf"),
-    ({"w": torch.ones(3, 2), "b": torch.tensor([float("inf"), 0.0])}, 30, "b contains NaN or Inf"),
-    ({"w": torch.ones(3, 2) * 1e4, "b": torch.zeros(2)}, 30, "step norm .* exceeds"),
-    ({"w": torch.ones(3, 2), "b": torch.zeros(2)}, 0, "sample count 0"),
-    ({"w": torch.ones(3, 2), "b": torch.zeros(2)}, 2.5, "sample count 2.5"),
-    ([torch.ones(3, 2), torch.zeros(2)], 30, "not a state dict"),
-    ({"w": [[1.0, 1.0]] * 3, "b": torch.zeros(2)}, 30, "w is a list, not a tensor"),
-])
+@pytest.mark.parametrize(
+    "update, samples, reason",
+    [
+        ({"w": torch.ones(3, 2)}, 30, "missing \\['b'\\]"),
+        ({"w": torch.ones(3, 2), "b": torch.zeros(2), "x": torch.zeros(1)}, 30, "unexpected \\['x'\\]"),
+        ({"w": torch.ones(2, 3), "b": torch.zeros(2)}, 30, "w has shape \\(2, 3\\), expected \\(3, 2\\)"),
+        ({"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.zeros(2)}, 30, "w has dtype torch.float64"),
+        ({"w": torch.tensor([[1.0, float("nan")]] * 3), "b": torch.zeros(2)}, 30, "w contains NaN or Inf"),
+        ({"w": torch.ones(3, 2), "b": torch.tensor([float("inf"), 0.0])}, 30, "b contains NaN or Inf"),
+        ({"w": torch.ones(3, 2) * 1e4, "b": torch.zeros(2)}, 30, "step norm .* exceeds"),
+        ({"w": torch.ones(3, 2), "b": torch.zeros(2)}, 0, "sample count 0"),
+        ({"w": torch.ones(3, 2), "b": torch.zeros(2)}, 2.5, "sample count 2.5"),
+        ([torch.ones(3, 2), torch.zeros(2)], 30, "not a state dict"),
+        ({"w": [[1.0, 1.0]] * 3, "b": torch.zeros(2)}, 30, "w is a list, not a tensor"),
+    ],
+)
 def test_validate_update_names_what_is_wrong(update, samples, reason):
     assert re.search(reason, validate_update(update, _global(), samples))
 
@@ -65,7 +68,7 @@ def test_step_bound_scales_with_the_global_weights():
     big = {"w": torch.full((3, 2), 1000.0), "b": torch.zeros(2)}
     assert validate_update({"w": big["w"] * 2, "b": big["b"]}, big, 10) is None
     limit = MAX_STEP_NORM_RATIO * big["w"].norm().item()
-    assert validate_update({"w": big["w"] + 1.01 * limit / 6 ** 0.5, "b": big["b"]}, big, 10) is not None
+    assert validate_update({"w": big["w"] + 1.01 * limit / 6**0.5, "b": big["b"]}, big, 10) is not None
 
 
 def test_fedavg_rounds_integer_buffers_instead_of_truncating():
@@ -77,8 +80,7 @@ def test_fedavg_rounds_integer_buffers_instead_of_truncating():
 
 def _report(**fields) -> ClientUpdate:
     """An honest client's update on 100 samples (2 epochs, batch 32: 4 steps each), with ``fields`` changed."""
-    return ClientUpdate(**{"state": _global(), "num_samples": 100, "mean_loss": 0.7, "steps": 8, "seconds": 1.5,
-                           **fields})
+    return ClientUpdate(**{"state": _global(), "num_samples": 100, "mean_loss": 0.7, "steps": 8, "seconds": 1.5, **fields})
 
 
 TRAINING = LocalTraining(epochs=2, batch_size=32)
@@ -91,19 +93,22 @@ def test_validate_report_accepts_an_honest_report():
     assert validate_report(_report(mean_loss=0.0, seconds=0), TRAINING) is None
 
 
-@pytest.mark.parametrize("fields, reason", [
-    ({"mean_loss": float("nan")}, "mean_loss nan is not a finite number >= 0"),
-    ({"mean_loss": float("inf")}, "mean_loss inf is not"),
-    ({"mean_loss": -0.1}, "mean_loss -0.1 is not"),
-    ({"mean_loss": "0.7"}, "mean_loss '0.7' is not"),
-    ({"seconds": float("nan")}, "seconds nan is not"),
-    ({"seconds": -1.0}, "seconds -1.0 is not"),
-    ({"seconds": True}, "seconds True is not"),
-    ({"steps": 8.0}, "steps 8.0, expected 8 \\(2 epochs of 100 samples in batches of 32\\)"),
-    ({"steps": -8}, "steps -8, expected 8"),
-    ({"steps": 7}, "steps 7, expected 8"),
-    ({"steps": 10**9}, "steps 1000000000, expected 8"),
-])
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"mean_loss": float("nan")}, "mean_loss nan is not a finite number >= 0"),
+        ({"mean_loss": float("inf")}, "mean_loss inf is not"),
+        ({"mean_loss": -0.1}, "mean_loss -0.1 is not"),
+        ({"mean_loss": "0.7"}, "mean_loss '0.7' is not"),
+        ({"seconds": float("nan")}, "seconds nan is not"),
+        ({"seconds": -1.0}, "seconds -1.0 is not"),
+        ({"seconds": True}, "seconds True is not"),
+        ({"steps": 8.0}, "steps 8.0, expected 8 \\(2 epochs of 100 samples in batches of 32\\)"),
+        ({"steps": -8}, "steps -8, expected 8"),
+        ({"steps": 7}, "steps 7, expected 8"),
+        ({"steps": 10**9}, "steps 1000000000, expected 8"),
+    ],
+)
 def test_validate_report_names_what_is_wrong(fields, reason):
     from dipsen.federated.aggregate import validate_report
 

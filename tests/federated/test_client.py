@@ -17,4 +17,3 @@ def test_input_noise_changes_the_update_and_is_seeded():
     assert any(not torch.equal(plain[k], noisy[k]) for k in plain)
     assert all(torch.equal(noisy[k], again[k]) for k in noisy)  # a pure function of the seed
     assert any(not torch.equal(noisy[k], _update(0.5, seed=1)[k]) for k in noisy)
-

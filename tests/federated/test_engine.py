@@ -18,8 +18,8 @@ from dipsen.config import TrainConfig
 from dipsen.errors import ConfigError, DipsenError
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.engine import _PARTITION, _SUBSET, _subset, derive_seed, federated_data, sample_clients
-from dipsen.partition import partition
 from dipsen.federated.workers import ClientFailure
+from dipsen.partition import partition
 
 SMALL = dict(dataset="mnist", clients=10, fraction=0.5, train_subset=1000, test_subset=200, seed=3, workers=1)
 
@@ -37,8 +37,18 @@ def _trained_dipsen_state(mnist, tmp_path, **overrides) -> dict:
 
 
 def test_small_federated_cnn_reaches_90_percent(mnist, tmp_path):
-    cfg = TrainConfig(dataset="mnist", model="cnn", clients=10, fraction=1.0, rounds=5, train_subset=4000,
-                      test_subset=1000, optimizer="adam", lr=0.002, workers=1).validate()
+    cfg = TrainConfig(
+        dataset="mnist",
+        model="cnn",
+        clients=10,
+        fraction=1.0,
+        rounds=5,
+        train_subset=4000,
+        test_subset=1000,
+        optimizer="adam",
+        lr=0.002,
+        workers=1,
+    ).validate()
     run = RunDir.create(tmp_path, cfg)
     metrics = train(FederatedTraining(cfg, mnist), run)
     assert metrics["accuracy"] >= 0.90
@@ -152,8 +162,15 @@ def test_resume_of_a_run_with_a_target_gives_the_uninterrupted_weights(mnist, tm
 
 
 def test_flower_nodes_hold_the_engines_partitions_without_the_validation_slice(mnist, tmp_path):
-    from dipsen.federated.flower.task import (NUM_PARTITIONS, PARTITION_FILE, PARTITION_ID, client_data, client_id,
-                                              config_to_json, export_partitions)
+    from dipsen.federated.flower.task import (
+        NUM_PARTITIONS,
+        PARTITION_FILE,
+        PARTITION_ID,
+        client_data,
+        client_id,
+        config_to_json,
+        export_partitions,
+    )
 
     cfg = TrainConfig(model="cnn", target_accuracy=0.99, **SMALL).validate()
     job = FederatedTraining(cfg, mnist)  # resolves validation_size, as the ServerApp does before it sends the config
@@ -209,8 +226,9 @@ def _default_signal_handling() -> None:
 
 def _start_and_wait_for_round_2(args: list[str], out) -> subprocess.Popen:
     # a session of its own, so that a signal can go to the whole group, as Ctrl-C in a terminal does
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=_default_signal_handling)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_default_signal_handling
+    )
     deadline = time.time() + 120
     while not list(out.glob("*/checkpoints/round_0002.pt")):
         if proc.poll() is not None or time.time() > deadline:
@@ -256,8 +274,9 @@ def _worker_pids(parent: int) -> list[int]:
 
 
 def _resume_and_compare(run_path, reference: RunDir) -> RunDir:
-    resumed = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(run_path)],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dipsen", "train", "--resume", str(run_path)], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     killed = RunDir.open(run_path)
     ref_state, res_state = _final_state(reference), _final_state(killed)
@@ -309,8 +328,11 @@ def test_a_dead_worker_fails_the_round_at_once_and_the_run_resumes(reference_run
         _kill_group(proc)
     assert proc.returncode == 2 and seconds < 15, (seconds, stderr)
     (run_path,) = out.iterdir()
-    assert re.fullmatch(rf"error: client worker process {workers[0]} died \(signal 9\) during round \d+; "
-                        rf"resume with: dipsen train --resume {re.escape(str(run_path))}", stderr.strip()), stderr
+    assert re.fullmatch(
+        rf"error: client worker process {workers[0]} died \(signal 9\) during round \d+; "
+        rf"resume with: dipsen train --resume {re.escape(str(run_path))}",
+        stderr.strip(),
+    ), stderr
     assert 2 <= RunDir.open(run_path).last_round() < KILL_ROUNDS
     _resume_and_compare(run_path, reference_run)
 
@@ -318,15 +340,21 @@ def test_a_dead_worker_fails_the_round_at_once_and_the_run_resumes(reference_run
 def test_resume_under_another_thread_count_gives_the_uninterrupted_weights(tmp_path):
     # with --workers 1 the client updates run in the main process, whose default thread count
     # follows OMP_NUM_THREADS and the core count; a resumed run may get other ones
-    first = subprocess.run(_train_command(tmp_path, 2), capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "2"})
+    first = subprocess.run(
+        _train_command(tmp_path, 2), capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
     assert first.returncode == 0, first.stderr
     (run_path,) = tmp_path.iterdir()
     run = RunDir.open(run_path)
     uninterrupted = run.load_checkpoint(2)
     run.checkpoint_path(2).unlink()  # as if killed during round 2
-    resumed = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(run_path)],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dipsen", "train", "--resume", str(run_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert resumed.returncode == 0, resumed.stderr
     state = run.load_checkpoint(2)
     drift = max((state[k].double() - uninterrupted[k].double()).abs().max().item() for k in state)
@@ -378,8 +406,12 @@ def test_seed_must_be_a_non_negative_integer(tmp_path):
     for seed in (-1, 1.5, True):
         with pytest.raises(ConfigError, match=f"seed must be an integer >= 0, got {seed!r}"):
             TrainConfig(seed=seed).validate()
-    result = subprocess.run([sys.executable, "-m", "dipsen", "train", "--seed", "-1", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dipsen", "train", "--seed", "-1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: --seed must be an integer >= 0, got -1"
     assert not any(tmp_path.iterdir())
@@ -420,7 +452,7 @@ class _CorruptingRunner:
 
     def run(self, state, tasks):
         results = self.inner.run(state, tasks)
-        for i, (task, update) in enumerate(zip(tasks, results)):
+        for i, (task, update) in enumerate(zip(tasks, results, strict=True)):
             bad = dict(update.state)
             key = next(iter(bad))
             if task.client == 0:
@@ -443,7 +475,9 @@ class _CorruptingRunner:
 
 
 def test_malformed_updates_are_rejected_and_the_round_goes_on(mnist, tmp_path, caplog):
-    cfg = TrainConfig(model="cnn", rounds=2, optimizer="adam", lr=0.002, **{**SMALL, "fraction": 1.0, "min_clients": 5}).validate()
+    cfg = TrainConfig(
+        model="cnn", rounds=2, optimizer="adam", lr=0.002, **{**SMALL, "fraction": 1.0, "min_clients": 5}
+    ).validate()
     honest = FederatedTraining(cfg, mnist)
     job = FederatedTraining(cfg, mnist, runner=_CorruptingRunner(honest.clients))
     run = RunDir.create(tmp_path, cfg)
@@ -475,8 +509,7 @@ def test_a_round_without_any_valid_update_keeps_the_global_model(mnist, tmp_path
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-TINY_RUN = dict(dataset="mnist", model="dipsen", clients=4, fraction=0.5, train_subset=200, test_subset=100, seed=3,
-                workers=1)
+TINY_RUN = dict(dataset="mnist", model="dipsen", clients=4, fraction=0.5, train_subset=200, test_subset=100, seed=3, workers=1)
 
 
 def _dummy_run(tmp_path, keep: str, rounds: range) -> RunDir:
@@ -487,8 +520,9 @@ def _dummy_run(tmp_path, keep: str, rounds: range) -> RunDir:
     return run
 
 
-@pytest.mark.parametrize("keep, kept", [("all", list(range(11))), ("last", [10]), ("last-3", [8, 9, 10]),
-                                        ("every-4", [0, 4, 8, 10])])
+@pytest.mark.parametrize(
+    "keep, kept", [("all", list(range(11))), ("last", [10]), ("last-3", [8, 9, 10]), ("every-4", [0, 4, 8, 10])]
+)
 def test_keep_checkpoints_prunes_as_each_round_is_saved(tmp_path, keep, kept):
     run = _dummy_run(tmp_path, keep, range(11))
     assert run.finished_rounds() == kept
@@ -496,8 +530,8 @@ def test_keep_checkpoints_prunes_as_each_round_is_saved(tmp_path, keep, kept):
 
 
 def test_the_default_keeps_what_resume_and_the_default_orange_box_attack_need(tmp_path):
-    from dipsen.attack.threat import DEFAULT_STALE_ROUNDS
     from dipsen.attack.study import StudySettings
+    from dipsen.attack.threat import DEFAULT_STALE_ROUNDS
 
     assert TrainConfig().keep_checkpoints == f"last-{DEFAULT_STALE_ROUNDS + 1}"
     assert StudySettings().stale_rounds == DEFAULT_STALE_ROUNDS
@@ -553,13 +587,20 @@ def test_extending_a_finished_run_gives_the_weights_of_the_longer_run(mnist, tmp
     assert result.returncode == 0, result.stderr
     (path,) = (tmp_path / "short").iterdir()
     assert RunDir.open(path).read_json("final_metrics.json")["rounds"] == 2
-    for args, message in ((["--rounds", "1"], f"{path} has finished 2 rounds: --rounds 1 cannot undo them"),
-                          (["--lr", "0.1"], "drop --lr")):
-        refused = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(path), *args],
-                                 capture_output=True, text=True, timeout=300)
+    for args, message in (
+        (["--rounds", "1"], f"{path} has finished 2 rounds: --rounds 1 cannot undo them"),
+        (["--lr", "0.1"], "drop --lr"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, "-m", "dipsen", "train", "--resume", str(path), *args], capture_output=True, text=True, timeout=300
+        )
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
-    extended = subprocess.run([sys.executable, "-m", "dipsen", "train", "--resume", str(path), "--rounds", "3",
-                               "--keep-checkpoints", "last"], capture_output=True, text=True, timeout=300)
+    extended = subprocess.run(
+        [sys.executable, "-m", "dipsen", "train", "--resume", str(path), "--rounds", "3", "--keep-checkpoints", "last"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert extended.returncode == 0, extended.stderr
     run = RunDir.open(path)
     assert run.config().rounds == 3 and run.config().keep_checkpoints == "last"

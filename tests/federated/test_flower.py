@@ -31,8 +31,19 @@ from dipsen.federated.flower.launch import (
     process_alive,
 )
 
-AGREEMENT = dict(dataset="mnist", model="cnn", clients=10, fraction=0.5, rounds=40, train_subset=2000,
-                 test_subset=500, optimizer="adam", lr=0.002, seed=5, workers=2)
+AGREEMENT = dict(
+    dataset="mnist",
+    model="cnn",
+    clients=10,
+    fraction=0.5,
+    rounds=40,
+    train_subset=2000,
+    test_subset=500,
+    optimizer="adam",
+    lr=0.002,
+    seed=5,
+    workers=2,
+)
 
 
 def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -90,8 +101,15 @@ def test_a_flower_run_stops_on_sigterm_resumes_and_ends_with_the_in_process_weig
     assert expected["accuracy"] > 0.5  # a model that learned, so that agreement means something
     resumed = _cli("train", "--resume", str(path), "--rounds", str(rounds), timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert {p.name for p in path.iterdir()} >= {"config.json", "run_info.json", "partition.json", "metrics.jsonl",
-                                                "final_metrics.json", "flower.log", "checkpoints"}
+    assert {p.name for p in path.iterdir()} >= {
+        "config.json",
+        "run_info.json",
+        "partition.json",
+        "metrics.jsonl",
+        "final_metrics.json",
+        "flower.log",
+        "checkpoints",
+    }
     history = run.metrics()
     assert [r["round"] for r in history] == list(range(1, rounds + 1))
     m = reference_cfg.clients_per_round
@@ -105,6 +123,14 @@ def test_a_flower_run_stops_on_sigterm_resumes_and_ends_with_the_in_process_weig
     assert run.read_json("partition.json") == reference.read_json("partition.json")
     shown = _cli("show", str(path), timeout=60)
     assert shown.returncode == 0 and f"accuracy: {accuracy:.4f}" in shown.stdout
+    # a Flower run's folder is certified as an in-process one's: smoothing at a sigma the run did not train with
+    certified = _cli(
+        "certify", str(path), "--sigma", "0.1", "--n0", "10", "--n", "200", "--samples", "8", "--radii", "0,0.1", timeout=120
+    )
+    assert certified.returncode == 0, certified.stdout + certified.stderr
+    certificate = run.read_json("certify-smoothing.json")
+    assert certificate["sigma"] == 0.1 and certificate["samples"] == 8 and certificate["n"] == 200
+    assert 0 < certificate["certified_accuracy"]["0"] <= 1  # the model learned: some examples are certified correct
 
 
 FAULTY_CLIENT = '''
@@ -134,7 +160,7 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 '''
 
-FAULTY_APP = '''
+FAULTY_APP = """
 [build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
@@ -156,7 +182,7 @@ resume = false
 node-wait-seconds = 60.0
 reply-timeout-seconds = 120.0
 enrolled-nodes = ""
-'''
+"""
 
 
 def _listening(pids: set[int]) -> dict[str, set[int]]:
@@ -167,7 +193,7 @@ def _listening(pids: set[int]) -> dict[str, set[int]]:
             fields = row.split()
             if fields[3] == "0A":  # LISTEN
                 host, port = fields[1].split(":")
-                raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))  # host order words
+                raw = b"".join(bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, len(host), 8))  # host order words
                 ip = ipaddress.ip_address(raw)
                 ip = getattr(ip, "ipv4_mapped", None) or ip
                 sockets[f"socket:[{fields[9]}]"] = f"{ip}:{int(port, 16)}"
@@ -188,16 +214,29 @@ def test_flower_rejects_malformed_updates_and_aggregates_the_rest_by_median(tmp_
     app.mkdir()
     (app / "pyproject.toml").write_text(textwrap.dedent(FAULTY_APP))
     (app / "faulty_client.py").write_text(textwrap.dedent(FAULTY_CLIENT))
-    cfg = TrainConfig(dataset="mnist", model="cnn", clients=5, fraction=1.0, rounds=2, train_subset=500,
-                      test_subset=200, seed=1, workers=2, engine="flower",
-                      min_clients=2, aggregator="median").validate()  # a robust rule, through Flower
+    cfg = TrainConfig(
+        dataset="mnist",
+        model="cnn",
+        clients=5,
+        fraction=1.0,
+        rounds=2,
+        train_subset=500,
+        test_subset=200,
+        seed=1,
+        workers=2,
+        engine="flower",
+        min_clients=2,
+        aggregator="median",
+    ).validate()  # a robust rule, through Flower
     run = RunDir.create(tmp_path / "runs", cfg)
     certificates = generate_certificates(tmp_path / "certificates")
     sockets: dict[str, set[int]] = {}  # every address a process of the federation listened on during the run
     with Federation(tmp_path / "federation", simulation=True, certificates=certificates) as federation:
-        run_id = federation.submit({"run-dir": str(run.path), "resume": False}, app=app,
-                                   federation_config={"num-supernodes": 5, "client-resources-num-cpus": 1,
-                                                      "init-args-num-cpus": 2})
+        run_id = federation.submit(
+            {"run-dir": str(run.path), "resume": False},
+            app=app,
+            federation_config={"num-supernodes": 5, "client-resources-num-cpus": 1, "init-args-num-cpus": 2},
+        )
 
         def record_sockets():
             for address, pids in _listening(federation._track()).items():
@@ -225,8 +264,17 @@ def test_flower_rejects_malformed_updates_and_aggregates_the_rest_by_median(tmp_
 
 
 def test_authenticated_tls_deployment_trains_and_stops_every_process(tmp_path):
-    cfg = TrainConfig(dataset="mnist", model="cnn", clients=2, fraction=1.0, rounds=2, train_subset=400,
-                      test_subset=200, seed=2, engine="flower").validate()
+    cfg = TrainConfig(
+        dataset="mnist",
+        model="cnn",
+        clients=2,
+        fraction=1.0,
+        rounds=2,
+        train_subset=400,
+        test_subset=200,
+        seed=2,
+        engine="flower",
+    ).validate()
     run = RunDir.create(tmp_path / "runs", cfg)
     start = time.perf_counter()
     deployment = deploy_on_loopback(run, tmp_path / "deployment", timeout=240)
@@ -246,8 +294,10 @@ def test_authenticated_tls_deployment_trains_and_stops_every_process(tmp_path):
     assert "SuperNode authentication is disabled" not in superlink_log
     assert "/v1/fleet/register-node" not in superlink_log  # no node registered itself: all were enrolled
     for client in (0, 1):
-        assert f"SuperNode ID: {next(n for n, c in enrolled.items() if c == client)}" in (
-            folder / f"supernode-{client}.log").read_text()
+        assert (
+            f"SuperNode ID: {next(n for n, c in enrolled.items() if c == client)}"
+            in (folder / f"supernode-{client}.log").read_text()
+        )
     assert len(deployment.pids) >= 4  # SuperLink, 2 SuperNodes and what they spawned
     deadline = time.time() + 10
     while any(process_alive(pid) for pid in deployment.pids) and time.time() < deadline:

@@ -27,7 +27,7 @@ from dipsen.federated.flower import launch
 from dipsen.federated.flower.launch import Federation, free_port, generate_certificates, generate_node_key, process_alive
 from dipsen.federated.workers import Interrupted, StopFlag
 
-FAKE_SUPERLINK = '''
+FAKE_SUPERLINK = """
 import os, socket, subprocess, sys, time
 from pathlib import Path
 
@@ -52,7 +52,7 @@ with open(pids, "a") as out:
     out.write(f"{os.getpid()} {child.pid} {grandchild}\\n")
 print(f"INFO: Uvicorn running on http://127.0.0.1:{port}", flush=True)
 time.sleep(600)
-'''
+"""
 
 
 @pytest.fixture
@@ -148,15 +148,18 @@ def test_a_stop_flag_interrupts_the_wait_and_stops_every_process(tmp_path, fake_
     flag = StopFlag()
     threading.Timer(0.5, flag.set, args=(signal.SIGTERM,)).start()  # as the signal handler would
     start = time.monotonic()
-    with (pytest.raises(Interrupted),
-          Federation(tmp_path / "federation", simulation=True, certificates=certs, stop=flag) as federation):
+    with (
+        pytest.raises(Interrupted),
+        Federation(tmp_path / "federation", simulation=True, certificates=certs, stop=flag) as federation,
+    ):
         federation.wait(1, timeout=60, poll_seconds=5)
     assert time.monotonic() - start < 10
     assert not _all_gone(_started(fake_flower))
 
 
 def test_flower_is_asked_for_the_status_rarely_and_at_once_when_the_run_has_written_its_end(
-        tmp_path, fake_flower, certs, monkeypatch):
+    tmp_path, fake_flower, certs, monkeypatch
+):
     run = RunDir.create(tmp_path / "runs", TrainConfig(clients=2, fraction=1.0).validate())
     asked = []
 
@@ -213,7 +216,8 @@ def test_superlink_and_supernodes_are_told_to_listen_on_loopback_only_and_to_use
 
 
 def test_a_simulation_keeps_ray_on_loopback_and_off_any_cluster_named_in_the_environment(
-        tmp_path, fake_flower, certs, monkeypatch):
+    tmp_path, fake_flower, certs, monkeypatch
+):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # would make ray.init join that cluster
     with Federation(tmp_path / "federation", simulation=True, certificates=certs):
         superlink = _started(fake_flower)[0]
@@ -261,8 +265,7 @@ def test_deployment_certificates_outlive_the_run_timeout(tmp_path, monkeypatch):
         raise Refused
 
     monkeypatch.setattr(launch, "Federation", no_federation)
-    cfg = TrainConfig(dataset="mnist", model="cnn", clients=2, fraction=1.0, train_subset=200, seed=2,
-                      engine="flower").validate()
+    cfg = TrainConfig(dataset="mnist", model="cnn", clients=2, fraction=1.0, train_subset=200, seed=2, engine="flower").validate()
     run = RunDir.create(tmp_path / "runs", cfg)
     week = 7 * 24 * 3600.0
     with pytest.raises(Refused):
@@ -279,13 +282,13 @@ def test_generated_certificates_default_to_two_days(tmp_path):
     assert datetime.timedelta(days=1, hours=23) < left <= datetime.timedelta(days=2)
 
 
-LOCK_HOLDER = '''
+LOCK_HOLDER = """
 import sys, time
 from dipsen.federated import RunDir
 with RunDir.open(sys.argv[1]).lock():
     print("locked", flush=True)
     time.sleep(600)
-'''
+"""
 
 
 def test_a_second_writer_on_a_locked_run_folder_is_refused(tmp_path, monkeypatch):

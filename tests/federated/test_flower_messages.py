@@ -37,8 +37,7 @@ class FakeGrid:
     nothing, ever.
     """
 
-    def __init__(self, train: dict[int, str], query: dict[int, str] | None = None,
-                 claims: dict[int, int] | None = None) -> None:
+    def __init__(self, train: dict[int, str], query: dict[int, str] | None = None, claims: dict[int, int] | None = None) -> None:
         self.train, self.query, self.claims = train, query or {}, claims or {}
         self.sent: list[Message] = []
         self._replies: list[Message] = []
@@ -107,8 +106,7 @@ def _tasks(clients: list[int]) -> list[ClientTask]:
 
 def test_superlink_errors_are_reported_for_the_client_they_answer():
     grid = FakeGrid({101: "ok", 102: "unavailable", 103: "silent"})
-    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=5,
-                            reply_timeout_seconds=1.0)
+    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=5, reply_timeout_seconds=1.0)
     start = time.monotonic()
     ok, unavailable, silent = clients.run({"w": torch.ones(2)}, _tasks([0, 1, 2]))
     assert time.monotonic() - start < 5
@@ -121,8 +119,7 @@ def test_superlink_errors_are_reported_for_the_client_they_answer():
 
 def test_messages_live_as_long_as_the_server_waits_for_their_replies():
     grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"})
-    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=7,
-                            reply_timeout_seconds=2.5)
+    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=7, reply_timeout_seconds=2.5)
     clients.run({"w": torch.ones(2)}, _tasks([0, 2]))
     queries = [m for m in grid.sent if m.metadata.message_type == MessageType.QUERY]
     trains = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
@@ -190,36 +187,48 @@ ENROLLED = {101: 0, 102: 1, 103: 2}  # node id -> client, as the deployment enro
 def test_a_rogue_node_that_claims_another_clients_partition_is_refused():
     grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"}, claims={103: 0})  # node 103 says it serves client 0
     with pytest.raises(DipsenError, match=r"^node 103 claims client 0, but it is enrolled for client 2: refused$"):
-        FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1,
-                      enrolled=ENROLLED)
+        FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1, enrolled=ENROLLED)
 
 
 def test_a_node_outside_the_enrolment_is_never_asked_nor_sent_a_client_update():
     # node 104 connected first and claims client 2; node 103, enrolled for client 2, too
     grid = FakeGrid({104: "ok", 101: "ok", 102: "ok", 103: "ok"}, claims={104: 2})
-    clients = FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1,
-                            enrolled=ENROLLED)
+    clients = FlowerClients(
+        grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1, enrolled=ENROLLED
+    )
     assert clients.nodes == {0: 101, 1: 102, 2: 103}
     clients.run({"w": torch.ones(2)}, _tasks([0, 1, 2]))
     assert 104 not in {m.metadata.dst_node_id for m in grid.sent}
     # without an enrolment, its claim is all the server has to go by
     with pytest.raises(DipsenError, match=r"^client 2 is served by two nodes \(104, 103\)$"):
-        FlowerClients(FakeGrid({104: "ok", 101: "ok", 102: "ok", 103: "ok"}, claims={104: 2}),
-                      TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=1, reply_timeout_seconds=1)
+        FlowerClients(
+            FakeGrid({104: "ok", 101: "ok", 102: "ok", 103: "ok"}, claims={104: 2}),
+            TrainConfig(**CONFIG).validate(),
+            10,
+            node_wait_seconds=1,
+            reply_timeout_seconds=1,
+        )
 
 
 def test_the_server_waits_for_the_enrolled_nodes_not_for_any_three():
     grid = FakeGrid({101: "ok", 102: "ok", 104: "ok"}, claims={104: 2})  # 103 never connects
     with pytest.raises(DipsenError, match=r"^only 2 of 3 client nodes connected within 0.5 s$"):
-        FlowerClients(grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=0.5, reply_timeout_seconds=1,
-                      enrolled=ENROLLED)
+        FlowerClients(
+            grid, TrainConfig(**CONFIG).validate(), 10, node_wait_seconds=0.5, reply_timeout_seconds=1, enrolled=ENROLLED
+        )
     assert grid.sent == []
 
 
 def test_an_enrolment_must_name_each_client_once():
     with pytest.raises(DipsenError, match=r"^the node enrolment does not name each of the clients 0..2 exactly once$"):
-        FlowerClients(FakeGrid({101: "ok", 102: "ok", 103: "ok"}), TrainConfig(**CONFIG).validate(), 10,
-                      node_wait_seconds=1, reply_timeout_seconds=1, enrolled={101: 0, 102: 1, 103: 1})
+        FlowerClients(
+            FakeGrid({101: "ok", 102: "ok", 103: "ok"}),
+            TrainConfig(**CONFIG).validate(),
+            10,
+            node_wait_seconds=1,
+            reply_timeout_seconds=1,
+            enrolled={101: 0, 102: 1, 103: 1},
+        )
 
 
 def test_an_enrolment_file_round_trips_and_a_malformed_one_is_named(tmp_path):
@@ -239,8 +248,14 @@ def test_adversarial_training_sends_the_feasible_domain_to_the_nodes(ctu13):
 
     grid = FakeGrid({101: "ok", 102: "ok", 103: "ok"})
     domain = feasible_domain(ctu13)
-    clients = FlowerClients(grid, TrainConfig(**CONFIG, adv_train="fgsm-rs").validate(), 2, node_wait_seconds=5,
-                            reply_timeout_seconds=1.0, domain=domain)
+    clients = FlowerClients(
+        grid,
+        TrainConfig(**CONFIG, adv_train="fgsm-rs").validate(),
+        2,
+        node_wait_seconds=5,
+        reply_timeout_seconds=1.0,
+        domain=domain,
+    )
     clients.run({"w": torch.ones(2)}, _tasks([0]))
     (train,) = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert _domain(message_record(train.content, "config", ConfigRecord)) == domain

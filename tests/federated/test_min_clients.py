@@ -16,8 +16,9 @@ from dipsen.federated.client import ClientUpdate
 from dipsen.federated.engine import local_training
 from dipsen.federated.workers import ClientFailure
 
-SETTINGS = dict(dataset="mnist", model="cnn", clients=4, fraction=1.0, rounds=3, train_subset=200, test_subset=100,
-                seed=4, workers=1)
+SETTINGS = dict(
+    dataset="mnist", model="cnn", clients=4, fraction=1.0, rounds=3, train_subset=200, test_subset=100, seed=4, workers=1
+)
 
 
 class ScriptedRunner:
@@ -28,10 +29,18 @@ class ScriptedRunner:
 
     def run(self, state, tasks):
         self.round += 1
-        return [ClientFailure("node unavailable") if self.failing(self.round, task.client) else
-                ClientUpdate({k: v.clone() for k, v in state.items()}, len(task.indices), 0.5,
-                             self.training.epochs * math.ceil(len(task.indices) / self.training.batch_size), 0.01)
-                for task in tasks]
+        return [
+            ClientFailure("node unavailable")
+            if self.failing(self.round, task.client)
+            else ClientUpdate(
+                {k: v.clone() for k, v in state.items()},
+                len(task.indices),
+                0.5,
+                self.training.epochs * math.ceil(len(task.indices) / self.training.batch_size),
+                0.01,
+            )
+            for task in tasks
+        ]
 
     def close(self, abort=False):
         pass

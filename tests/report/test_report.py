@@ -13,10 +13,22 @@ from dipsen.attack.study import StudySettings, study_run, sweep_verdict
 from dipsen.report import build_report
 from dipsen.report.paper import FIG6
 
-TINY = StudySettings(samples=12, mc_samples=2, eot_draws=2, paper_budget=Budget(3, 1 / 3, 0),
-                     adaptive_budget=Budget(3, 1 / 3, 1, queries=5, hsj_iterations=1, hsj_evaluations=10),
-                     doubling_samples=6, hsj_samples=2, stale_rounds=1, attacker_samples=200, surrogate_epochs=1,
-                     sweep_eps=(0.1, 0.5), sweep_samples=10, sweep_budget=Budget(3, 1 / 3, 0), sweep_eot_draws=2)
+TINY = StudySettings(
+    samples=12,
+    mc_samples=2,
+    eot_draws=2,
+    paper_budget=Budget(3, 1 / 3, 0),
+    adaptive_budget=Budget(3, 1 / 3, 1, queries=5, hsj_iterations=1, hsj_evaluations=10),
+    doubling_samples=6,
+    hsj_samples=2,
+    stale_rounds=1,
+    attacker_samples=200,
+    surrogate_epochs=1,
+    sweep_eps=(0.1, 0.5),
+    sweep_samples=10,
+    sweep_budget=Budget(3, 1 / 3, 0),
+    sweep_eot_draws=2,
+)
 
 
 def _fat_study(cnn: dict, clean: float = 0.951, pgd: float = 0.902, worst: float = 0.873) -> dict:
@@ -36,14 +48,25 @@ def _fat_study(cnn: dict, clean: float = 0.951, pgd: float = 0.902, worst: float
 
 
 def _certificate(method: str, accuracy: float, certified: dict[str, float], sigma: float = 0.25) -> dict:
-    record = {"method": method, "sigma": sigma, "samples": 10, "n": 100, "alpha": 0.001, "accuracy": accuracy,
-              "certified_accuracy": certified}
-    return {"certificate": record, "attacked": {r: min(1.0, v + 0.05) for r, v in certified.items()}
-            if method == "smoothing" else None}
+    record = {
+        "method": method,
+        "sigma": sigma,
+        "samples": 10,
+        "n": 100,
+        "alpha": 0.001,
+        "accuracy": accuracy,
+        "certified_accuracy": certified,
+    }
+    return {
+        "certificate": record,
+        "attacked": {r: min(1.0, v + 0.05) for r, v in certified.items()} if method == "smoothing" else None,
+    }
 
 
-CERTIFIED = {"mnist/cnn-smooth-0.25": _certificate("smoothing", 0.9, {"0": 0.9, "0.25": 0.8, "0.5": 0.612, "1": 0.331}),
-             "mnist/dipsen": _certificate("pixeldp", 0.8, {"0": 0.8, "0.25": 0.0, "0.5": 0.0})}
+CERTIFIED = {
+    "mnist/cnn-smooth-0.25": _certificate("smoothing", 0.9, {"0": 0.9, "0.25": 0.8, "0.5": 0.612, "1": 0.331}),
+    "mnist/dipsen": _certificate("pixeldp", 0.8, {"0": 0.8, "0.25": 0.0, "0.5": 0.0}),
+}
 TRAINING_SECONDS = {"mnist/cnn": 120.0, "mnist/dipsen": 132.0, "mnist/cnn-fat": 300.0, "mnist/cnn-smooth-0.25": 126.0}
 
 
@@ -53,9 +76,16 @@ def report(cnn_run, dipsen_run, tmp_path_factory):
 
     studies = {"mnist/cnn": study_run(cnn_run, TINY), "mnist/dipsen": study_run(dipsen_run, TINY)}
     studies["mnist/cnn-fat"] = _fat_study(studies["mnist/cnn"])
-    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
-               "seconds": {"total": 60.0, "training": 20.0, "attacks": 40.0}, "studies": studies,
-               "certified": CERTIFIED, "training_seconds": TRAINING_SECONDS, "defences": defences_record(TINY.eps)}
+    results = {
+        "quick": True,
+        "machine": "test machine",
+        "settings": TINY.to_dict(),
+        "seconds": {"total": 60.0, "training": 20.0, "attacks": 40.0},
+        "studies": studies,
+        "certified": CERTIFIED,
+        "training_seconds": TRAINING_SECONDS,
+        "defences": defences_record(TINY.eps),
+    }
     out = tmp_path_factory.mktemp("report")
     return build_report(results, out), studies
 
@@ -63,10 +93,17 @@ def report(cnn_run, dipsen_run, tmp_path_factory):
 def test_every_table_and_plot_is_written(report):
     path, _ = report
     text = path.read_text()
-    for heading in ("Summary (the paper's Fig. 6)", "What survives", "Baseline accuracy (the paper's Table I and Fig. 3)",
-                    "Training overhead per step (the paper's Fig. 4)", "Robustness against eps (the paper's Fig. 5)",
-                    "Every attack, every threat model", "Where could the paper's figures come from?",
-                    "Defences compared", "What can be certified"):
+    for heading in (
+        "Summary (the paper's Fig. 6)",
+        "What survives",
+        "Baseline accuracy (the paper's Table I and Fig. 3)",
+        "Training overhead per step (the paper's Fig. 4)",
+        "Robustness against eps (the paper's Fig. 5)",
+        "Every attack, every threat model",
+        "Where could the paper's figures come from?",
+        "Defences compared",
+        "What can be certified",
+    ):
         assert f"## {heading}" in text
     for png in ("fig6_summary.png", "fig3_baseline.png", "fig4_overhead.png", "fig5_mnist.png", "defences.png"):
         assert f"({png})" in text
@@ -109,8 +146,14 @@ def test_plots_carry_the_papers_figures_beside_ours(report, tmp_path, monkeypatc
         return real(groups, series, title, *args, **kwargs)
 
     monkeypatch.setattr(build.plots, "grouped_bars", recording)
-    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
-               "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5}, "studies": studies, "certified": CERTIFIED}
+    results = {
+        "quick": True,
+        "machine": "test machine",
+        "settings": TINY.to_dict(),
+        "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5},
+        "studies": studies,
+        "certified": CERTIFIED,
+    }
     build.build_report(results, tmp_path)
     # the paper has no FAT model: a gap beside ours
     paper = [FIG6["cnn", "mnist"], FIG6["dipsen", "mnist"], {}]
@@ -120,12 +163,15 @@ def test_plots_carry_the_papers_figures_beside_ours(report, tmp_path, monkeypatc
     models = ("cnn", "dipsen", "cnn-fat")
     assert defences["clean (mean of 2)"] == [studies[f"mnist/{m}"]["clean"]["metrics"]["mc"]["accuracy"] for m in models] + [0.9]
     assert defences["adaptive worst case at eps 0.3 (mean of 2)"] == [
-        studies[f"mnist/{m}"]["worst_case"]["mc"]["all"] for m in models] + [None]
+        studies[f"mnist/{m}"]["worst_case"]["mc"]["all"] for m in models
+    ] + [None]
     assert defences["certified at L2 r = 0.5"] == [None, 0.0, None, 0.612]
     steps = {m: studies[f"mnist/{m}"]["training_cost"]["mean_step_seconds"] for m in models}
     overhead = calls["Training time per step against the CNN's"]
-    assert overhead == {"dipsen / cnn time per step": [steps["dipsen"] / steps["cnn"]],
-                        "cnn-fat / cnn time per step": [pytest.approx(2.5)]}
+    assert overhead == {
+        "dipsen / cnn time per step": [steps["dipsen"] / steps["cnn"]],
+        "cnn-fat / cnn time per step": [pytest.approx(2.5)],
+    }
 
 
 def test_fat_rows_sit_beside_the_cnn_and_dipsen_without_a_paper_figure(report):
@@ -156,24 +202,38 @@ def test_defences_compared_reads_every_figure_from_the_input(report):
     clean = {m: s["clean"]["metrics"] for m, s in (("cnn", cnn), ("dipsen", dipsen))}
     pgd = {m: s["paper"]["pgd"]["metrics"]["single"]["accuracy"] for m, s in (("cnn", cnn), ("dipsen", dipsen))}
     worst = {m: s["worst_case"] for m, s in (("cnn", cnn), ("dipsen", dipsen))}
-    assert (f"| MNIST | CNN (no defence) | {clean['cnn']['single']['accuracy']:.3f} | {pgd['cnn']:.3f} | "
-            f"{worst['cnn']['single']['all']:.3f} | — | — | 2.0 | 1.00× | ") in section
-    assert (f"| MNIST | DiPSeN | {clean['dipsen']['single']['accuracy']:.3f} / {clean['dipsen']['mc']['accuracy']:.3f} | "
-            f"{pgd['dipsen']:.3f} | {worst['dipsen']['single']['all']:.3f} / {worst['dipsen']['mc']['all']:.3f} | "
-            "0.000 | — | 2.2 | 1.10× | ") in section
-    assert ("| MNIST | FAT (cnn-fat) | 0.951 | 0.902 | 0.873 | — | — | 5.0 | 2.50× | "
-            "**eps sweep stays at 0.42 at eps 0.5: possible gradient masking**; doubling the iterations: converged |") in section
+    assert (
+        f"| MNIST | CNN (no defence) | {clean['cnn']['single']['accuracy']:.3f} | {pgd['cnn']:.3f} | "
+        f"{worst['cnn']['single']['all']:.3f} | — | — | 2.0 | 1.00× | "
+    ) in section
+    assert (
+        f"| MNIST | DiPSeN | {clean['dipsen']['single']['accuracy']:.3f} / {clean['dipsen']['mc']['accuracy']:.3f} | "
+        f"{pgd['dipsen']:.3f} | {worst['dipsen']['single']['all']:.3f} / {worst['dipsen']['mc']['all']:.3f} | "
+        "0.000 | — | 2.2 | 1.10× | "
+    ) in section
+    assert (
+        "| MNIST | FAT (cnn-fat) | 0.951 | 0.902 | 0.873 | — | — | 5.0 | 2.50× | "
+        "**eps sweep stays at 0.42 at eps 0.5: possible gradient masking**; doubling the iterations: converged |"
+    ) in section
     unattacked = "not attacked (certified in L2 only)"
-    assert (f"| MNIST | smoothed CNN, sigma 0.25 | 0.900 (certified prediction, 10 examples) | {unattacked} | {unattacked} | "
-            "0.612 | 0.331 | 2.1 | 1.05× | — |") in section
+    assert (
+        f"| MNIST | smoothed CNN, sigma 0.25 | 0.900 (certified prediction, 10 examples) | {unattacked} | {unattacked} | "
+        "0.612 | 0.331 | 2.1 | 1.05× | — |"
+    ) in section
     # the reading under the table follows the figures: FAT keeps the most here, and its checks fail
     assert max(worst[m]["mc"]["all"] for m in worst) < 0.873
-    assert (f"FAT (cnn-fat) keeps the most, at clean accuracy 0.951 (mean of 2) against the CNN's "
-            f"{clean['cnn']['mc']['accuracy']:.3f}, for 2.50 times the CNN's training time. Its attack checks fail") in section
-    assert ("Certified at L2 r = 0.5 (a different threat model, not comparable with L-inf eps 0.3): "
-            "0.612 for the smoothed CNN, sigma 0.25.") in section
-    assert ("on MNIST, a share 1 of every client's mini-batch loss on fgsm-rs adversarial examples at eps 0.3, "
-            "cyclic learning rate peaking at 0.004") in section
+    assert (
+        f"FAT (cnn-fat) keeps the most, at clean accuracy 0.951 (mean of 2) against the CNN's "
+        f"{clean['cnn']['mc']['accuracy']:.3f}, for 2.50 times the CNN's training time. Its attack checks fail"
+    ) in section
+    assert (
+        "Certified at L2 r = 0.5 (a different threat model, not comparable with L-inf eps 0.3): "
+        "0.612 for the smoothed CNN, sigma 0.25."
+    ) in section
+    assert (
+        "on MNIST, a share 1 of every client's mini-batch loss on fgsm-rs adversarial examples at eps 0.3, "
+        "cyclic learning rate peaking at 0.004"
+    ) in section
 
 
 def test_the_reading_names_no_defence_when_none_beats_the_cnn(report, tmp_path):
@@ -181,8 +241,13 @@ def test_the_reading_names_no_defence_when_none_beats_the_cnn(report, tmp_path):
     cnn = studies["mnist/cnn"]
     weak = {"mnist/cnn": cnn, "mnist/cnn-fat": _fat_study(cnn, worst=cnn["worst_case"]["mc"]["all"])}
     weak["mnist/cnn-fat"]["sweep"]["single-draw"]["mc"][-1] = 0.0
-    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
-               "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5}, "studies": weak}
+    results = {
+        "quick": True,
+        "machine": "test machine",
+        "settings": TINY.to_dict(),
+        "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5},
+        "studies": weak,
+    }
     text = build_report(results, tmp_path).read_text()
     assert "No defence keeps more worst-case accuracy than the undefended CNN." in text
     assert "| — | — | — | — | eps sweep falls to 0.00 at eps 0.5; doubling the iterations: converged |\n" in text
@@ -232,9 +297,13 @@ def test_ctu13_report_sets_every_model_figure_beside_trivial_rules(ctu13_study, 
     assert baselines["sweep"]["eps"] == [0.0, 0.1, 0.5, 1.0]
     assert "domain_limit" in study["sweep"]["single-draw"]
     assert len(study["worst_case"]["per_class"]["single"]) == 2
-    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
-               "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5},
-               "studies": {"ctu13/cnn": study, "ctu13/cnn-fat": _fat_study(study)}}
+    results = {
+        "quick": True,
+        "machine": "test machine",
+        "settings": TINY.to_dict(),
+        "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5},
+        "studies": {"ctu13/cnn": study, "ctu13/cnn-fat": _fat_study(study)},
+    }
     text = build_report(results, tmp_path).read_text()
     assert "## How hard is the CTU-13 task?" in text
     assert "| **cnn-fat** (1 draw) | 0.951 |" in text and "| CTU-13 | FAT (cnn-fat) | 0.951 |" in text
@@ -251,17 +320,23 @@ def _central_socofing_study(root, task: str) -> dict:
     """A CNN trained centrally for one epoch on SOCOFing ``task``, studied with TINY settings."""
     from dipsen.config import TrainConfig
 
-    config = TrainConfig(dataset="socofing", model="cnn", socofing_task=task, rounds=1,
-                         seed=SOCOFING_SEED).validate()
+    config = TrainConfig(dataset="socofing", model="cnn", socofing_task=task, rounds=1, seed=SOCOFING_SEED).validate()
     return _central_study(root, config, config.load_dataset(), rows=1500)
 
 
 @pytest.fixture(scope="module")
 def socofing_report(tmp_path_factory):
-    studies = {f"{key}/cnn": _central_socofing_study(tmp_path_factory.mktemp("runs"), task)
-               for key, task in (("socofing", "hand-finger"), ("socofing-gender", "gender"))}
-    results = {"quick": True, "machine": "test machine", "settings": TINY.to_dict(),
-               "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5}, "studies": studies}
+    studies = {
+        f"{key}/cnn": _central_socofing_study(tmp_path_factory.mktemp("runs"), task)
+        for key, task in (("socofing", "hand-finger"), ("socofing-gender", "gender"))
+    }
+    results = {
+        "quick": True,
+        "machine": "test machine",
+        "settings": TINY.to_dict(),
+        "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5},
+        "studies": studies,
+    }
     return build_report(results, tmp_path_factory.mktemp("report")).read_text(), studies
 
 
@@ -283,8 +358,18 @@ def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only()
 
     for quick in (True, False):
         attacked, smoothed = study_configs(("mnist", "socofing", "ctu13"), quick, TINY)
-        assert list(attacked) == ["mnist/cnn", "mnist/dipsen", "mnist/cnn-fat", "socofing/cnn", "socofing/dipsen",
-                                  "socofing-gender/cnn", "socofing-gender/dipsen", "ctu13/cnn", "ctu13/dipsen", "ctu13/cnn-fat"]
+        assert list(attacked) == [
+            "mnist/cnn",
+            "mnist/dipsen",
+            "mnist/cnn-fat",
+            "socofing/cnn",
+            "socofing/dipsen",
+            "socofing-gender/cnn",
+            "socofing-gender/dipsen",
+            "ctu13/cnn",
+            "ctu13/dipsen",
+            "ctu13/cnn-fat",
+        ]
         assert not any("fat" in label for label in smoothed)
         for dataset in ("mnist", "ctu13"):
             fat, cnn = attacked[f"{dataset}/cnn-fat"], attacked[f"{dataset}/cnn"]
@@ -292,8 +377,12 @@ def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only()
             own = DEFENCES["cnn-fat"].config(TINY.eps, dataset)  # the defence's settings; else the CNN's (quick) ones
             assert replace(fat, **{key: getattr(cnn, key) for key in own}) == cnn
             assert all(getattr(fat, key) == value for key, value in own.items() if not (quick and key in QUICK_TRAINING))
-    assert study_configs(("socofing",), True, TINY)[0].keys() == {"socofing/cnn", "socofing/dipsen",
-                                                                  "socofing-gender/cnn", "socofing-gender/dipsen"}
+    assert study_configs(("socofing",), True, TINY)[0].keys() == {
+        "socofing/cnn",
+        "socofing/dipsen",
+        "socofing-gender/cnn",
+        "socofing-gender/dipsen",
+    }
     attacked, _ = study_configs(("mnist",), False, replace(TINY, eps=0.2))
     assert attacked["mnist/cnn-fat"].adv_eps == 0.2  # trained at the eps the study attacks with
 
@@ -309,13 +398,14 @@ def test_summary_shows_socofing_rows_for_both_tasks_with_their_majority_rate(soc
         if name is not None:
             assert majority == name
         ours = studies[f"{key}/cnn"]["clean"]["metrics"]["single"]["accuracy"]
-        row = (f"| SOCOFing ({task}) | cnn | {FIG6[('cnn', 'socofing')]['clean']:.3f} / **{ours:.3f}** | "
-               f"{rate:.3f} ({majority}) |")
+        row = f"| SOCOFing ({task}) | cnn | {FIG6[('cnn', 'socofing')]['clean']:.3f} / **{ours:.3f}** | {rate:.3f} ({majority}) |"
         assert row in text
     assert studies["socofing-gender/cnn"]["baselines"] is None and "How hard is the SOCOFing" not in text
     ours = studies["socofing/cnn"]["clean"]["metrics"]["single"]["accuracy"]
-    assert (f"No FAT run on SOCOFing: the undefended CNN's clean accuracy there is {ours:.3f} (1 draw), "
-            "so robustness is not the question.") in text
+    assert (
+        f"No FAT run on SOCOFing: the undefended CNN's clean accuracy there is {ours:.3f} (1 draw), "
+        "so robustness is not the question."
+    ) in text
 
 
 def test_report_says_which_socofing_task_the_papers_figure_can_be_compared_with(socofing_report):

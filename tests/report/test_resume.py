@@ -17,10 +17,22 @@ from dipsen.report.sigma import sweep_sigma
 
 REPRODUCE = importlib.import_module("dipsen.report.reproduce")  # dipsen.report.reproduce is also the function
 SIGMA = importlib.import_module("dipsen.report.sigma")
-TINY = StudySettings(samples=12, mc_samples=2, eot_draws=2, paper_budget=Budget(3, 1 / 3, 0),
-                     adaptive_budget=Budget(3, 1 / 3, 1, queries=5, hsj_iterations=1, hsj_evaluations=10),
-                     doubling_samples=6, hsj_samples=2, stale_rounds=1, attacker_samples=200, surrogate_epochs=1,
-                     sweep_eps=(0.1, 0.5), sweep_samples=10, sweep_budget=Budget(3, 1 / 3, 0), sweep_eot_draws=2)
+TINY = StudySettings(
+    samples=12,
+    mc_samples=2,
+    eot_draws=2,
+    paper_budget=Budget(3, 1 / 3, 0),
+    adaptive_budget=Budget(3, 1 / 3, 1, queries=5, hsj_iterations=1, hsj_evaluations=10),
+    doubling_samples=6,
+    hsj_samples=2,
+    stale_rounds=1,
+    attacker_samples=200,
+    surrogate_epochs=1,
+    sweep_eps=(0.1, 0.5),
+    sweep_samples=10,
+    sweep_budget=Budget(3, 1 / 3, 0),
+    sweep_eot_draws=2,
+)
 
 
 class Killed(Exception):
@@ -90,20 +102,30 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     assert _stamps(cnn) == cnn_files
     results = json.loads((out / "results.json").read_text())
     assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen", "mnist/cnn-fat"} and path == out / "report.md"
-    assert results["training_seconds"] == {label: REPRODUCE.training_seconds(out / "runs" / label.replace("/", "-"))
-                                           for label in [*results["studies"], "mnist/cnn-smooth-0.25"]}
+    assert results["training_seconds"] == {
+        label: REPRODUCE.training_seconds(out / "runs" / label.replace("/", "-"))
+        for label in [*results["studies"], "mnist/cnn-smooth-0.25"]
+    }
     assert results["seconds"]["training"] == pytest.approx(sum(results["training_seconds"].values()))
     recorded = results["defences"]["cnn-fat"]
     assert recorded["model"] == "cnn" and set(recorded["datasets"]) == {"mnist", "ctu13"}
     assert recorded["datasets"]["ctu13"] == {"adv_train": "fgsm-rs", "adv_mix": 0.5, "adv_eps": TINY.eps}
-    assert recorded["datasets"]["mnist"] == {"adv_train": "fgsm-rs", "adv_mix": 1.0, "adv_eps": TINY.eps, "lr_schedule": "cyclic",
-                                        "lr": 0.004, "rounds": 60, "local_epochs": 2}
+    assert recorded["datasets"]["mnist"] == {
+        "adv_train": "fgsm-rs",
+        "adv_mix": 1.0,
+        "adv_eps": TINY.eps,
+        "lr_schedule": "cyclic",
+        "lr": 0.004,
+        "rounds": 60,
+        "local_epochs": 2,
+    }
     # quick mode's budget wins over the defence's own rounds and epochs
     fat_config = RunDir.open(fat).config()
     assert (fat_config.rounds, fat_config.local_epochs, fat_config.lr_schedule) == (3, 1, "cyclic")
     assert "| MNIST | FAT (cnn-fat) |" in path.read_text()
-    saved = {label: RunDir.open(out / "runs" / label.replace("/", "-")).read_json(REPRODUCE.STUDY_FILE)
-             for label in results["studies"]}
+    saved = {
+        label: RunDir.open(out / "runs" / label.replace("/", "-")).read_json(REPRODUCE.STUDY_FILE) for label in results["studies"]
+    }
     assert results["studies"] == {label: record["result"] for label, record in saved.items()}
     assert results["seconds"]["attacks"] == pytest.approx(sum(record["seconds"] for record in saved.values()))
     assert set(results["certified"]) == {"mnist/cnn-smooth-0.25", "mnist/dipsen"}
@@ -122,8 +144,11 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
 def test_a_folder_of_the_study_before_its_defences_is_refused(tmp_path):
     options = {"quick": True, "datasets": ["mnist"], "settings": TINY.to_dict(), "certify": asdict(REPRODUCE.QUICK_CERTIFY)}
     REPRODUCE.open_output(tmp_path, options, resume=False)  # as the version without FAT runs recorded them
-    with pytest.raises(DipsenError, match=r"was started by an earlier version of this command: .*options.json records no "
-                                          r"defences, so its runs are not this version's; start a new --out folder"):
+    with pytest.raises(
+        DipsenError,
+        match=r"was started by an earlier version of this command: .*options.json records no "
+        r"defences, so its runs are not this version's; start a new --out folder",
+    ):
         REPRODUCE.reproduce(tmp_path, quick=True, datasets=("mnist",), settings=TINY, resume=True)
     assert not (tmp_path / "runs").exists()
 
