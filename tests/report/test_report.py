@@ -171,6 +171,7 @@ def test_plots_carry_the_papers_figures_beside_ours(report, tmp_path, monkeypatc
     assert overhead == {
         "dipsen / cnn time per step": [steps["dipsen"] / steps["cnn"]],
         "cnn-fat / cnn time per step": [pytest.approx(2.5)],
+        "cnn-fat-dirichlet / cnn time per step": [None],  # not in this study
     }
 
 
@@ -362,6 +363,7 @@ def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only()
             "mnist/cnn",
             "mnist/dipsen",
             "mnist/cnn-fat",
+            "mnist/cnn-fat-dirichlet",
             "socofing/cnn",
             "socofing/dipsen",
             "socofing-gender/cnn",
@@ -385,6 +387,10 @@ def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only()
     }
     attacked, _ = study_configs(("mnist",), False, replace(TINY, eps=0.2))
     assert attacked["mnist/cnn-fat"].adv_eps == 0.2  # trained at the eps the study attacks with
+    # under label skew: the MNIST recipe on a Dirichlet(0.5) partition, nothing else changed
+    skewed, iid = attacked["mnist/cnn-fat-dirichlet"], attacked["mnist/cnn-fat"]
+    assert (skewed.partition, skewed.dirichlet_alpha, skewed.adv_eps) == ("dirichlet", 0.5, 0.2)
+    assert replace(skewed, partition=iid.partition) == iid
 
 
 def test_summary_shows_socofing_rows_for_both_tasks_with_their_majority_rate(socofing_report):

@@ -88,7 +88,12 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     with pytest.raises(Killed):
         REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
     # resumed from round 1, the finished run left alone; then FAT and the smoothed CNN the certification section needs
-    assert trained[2:] == [("mnist-dipsen", True), ("mnist-cnn-fat", False), ("mnist-cnn-smooth-0.25", False)]
+    assert trained[2:] == [
+        ("mnist-dipsen", True),
+        ("mnist-cnn-fat", False),
+        ("mnist-cnn-fat-dirichlet", False),
+        ("mnist-cnn-smooth-0.25", False),
+    ]
     fat = out / "runs" / "mnist-cnn-fat"
     assert RunDir.open(fat).finished() and RunDir.open(fat).config().adv_train == "fgsm-rs"
     assert RunDir.open(dipsen).read_json("final_metrics.json")["rounds"] == 3
@@ -98,10 +103,12 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     cnn_files = _stamps(cnn)
 
     path = REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    assert len(trained) == 5 and [args[0].path.name for args, _ in studied[2:]] == ["mnist-dipsen", "mnist-cnn-fat"]
+    assert len(trained) == 6
+    assert [args[0].path.name for args, _ in studied[2:]] == ["mnist-dipsen", "mnist-cnn-fat", "mnist-cnn-fat-dirichlet"]
     assert _stamps(cnn) == cnn_files
     results = json.loads((out / "results.json").read_text())
-    assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen", "mnist/cnn-fat"} and path == out / "report.md"
+    assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen", "mnist/cnn-fat", "mnist/cnn-fat-dirichlet"}
+    assert path == out / "report.md"
     assert results["training_seconds"] == {
         label: REPRODUCE.training_seconds(out / "runs" / label.replace("/", "-"))
         for label in [*results["studies"], "mnist/cnn-smooth-0.25"]
@@ -122,7 +129,12 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     # quick mode's budget wins over the defence's own rounds and epochs
     fat_config = RunDir.open(fat).config()
     assert (fat_config.rounds, fat_config.local_epochs, fat_config.lr_schedule) == (3, 1, "cyclic")
-    assert "| MNIST | FAT (cnn-fat) |" in path.read_text()
+    assert (
+        "| MNIST | FAT (cnn-fat) |" in path.read_text()
+        and "| MNIST | FAT under label skew (cnn-fat-dirichlet) |" in path.read_text()
+    )
+    skewed = results["defences"]["cnn-fat-dirichlet"]["datasets"]
+    assert skewed == {"mnist": {**recorded["datasets"]["mnist"], "partition": "dirichlet", "dirichlet_alpha": 0.5}}
     saved = {
         label: RunDir.open(out / "runs" / label.replace("/", "-")).read_json(REPRODUCE.STUDY_FILE) for label in results["studies"]
     }
@@ -137,7 +149,7 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     # a finished study resumed again: nothing trained or attacked, FAT included
     fat_files = _stamps(fat)
     REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    assert len(trained) == 5 and len(studied) == 4 and _stamps(fat) == fat_files
+    assert len(trained) == 6 and len(studied) == 5 and _stamps(fat) == fat_files
     assert json.loads((out / "results.json").read_text()) == results
 
 

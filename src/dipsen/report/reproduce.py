@@ -5,7 +5,8 @@
    default hand x finger task and on gender (:data:`dipsen.report.paper.TASK_VARIANTS`, keys
    ``socofing-gender/MODEL``). Beside them, the defences of :data:`dipsen.report.defences.DEFENCES` on
    the data sets each names (``DATASET/KEY``): federated adversarial training of the CNN (``cnn-fat``:
-   FGSM-RS at the study's eps) on MNIST and CTU-13. Each run keeps the checkpoints the study reads: the
+   FGSM-RS at the study's eps) on MNIST and CTU-13, and on MNIST under Dirichlet(0.5) label skew
+   (``cnn-fat-dirichlet``). Each run keeps the checkpoints the study reads: the
    final one and the orange-box attack's stale one (``keep_checkpoints = last-(stale_rounds + 1)``).
 2. Run :func:`dipsen.attack.study.study_run` on every final global model; each result is saved as
    ``OUT/runs/KEY-MODEL/study.json`` as soon as it is done.
