@@ -42,6 +42,7 @@ def _fat_study(cnn: dict, clean: float = 0.951, pgd: float = 0.902, worst: float
     curve["single"] = curve["mc"] = [clean, 0.61, 0.42]
     curve["verdict"] = sweep_verdict(curve["mc"], study["sweep"]["eps"][-1], study["sweep"]["chance"])
     study["doubling"]["converged"] = True
+    study["paper"]["fgsm"]["crafted_on"] = "final global model (round 60)"  # trained longer than the CNN
     if cnn["training_cost"]:
         study["training_cost"] = {"mean_step_seconds": cnn["training_cost"]["mean_step_seconds"] * 2.5}
     return study
@@ -188,6 +189,10 @@ def test_fat_rows_sit_beside_the_cnn_and_dipsen_without_a_paper_figure(report):
     assert f"| cnn-fat | {curve} (1 draw) | 0.951 | 0.610 | 0.420 | attack not shown to work" in text
     assert "| cnn: 1 draw / mean of 2 | dipsen: 1 draw / mean of 2 | cnn-fat: 1 draw / mean of 2 |" in text  # details
     assert "| worst case | all attacks above (mean of 2) |" in text and " | 0.873 |  |" in text
+    # each attack names what it was crafted on; where the models' rounds differ, each model's
+    cnn_source = studies["mnist/cnn"]["paper"]["fgsm"]["crafted_on"]
+    assert f"| cnn: {cnn_source}; dipsen: {cnn_source}; cnn-fat: final global model (round 60) |" in text
+    assert f"| {studies['mnist/cnn']['paper']['bim']['crafted_on']} |" in text
     # the paper's claim is DiPSeN's: the verdicts name no other model; its protocol variants are the paper's models only
     survives = text.split("## What survives")[1].split("##")[0]
     assert "cnn-fat" not in survives and "FAT" not in survives

@@ -455,6 +455,13 @@ def _curves(studies: dict, datasets: list[str], out: Path) -> list[Block]:
     return blocks
 
 
+def _crafted_on(sources: dict[str, str]) -> str:
+    """What one attack was crafted on: one source if every model's agrees, else each model's (their runs' rounds differ)."""
+    if len(set(sources.values())) <= 1:
+        return next(iter(sources.values()), "")
+    return "; ".join(f"{model}: {source}" for model, source in sources.items())
+
+
 def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
     blocks: list[Block] = [Heading("Every attack, every threat model")]
     for dataset in datasets:
@@ -467,19 +474,19 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
             for name in dict.fromkeys(k for s in models.values() for k in s[section]):
                 keys.append((section, label, name))
         for section, label, name in keys:
-            cells, crafted = [], ""
-            for study in models.values():
+            cells, crafted = [], {}
+            for model, study in models.items():
                 result = study[section].get(name)
                 if result is None:
                     cells.append("—")
                     continue
-                crafted = result["crafted_on"]
+                crafted[model] = result["crafted_on"]
                 limited = f" (n={result['samples']})" if result["samples"] != study["samples"] else ""
                 cells.append(f"{_pct(_acc(result))} / {_pct(_acc(result, 'mc'))}{limited}")
             # the randomized model's setup names the gradient view; the CNNs' gradient is deterministic
             having = sorted((s for s in models.values() if name in s[section]), key=lambda s: not s.get("randomized"))
             shown = having[0][section][name]
-            rows.append([label, shown["label"], *cells, crafted])
+            rows.append([label, shown["label"], *cells, _crafted_on(crafted)])
         for rule, rule_name in (("single", "1 draw"), ("mc", f"mean of {n}")):
             rows.append(
                 [
