@@ -238,6 +238,9 @@ def _introduction(results: dict, datasets: list[str]) -> str:
         "threat model, on the same examples."
     ]
     for key, defence in DEFENCES.items():
+        ours = [dataset for dataset in datasets if dataset in defence.datasets]
+        if ours and not any(f"{dataset}/{key}" in studies for dataset in ours):
+            continue  # results of a run set without this defence
         trained = (recorded.get(key) or {}).get("datasets") or {}
         hows = [
             f"on {DATASET_NAMES[dataset]}, a share {how['adv_mix']:g} of every client's mini-batch loss on "
