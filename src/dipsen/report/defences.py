@@ -34,6 +34,7 @@ class Defence:
     overrides: dict[str, Any] = field(default_factory=dict)  # training-config values beside the data set's TOML
     at_study_eps: bool = False  # adversarial training: adv_eps is the study's attack eps
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)  # data set -> values for it alone
+    variant_of: str | None = None  # the defence this one repeats under another condition: it names no data sets left out
 
     def config(self, eps: float, dataset: str) -> dict[str, Any]:
         """The training-config overrides of a study attacking at ``eps``, for ``dataset``."""
@@ -66,6 +67,7 @@ DEFENCES = {
         ("mnist",),
         {"adv_train": "fgsm-rs", "partition": "dirichlet", "dirichlet_alpha": 0.5, **MNIST_FAT},
         at_study_eps=True,
+        variant_of=FAT,
     ),
 }
 """Report model key -> the defence trained under it (run ``OUT/runs/DATASET-KEY``)."""
@@ -238,9 +240,9 @@ def _introduction(results: dict, datasets: list[str]) -> str:
         "threat model, on the same examples."
     ]
     for key, defence in DEFENCES.items():
-        ours = [dataset for dataset in datasets if dataset in defence.datasets]
-        if ours and not any(f"{dataset}/{key}" in studies for dataset in ours):
-            continue  # results of a run set without this defence
+        studied = any(f"{dataset}/{key}" in studies for dataset in datasets)
+        if not studied and (defence.variant_of or any(dataset in defence.datasets for dataset in datasets)):
+            continue  # a variant outside these data sets, or results of a run set without this defence
         trained = (recorded.get(key) or {}).get("datasets") or {}
         hows = [
             f"on {DATASET_NAMES[dataset]}, a share {how['adv_mix']:g} of every client's mini-batch loss on "
@@ -260,7 +262,8 @@ def _introduction(results: dict, datasets: list[str]) -> str:
             "holds out a validation slice of the training rows to watch its PGD accuracy after every round, and the "
             "study attacks the final round's model, as for the others."
         )
-        for dataset in (d for d in datasets if d in DATASETS and d not in defence.datasets):
+        left_out = [] if defence.variant_of else [d for d in datasets if d in DATASETS and d not in defence.datasets]
+        for dataset in left_out:
             cnn = studies.get(f"{dataset}/cnn")
             why = (
                 f"the undefended CNN's clean accuracy there is {_acc(cnn['clean']):.3f} (1 draw), "
