@@ -155,6 +155,9 @@ class TrainConfig:
     # last-6 bounds the disk and keeps what --resume (the last round) and the orange-box attack at
     # its default --stale-rounds 5 (round final-5) need
     keep_checkpoints: str = "last-6"
+    # evaluate the global model (test set, validation and robust slices) after every N-th round and the
+    # last one only; the rounds between record null. Evaluation does not touch training's random draws
+    eval_every: int = 1
 
     @property
     def clients_per_round(self) -> int:
@@ -415,6 +418,7 @@ SCHEMA: dict[str, Rule] = {
     "workers": _OPTIONAL_COUNT,
     "engine": Rule(str, choices=lambda: ENGINES),
     "keep_checkpoints": Rule(str),  # its form is checked by parse_keep_checkpoints
+    "eval_every": _COUNT,
 }
 
 

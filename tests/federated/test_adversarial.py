@@ -1,5 +1,6 @@
 """Adversarial training in client_update (fgsm-rs, pgd), the per-round robust accuracy and best_robust.pt."""
 
+import dataclasses
 import json
 import re
 
@@ -148,6 +149,23 @@ def test_robust_accuracy_best_robust_and_bit_identical_resume(mnist, tmp_path, o
     assert again["round"] == saved["round"] and all(
         torch.equal(saved["model_state"][k], again["model_state"][k]) for k in again["model_state"]
     )
+
+
+def test_eval_every_thins_every_evaluation_and_leaves_the_weights(mnist, tmp_path, one_thread):
+    cfg = TrainConfig(rounds=3, **TINY).validate()
+    every = RunDir.create(tmp_path, cfg, name="every")
+    train(FederatedTraining(cfg, mnist), every)
+    thinned = RunDir.create(tmp_path, dataclasses.replace(cfg, eval_every=2), name="thinned")
+    metrics = train(FederatedTraining(thinned.config(), mnist), thinned)
+    measured = ("test_accuracy", "validation_accuracy", "robust_accuracy")
+    full, thin = every.metrics(), thinned.metrics()
+    assert [r[k] for r in thin[:1] for k in measured] == [None, None, None]  # round 1: not a multiple of 2
+    # round 2 (a multiple) and round 3 (the last): what a run evaluating every round measured
+    assert [[r[k] for k in measured] for r in thin[1:]] == [[r[k] for k in measured] for r in full[1:]]
+    assert all(r["train_loss"] == f["train_loss"] for r, f in zip(thin, full, strict=True))
+    assert all(torch.equal(v, every.load_checkpoint(3)[k]) for k, v in thinned.load_checkpoint(3).items())
+    assert metrics["accuracy"] == full[-1]["test_accuracy"]
+    assert thinned.best_robust()["round"] in (2, 3)
 
 
 def test_target_robust_accuracy_stops_the_run(mnist, tmp_path, one_thread):

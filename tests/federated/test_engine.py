@@ -91,6 +91,15 @@ def test_target_accuracy_stops_early(mnist, tmp_path):
     assert run.metrics()[0]["validation_accuracy"] >= 0.05
 
 
+def test_a_target_is_checked_on_the_rounds_eval_every_evaluates(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=10, target_accuracy=0.05, eval_every=2, **SMALL).validate()
+    run = RunDir.create(tmp_path, cfg)
+    metrics = train(FederatedTraining(cfg, mnist), run)
+    assert metrics["rounds"] == 2  # round 1 reached it too, unmeasured
+    assert [(r["test_accuracy"], r["validation_accuracy"]) for r in run.metrics()][0] == (None, None)
+    assert run.metrics()[1]["validation_accuracy"] >= 0.05
+
+
 def _fingerprint(parts: list[np.ndarray]) -> str:
     return hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest()
 

@@ -300,6 +300,14 @@ def train(
             "last-6 keeps what --resume and orange-box --stale-rounds 5 need.",
         ),
     ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("eval_every"),
+            help="Evaluate the global model (test set; validation and robust slices, whose targets it checks) "
+            "after every N-th round and the last only: saves time in long runs; weights are unchanged.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
     resume: Annotated[
         Path | None,
@@ -356,22 +364,21 @@ def train(
                 progress.update(task, completed=start_round)
                 return
             loss = "-" if result.train_loss is None else f"{result.train_loss:.3f}"
+            accuracy = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
             val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
             if result.robust_accuracy is not None:
                 val += f" robust {result.robust_accuracy:.4f}"
             if result.client_dp_epsilon is not None:
                 val += f" client-eps {result.client_dp_epsilon:.3g}"
-            progress.update(
-                task, completed=result.round, description=f"round {result.round} acc {result.test_accuracy:.4f}{val} loss {loss}"
-            )
+            progress.update(task, completed=result.round, description=f"round {result.round} acc {accuracy}{val} loss {loss}")
 
         def on_poll():  # the Flower engine trains in other processes: follow the run folder
             history = run.metrics()
             if history:
                 last = history[-1]
-                progress.update(
-                    task, completed=last["round"], description=f"round {last['round']} acc {last['test_accuracy']:.4f}"
-                )
+                measured = [r for r in history if r["test_accuracy"] is not None]
+                accuracy = f" acc {measured[-1]['test_accuracy']:.4f} (round {measured[-1]['round']})" if measured else ""
+                progress.update(task, completed=last["round"], description=f"round {last['round']}{accuracy}")
 
         try:
             with progress:

@@ -35,6 +35,11 @@ PGD accuracy on its first :data:`ROBUST_SLICE_CAP` rows is recorded as ``robust_
 global model of the best round so far is kept as ``RUN/best_robust.pt`` (the guard against
 catastrophic overfitting) and the run stops once ``target_robust_accuracy`` is reached.
 
+``eval_every`` N > 1 thins all three evaluations to every N-th round and the run's last
+(:meth:`FederatedTraining.evaluates`): the other rounds record null, and the targets and
+``best_robust.pt`` are decided on the evaluated rounds only. Each evaluation seeds its own draws,
+so the weights of every round are those of a run that evaluates every round.
+
 Client-level differential privacy (``client_dp_noise`` or ``client_dp_epsilon``, see
 :mod:`dipsen.federated.privacy`): :func:`aggregation` carries the noise multiplier into
 :func:`~dipsen.federated.aggregate.aggregate`, whose noise is seeded from (seed, round) like every
@@ -108,9 +113,9 @@ class Runner(Protocol):
 @dataclass(frozen=True)
 class RoundResult:
     round: int
-    test_accuracy: float
-    validation_accuracy: float | None  # None without a target: no slice is held out
-    robust_accuracy: float | None  # PGD accuracy on the validation slice; None unless config.robust_evaluation
+    test_accuracy: float | None  # None in a round that eval_every skips
+    validation_accuracy: float | None  # None without a target (no slice is held out) or in a skipped round
+    robust_accuracy: float | None  # PGD accuracy on the validation slice; None unless config.robust_evaluation, or skipped
     train_loss: float | None  # None when every update of the round was rejected
     clients: list[int]
     samples: int
@@ -318,6 +323,10 @@ class FederatedTraining:
             "malicious": None if self.adversary is None else self.adversary.describe(),
         }
 
+    def evaluates(self, round_: int) -> bool:
+        """Whether the global model of ``round_`` is evaluated: every ``eval_every``-th round and the last."""
+        return round_ % self.config.eval_every == 0 or round_ == self.config.rounds
+
     def test_accuracy(self, round_: int) -> float:
         torch.manual_seed(derive_seed(self.config.seed, _EVAL, round_))
         predictions = predict_labels(self.model, self.x_test, self.config.mc_samples)
@@ -390,9 +399,10 @@ class FederatedTraining:
         new_state = aggregate([u.state for u in updates], counts, global_state, spec, noise_seed) if enough else global_state
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
-        accuracy = self.test_accuracy(round_)
-        validation_accuracy = self.validation_accuracy(round_)
-        robust_accuracy = self.robust_accuracy(round_)
+        evaluated = self.evaluates(round_)
+        accuracy = self.test_accuracy(round_) if evaluated else None
+        validation_accuracy = self.validation_accuracy(round_) if evaluated else None
+        robust_accuracy = self.robust_accuracy(round_) if evaluated else None
         # at the server's capped counts, not the steps a client reports for the count it claims
         steps = sum(self.training.steps_for(c) for c in counts)
         samples = sum(counts) * self.config.local_epochs
@@ -503,7 +513,7 @@ def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
     if not history:
         return False
     last = history[-1]
-    clean = config.target_accuracy is not None and last["validation_accuracy"] >= config.target_accuracy
+    clean = config.target_accuracy is not None and (last["validation_accuracy"] or 0.0) >= config.target_accuracy
     robust = config.target_robust_accuracy is not None and (last.get("robust_accuracy") or 0.0) >= config.target_robust_accuracy
     return clean or robust
 
