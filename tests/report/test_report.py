@@ -360,9 +360,9 @@ def test_reproduce_trains_socofing_on_gender_too():
     assert paper_config("socofing", "cnn", quick=True).socofing_task == "hand-finger"
 
 
-def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only():
+def test_reproduce_trains_fat_on_mnist_and_ctu13_and_smooths_mnist_at_three_sigmas():
     from dipsen.report.defences import DEFENCES
-    from dipsen.report.reproduce import QUICK_TRAINING, study_configs
+    from dipsen.report.reproduce import QUICK_TRAINING, STUDY_EVAL_EVERY, study_configs
 
     for quick in (True, False):
         attacked, smoothed = study_configs(("mnist", "socofing", "ctu13"), quick, TINY)
@@ -380,6 +380,13 @@ def test_reproduce_adds_federated_adversarial_training_on_mnist_and_ctu13_only()
             "ctu13/cnn-fat",
         ]
         assert not any("fat" in label for label in smoothed)
+        mnist_sigmas = ["0.25"] if quick else ["0.25", "0.5", "1"]  # quick: the first sigma only
+        assert list(smoothed) == [
+            *[f"mnist/cnn-smooth-{s}" for s in mnist_sigmas],
+            "socofing/cnn-smooth-0.25",
+            "ctu13/cnn-smooth-0.25",
+        ]
+        assert {c.eval_every for c in [*attacked.values(), *smoothed.values()]} == {STUDY_EVAL_EVERY}
         for dataset in ("mnist", "ctu13"):
             fat, cnn = attacked[f"{dataset}/cnn-fat"], attacked[f"{dataset}/cnn"]
             assert (fat.model, fat.adv_train, fat.adv_eps, fat.keep_checkpoints) == ("cnn", "fgsm-rs", TINY.eps, "last-2")

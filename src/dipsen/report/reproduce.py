@@ -63,8 +63,8 @@ QUICK_TRAINING = {"rounds": 3, "clients": 20, "fraction": 0.25, "local_epochs": 
 OPTIONS_FILE = "options.json"  # in OUT: what the study was started with
 STUDY_FILE = "study.json"  # in each run folder: its study_run result
 CERTIFY_FILE = "certify.json"  # in each certified run folder: its certificate and attacked accuracy
-SMOOTHING_SIGMAS = {"mnist": (0.25, 0.5), "socofing": (0.25,), "ctu13": (0.25,)}
-"""Input-noise std of the smoothed CNNs the study trains and certifies, per data set (Cohen et al.'s 0.25, 0.5)."""
+SMOOTHING_SIGMAS = {"mnist": (0.25, 0.5, 1.0), "socofing": (0.25,), "ctu13": (0.25,)}
+"""Input-noise std of the smoothed CNNs the study trains and certifies, per data set (Cohen et al.'s 0.25, 0.5, 1.0)."""
 CERTIFY = CertifySettings(n0=100, n=2000, samples=100, radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5))
 """n = 2,000 draws certify radii up to 2.7 sigma at alpha 0.001: enough for the report's r = 0.5 and 1."""
 QUICK_CERTIFY = CertifySettings(n0=10, n=100, samples=10, radii=(0.0, 0.25, 0.5))
