@@ -1,5 +1,7 @@
 """The attacker's views of a randomized model: noise stays on under eval(), EOT lowers gradient variance."""
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -49,6 +51,28 @@ def test_expected_softmax_is_a_log_probability_and_matches_one_draw(dipsen_run, 
     one = ExpectedSoftmax(model, draws=1)(x)
     torch.manual_seed(3)
     assert torch.allclose(one, torch.log_softmax(model(x), dim=1), atol=1e-5)
+
+
+def _expected_softmax_of_a_repeated_batch(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
+    log_probs = torch.log_softmax(model(x.repeat(draws, 1, 1, 1)), dim=1).view(draws, len(x), -1)
+    return torch.logsumexp(log_probs, dim=0) - math.log(draws)
+
+
+def test_eot_runs_block1_once_per_input_with_the_repeated_batch_s_draws_and_gradient(dipsen_run, mnist):
+    model = dipsen_run.model()
+    x, y = torch.from_numpy(mnist.x_test[:8]), torch.from_numpy(mnist.y_test[:8])
+    seen = []
+    hook = model.block1.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
+    torch.manual_seed(5)
+    shared = _input_gradient(ExpectedSoftmax(model, draws=4), x, y)
+    hook.remove()
+    assert seen == [8]  # not 4 x 8
+    torch.manual_seed(5)
+    repeated = _input_gradient(lambda inputs: _expected_softmax_of_a_repeated_batch(model, inputs, 4), x, y)
+    assert torch.allclose(shared, repeated, rtol=1e-4, atol=1e-7)
+    torch.manual_seed(6)
+    other = _input_gradient(ExpectedSoftmax(model, draws=4), x, y)
+    assert not torch.allclose(shared, other)  # other draws: the noise is not frozen
 
 
 def test_frozen_and_off_views_are_deterministic_and_leave_the_model_alone(dipsen_run, mnist):

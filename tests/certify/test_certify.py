@@ -8,6 +8,7 @@ from torch import nn
 
 from dipsen.certify import ABSTAIN, Smooth, largest_epsilon, linf_radius, lower_confidence_bound, pixeldp_certify
 from dipsen.certify.pixeldp import l2_size
+from dipsen.certify.smoothing import class_counts
 from dipsen.models import build_model, calibrate_noise
 
 
@@ -85,7 +86,8 @@ def test_pixeldp_certificate_of_a_confident_model_and_of_a_coin():
         model.output.bias[3] = 50.0
     cert = pixeldp_certify(model, torch.rand(1, 28, 28), draws=2000, alpha=0.001, noise=noise)
     assert cert.label == 3 and cert.epsilon == 1.0 and cert.l2_size == pytest.approx(0.1)  # capped at eps 1
-    model.forward = lambda x: torch.randn(len(x), 10)  # a model that answers at random: nothing to certify
+    # a model that answers at random: nothing to certify (the noise's draws come through forward_draws)
+    model.forward_draws = lambda x, draws: torch.randn(draws * len(x), 10)
     tie = pixeldp_certify(model, torch.rand(1, 28, 28), draws=2000, alpha=0.001, noise=noise)
     assert tie.label == ABSTAIN and tie.l2_size == 0.0
 
@@ -124,3 +126,17 @@ def test_pixeldp_bounds_hold_for_every_class_together(monkeypatch):
     lower, upper = beta.ppf(level, 1500, 501), beta.ppf(1 - level, 501, 1500)  # one-sided Clopper-Pearson
     assert cert.label == 3 and cert.epsilon == pytest.approx(largest_epsilon(lower, upper, 0.05), rel=1e-9)
     assert 0 < cert.epsilon < largest_epsilon(beta.ppf(0.001 / 2, 1500, 501), upper, 0.05)  # stricter than alpha / 2
+
+
+def test_counts_of_a_noise_layer_model_are_those_of_its_repeated_batches():
+    torch.manual_seed(0)
+    model = build_model("dipsen", (1, 28, 28), 10, calibrate_noise(None, 1.0, 0.05, 0.1)).eval()
+    x = torch.rand(1, 28, 28)
+    torch.manual_seed(1)
+    counts = class_counts(model, x, 300, 10, batch_size=128)
+    torch.manual_seed(1)
+    expected = torch.zeros(10, dtype=torch.long)
+    with torch.no_grad():
+        for size in (128, 128, 44):  # the same batches, each through the whole model
+            expected += torch.bincount(model(x.expand(size, *x.shape)).argmax(dim=1), minlength=10)
+    assert torch.equal(counts, expected) and counts.sum() == 300 and (counts > 0).sum() > 1

@@ -46,8 +46,11 @@ class ExpectedSoftmax(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
-        repeated = x.repeat(self.draws, *([1] * (x.dim() - 1)))
-        log_probs = torch.log_softmax(self.model(repeated), dim=1).view(self.draws, batch, -1)
+        if isinstance(self.model, FederatedNet):  # block 1 once per input, not once per draw
+            logits = self.model.forward_draws(x, self.draws)
+        else:
+            logits = self.model(x.repeat(self.draws, *([1] * (x.dim() - 1))))
+        log_probs = torch.log_softmax(logits, dim=1).view(self.draws, batch, -1)
         return torch.logsumexp(log_probs, dim=0) - math.log(self.draws)
 
 

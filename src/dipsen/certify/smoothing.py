@@ -24,6 +24,8 @@ import torch
 from scipy.stats import binomtest, norm
 from torch import Tensor, nn
 
+from ..models import FederatedNet
+
 ABSTAIN = -1
 """What :meth:`Smooth.predict` and :meth:`Smooth.certify` return when they cannot decide."""
 
@@ -89,10 +91,15 @@ def class_counts(
     counts = torch.zeros(num_classes, dtype=torch.long)
     model.eval()
     for start in range(0, draws, batch_size):
-        batch = x.unsqueeze(0).expand(min(batch_size, draws - start), *x.shape)
-        if input_std > 0:
-            batch = batch + torch.randn(batch.shape, generator=generator) * input_std
-        counts += torch.bincount(model(batch).argmax(dim=1), minlength=num_classes)
+        size = min(batch_size, draws - start)
+        if input_std == 0 and isinstance(model, FederatedNet):  # the same draws, block 1 computed once
+            logits = model.forward_draws(x.unsqueeze(0), size)
+        else:
+            batch = x.unsqueeze(0).expand(size, *x.shape)
+            if input_std > 0:
+                batch = batch + torch.randn(batch.shape, generator=generator) * input_std
+            logits = model(batch)
+        counts += torch.bincount(logits.argmax(dim=1), minlength=num_classes)
     return counts
 
 
