@@ -3,7 +3,7 @@
 import numpy as np
 
 from dipsen.attack import AttackResult, AttackSetup, Budget, RobustnessEvaluation, worst_case_accuracy
-from dipsen.attack.study import sweep_verdict
+from dipsen.attack.study import converged, doubling_converged, sweep_verdict
 
 
 def _result(single: list[bool]) -> AttackResult:
@@ -37,3 +37,17 @@ def test_sweep_verdict_requires_accuracy_near_zero_not_near_chance():
     assert "0.50" in sweep_verdict([0.99, 0.9, 0.70], 0.5, chance=0.66, domain_limit=0.5)
     assert sweep_verdict([0.99, 0.3, 0.02], 0.5, chance=0.11).startswith("working")
     assert sweep_verdict([0.2, 0.1, 0.0], 0.5, chance=0.15).startswith("no verdict")
+
+
+def test_doubling_converges_at_a_fall_of_exactly_the_tolerance_in_examples():
+    assert 0.43 - 0.41 > 0.02  # in floats: the comparison that marked such a fall not converged
+    assert converged(0.43, 0.41, 100) and converged(0.55, 0.55, 100) and converged(0.50, 0.52, 100)
+    assert not converged(0.43, 0.40, 100)
+    assert not converged(0.5, 0.5 - 1 / 30, 30)  # one example of 30 is more than 2 points
+
+
+def test_a_saved_doubling_record_is_judged_from_its_figures_not_its_flag():
+    saved = {"samples": 100, "single": {"base": 0.43, "doubled": 0.41}, "mc": {"base": 0.43, "doubled": 0.41}, "converged": False}
+    assert doubling_converged(saved)  # an older version's float comparison flagged it
+    saved["mc"]["doubled"] = 0.40
+    assert not doubling_converged(saved)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..attack.study import doubling_converged
 from . import plots
 from .certified import certified_section
 from .defences import DEFENCES, PAPER_MODELS, STUDIED_MODELS, defences_section
@@ -233,7 +234,7 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
             )
         lines.append(
             f"- {DATASET_NAMES[dataset]}: {verdict}. Iteration doubling: "
-            f"{'converged' if study['doubling']['converged'] else '**not converged** (more iterations still help)'}. "
+            f"{'converged' if doubling_converged(study['doubling']) else '**not converged** (more iterations still help)'}. "
             f"EOT sweep: {study['sweep'].get('adaptive', study['sweep']['single-draw'])['verdict']}."
         )
     return [Heading("What survives"), Paragraph("\n".join(lines) or "No DiPSeN run in this study.")]
@@ -501,7 +502,7 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
             )
         doubling = [
             f"{s['doubling']['mc']['base']:.3f} → {s['doubling']['mc']['doubled']:.3f} "
-            f"({'converged' if s['doubling']['converged'] else 'NOT converged'})"
+            f"({'converged' if doubling_converged(s['doubling']) else 'NOT converged'})"
             for s in models.values()
         ]
         first = next(iter(models.values()))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..attack.study import NEAR_ZERO
+from ..attack.study import NEAR_ZERO, doubling_converged
 from . import plots
 from .paper import DATASET_NAMES, DATASETS
 from .render import Block, Heading, Image, Paragraph, Table
@@ -104,7 +104,7 @@ def sweep_check(study: dict) -> tuple[str, bool]:
         limit = f"; {curve['domain_limit']['mc']:.2f} on the whole feasible domain" if "domain_limit" in curve else ""
         words, failed = f"**eps sweep stays at {accuracies[-1]:.2f} at eps {largest:g}{limit}: possible gradient masking**", True
     doubling = study["doubling"]
-    if doubling["converged"]:
+    if doubling_converged(doubling):
         words += "; doubling the iterations: converged"
     else:
         rule = max(("single", "mc"), key=lambda r: doubling[r]["base"] - doubling[r]["doubled"])  # the rule that moved
