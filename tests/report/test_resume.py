@@ -124,7 +124,7 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
         "lr_schedule": "cyclic",
         "lr": 0.004,
         "rounds": 60,
-        "local_epochs": 2,
+        "local_epochs": 5,
     }
     # quick mode's budget wins over the defence's own rounds and epochs
     fat_config = RunDir.open(fat).config()
