@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import DipsenError
 from ..models import FederatedNet
+from ..models.predict import draw_logits
 
 GRADIENT_VIEWS = ("draw", "eot", "frozen", "off")
 DEFAULT_EOT_DRAWS = 16
@@ -46,11 +47,7 @@ class ExpectedSoftmax(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
-        if isinstance(self.model, FederatedNet):  # block 1 once per input, not once per draw
-            logits = self.model.forward_draws(x, self.draws)
-        else:
-            logits = self.model(x.repeat(self.draws, *([1] * (x.dim() - 1))))
-        log_probs = torch.log_softmax(logits, dim=1).view(self.draws, batch, -1)
+        log_probs = torch.log_softmax(draw_logits(self.model, x, self.draws), dim=1).view(self.draws, batch, -1)
         return torch.logsumexp(log_probs, dim=0) - math.log(self.draws)
 
 

@@ -24,7 +24,7 @@ import torch
 from scipy.stats import binomtest, norm
 from torch import Tensor, nn
 
-from ..models import FederatedNet
+from ..models.predict import draw_logits
 
 ABSTAIN = -1
 """What :meth:`Smooth.predict` and :meth:`Smooth.certify` return when they cannot decide."""
@@ -92,13 +92,11 @@ def class_counts(
     model.eval()
     for start in range(0, draws, batch_size):
         size = min(batch_size, draws - start)
-        if input_std == 0 and isinstance(model, FederatedNet):  # the same draws, block 1 computed once
-            logits = model.forward_draws(x.unsqueeze(0), size)
-        else:
+        if input_std > 0:
             batch = x.unsqueeze(0).expand(size, *x.shape)
-            if input_std > 0:
-                batch = batch + torch.randn(batch.shape, generator=generator) * input_std
-            logits = model(batch)
+            logits = model(batch + torch.randn(batch.shape, generator=generator) * input_std)
+        else:  # only a noise layer's draws: block 1 computed once
+            logits = draw_logits(model, x.unsqueeze(0), size)
         counts += torch.bincount(logits.argmax(dim=1), minlength=num_classes)
     return counts
 

@@ -12,6 +12,18 @@ import torch
 from torch import nn
 
 
+def draw_logits(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
+    """Logits of ``draws`` forward passes of each input, draw-major (row ``d * len(x) + i``: draw d of input i).
+
+    A :class:`~dipsen.models.net.FederatedNet` runs its deterministic block 1 once per input
+    (:meth:`~dipsen.models.net.FederatedNet.forward_draws`); any other model sees the repeated batch.
+    """
+    forward_draws = getattr(model, "forward_draws", None)
+    if forward_draws is not None:
+        return forward_draws(x, draws)
+    return model(x.repeat(draws, *([1] * (x.dim() - 1))))
+
+
 def prediction_rule(model: nn.Module, mc_samples: int) -> str:
     """Human-readable name of the rule ``predict_proba(model, x, mc_samples)`` applies."""
     if not getattr(model, "is_randomized", False):
