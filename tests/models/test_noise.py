@@ -232,6 +232,16 @@ def test_bound_is_differentiable_and_zero_kernel_gets_finite_gradients(kind):
     assert torch.isfinite(layer.weight.grad).all()
 
 
+def test_a_first_pass_under_inference_mode_leaves_the_layer_differentiable():
+    # certification counts draws under inference mode; an attack on the same model follows
+    model = build_model("dipsen", (1, 28, 28), 10, calibrate_noise(None, 1.0, 0.05, 0.1))
+    with torch.inference_mode():
+        model(torch.rand(2, 1, 28, 28))
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_strided_and_dilated_layers_fall_back_to_a_sound_unfolded_bound():
     # stride 2 with dilation 2 reads the even sub-grid with a dense 3x3 kernel: all 9 taps can read one
     # pixel, so the overlap factor is 3 (ceil(3/2) = 2 would claim 6 for a kernel of ones, norm ~9)

@@ -16,6 +16,7 @@ and their per-step cost differs only by what the defence itself costs.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .noise import BoundedConv2d, GaussianNoiseLayer
@@ -74,6 +75,10 @@ class FederatedNet(nn.Module):
         if selu:
             lecun_uniform_(self.output.weight)
             nn.init.zeros_(self.output.bias)
+        # Channels-last (NHWC) conv weights make oneDNN run both blocks in that layout: the same
+        # function, 2.3x faster inference and 1.3x faster input gradients on a 2-core x86 CPU
+        # (benchmarks/memory_format.py). Weights loaded later keep the layout (load_state_dict copies).
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit the keyword
 
     @property
     def is_randomized(self) -> bool:

@@ -225,7 +225,10 @@ class BoundedConv2d(nn.Conv2d):
         grid = self._grids.get(device)
         if grid is None:
             kh, kw = self.kernel_size
-            grid = _FrequencyGrid.build((kh, kw), self.frequency_grid, device)
+            # cached tables must be ordinary tensors: built under inference mode (a first forward pass in
+            # certification, say) they could never again enter a pass that autograd records
+            with torch.inference_mode(False):
+                grid = _FrequencyGrid.build((kh, kw), self.frequency_grid, device)
             self._grids[device] = grid
         return grid
 
