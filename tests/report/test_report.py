@@ -240,7 +240,7 @@ def test_defences_compared_reads_every_figure_from_the_input(report):
         "0.612 for the smoothed CNN, sigma 0.25."
     ) in section
     assert (
-        "on MNIST, a share 1 of every client's mini-batch loss on fgsm-rs adversarial examples at eps 0.3, "
+        "on MNIST, a share 1 of every client's mini-batch loss on pgd (3 steps) adversarial examples at eps 0.3, "
         "cyclic learning rate peaking at 0.004"
     ) in section
 
@@ -391,7 +391,8 @@ def test_reproduce_trains_fat_on_mnist_and_ctu13_and_smooths_mnist_at_three_sigm
         assert {c.eval_every for c in [*attacked.values(), *smoothed.values()]} == {STUDY_EVAL_EVERY}
         for dataset in ("mnist", "ctu13"):
             fat, cnn = attacked[f"{dataset}/cnn-fat"], attacked[f"{dataset}/cnn"]
-            assert (fat.model, fat.adv_train, fat.adv_eps, fat.keep_checkpoints) == ("cnn", "fgsm-rs", TINY.eps, "last-2")
+            method = {"mnist": "pgd", "ctu13": "fgsm-rs"}[dataset]
+            assert (fat.model, fat.adv_train, fat.adv_eps, fat.keep_checkpoints) == ("cnn", method, TINY.eps, "last-2")
             own = DEFENCES["cnn-fat"].config(TINY.eps, dataset)  # the defence's settings; else the CNN's (quick) ones
             assert replace(fat, **{key: getattr(cnn, key) for key in own}) == cnn
             assert all(getattr(fat, key) == value for key, value in own.items() if not (quick and key in QUICK_TRAINING))

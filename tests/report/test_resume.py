@@ -95,7 +95,7 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
         ("mnist-cnn-smooth-0.25", False),
     ]
     fat = out / "runs" / "mnist-cnn-fat"
-    assert RunDir.open(fat).finished() and RunDir.open(fat).config().adv_train == "fgsm-rs"
+    assert RunDir.open(fat).finished() and RunDir.open(fat).config().adv_train == "pgd"
     assert RunDir.open(dipsen).read_json("final_metrics.json")["rounds"] == 3
     assert [r["round"] for r in RunDir.open(dipsen).metrics()] == [1, 2, 3]
     assert _stamps(cnn).items() > cnn_files.items() and set(_stamps(cnn)) - set(cnn_files) == {Path(REPRODUCE.STUDY_FILE)}
@@ -118,7 +118,8 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     assert recorded["model"] == "cnn" and set(recorded["datasets"]) == {"mnist", "ctu13"}
     assert recorded["datasets"]["ctu13"] == {"adv_train": "fgsm-rs", "adv_mix": 0.5, "adv_eps": TINY.eps}
     assert recorded["datasets"]["mnist"] == {
-        "adv_train": "fgsm-rs",
+        "adv_train": "pgd",
+        "adv_steps": 3,
         "adv_mix": 1.0,
         "adv_eps": TINY.eps,
         "lr_schedule": "cyclic",
