@@ -6,7 +6,8 @@ time is the update's seconds over its steps, best of ``--repeats`` with the meth
 and the ratio is against plain training of the same model in the same run. Forward-backward
 passes per step: plain 1; fgsm-rs 3 (the attack's, the adversarial loss's, the clean loss's);
 pgd-k k + 2; one fewer with ``--mix 1`` (no clean loss). The projection onto the feasible domain
-runs once per attack step.
+runs once per attack step. Each method also runs with ``train_dtype`` bfloat16 (autocast), and the
+last column is its speed-up over the same method in float32.
 
 Usage: python benchmarks/adv_train_cost.py [--samples 640] [--batch 32] [--pgd-steps 10] [--mix 0.5]
                                            [--repeats 3] [--threads 2] [--models cnn,dipsen]
@@ -15,6 +16,7 @@ Usage: python benchmarks/adv_train_cost.py [--samples 640] [--batch 32] [--pgd-s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -55,18 +57,23 @@ def main() -> None:
         f"MNIST, {args.samples} images in batches of {args.batch}, eps {args.eps}, adv_mix {args.mix}, "
         f"{args.threads} threads, best of {args.repeats} (interleaved)"
     )
-    print(f"{'model':8} {'method':8} {'ms/step':>8} {'x plain':>8}")
+    dtypes = ("float32", "bfloat16")
+    runs = {(m, dtype): dataclasses.replace(t, train_dtype=dtype) for m, t in methods.items() for dtype in dtypes}
+    print(f"{'model':8} {'method':8} {'ms/step':>8} {'x plain':>8} {'ms/step bf16':>13} {'bf16 speed-up':>14}")
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = build_model(name, (1, 28, 28), 10, calibrate_noise(None, 1.0, 0.05, 0.1))
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        best = {method: float("inf") for method in methods}
+        best = dict.fromkeys(runs, float("inf"))
         for _ in range(args.repeats):
-            for method, training in methods.items():
+            for run, training in runs.items():
                 update = client_update(model, start, x, y, training, seed=0)
-                best[method] = min(best[method], update.seconds / update.steps)
-        for method, seconds in best.items():
-            print(f"{name:8} {method:8} {seconds * 1e3:>8.1f} {seconds / best['plain']:>8.2f}")
+                best[run] = min(best[run], update.seconds / update.steps)
+        plain = best["plain", "float32"]
+        for method in methods:
+            seconds, bf16 = best[method, "float32"], best[method, "bfloat16"]
+            ratios = f"{seconds / plain:>8.2f} {bf16 * 1e3:>13.1f} {seconds / bf16:>14.2f}"
+            print(f"{name:8} {method:8} {seconds * 1e3:>8.1f} {ratios}")
 
 
 if __name__ == "__main__":

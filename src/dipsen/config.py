@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("sgd", "adam")
 ADV_TRAIN = ("none", "fgsm-rs", "pgd")  # adversarial training (see dipsen.federated.adversarial)
+TRAIN_DTYPES = ("float32", "bfloat16")  # local training's arithmetic (see dipsen.federated.client.LocalTraining)
 ENGINES = ("inprocess", "flower")
 
 
@@ -141,6 +142,9 @@ class TrainConfig:
     adv_steps: int = 10
     adv_step_size: float | None = None
     adv_mix: float = 0.5
+    # local training's arithmetic: float32, or bfloat16 (torch.autocast: convolutions and matrix products in
+    # bfloat16; weights, optimizer and loss in float32); evaluation, attacks and certificates stay float32
+    train_dtype: str = "float32"
     # stop once the PGD accuracy of the global model on the validation slice reaches it (robust_accuracy)
     target_robust_accuracy: float | None = None
     # simulated poisoning (see dipsen.federated.poisoning): round(f * K) of the K clients, drawn from the
@@ -410,6 +414,7 @@ SCHEMA: dict[str, Rule] = {
     "adv_steps": _COUNT,
     "adv_step_size": Rule(float, optional=True, low=0, low_open=True),
     "adv_mix": _UNIT,
+    "train_dtype": Rule(str, choices=lambda: TRAIN_DTYPES),
     "target_robust_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
     "malicious_fraction": Rule(float, low=0, high=1, high_open=True),
     "malicious_attack": Rule(str, optional=True, choices=_registry(".federated.poisoning", "ATTACKS")),

@@ -209,6 +209,15 @@ def train(
             help="Share of each batch's loss on adversarial examples, in (0, 1] (1: adversarial only).",
         ),
     ] = None,
+    train_dtype: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("train_dtype"),
+            help="float32 | bfloat16: local training's forward passes (and adversarial training's attack) under "
+            "bfloat16 autocast, 1.3-1.5x faster per step on CPUs with native bf16; evaluation, attacks and "
+            "certificates stay float32.",
+        ),
+    ] = None,
     target_robust_accuracy: Annotated[
         float | None,
         typer.Option(

@@ -48,6 +48,9 @@ class LocalTraining:
     adv_step_size: float | None = None
     adv_mix: float = 0.5
     domain: FeasibleDomain | None = None
+    # float32 | bfloat16: bfloat16 runs each step's forward passes (and the attack's) under CPU autocast to
+    # bfloat16, 1.3-1.5x faster per step on CPUs with native bf16 (benchmarks/adv_train_cost.py)
+    train_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.adv_train != "none" and self.domain is None:
@@ -65,6 +68,10 @@ class LocalTraining:
         steps = attack_steps(self.adv_train, self.adv_steps)
         step = self.adv_step_size if self.adv_step_size is not None else default_step_size(self.adv_train, self.adv_eps, steps)
         return perturb(model, x, y, self.adv_eps, steps, step, self.domain, generator)
+
+    def autocast(self) -> torch.autocast:
+        """The arithmetic of a step's forward passes: bfloat16 autocast when ``train_dtype`` is bfloat16, else fp32."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.train_dtype == "bfloat16")
 
     def steps_for(self, samples: int) -> int:
         """The optimizer steps :func:`client_update` takes on ``samples`` rows: ``epochs`` passes of ceil(samples / B)."""
@@ -117,13 +124,14 @@ def client_update(
         for batch in order.split(training.batch_size):
             optimizer.zero_grad(set_to_none=True)
             inputs, labels = x[batch], y[batch]
-            if training.adv_train == "none":
-                loss = loss_fn(model(training.noisy(inputs)), labels)
-            else:
-                adversarial = training.adversarial_examples(model, inputs, labels, starts)
-                loss = training.adv_mix * loss_fn(model(training.noisy(adversarial)), labels)
-                if training.adv_mix < 1:
-                    loss = loss + (1 - training.adv_mix) * loss_fn(model(training.noisy(inputs)), labels)
+            with training.autocast():
+                if training.adv_train == "none":
+                    loss = loss_fn(model(training.noisy(inputs)), labels)
+                else:
+                    adversarial = training.adversarial_examples(model, inputs, labels, starts)
+                    loss = training.adv_mix * loss_fn(model(training.noisy(adversarial)), labels)
+                    if training.adv_mix < 1:
+                        loss = loss + (1 - training.adv_mix) * loss_fn(model(training.noisy(inputs)), labels)
             loss.backward()
             optimizer.step()
             total_loss += loss.item()

@@ -160,6 +160,7 @@ def local_training(config: TrainConfig, domain: FeasibleDomain | None = None) ->
         config.adv_step_size,
         config.adv_mix,
         domain,
+        config.train_dtype,
     )
 
 
