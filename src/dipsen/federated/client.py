@@ -48,9 +48,7 @@ class LocalTraining:
     adv_step_size: float | None = None
     adv_mix: float = 0.5
     domain: FeasibleDomain | None = None
-    # float32 | bfloat16: bfloat16 runs each step's forward passes (and the attack's) under CPU autocast to
-    # bfloat16, 1.3-1.5x faster per step on CPUs with native bf16 (benchmarks/adv_train_cost.py)
-    train_dtype: str = "float32"
+    train_dtype: str = "float32"  # float32 | bfloat16 (see autocast)
 
     def __post_init__(self) -> None:
         if self.adv_train != "none" and self.domain is None:
@@ -70,7 +68,7 @@ class LocalTraining:
         return perturb(model, x, y, self.adv_eps, steps, step, self.domain, generator)
 
     def autocast(self) -> torch.autocast:
-        """The arithmetic of a step's forward passes: bfloat16 autocast when ``train_dtype`` is bfloat16, else fp32."""
+        """The arithmetic of a step's forward passes: bfloat16 autocast when ``train_dtype`` is bfloat16, else float32."""
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.train_dtype == "bfloat16")
 
     def steps_for(self, samples: int) -> int:
