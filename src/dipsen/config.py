@@ -121,6 +121,9 @@ class TrainConfig:
     client_dp_noise: float | None = None
     client_dp_epsilon: float | None = None
     client_dp_delta: float | None = None
+    # draw client DP's noise and client sample from the seed instead of the OS's entropy: reproducible,
+    # and void as a guarantee (anyone with config.json regenerates the noise): for tests only
+    client_dp_insecure_seeded_noise: bool = False
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
@@ -265,11 +268,9 @@ class TrainConfig:
                 "client_dp_epsilon",
             )
         if not self.client_dp:
-            if self.client_dp_delta is not None:
-                raise ConfigError(
-                    f"client_dp_delta {self.client_dp_delta} applies with client_dp_noise or client_dp_epsilon only",
-                    "client_dp_delta",
-                )
+            for key in ("client_dp_delta", "client_dp_insecure_seeded_noise"):
+                if getattr(self, key) not in (None, False):
+                    raise ConfigError(f"{key} {getattr(self, key)} applies with client_dp_noise or client_dp_epsilon only", key)
             return
         key = "client_dp_noise" if self.client_dp_noise is not None else "client_dp_epsilon"
         given = f"{key} {getattr(self, key)}"
@@ -399,6 +400,7 @@ SCHEMA: dict[str, Rule] = {
     "client_dp_noise": Rule(float, optional=True, low=0, low_open=True),
     "client_dp_epsilon": Rule(float, optional=True, low=0, low_open=True),
     "client_dp_delta": Rule(float, optional=True, low=0, high=1, low_open=True, high_open=True),
+    "client_dp_insecure_seeded_noise": Rule(bool),
     "partition": Rule(str, choices=_registry(".partition", "SCHEMES")),
     "dirichlet_alpha": Rule(float, low=0, low_open=True),
     "shards_per_client": _COUNT,

@@ -12,8 +12,9 @@ from scipy.optimize import brentq
 
 from dipsen.config import TrainConfig, load_config
 from dipsen.errors import ConfigError, DipsenError
-from dipsen.federated import FederatedTraining, RunDir, train
+from dipsen.federated import FederatedTraining, RunDir, engine, train
 from dipsen.federated.aggregate import Aggregation, aggregate
+from dipsen.federated.engine import derive_seed, sample_clients
 from dipsen.federated.privacy import default_delta, epsilon, noise_multiplier_for, private_mean
 
 # --- the mechanism ----------------------------------------------------------------------------
@@ -277,22 +278,109 @@ def test_a_run_records_its_client_epsilon_per_round_and_resumes_it(mnist, tmp_pa
     assert (dp["epsilon"], dp["rounds"], dp["sampled"], dp["population"]) == (spent[1], 2, 5, 10)
     assert (dp["noise_multiplier"], dp["clip_norm"], dp["delta"]) == (1.0, 1.0, pytest.approx(delta))
     assert dp["accountant"].startswith("RDP")
+    assert (dp["noise_source"], dp["guarantee"]) == ("os", "client-level (epsilon, delta)-DP of the released models")
     code, out, _ = dipsen_cli("show", str(run.path))
     assert code in (0, None) and f"epsilon {spent[1]:.4g} at delta {delta:.3g} after 2 rounds" in " ".join(out.split())
+    assert "guarantee: none" not in out
 
-    # one round, then extended to two and resumed: the same epsilons and bit-identical weights
+    # one round, then extended to two and resumed from the saved model: the same epsilons
     short = RunDir.create(tmp_path / "b", TrainConfig(**{**SMALL, "rounds": 1}, client_dp_noise=1.0, clip_norm=1.0).validate())
     train(FederatedTraining(short.config(), mnist), short)
     extended = short.reconfigure(rounds=2)
     train(FederatedTraining(extended, mnist), short, resume=True)
     assert [r["client_dp_epsilon"] for r in short.metrics()] == spent
-    a, b = run.load_checkpoint(2), short.load_checkpoint(2)
-    assert all(torch.equal(a[k], b[k]) for k in a)
     # the noise is there: without it (z -> 0 is refused, so compare with plain clipped FedAvg) the weights differ
     plain, _ = _run(mnist, tmp_path / "c", clip_norm=1.0)
+    a = run.load_checkpoint(2)
     assert not all(torch.equal(a[k], plain.load_checkpoint(2)[k]) for k in a)
     assert all(r["client_dp_epsilon"] is None for r in plain.metrics())
     assert json.loads((plain.path / "final_metrics.json").read_text())["client_dp"] is None
+
+
+SEEDED = {"client_dp_noise": 1.0, "clip_norm": 1.0, "client_dp_insecure_seeded_noise": True}
+
+
+def test_dp_runs_draw_fresh_noise_and_samples_and_record_no_client(mnist, tmp_path):
+    a, _ = _run(mnist, tmp_path / "a", rounds=3, client_dp_noise=1.0, clip_norm=1.0)
+    b, _ = _run(mnist, tmp_path / "b", rounds=3, client_dp_noise=1.0, clip_norm=1.0)
+    assert a.read_json("config.json") == b.read_json("config.json")
+    wa, wb = a.load_checkpoint(3), b.load_checkpoint(3)
+    assert not any(torch.equal(wa[k], wb[k]) for k in wa if wa[k].is_floating_point())
+    # the log of a DP run names no sampled client, only how many
+    for record in a.metrics():
+        assert record["clients"] is None and record["sampled"] == 5
+    # seeded draws (tests only) repeat, and say that they guarantee nothing
+    c, metrics = _run(mnist, tmp_path / "c", rounds=3, **SEEDED)
+    d, _ = _run(mnist, tmp_path / "d", rounds=3, **SEEDED)
+    wc, wd = c.load_checkpoint(3), d.load_checkpoint(3)
+    assert all(torch.equal(wc[k], wd[k]) for k in wc)
+    assert (metrics["client_dp"]["noise_source"], metrics["client_dp"]["guarantee"]) == ("seed", "none (seeded noise)")
+    assert [r["clients"] for r in c.metrics()] == [sample_clients(c.config(), t) for t in (1, 2, 3)]
+
+
+def test_the_secret_sample_is_not_the_seeded_one(mnist, tmp_path, monkeypatch):
+    sampled: list[list[int]] = []
+    config = TrainConfig(**{**SMALL, "rounds": 3, "client_dp_noise": 1.0, "clip_norm": 1.0}).validate()
+    job = FederatedTraining(config, mnist)
+    run_tasks = job.clients.run
+
+    def spy(state, tasks):  # the clients the round really asked
+        sampled.append([task.client for task in tasks])
+        return run_tasks(state, tasks)
+
+    monkeypatch.setattr(job.clients, "run", spy)
+    train(job, RunDir.create(tmp_path / "r", config))
+    predicted = [sample_clients(config, t) for t in (1, 2, 3)]  # what a reader of config.json would predict
+    # each of the 3 rounds matches the seed's sample by chance with probability 1 / C(10, 5) = 1/252
+    assert len(sampled) == 3 and sampled != predicted
+
+
+def _released_against_true(mnist, path, monkeypatch, **dp):
+    """One DP round: its released step, the true mean of the clipped client steps, and the step as the
+    subtraction attack recovers it (released minus the noise regenerated from config.json's seed)."""
+    seen = []
+    real = engine.aggregate
+
+    def spy(states, counts, global_state, spec, noise_seed):
+        seen.append(([{k: v.clone() for k, v in s.items()} for s in states], {k: v.clone() for k, v in global_state.items()}))
+        return real(states, counts, global_state, spec, noise_seed)
+
+    monkeypatch.setattr(engine, "aggregate", spy)
+    run, _ = _run(mnist, path, rounds=1, **dp)
+    states, before = seen[0]
+    config = run.config()  # what the attacker reads
+    assert config.clip_norm is not None and config.client_dp_noise is not None
+    m, seed = config.clients_per_round, derive_seed(config.seed, 8, 1)  # engine._CLIENT_DP, round 1
+    regenerated = private_mean([], before, config.clip_norm, m, config.client_dp_noise, seed)
+    true_mean = private_mean(states, before, config.clip_norm, m, 0.0, 0)
+    after = run.load_checkpoint(1)
+
+    def flat(state):
+        return torch.cat([state[k].double().flatten() for k in before if before[k].is_floating_point()])
+
+    released = flat(after) - flat(before)
+    recovered = released - (flat(regenerated) - flat(before))
+    noise_norm = config.client_dp_noise * config.clip_norm / m * math.sqrt(released.numel())  # E||noise|| ~ std sqrt(d)
+    return float((recovered - (flat(true_mean) - flat(before))).norm()), noise_norm
+
+
+def test_the_noise_cannot_be_regenerated_from_the_config(mnist, tmp_path, monkeypatch):
+    """The attack: regenerate the round's noise from config.json's seed and subtract it from the released step.
+
+    With seeded noise (what every DP run did before) it recovers the clients' mean step to float32
+    rounding; with the OS's draws what is left is the difference of two independent noises, about
+    sqrt(2) times the noise's own norm."""
+    residual, noise = _released_against_true(mnist, tmp_path / "seeded", monkeypatch, **SEEDED)
+    assert residual < 1e-3, residual  # the attack works where the noise is seeded
+    residual, noise = _released_against_true(mnist, tmp_path / "secret", monkeypatch, client_dp_noise=1.0, clip_norm=1.0)
+    assert 1.2 * noise < residual < 1.6 * noise, (residual, noise)
+
+
+def test_seeded_noise_needs_client_dp_and_is_shouted(dipsen_cli, tmp_path):
+    with pytest.raises(ConfigError, match="applies with client_dp_noise or client_dp_epsilon only"):
+        load_config(None, {"client_dp_insecure_seeded_noise": True})
+    code, _, err = dipsen_cli("train", "--client-dp-insecure-seeded-noise", "--out", str(tmp_path / "runs"))
+    assert code == 2 and "--client-dp-insecure-seeded-noise" in err and not (tmp_path / "runs").exists()
 
 
 def test_a_target_epsilon_is_met_and_pins_the_round_count(mnist, tmp_path):

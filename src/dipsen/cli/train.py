@@ -111,6 +111,15 @@ def train(
             help="Client-level DP: the delta its epsilon is for (default: 1/K^1.1). Not --dp-delta.",
         ),
     ] = None,
+    client_dp_insecure_seeded_noise: Annotated[
+        bool | None,
+        typer.Option(
+            "--client-dp-insecure-seeded-noise",
+            show_default=False,
+            help="Client-level DP for tests only: draw the noise and the client sample from --seed, so runs repeat. "
+            "VOIDS THE GUARANTEE: anyone with config.json regenerates the noise and subtracts it.",
+        ),
+    ] = None,
     target_accuracy: Annotated[
         float | None,
         typer.Option(show_default=_default("target_accuracy"), help="Stop once accuracy on the validation slice reaches this."),
@@ -365,6 +374,8 @@ def train(
             f"run folder: [bold]{run.path}[/]  ({cfg.dataset}, {cfg.model}, K={cfg.clients}, "
             f"m={cfg.clients_per_round}/round, up to {cfg.rounds} rounds)"
         )
+        if cfg.client_dp_insecure_seeded_noise:
+            console.print("[bold red]--client-dp-insecure-seeded-noise: this run's client-level DP guarantees nothing[/]")
         progress = progress_bar()
         task = progress.add_task("training", total=cfg.rounds)
 
@@ -456,6 +467,11 @@ def _print_metrics(metrics: dict) -> None:
             f"(noise multiplier {dp['noise_multiplier']:.4g}{target}, clip norm {dp['clip_norm']:g}, "
             f"{dp['sampled']} of {dp['population']} clients per round; {dp['accountant']})"
         )
+        if dp.get("noise_source") == "seed":  # client_dp_insecure_seeded_noise: the epsilon above protects nothing
+            console.print(
+                "[bold red]client-level DP guarantee: none[/] (seeded noise: anyone with config.json regenerates "
+                "the noise and the client sample)"
+            )
     cost = metrics.get("cost") or {}
     if cost:
         console.print(

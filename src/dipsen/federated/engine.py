@@ -42,9 +42,12 @@ so the weights of every round are those of a run that evaluates every round.
 
 Client-level differential privacy (``client_dp_noise`` or ``client_dp_epsilon``, see
 :mod:`dipsen.federated.privacy`): :func:`aggregation` carries the noise multiplier into
-:func:`~dipsen.federated.aggregate.aggregate`, whose noise is seeded from (seed, round) like every
-other draw; each round's metrics record the epsilon spent through that round, final_metrics.json
-the run's ``client_dp``. Both engines aggregate here, so both get it.
+:func:`~dipsen.federated.aggregate.aggregate`. Its noise and the round's client sample are the two
+draws NOT seeded from the config: they come from the OS CSPRNG (:attr:`FederatedTraining.secret_draws`),
+so a DP run is not reproducible and its metrics record how many clients a round sampled, not which
+(``client_dp_insecure_seeded_noise`` seeds them again, for tests, and voids the guarantee). Each
+round's metrics record the epsilon spent through that round, final_metrics.json the run's
+``client_dp``. Both engines aggregate here, so both get it.
 
 Simulated malicious clients (``malicious_fraction``, ``malicious_attack``; in-process only, see
 :mod:`dipsen.federated.poisoning`): a seeded set of clients, recorded in run_info.json as
@@ -117,13 +120,14 @@ class RoundResult:
     validation_accuracy: float | None  # None without a target (no slice is held out) or in a skipped round
     robust_accuracy: float | None  # PGD accuracy on the validation slice; None unless config.robust_evaluation, or skipped
     train_loss: float | None  # None when every update of the round was rejected
-    clients: list[int]
+    clients: list[int] | None  # the sampled clients; None in a client-DP run, whose sample is secret
+    sampled: int  # how many clients the round sampled (m)
     samples: int
     steps: int
     train_seconds: float
     eval_seconds: float  # evaluation of the new global model: test set, and validation slice if any
     step_seconds: float
-    rejected: list[dict] = field(default_factory=list)  # {"client": id, "reason": why}
+    rejected: list[dict] = field(default_factory=list)  # {"client": id (None in a client-DP run), "reason": why}
     # client-level DP: the epsilon (at the run's client_dp_delta) of the models of rounds 1..round; None without it
     client_dp_epsilon: float | None = None
     lr: float | None = None  # the clients' learning rate this round (lr_schedule); None in runs older than it
@@ -361,9 +365,16 @@ class FederatedTraining:
         x, y = self.x_validation[:n], self.y_validation[:n]
         return robust_accuracy(self.model, x, y, self.config.adv_eps, self.domain, self.config.mc_samples, seed)
 
+    @property
+    def secret_draws(self) -> bool:
+        """Whether the client sample and the server's noise come from the OS CSPRNG (client DP; see :mod:`.privacy`)."""
+        return self.client_dp is not None and not self.client_dp.seeded
+
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
-        clients = sample_clients(self.config, round_)
+        secret_dp = self.client_dp if self.secret_draws else None
+        secret = secret_dp is not None
+        clients = secret_dp.sample_clients() if secret_dp else sample_clients(self.config, round_)
         poison = self.adversary  # simulated malicious clients (see dipsen.federated.poisoning), or None
         flips = set() if poison is None else {c for c in clients if poison.flips_labels(c)}  # train on flipped labels
         lr = round_lr(self.config.lr_schedule, self.config.lr, round_, self.config.rounds)
@@ -385,18 +396,19 @@ class FederatedTraining:
                 updates.append(outcome)
                 valid_clients.append(task.client)
             else:
-                log.warning("round %d: rejected the update of client %d: %s", round_, task.client, reason)
-                rejected.append({"client": task.client, "reason": reason})
+                who = None if secret else task.client  # a DP round's log names no client: its sample is secret
+                log.warning("round %d: rejected the update of client %s: %s", round_, "(secret)" if secret else who, reason)
+                rejected.append({"client": who, "reason": reason})
         # the weights are the server's: a count is capped at the size of the partition the server assigned
         counts = server_counts([u.num_samples for u in updates], [len(self.parts[c]) for c in valid_clients])
         for client, update, count in zip(valid_clients, updates, counts, strict=True):
-            if count < update.num_samples:
+            if count < update.num_samples and not secret:
                 log.warning("round %d: client %d claims %d samples, its partition %d", round_, client, update.num_samples, count)
         spec = self.aggregation
         # too few updates for the rule: the global model stays, and the round fails on required_updates.
         # With client DP even none is aggregated: the noise alone, so that no release tells that none came
         enough = (bool(updates) or spec.noise_multiplier is not None) and len(updates) >= min_updates(spec.rule, spec.byzantine)
-        noise_seed = derive_seed(self.config.seed, _CLIENT_DP, round_)
+        noise_seed = secret_dp.noise_seed() if secret_dp else derive_seed(self.config.seed, _CLIENT_DP, round_)
         new_state = aggregate([u.state for u in updates], counts, global_state, spec, noise_seed) if enough else global_state
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
@@ -413,7 +425,8 @@ class FederatedTraining:
             validation_accuracy=validation_accuracy,
             robust_accuracy=robust_accuracy,
             train_loss=float(np.average([u.mean_loss for u in updates], weights=counts)) if updates else None,
-            clients=clients,
+            clients=None if secret else clients,
+            sampled=len(clients),
             samples=samples,
             steps=steps,
             train_seconds=trained - start,
@@ -475,10 +488,10 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
             state, result = job.run_round(round_, state)
         except WorkerDied as exc:
             raise DipsenError(f"{exc} during round {round_}; resume with: dipsen train --resume {run.path}") from None
-        valid = len(result.clients) - len(result.rejected)
+        valid = result.sampled - len(result.rejected)
         if valid < config.required_updates:  # too few clients to trust the round: it is not saved
             raise DipsenError(
-                f"round {round_}: {valid} of {len(result.clients)} clients sent a valid update, "
+                f"round {round_}: {valid} of {result.sampled} clients sent a valid update, "
                 f"min_clients is {config.required_updates}; resume with: dipsen train --resume {run.path}"
             )
         run.append_metrics(result.to_dict())  # before the checkpoint: see RunDir.keep_metrics_through

@@ -38,6 +38,24 @@ one: at the same z and q = m/K the Poisson-sampled figures (add/remove-one, or r
 are 3.6 to 22 times smaller in the cases of ``tests/federated/test_privacy.py``, but they describe
 another sampler than the one this code runs.
 
+Secret randomness (:meth:`ClientDP.sample_clients`, :meth:`ClientDP.noise_seed`). The guarantee
+holds only if the adversary cannot predict the noise, and the subsampling amplification the
+accountant applies only if it cannot predict the sample. Both are therefore drawn from the
+operating system's CSPRNG (``secrets``), fresh each round, and never written anywhere: not to
+config.json, the logs, the checkpoints, nor metrics.jsonl, which records how many clients a DP
+round sampled, not which. A seed-derived draw would not do: the seed sits in config.json, and even
+a hidden 32-bit derived seed can be searched exhaustively. The price is reproducibility: two DP
+runs with the same config end with different weights, and a resumed DP run goes on from its last
+checkpoint with fresh draws. ``client_dp_insecure_seeded_noise`` brings back seed-derived draws for
+tests; the run then records ``"guarantee": "none (seeded noise)"``.
+
+Not covered, and assumed: the run halts (resumably) when fewer than ``min_clients`` valid updates
+arrive in a round (:func:`dipsen.federated.engine.train`). That decision depends on the clients'
+data and is not privatised; ``min_clients = 0`` removes it, as a round of DP-FedAvg is defined for
+any number of valid updates, none included. Neither is the floating-point sampling of the noise
+(Mironov 2012): the Gaussian draws are IEEE doubles from torch's generator, not a discrete or
+snapped mechanism.
+
 Not covered: what the run folder records beside the models (train_loss, samples, steps and the
 rejected clients in metrics.jsonl, partition.json) comes from the clients unprivatised; it is the
 operator's log, not a released output.
@@ -46,6 +64,7 @@ operator's log, not a released output.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -240,10 +259,25 @@ class ClientDP:
     population: int  # K
     delta: float
     target_epsilon: float | None = None  # the epsilon z was calibrated to, if it was
+    seeded: bool = False  # client_dp_insecure_seeded_noise: draws from the seed, no guarantee
 
     @property
     def accountant(self) -> str:
         return accountant_for(self.sampled, self.population)
+
+    def sample_clients(self) -> list[int]:
+        """A round's m of the K clients, uniformly without replacement, from the OS CSPRNG (sorted)."""
+        return sorted(secrets.SystemRandom().sample(range(self.population), self.sampled))
+
+    @staticmethod
+    def noise_seed() -> int:
+        """A round's seed for :func:`private_mean`'s generator: 64 bits from the OS CSPRNG, never stored."""
+        return secrets.randbits(64)
+
+    def _source(self) -> dict:
+        if self.seeded:
+            return {"noise_source": "seed", "guarantee": "none (seeded noise)"}
+        return {"noise_source": "os", "guarantee": "client-level (epsilon, delta)-DP of the released models"}
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon (at ``delta``) of the models released by rounds 1..``rounds``."""
@@ -259,6 +293,7 @@ class ClientDP:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "accountant": ACCOUNTANT_NAMES[self.accountant],
+            **self._source(),
         }
 
     def summary(self, rounds: int) -> dict:
@@ -273,6 +308,7 @@ class ClientDP:
             "sampled": self.sampled,
             "population": self.population,
             "target_epsilon": self.target_epsilon,
+            **self._source(),
         }
 
 
@@ -281,7 +317,7 @@ def client_dp(config: TrainConfig) -> ClientDP | None:
 
     With ``client_dp_epsilon`` the noise multiplier is calibrated to it over ``config.rounds``
     rounds (:func:`noise_multiplier_for`, cached): a function of the config, so a resumed run
-    draws exactly the same noise.
+    keeps the same z (its draws are fresh: see the module docstring).
     """
     if config.client_dp_noise is None and config.client_dp_epsilon is None:
         return None
@@ -292,4 +328,6 @@ def client_dp(config: TrainConfig) -> ClientDP | None:
     if z is None:
         assert config.client_dp_epsilon is not None
         z = noise_multiplier_for(config.client_dp_epsilon, config.rounds, m, k, config.client_dp_delta)
-    return ClientDP(z, config.clip_norm, m, k, config.client_dp_delta, config.client_dp_epsilon)
+    return ClientDP(
+        z, config.clip_norm, m, k, config.client_dp_delta, config.client_dp_epsilon, config.client_dp_insecure_seeded_noise
+    )
