@@ -1,5 +1,6 @@
-"""dipsen's Flower app: simulation against the in-process engine (stopped by SIGTERM and resumed), malformed
-updates under a robust aggregator, loopback-only sockets, an authenticated TLS deployment, SuperNode enrolment.
+"""dipsen's Flower app: simulation against the in-process engine (stopped by SIGTERM and resumed), a launcher
+killed by SIGKILL, malformed updates under a robust aggregator, loopback-only sockets, an authenticated TLS
+deployment, SuperNode enrolment.
 
 Each test starts real Flower processes (SuperLink, Ray or SuperNodes) on loopback; every one of
 them is stopped by PID when the test ends, passed or failed (``Federation`` is a context manager;
@@ -12,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dipsen.config import TrainConfig
+from dipsen.errors import DipsenError
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.engine import sample_clients
 from dipsen.federated.flower.launch import (
@@ -131,6 +134,65 @@ def test_a_flower_run_stops_on_sigterm_resumes_and_ends_with_the_in_process_weig
     certificate = run.read_json("certify-smoothing.json")
     assert certificate["sigma"] == 0.1 and certificate["samples"] == 8 and certificate["n"] == 200
     assert 0 < certificate["certified_accuracy"]["0"] <= 1  # the model learned: some examples are certified correct
+
+
+def test_a_launcher_killed_by_sigkill_leaves_no_process_no_scratch_folder_and_no_writes_behind(tmp_path):
+    out = tmp_path / "flower"
+    settings = dict(dataset="mnist", model="cnn", clients=2, fraction=1.0, rounds=500, train_subset=200, test_subset=100)
+    command = [sys.executable, "-m", "dipsen", "train", "--engine", "flower", "--out", str(out), *_flags(settings)]
+    with open(tmp_path / "launcher.log", "w") as output:
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    seen: dict[int, int] = {}  # every process of the run seen while it trained: PID -> session
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics := list(out.glob("*/metrics.jsonl"))) or not metrics[0].read_text():  # mid-training
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()
+            assert time.monotonic() < deadline, "round 1 did not finish within 240 s"
+            seen.update(_flower_descendants(proc.pid))
+            time.sleep(0.5)
+        seen.update(_flower_descendants(proc.pid))
+        run = RunDir.open(metrics[0].parent)
+        try:
+            with run.lock():
+                holder = "nobody"
+        except DipsenError as exc:
+            holder = str(exc)
+        scratch = [f for f in Path(tempfile.gettempdir()).glob("dipsen-flower-*") if _owner(f) == proc.pid]
+        proc.kill()  # SIGKILL, as the OOM killer sends: no handler and no finally of the launcher runs
+        killed = time.monotonic()
+        proc.wait(timeout=10)
+        sessions = set(seen.values()) - {os.getsid(0)}  # never this one: pytest and its shell run in it
+        while (left := [p for p, (_, s) in _processes().items() if s in sessions]) or any(f.exists() for f in scratch):
+            if time.monotonic() - killed > 30:
+                break
+            time.sleep(0.1)
+        gone_after = time.monotonic() - killed
+        print(f"launcher killed: waited {gone_after:.1f} s for every process of the run and its scratch folder to go")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for pid in [p for p, (_, s) in _processes().items() if s in set(seen.values()) - {os.getsid(0)}]:
+            os.kill(pid, signal.SIGKILL)  # what the command left behind: reported below, and never left running
+    assert len(seen) >= 5, seen  # SuperLink, SuperExec, the simulation, Ray, the watchdog
+    assert not left, f"left running 30 s after the launcher was killed: {left}"
+    assert len(scratch) == 1 and not scratch[0].exists()
+    # while it trained, the launcher held the run folder's lock (for the ServerApp, which only checked it)
+    assert f"is in use by process {proc.pid} " in holder, holder
+    written = _snapshot(run.path)
+    time.sleep(3)
+    assert _snapshot(run.path) == written and not (run.path / "final_metrics.json").exists()  # nothing writes any more
+
+
+def _owner(scratch: Path) -> int | None:
+    try:
+        return int((scratch / "owner").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 FAULTY_CLIENT = '''

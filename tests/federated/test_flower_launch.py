@@ -1,4 +1,5 @@
-"""How the Flower launcher handles ports, addresses, processes, stops, polling, certificates and the run lock.
+"""How the Flower launcher handles ports, addresses, processes, stops, polling, certificates, the run lock,
+and its own death (``kill -9``: the watchdog stops what it started and removes its scratch folder).
 
 No Flower process runs here: a small stand-in for ``flower-superlink`` (a Python script that
 listens on its ``--port`` and, as the real one starts ``flower-superexec``, starts a child in a
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -24,7 +26,15 @@ from dipsen.config import TrainConfig
 from dipsen.errors import DipsenError
 from dipsen.federated import RunDir
 from dipsen.federated.flower import launch
-from dipsen.federated.flower.launch import Federation, free_port, generate_certificates, generate_node_key, process_alive
+from dipsen.federated.flower.launch import (
+    LOCK_HOLDER,
+    Federation,
+    free_port,
+    generate_certificates,
+    generate_node_key,
+    process_alive,
+)
+from dipsen.federated.flower.watchdog import processes
 from dipsen.federated.workers import Interrupted, StopFlag
 
 FAKE_SUPERLINK = """
@@ -227,6 +237,17 @@ def test_a_simulation_keeps_ray_on_loopback_and_off_any_cluster_named_in_the_env
     assert "--simulation" in args and "--enable-supernode-auth" not in args
 
 
+def _environment(pid: int) -> dict[str, str]:
+    return dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if v)
+
+
+def test_only_a_federation_that_holds_the_run_lock_names_this_process_to_its_server_apps(tmp_path, fake_flower, certs):
+    for holds_lock in (False, True):
+        with Federation(tmp_path / f"federation-{holds_lock}", simulation=True, certificates=certs, holds_lock=holds_lock):
+            environment = _environment(_started(fake_flower)[-3])  # this start's SuperLink
+        assert environment.get(LOCK_HOLDER) == (str(os.getpid()) if holds_lock else None)
+
+
 def test_processes_find_this_python_s_flower_tools_without_an_activated_venv(tmp_path, fake_flower, certs, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # .venv/bin/dipsen run from a shell without the venv on PATH
     with Federation(tmp_path / "federation", simulation=True, certificates=certs):
@@ -282,7 +303,7 @@ def test_generated_certificates_default_to_two_days(tmp_path):
     assert datetime.timedelta(days=1, hours=23) < left <= datetime.timedelta(days=2)
 
 
-LOCK_HOLDER = """
+LOCK_HOLDER_SCRIPT = """
 import sys, time
 from dipsen.federated import RunDir
 with RunDir.open(sys.argv[1]).lock():
@@ -293,13 +314,13 @@ with RunDir.open(sys.argv[1]).lock():
 
 def test_a_second_writer_on_a_locked_run_folder_is_refused(tmp_path, monkeypatch):
     run = RunDir.create(tmp_path, TrainConfig(clients=2, fraction=1.0).validate())
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run.path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER_SCRIPT, str(run.path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         message = rf"^{run.path} is in use by process {holder.pid} \(it holds {run.path / '.lock'}\); "
         with pytest.raises(DipsenError, match=message), run.lock():
             pass
-        # the Flower engine refuses before it starts any process, as the ServerApp would after
+        # the Flower engine refuses before it starts any process or writes anything
         monkeypatch.setattr(launch, "Federation", None)
         with pytest.raises(DipsenError, match=message):
             launch.simulate(run, resume=True)
@@ -316,3 +337,124 @@ def test_the_lock_is_refused_within_one_process_too(tmp_path):
     with run.lock():
         with pytest.raises(DipsenError, match="is in use by process"), run.lock():
             pass
+
+
+def test_a_server_app_started_by_a_launcher_checks_that_the_launcher_holds_the_lock_instead_of_taking_it(tmp_path):
+    run = RunDir.create(tmp_path, TrainConfig(clients=2, fraction=1.0).validate())
+    with pytest.raises(DipsenError, match=rf"process {os.getpid()}, which started this one, does not hold"):
+        with run.lock(held_by=os.getpid()):  # nobody holds it: no launcher stands behind this process
+            pass
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER_SCRIPT, str(run.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with run.lock(held_by=holder.pid):  # its launcher holds it: entered, and left as it was
+            assert (run.path / ".lock").read_text() == f"{holder.pid}\n"
+        assert (run.path / ".lock").read_text() == f"{holder.pid}\n"
+        with pytest.raises(DipsenError, match=rf"process {os.getpid()}, which started this one, does not hold"):
+            with run.lock(held_by=os.getpid()):  # held, but by another process than the one named
+                pass
+        with pytest.raises(DipsenError, match=rf"in use by process {holder.pid}"), run.lock():  # by hand: takes it
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+# The launcher of a run: simulate() as `dipsen train --engine flower` calls it, on the stand-in SuperLink
+# (argv[2]), which runs no app: Flower reports the run as running until the launcher is stopped.
+FAKE_LAUNCHER = """
+import sys
+from dipsen.federated import RunDir
+from dipsen.federated.flower import launch
+
+launch._tool = lambda name: sys.argv[2]
+launch.Federation.submit = lambda self, run_config, **kwargs: 1
+launch.Federation.status = lambda self, run_id: "running"
+launch.simulate(RunDir.open(sys.argv[1]))
+"""
+
+
+def _launch(run: RunDir, tmp_path: Path, pids: Path) -> subprocess.Popen:
+    """A launcher (FAKE_LAUNCHER) of ``run``, returned once its SuperLink listens; its scratch folder is in ``tmp_path/tmp``."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", FAKE_LAUNCHER, str(run.path), str(tmp_path / "fake-superlink")],
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+    )
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text()):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the launcher did not start its SuperLink"
+        time.sleep(0.1)
+    return launcher
+
+
+def _descendants(root: int) -> set[int]:
+    found, table = {root}, processes()
+    while children := {pid for pid, (parent, _) in table.items() if parent in found} - found:
+        found |= children
+    return found - {root}
+
+
+def test_killing_the_launcher_stops_every_process_it_started_and_removes_its_scratch_folder(tmp_path, fake_flower):
+    run = RunDir.create(tmp_path / "runs", TrainConfig(clients=2, fraction=1.0, engine="flower").validate())
+    launcher = _launch(run, tmp_path, fake_flower)
+    try:
+        started = _descendants(launcher.pid)  # the stand-in's three processes, and the watchdog
+        assert set(_started(fake_flower)) <= started
+        (scratch,) = (tmp_path / "tmp").glob("dipsen-flower-*")
+        assert (scratch / "certificates" / "server.key").exists()
+        launcher.kill()  # SIGKILL: no handler, no finally of its own runs
+        killed = time.monotonic()
+        launcher.wait(timeout=10)
+        left = _all_gone(sorted(started), 30)
+        while scratch.exists() and time.monotonic() - killed < 30:
+            time.sleep(0.1)
+        print(f"launcher killed: waited {time.monotonic() - killed:.1f} s for its processes and scratch folder to go")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=10)
+    assert not left, f"left running after the launcher was killed: {left}"
+    assert not scratch.exists()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_second_launch_beside_a_running_one_is_refused_at_once_and_writes_nothing(
+    tmp_path, fake_flower, dipsen_cli, monkeypatch
+):
+    cfg = TrainConfig(dataset="mnist", clients=2, fraction=1.0, train_subset=200, engine="flower").validate()
+    run = RunDir.create(tmp_path / "runs", cfg)
+    (run.path / "flower.log").write_text("Flower's log of an earlier session of this run\n")
+    launcher = _launch(run, tmp_path, fake_flower)  # holds the lock; its ServerApp would not have started yet
+    try:
+        before = _snapshot(run.path)
+        with monkeypatch.context() as patch:
+            patch.setattr(subprocess, "Popen", lambda *args, **kwargs: pytest.fail(f"a process was started: {args}"))
+            start = time.monotonic()
+            code, out, err = dipsen_cli("train", "--resume", str(run.path))
+            refused_after = time.monotonic() - start
+        assert code != 0 and f"is in use by process {launcher.pid}" in out + err, out + err
+        assert refused_after < 15
+        assert _snapshot(run.path) == before  # flower.log included
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
+
+
+def test_a_scratch_folder_whose_launcher_is_dead_is_removed_by_the_next_launch(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale, live, foreign = (tmp_path / f"dipsen-flower-{name}" for name in ("stale", "live", "foreign"))
+    for folder, owner in ((stale, f"{dead.pid}\n"), (live, f"{os.getpid()}\n"), (foreign, None)):
+        folder.mkdir()
+        if owner is not None:
+            (folder / "owner").write_text(owner)
+    with launch._scratch_folder() as folder:
+        assert folder.parent == tmp_path and (folder / "owner").read_text() == f"{os.getpid()}\n"
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        assert not stale.exists() and live.exists() and foreign.exists()  # a live owner's, or one without an owner: kept
+    assert not folder.exists()

@@ -445,6 +445,7 @@ def train(
     *,
     resume: bool = False,
     on_round: Callable[[RoundResult | None, int], None] | None = None,
+    lock_held_by: int | None = None,
 ) -> dict:
     """Run (or resume) ``job`` in ``run``; returns the final metrics. Closes ``job`` at the end.
 
@@ -456,8 +457,11 @@ def train(
     once ``job.stop`` is set (checked between client chunks, between rounds and before the final
     evaluation) and :class:`~dipsen.errors.DipsenError` if a worker process dies; the run folder
     then holds the rounds finished so far, ready for ``resume``.
+
+    ``lock_held_by``: the PID of the process that holds ``run``'s lock for this one (the Flower
+    launcher, for its ServerApp); it is checked instead of taken (see :meth:`RunDir.lock`).
     """
-    with job, run.lock():  # one writer per run folder: a second train() or --resume is refused
+    with job, run.lock(held_by=lock_held_by):  # one writer per run folder: a second train() or --resume is refused
         return _train(job, run, resume, on_round)
 
 

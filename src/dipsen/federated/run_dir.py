@@ -118,22 +118,33 @@ class RunDir:
         return run
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, held_by: int | None = None) -> Iterator[None]:
         """Hold the run folder's lock (``RUN/.lock``) inside; DipsenError if another process holds it.
 
         One writer at a time: a ``--resume`` beside a run that is still training (an orphaned Flower
         ServerApp, say) would interleave two runs' rounds in one folder. It is an ``flock``, so it
         ends with its holder however that ends, and a killed run leaves no stale lock behind.
+
+        With ``held_by``, that process holds the lock on this one's behalf (a Flower launcher, for
+        the ServerApp it started in a process of Flower's): the lock is not taken but must be held
+        by it, else DipsenError.
         """
         path = self.path / ".lock"
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holder = None
             except BlockingIOError:
                 holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+            if held_by is not None:
+                if holder != str(held_by):
+                    raise DipsenError(f"{self.path}: process {held_by}, which started this one, does not hold {path}")
+                yield
+                return
+            if holder is not None:
                 who = f"process {holder}" if holder.isdigit() else "another process"
-                raise DipsenError(f"{self.path} is in use by {who} (it holds {path}); stop it or wait for it to finish") from None
+                raise DipsenError(f"{self.path} is in use by {who} (it holds {path}); stop it or wait for it to finish")
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
             try:

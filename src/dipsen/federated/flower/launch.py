@@ -14,7 +14,17 @@ README "Trust boundary" for what that does and does not keep out.
 Processes are started in sessions of their own and stopped by PID, with everything they spawned
 (``flower-superexec``, the ServerApp, ``flwr-simulation``, Ray's workers), also when the caller
 fails or is told to stop: every process in those sessions, or in a session that one of their
-members opened, is signalled, also after its parent died and it was re-parented to init.
+members opened, is signalled, also after its parent died and it was re-parented to init. Should
+the launcher (the process running a :class:`Federation`) die without stopping them, killed by
+``kill -9`` or the OOM killer, its watchdog process (:mod:`.watchdog`) does, and removes the
+run's temporary ``dipsen-flower-*`` folder; such a folder left behind all the same is removed by
+the next launch once the process it names as its owner is dead.
+
+``simulate`` and ``deploy_on_loopback`` take the run folder's lock (:meth:`RunDir.lock`) before
+they start or write anything and hold it until every process has stopped, so a second launch on
+the same folder is refused at once and leaves it untouched. The ServerApp they start is told the
+launcher's PID (:data:`LOCK_HOLDER` in its environment) and checks that this process holds the
+lock instead of taking it; a ServerApp started by hand (``flwr run``) takes it itself.
 """
 
 from __future__ import annotations
@@ -24,19 +34,23 @@ import ipaddress
 import json
 import logging
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from ...errors import DipsenError
 from ..run_dir import RunDir
 from ..workers import StopFlag
+from . import watchdog
+from .watchdog import process_alive, terminate, track
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,9 @@ def app_dir() -> Path:
 
 
 LOOPBACK = "127.0.0.1"
+
+# in a launched ServerApp's environment: the PID of the launcher that holds the run folder's lock for it
+LOCK_HOLDER = "DIPSEN_RUN_LOCK_HOLDER"
 
 # Ray binds its servers (GCS, raylets, workers) to the node's IP, on Linux the address of the
 # default route; told that no cluster will be formed, it takes loopback instead.
@@ -179,19 +196,6 @@ def generate_node_key(folder: Path, name: str) -> NodeKey:
     return paths
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """Every live process on this machine: PID -> (parent PID, session ID); zombies left out."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        except OSError:  # the process ended while being read
-            continue
-        if fields[0] != "Z":
-            found[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
-    return found
-
-
 def _listens(pid: int, port: int) -> bool:
     """Whether process ``pid`` itself holds a socket listening on TCP ``port`` (not just anyone)."""
     sockets = set()
@@ -219,21 +223,38 @@ def _listens(pid: int, port: int) -> bool:
     return False
 
 
-def _signal_pids(pids: list[int], sig: int) -> None:
-    for pid in pids:
+class _Watchdog:
+    """The launcher's end of a watchdog process (:mod:`.watchdog`), which stops what it is told of once this process is gone."""
+
+    def __init__(self) -> None:
+        # Popen opens stdin's write end non-inheritable and closes every other descriptor in the
+        # children it starts: no process but this one holds it, so it closes when this one ends
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", watchdog.__file__, str(os.getsid(0))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # out of reach of whatever stops this process's session or process group
+        )
+        self._pipe: IO[str] = self.proc.stdin  # type: ignore[assignment]  # set: stdin=PIPE
+
+    def tell(self, line: str) -> None:
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+            self._pipe.write(f"{line}\n")
+            self._pipe.flush()
+        except BrokenPipeError:  # it died: Federation._check stops the run
             pass
 
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` still runs; a zombie (exited, waiting to be reaped by its parent) does not."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    def close(self) -> None:
+        """End its input as this process's death would, and wait while it stops what is left."""
+        try:
+            self._pipe.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            log.warning("the watchdog process %d is still stopping processes; it goes on alone", self.proc.pid)
 
 
 @dataclass
@@ -256,7 +277,11 @@ class Federation:
     each proving on every request that it holds the private key of its enrolled public key.
 
     Use as a context manager: leaving it stops every process it started, with everything they
-    spawned. Logs go to files in ``folder``. Once ``stop`` (a :class:`StopFlag`, set by a signal
+    spawned; a watchdog process does so should this process die first, and then removes
+    ``folder`` if it is ``scratch``. With ``holds_lock`` this process holds the lock of the run
+    folder the ServerApps train in, and tells them so (:data:`LOCK_HOLDER`).
+
+    Logs go to files in ``folder``. Once ``stop`` (a :class:`StopFlag`, set by a signal
     handler) is set, every wait raises :class:`~dipsen.federated.workers.Interrupted` within a
     fraction of a second, and leaving the context stops the processes.
     """
@@ -269,6 +294,8 @@ class Federation:
         certificates: Certificates,
         node_auth: bool = False,
         stop: StopFlag | None = None,
+        scratch: bool = False,
+        holds_lock: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.home = self.folder / "flwr-home"
@@ -285,6 +312,7 @@ class Federation:
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [inherited.get("PATH")])]),
             "FLWR_HOME": str(self.home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            **({LOCK_HOLDER: str(os.getpid())} if holds_lock else {}),
         }
         self.port, self.address = 0, ""  # the SuperLink's, once it listens
         self._services: list[_Service] = []
@@ -292,17 +320,23 @@ class Federation:
         # (each leads its own) and those that their descendants opened (flower-superexec's)
         self._sessions: set[int] = set()
         self.stopped_pids: list[int] = []  # every process stop() signalled
+        self._watchdog = _Watchdog()  # before any process it is to guard
+        if scratch:
+            self._watchdog.tell(f"folder {self.folder.resolve()}")
 
     def __enter__(self) -> Federation:
         try:
             self._start_superlink()
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._watchdog.close()
 
     def _tls_args(self, *, server: bool) -> list[str]:
         c = self.certificates
@@ -319,6 +353,7 @@ class Federation:
         finally:
             output.close()
         self._sessions.add(proc.pid)
+        self._watchdog.tell(f"session {proc.pid}")
         return proc
 
     def _start(self, name: str, command: Callable[[int], list[str]], env: dict[str, str] | None = None) -> _Service:
@@ -507,8 +542,10 @@ class Federation:
         return self._flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
 
     def _check(self) -> None:
-        """Raise if a stop was asked for or the SuperLink has exited."""
+        """Raise if a stop was asked for, or the SuperLink or the watchdog has exited."""
         self.stop_flag.check()
+        if self._watchdog.proc.poll() is not None:  # nothing would stop the processes should this one die
+            raise DipsenError(f"the watchdog process {self._watchdog.proc.pid} exited ({self._watchdog.proc.returncode})")
         for service in self._services:
             if service.name == "superlink" and service.listening and service.proc.poll() is not None:
                 raise DipsenError(f"flower-superlink exited ({service.proc.returncode}): {self.log_tail('superlink')}")
@@ -522,43 +559,16 @@ class Federation:
         self.stop_flag.check()
 
     def _track(self) -> set[int]:
-        """The live processes of this federation; records the sessions its processes opened.
-
-        A process that opens a session of its own (flower-superexec does) is found through its
-        parent while that lives; from then on its session is known, so it and what it spawns are
-        found even after the parent has died and they were re-parented.
-        """
-        processes, own_session = _processes(), os.getsid(0)
-        while True:
-            members = {pid for pid, (_, session) in processes.items() if session in self._sessions}
-            opened = {
-                session
-                for pid, (parent, session) in processes.items()
-                if parent in members and session not in self._sessions and session != own_session
-            }
-            if not opened:
-                return members
-            self._sessions |= opened
+        """The live processes of this federation (see :func:`.watchdog.track`); tells the watchdog each new session."""
+        known = set(self._sessions)
+        members = track(self._sessions, os.getsid(0))
+        for session in sorted(self._sessions - known):
+            self._watchdog.tell(f"session {session}")
+        return members
 
     def stop(self, grace_seconds: float = 15.0) -> None:
         """Stop every process of the federation: SIGTERM, then SIGKILL after ``grace_seconds``."""
-        signalled: set[int] = set()
-        deadline = time.monotonic() + grace_seconds
-        while alive := self._track():
-            fresh = sorted(alive - signalled)  # started since the last look, e.g. during shutdown
-            _signal_pids(fresh, signal.SIGTERM)
-            signalled.update(fresh)
-            if time.monotonic() > deadline:
-                _signal_pids(sorted(alive), signal.SIGKILL)
-                break
-            for service in self._services:
-                service.proc.poll()  # reap our children so they do not linger as zombies
-            time.sleep(0.1)
-        kill_deadline = time.monotonic() + 10
-        while self._track() and time.monotonic() < kill_deadline:  # SIGKILL is not instant either
-            for service in self._services:
-                service.proc.poll()
-            time.sleep(0.1)
+        signalled = terminate(self._track, grace_seconds, reap=self._reap)
         for service in self._services:
             try:
                 service.proc.wait(timeout=1)
@@ -566,6 +576,11 @@ class Federation:
                 pass
         self.stopped_pids += sorted(signalled)
         self._services.clear()
+
+    def _reap(self) -> None:
+        """Collect our children's exit statuses, so that they do not linger as zombies."""
+        for service in self._services:
+            service.proc.poll()
 
 
 def _mtime(path: Path | None) -> float | None:
@@ -575,14 +590,31 @@ def _mtime(path: Path | None) -> float | None:
         return None
 
 
-def _refuse_if_in_use(run: RunDir) -> None:
-    """Raise before any process starts if another process holds ``run``'s lock.
+SCRATCH_PREFIX = "dipsen-flower-"
+OWNER_FILE = "owner"  # in a scratch folder: the PID of the launcher it belongs to
 
-    The ServerApp takes the lock itself, in its own process, for as long as it trains; this only
-    makes a second writer (a ``--resume`` beside a run still training) fail at once and plainly.
+
+@contextmanager
+def _scratch_folder() -> Iterator[Path]:
+    """A new owner-only temporary folder that names this process as its owner; removed on leaving.
+
+    Should this process die, its Federation's watchdog removes it. One left behind all the same
+    (its launcher killed before the watchdog started, or both killed) is removed by the next
+    launch once its owner is dead.
     """
-    with run.lock():
-        pass
+    for stale in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            owner = int((stale / OWNER_FILE).read_text())
+        except (OSError, ValueError):  # another user's, one being made, or one this code did not make
+            continue
+        if not process_alive(owner):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+    try:
+        (folder / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the watchdog may have been first
 
 
 def simulate(
@@ -600,13 +632,14 @@ def simulate(
     throw-away certificate valid for ``timeout`` plus a day, and it and Ray listen on loopback
     only. Flower's log of the run is saved as ``flower.log`` in the run folder. Once ``stop`` is
     set (by a signal handler) every process is stopped and
-    :class:`~dipsen.federated.workers.Interrupted` raised.
+    :class:`~dipsen.federated.workers.Interrupted` raised. The run folder's lock is held throughout.
     """
     config = run.config()
-    _refuse_if_in_use(run)
-    with tempfile.TemporaryDirectory(prefix="dipsen-flower-") as folder:
-        certificates = generate_certificates(Path(folder) / "certificates", _certificate_validity(timeout))
-        with Federation(Path(folder), simulation=True, certificates=certificates, stop=stop) as federation:
+    with run.lock(), _scratch_folder() as folder:  # the lock first: a second launch starts and writes nothing
+        certificates = generate_certificates(folder / "certificates", _certificate_validity(timeout))
+        with Federation(
+            folder, simulation=True, certificates=certificates, stop=stop, scratch=True, holds_lock=True
+        ) as federation:
             run_id = federation.submit(
                 {"run-dir": str(run.path.resolve()), "resume": resume},
                 federation_config={
@@ -645,33 +678,35 @@ def deploy_on_loopback(run: RunDir, folder: Path, *, timeout: float = 3600.0, st
     ServerApp then accepts a node only for the client it was enrolled for. Certificates are
     self-signed, made for this run, and valid for ``timeout`` plus a day. Logs, partition files,
     keys, the enrolment and certificates stay in ``folder``. Every process is stopped on return,
-    also on error or once ``stop`` is set.
+    also on error or once ``stop`` is set. The run folder's lock is held throughout.
     """
     from .task import PARTITION_FILE, export_partitions, partition_file_name, write_enrolment
 
     config = run.config()
-    _refuse_if_in_use(run)
     folder = Path(folder)
-    partitions = export_partitions(config, config.load_dataset(), folder / "partitions")
-    certificates = generate_certificates(folder / "certificates", valid_for=_certificate_validity(timeout))
-    keys = [generate_node_key(folder / "node-keys", Path(partition_file_name(c)).stem) for c in range(len(partitions))]
-    with Federation(folder, simulation=False, certificates=certificates, node_auth=True, stop=stop) as federation:
-        enrolment = write_enrolment(
-            folder / "enrolled_nodes.json", {federation.enroll_supernode(key.public): c for c, key in enumerate(keys)}
-        )
-        for client, path in enumerate(partitions):
-            # many SuperNodes share this machine's cores: one thread each, as the in-process workers
-            federation.start_supernode(
-                f"supernode-{client}",
-                f'{PARTITION_FILE}="{path.resolve()}"',
-                env={"OMP_NUM_THREADS": "1"},
-                key=keys[client].private,
+    with run.lock():  # first: a second launch starts and writes nothing
+        partitions = export_partitions(config, config.load_dataset(), folder / "partitions")
+        certificates = generate_certificates(folder / "certificates", valid_for=_certificate_validity(timeout))
+        keys = [generate_node_key(folder / "node-keys", Path(partition_file_name(c)).stem) for c in range(len(partitions))]
+        with Federation(
+            folder, simulation=False, certificates=certificates, node_auth=True, stop=stop, holds_lock=True
+        ) as federation:
+            enrolment = write_enrolment(
+                folder / "enrolled_nodes.json", {federation.enroll_supernode(key.public): c for c, key in enumerate(keys)}
             )
-        federation.await_supernodes()
-        run_id = federation.submit(
-            {"run-dir": str(run.path.resolve()), "resume": False, "enrolled-nodes": str(enrolment.resolve())}
-        )
-        status = _wait_for_completion(federation, run_id, run, timeout)
+            for client, path in enumerate(partitions):
+                # many SuperNodes share this machine's cores: one thread each, as the in-process workers
+                federation.start_supernode(
+                    f"supernode-{client}",
+                    f'{PARTITION_FILE}="{path.resolve()}"',
+                    env={"OMP_NUM_THREADS": "1"},
+                    key=keys[client].private,
+                )
+            federation.await_supernodes()
+            run_id = federation.submit(
+                {"run-dir": str(run.path.resolve()), "resume": False, "enrolled-nodes": str(enrolment.resolve())}
+            )
+            status = _wait_for_completion(federation, run_id, run, timeout)
     return Deployment(status, run.read_json("final_metrics.json"), federation.stopped_pids)
 
 

@@ -15,12 +15,19 @@ connect), ``reply-timeout-seconds`` (how long a round waits for its clients' rep
 how long its messages live at the SuperLink) and ``enrolled-nodes`` (empty, or the JSON file of
 :func:`~dipsen.federated.flower.task.write_enrolment`: which client each authenticated node id
 serves; a node is then used only for that client).
+
+The run folder's lock: a ServerApp that ``dipsen train --engine flower`` (or ``deploy_on_loopback``)
+started finds its launcher's PID in :data:`~dipsen.federated.flower.launch.LOCK_HOLDER`; the
+launcher took the lock before it started anything, so the ServerApp only checks that it still
+holds it (and refuses to train otherwise). One started by hand with ``flwr run`` takes the lock
+itself, as ``dipsen train`` does in-process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +43,7 @@ from ..client import ClientUpdate, StateDict
 from ..engine import FederatedTraining, resolve_validation_size, train, training_domain
 from ..run_dir import RunDir
 from ..workers import ClientFailure, ClientTask
+from .launch import LOCK_HOLDER
 from .task import arrays_to_state, config_to_json, float_value, int_value, message_record, read_enrolment, state_to_arrays
 
 if TYPE_CHECKING:
@@ -194,5 +202,11 @@ def main(grid: Grid, context: Context) -> None:
         read_enrolment(Path(enrolment)) if enrolment else None,
         training_domain(config, dataset),
     )
-    metrics = train(FederatedTraining(config, dataset, runner=clients), run, resume=bool(context.run_config["resume"]))
+    holder = os.environ.get(LOCK_HOLDER)  # set by the launcher that holds the run folder's lock for this process
+    metrics = train(
+        FederatedTraining(config, dataset, runner=clients),
+        run,
+        resume=bool(context.run_config["resume"]),
+        lock_held_by=int(holder) if holder else None,
+    )
     log.info("run finished after %d rounds, test accuracy %.4f", metrics["rounds"], metrics["accuracy"])
