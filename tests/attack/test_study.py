@@ -1,21 +1,89 @@
-"""The study's derived figures: worst case over attacks of unequal length, the doubling check, the sweep verdict."""
+"""The study's derived figures: worst case over clean and attacks of unequal length, the doubling check, the sweep verdict."""
+
+import json
+from types import SimpleNamespace
 
 import numpy as np
 
 from dipsen.attack import AttackResult, AttackSetup, Budget, RobustnessEvaluation, worst_case_accuracy
-from dipsen.attack.study import converged, doubling_converged, sweep_verdict
+from dipsen.attack import study as study_module
+from dipsen.attack.study import StudySettings, converged, doubling_converged, recorded_survivors, study_run, sweep_verdict
 
 
-def _result(single: list[bool]) -> AttackResult:
+def _result(single: list[bool], setup: AttackSetup | None = None) -> AttackResult:
     correct = np.array(single)
-    return AttackResult(None, "", 0.0, {}, {"single": correct, "mc": correct}, np.zeros((len(single), 1)))
+    metrics = {rule: {"accuracy": float(correct.mean())} for rule in ("single", "mc")}
+    return AttackResult(setup, "", 0.0, metrics, {"single": correct, "mc": correct}, np.zeros((len(single), 1)))
 
 
-def test_worst_case_counts_an_attack_run_on_fewer_examples_where_it_ran():
-    full = _result([True, True, True, False])
+def test_worst_case_counts_clean_and_an_attack_run_on_fewer_examples_where_it_ran():
+    clean = _result([True, True, True, True, False])
+    full = _result([True, True, True, False, True])  # the last example: misclassified clean, "correct" after attack
     short = _result([False, True])  # e.g. HopSkipJump on the first two examples only
-    assert worst_case_accuracy([full, short], "single") == 0.5
-    assert worst_case_accuracy([short, full], "single") == 0.5
+    assert worst_case_accuracy(clean, [full, short], "single") == 0.4
+    assert worst_case_accuracy(clean, [short, full], "single") == 0.4
+
+
+SETTINGS = StudySettings(
+    samples=4,
+    paper_budget=Budget(3, 1 / 3, 0),
+    adaptive_budget=Budget(5, 1 / 10, 1),
+    doubling_samples=2,
+    hsj_samples=3,
+    sweep_eps=(0.3,),
+    sweep_samples=4,
+)
+CLEAN = [True, False, True, True]  # example 1 is misclassified without attack...
+ATTACKED = [True, True, True, False]  # ...and no attack leaves it misclassified; every attack breaks example 3
+DOUBLED = [False, True]  # PGD with doubled iterations, on the first two examples, alone breaks example 0
+
+
+class _FakeEvaluation:
+    """Stands in for RobustnessEvaluation: four examples of classes 0, 1, 0, 1 and fixed per-example outcomes."""
+
+    def __init__(self, trained, samples: int, **_) -> None:
+        self.trained, self.randomized, self.classes, self.chance = trained, False, ("a", "b"), 0.5
+        self.data = SimpleNamespace(y_eval=np.array([0, 1, 0, 1]))
+        self.domain = SimpleNamespace(description="the whole input", perturbable_columns=None)
+
+    def clean(self) -> AttackResult:
+        return _result(CLEAN)
+
+    def run(self, setup: AttackSetup, on_progress=None, limit: int | None = None) -> AttackResult:
+        doubled = setup.budget == SETTINGS.adaptive_budget.scaled(2)
+        return _result(DOUBLED if doubled else ATTACKED[:limit], setup)
+
+    def reevaluate(self, result: AttackResult, limit: int) -> AttackResult:
+        return _result(list(result.correct["single"][:limit]), result.setup)
+
+
+def _fake_study(monkeypatch) -> dict:
+    monkeypatch.setattr(study_module, "RobustnessEvaluation", _FakeEvaluation)
+    labels = np.array([0, 1])
+    dataset = SimpleNamespace(classes=("a", "b"), info={}, y_train=labels, y_test=labels)
+    config = SimpleNamespace(dataset="mnist", model="cnn")
+    trained = SimpleNamespace(path="run", config=config, final_round=1, dataset=dataset, training_cost=lambda: None)
+    return study_run(trained, SETTINGS)
+
+
+def test_worst_case_is_the_per_example_minimum_over_clean_and_every_attack_the_doubled_run_included(monkeypatch):
+    worst = _fake_study(monkeypatch)["worst_case"]
+    # survivors: example 2 only; not 1 (misclassified clean), 0 (broken by the doubled run) or 3 (broken by every attack)
+    for rule in ("single", "mc"):
+        assert worst[rule] == {"paper": 0.5, "adaptive": 0.25, "all": 0.25}
+        assert worst["per_class"][rule] == [0.5, 0.0]
+    assert "doubled iterations on the first 2" in worst["all_covers"] and "HopSkipJump on the first 3" in worst["all_covers"]
+
+
+def test_a_saved_study_recomputes_its_worst_case_from_its_per_example_results(monkeypatch):
+    saved = json.loads(json.dumps(_fake_study(monkeypatch)))
+    assert saved["clean"]["correct"]["single"] == "1011" and saved["doubling"]["run"]["correct"]["mc"] == "01"
+    for rule in ("single", "mc"):
+        np.testing.assert_array_equal(recorded_survivors(saved, rule), [False, False, True, False])
+        assert recorded_survivors(saved, rule).mean() == saved["worst_case"][rule]["all"]
+    for result in (saved["clean"], *saved["paper"].values(), *saved["adaptive"].values(), *saved["threats"].values()):
+        del result["correct"]  # as saved before per-example results were kept
+    assert recorded_survivors(saved, "mc") is None
 
 
 def test_reevaluating_a_prefix_predicts_exactly_as_a_run_limited_to_it(dipsen_run):

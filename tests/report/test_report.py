@@ -447,3 +447,31 @@ def test_report_says_which_socofing_task_the_papers_figure_can_be_compared_with(
     for key, task in (("socofing-gender", "gender"), ("socofing", "hand-finger")):
         ours = studies[f"{key}/cnn"]["clean"]["metrics"]["single"]["accuracy"]
         assert f"Ours, clean (1 draw), {task}: cnn {ours:.3f}." in text
+
+
+def test_a_study_saved_before_the_clean_error_fix_shows_its_worst_case_as_an_upper_bound(report, tmp_path):
+    from dipsen.report.worst import NOTE, worst_case
+
+    path, studies = report
+    assert "†" not in path.read_text()  # every figure of a study saved with per-example results is exact
+    old = copy.deepcopy(studies)
+    for study in old.values():  # as saved before per-example results were kept
+        for result in (study["clean"], *study["paper"].values(), *study["adaptive"].values(), *study["threats"].values()):
+            del result["correct"]
+        del study["doubling"]["run"]
+    for rule in ("single", "mc"):  # the stand-in FAT study's doubling, consistent with its worst case
+        old["mnist/cnn-fat"]["doubling"][rule] = {"base": 1.0, "doubled": 1.0}
+    results = {
+        "quick": True,
+        "machine": "test machine",
+        "settings": TINY.to_dict(),
+        "seconds": {"total": 1.0, "training": 0.5, "attacks": 0.5},
+        "studies": old,
+    }
+    text = build_report(results, tmp_path).read_text()
+    fat = worst_case(old["mnist/cnn-fat"], "mc")
+    assert not fat.exact and fat.lo < fat.hi <= 0.873
+    cell = f"0.873† (true value in [{fat.lo:.3f}, {fat.hi:.3f}])"
+    assert f"| — / **0.902** | {cell} / {cell} |" in text  # summary: the old figure, marked, with its interval
+    assert "| worst case | all attacks above (mean of 2) |" in text and f" | {cell} |  |" in text
+    assert NOTE in text and "computed before the clean-error fix" in NOTE.lower()

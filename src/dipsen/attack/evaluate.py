@@ -9,14 +9,15 @@ with both prediction rules:
 - ``mc``:     the mean softmax over ``mc_samples`` draws (PixelDP's rule).
 
 For a deterministic model both rules give the same labels. Every result keeps, per example,
-whether the prediction stayed correct, so :func:`worst_case_accuracy` can report the fraction of
-examples that no attack broke (Carlini et al. 2019: mean over x of min over attacks).
+whether the prediction stayed correct (saved in its dict as a bit string), so
+:func:`worst_case_accuracy` can report the fraction of examples classified correctly without attack
+and after every attack (Carlini et al. 2019: mean over x of the min over clean and every attack).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -95,7 +96,25 @@ class AttackResult:
 
     def to_dict(self) -> dict:
         setup = {**asdict(self.setup), "label": self.setup.label} if self.setup else {"label": "clean"}
-        return {**setup, "crafted_on": self.crafted_on, "seconds": self.seconds, "samples": self.samples, "metrics": self.metrics}
+        correct = {rule: to_bits(mask) for rule, mask in self.correct.items()}
+        return {
+            **setup,
+            "crafted_on": self.crafted_on,
+            "seconds": self.seconds,
+            "samples": self.samples,
+            "metrics": self.metrics,
+            "correct": correct,
+        }
+
+
+def to_bits(mask: np.ndarray) -> str:
+    """``mask`` as a string of '0' and '1', one per example: one JSON line, 1 byte an example."""
+    return "".join("1" if value else "0" for value in mask)
+
+
+def from_bits(bits: str) -> np.ndarray:
+    """The boolean mask :func:`to_bits` wrote."""
+    return np.array([c == "1" for c in bits], dtype=bool)
 
 
 class RobustnessEvaluation:
@@ -216,20 +235,19 @@ class RobustnessEvaluation:
         return self._result(result.setup, result.crafted_on, result.seconds, result.x_adv[:limit], self.data.y_eval[:limit])
 
 
-def survivors(results: Sequence[AttackResult], rule: str) -> np.ndarray:
-    """Per example, whether every attack in ``results`` that ran on it left it correctly classified.
+def survivors(clean: np.ndarray, attacks: Iterable[np.ndarray]) -> np.ndarray:
+    """Per example, whether it is classified correctly without attack (``clean``) and after every attack that ran on it.
 
-    Attacks run on fewer examples (``limit``) cover a prefix of the evaluated examples; the result
-    has the longest run's length.
+    The clean prediction counts: an attack's output may be classified correctly where the clean input
+    was not (a random start, a step across the boundary, a fresh noise draw), and such an example is
+    not robust. ``clean`` covers every example; an attack run on fewer (``limit``) covers a prefix.
     """
-    if not results:
-        raise DipsenError("worst case over no attacks")
-    survived = np.ones(max(r.samples for r in results), dtype=bool)
-    for result in results:
-        survived[: result.samples] &= result.correct[rule]
+    survived = clean.copy()
+    for correct in attacks:
+        survived[: len(correct)] &= correct
     return survived
 
 
-def worst_case_accuracy(results: Sequence[AttackResult], rule: str) -> float:
-    """Fraction of examples that no attack in ``results`` broke (see :func:`survivors`)."""
-    return float(survivors(results, rule).mean())
+def worst_case_accuracy(clean: AttackResult, attacks: Sequence[AttackResult], rule: str) -> float:
+    """Fraction of examples that :func:`survivors` keeps under ``rule``."""
+    return float(survivors(clean.correct[rule], [result.correct[rule] for result in attacks]).mean())

@@ -6,9 +6,7 @@ For one deployed model, on the same evaluation examples:
   default step sizes, evaluated with one draw (the paper's protocol, section VI-E);
 - ``adaptive`` (Carlini et al. 2019): PGD and APGD (CE, and DLR with >= 3 classes) through the EOT
   view, PGD through frozen noise, random starts; plus the check that doubling the iterations no
-  longer helps (both runs judged on the same examples with the same prediction draws), and the
-  per-example worst case over every attack (HopSkipJump, run on the first ``hsj_samples`` examples
-  only, counts for those);
+  longer helps (both runs judged on the same examples with the same prediction draws);
 - ``threats``: orange-box (stale checkpoint), black-box transfer (own surrogate) and query-only
   attacks (Square, HopSkipJump) against the deployed model;
 - ``sweep``: accuracy against eps (PGD through one noise draw per gradient, key ``single-draw``, and EOT PGD,
@@ -24,9 +22,15 @@ For one deployed model, on the same evaluation examples:
 - ``baselines`` (CTU-13): trivial reference classifiers (majority, one feature,
   depth-2 trees, logistic regression) on the same examples, clean and under their exact worst case
   at every eps of the study (:mod:`.baselines`), so a model's figure can be read against what the
-  task demands.
+  task demands;
+- ``worst_case``: per example, the minimum over the clean prediction and every attack run above,
+  the doubled-iteration PGD run included, averaged over examples (``all``; ``paper`` and
+  ``adaptive`` over those sections' attacks, the doubled run being adaptive); HopSkipJump and the
+  doubled run count on the first ``hsj_samples`` and ``doubling_samples`` examples, where they ran.
 
-Every figure is a measurement; :func:`study_run` returns them as one JSON-serialisable dict.
+Every figure is a measurement; :func:`study_run` returns them as one JSON-serialisable dict. Each
+attack's dict (and the clean one, and the doubled run's, ``doubling["run"]``) keeps its per-example
+correctness, so the worst case can be recomputed from a saved study (:func:`recorded_survivors`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import numpy as np
 from ..data import Dataset
 from .attacks import Budget
 from .baselines import dataset_baselines
-from .evaluate import AttackResult, AttackSetup, RobustnessEvaluation, survivors, worst_case_accuracy
+from .evaluate import AttackResult, AttackSetup, RobustnessEvaluation, from_bits, survivors, worst_case_accuracy
 from .target import TrainedRun
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -139,6 +143,7 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
         "samples": limit,
         "iterations": [adaptive.iterations, doubled_setup.budget.iterations],
         **{rule: {"base": base.accuracy(rule), "doubled": doubled.accuracy(rule)} for rule in ("single", "mc")},
+        "run": doubled.to_dict(),
     }
     doubling["converged"] = doubling_converged(doubling)
 
@@ -149,17 +154,22 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
     }
     hsj = runner(AttackSetup("hsj", eps, threat="query", budget=adaptive), min(settings.hsj_samples, settings.samples))
 
-    every_attack = [*paper_results.values(), *adaptive_results.values(), *threat_results.values(), hsj]
+    clean = evaluation.clean()
+    paper_attacks, adaptive_attacks = list(paper_results.values()), [*adaptive_results.values(), doubled]
+    every_attack = [*paper_attacks, *adaptive_attacks, *threat_results.values(), hsj]
     worst: dict[str, Any] = {
         rule: {
-            "paper": worst_case_accuracy(list(paper_results.values()), rule),
-            "adaptive": worst_case_accuracy(list(adaptive_results.values()), rule),
-            "all": worst_case_accuracy(every_attack, rule),
+            "paper": worst_case_accuracy(clean, paper_attacks, rule),
+            "adaptive": worst_case_accuracy(clean, adaptive_attacks, rule),
+            "all": worst_case_accuracy(clean, every_attack, rule),
         }
         for rule in ("single", "mc")
     }
-    worst["all_covers"] = f"every attack on all {settings.samples} examples; HopSkipJump on the first {hsj.samples} only"
-    worst["per_class"] = {rule: _survival_per_class(every_attack, rule, evaluation) for rule in ("single", "mc")}
+    worst["all_covers"] = (
+        f"clean and every attack on all {settings.samples} examples; adaptive PGD with doubled iterations "
+        f"on the first {doubled.samples}, HopSkipJump on the first {hsj.samples} only"
+    )
+    worst["per_class"] = {rule: _survival_per_class(clean, every_attack, rule, evaluation) for rule in ("single", "mc")}
 
     return {
         "run": str(trained.path),
@@ -171,7 +181,7 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
         "chance": evaluation.chance,
         "task": task_summary(trained.dataset),
         "domain": evaluation.domain.description,
-        "clean": evaluation.clean().to_dict(),
+        "clean": clean.to_dict(),
         "paper": {k: r.to_dict() for k, r in paper_results.items()},
         "adaptive": {k: r.to_dict() for k, r in adaptive_results.items()},
         "doubling": doubling,
@@ -217,9 +227,24 @@ def task_summary(dataset: Dataset) -> dict:
     }
 
 
-def _survival_per_class(results: list[AttackResult], rule: str, evaluation: RobustnessEvaluation) -> list[float | None]:
-    """Per class, the fraction of its examples no attack broke (their mean is the balanced worst case)."""
-    survived, labels = survivors(results, rule), evaluation.data.y_eval
+def recorded_survivors(study: dict, rule: str) -> np.ndarray | None:
+    """Per example, whether it survived clean and every attack of a saved study: its ``worst_case`` ``all``, recomputed.
+
+    None for a study saved without per-example results, whose worst case left out the clean
+    prediction and the doubled PGD run (:mod:`dipsen.report.worst` bounds its figure).
+    """
+    if "correct" not in study["clean"]:
+        return None
+    attacks = [*study["paper"].values(), *study["adaptive"].values(), study["doubling"]["run"], *study["threats"].values()]
+    return survivors(from_bits(study["clean"]["correct"][rule]), [from_bits(a["correct"][rule]) for a in attacks])
+
+
+def _survival_per_class(
+    clean: AttackResult, attacks: list[AttackResult], rule: str, evaluation: RobustnessEvaluation
+) -> list[float | None]:
+    """Per class, the fraction of its examples :func:`survivors` keeps (their mean is the balanced worst case)."""
+    survived = survivors(clean.correct[rule], [result.correct[rule] for result in attacks])
+    labels = evaluation.data.y_eval
     return [float(survived[labels == c].mean()) if (labels == c).any() else None for c in range(len(evaluation.classes))]
 
 

@@ -8,6 +8,8 @@ the defences the study adds (``cnn-fat``), which have no paper figure ("—").
 Every table puts the paper's figure next to ours; our figures are only ever read from ``results``.
 ``certified`` (optional) feeds :func:`dipsen.report.certified.certified_section`; it, ``training_seconds``
 (optional, per run label) and ``defences`` (optional) feed :func:`dipsen.report.defences.defences_section`.
+A study saved before the worst case counted the clean prediction shows that figure marked, with the
+interval its saved accuracies allow (:mod:`dipsen.report.worst`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .certified import certified_section
 from .defences import DEFENCES, PAPER_MODELS, STUDIED_MODELS, defences_section
 from .paper import DATASET_NAMES, FIG6, OVERHEAD, REPORT_DATASETS, paper_dataset
 from .render import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
+from .worst import Bounded, mean, note, noted, per_class, worst_case
 
 SURVIVAL_MARGIN = 0.05
 """A paper-protocol accuracy 'survives' when adaptive attacks lower it by at most this much."""
@@ -112,7 +115,8 @@ def _preamble(results: dict) -> str:
         f"softmax over {s['mc_samples']} draws. Paper protocol: FGSM, BIM and PGD through ART with its default steps "
         f"(eps/3, {s['paper_budget']['iterations']} iterations, no random start), gradients through single noise draws. "
         f"Adaptive: PGD and APGD through the expectation over {s['eot_draws']} noise draws (EOT), PGD through frozen noise, "
-        f"random starts, {s['adaptive_budget']['iterations']} iterations; worst case = examples no attack broke."
+        f"random starts, {s['adaptive_budget']['iterations']} iterations; worst case = examples classified correctly "
+        "without attack and after every attack."
     )
 
 
@@ -132,8 +136,7 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
     for dataset, model, study in runs:
         paper = _fig6(model, dataset)
         cells = [f"{_pct(paper.get(r))} / **{_pct(_ours(study, r))}**" for r in ("clean", "fgsm", "bim", "pgd")]
-        worst = study["worst_case"]
-        worst_cell = f"{_pct(worst['single']['all'])} / {_pct(worst['mc']['all'])}"
+        worst_cell = f"{worst_case(study, 'single')} / {worst_case(study, 'mc')}"
         rows.append([_name(dataset, study), model, cells[0], _majority(study), *cells[1:], worst_cell])
     plots.grouped_bars(
         [f"{_name(d, study)} {m}" for d, m, study in runs],
@@ -151,8 +154,11 @@ def _summary(studies: dict, datasets: list[str], n: int, out: Path) -> list[Bloc
         Table(
             headers,
             rows,
-            "Accuracy. Ours: paper protocol, 1 draw (bold); majority class: accuracy of always answering the most "
-            "frequent class of the whole test split; last column: every attack of the study." + _defence_caption(runs),
+            noted(
+                "Accuracy. Ours: paper protocol, 1 draw (bold); majority class: accuracy of always answering the most "
+                "frequent class of the whole test split; last column: every attack of the study." + _defence_caption(runs),
+                [study for _, _, study in runs],
+            ),
         ),
         *_socofing_task(studies),
         Image(
@@ -216,21 +222,22 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
             continue
         paper_protocol = min(_ours(study, r) for r in ("fgsm", "bim", "pgd"))
         published = min(_fig6("dipsen", dataset).get(r, 1.0) for r in ("fgsm", "bim", "pgd"))
-        adaptive = study["worst_case"]["mc"]["all"]
+        adaptive = worst_case(study, "mc")
         verdict = (
             f"DiPSeN under the paper's own protocol: {paper_protocol:.3f} (lowest of FGSM/BIM/PGD, 1 draw; "
-            f"the paper reports {published:.2f}); under every attack of the study: {adaptive:.3f} (mean of {n}), "
+            f"the paper reports {published:.2f}); under every attack of the study: {adaptive} (mean of {n}), "
         )
-        if paper_protocol - adaptive > SURVIVAL_MARGIN:
+        if paper_protocol - adaptive.hi > SURVIVAL_MARGIN:
             verdict += "so the paper-protocol figure **does not survive** adaptive attack"
-        else:
+        elif paper_protocol - adaptive.lo <= SURVIVAL_MARGIN:
             verdict += "so adaptive attacks lower it by at most 0.05"
+        else:
+            verdict += "so the saved figures cannot tell whether adaptive attacks lower it by more than 0.05"
         cnn = _study(studies, dataset, "cnn")
         if cnn:
-            gain = adaptive - cnn["worst_case"]["mc"]["all"]
             verdict += (
-                f"; the undefended CNN under every attack: {cnn['worst_case']['mc']['all']:.3f}, so DiPSeN's "
-                f"measured advantage is {gain:+.3f}"
+                f"; the undefended CNN under every attack: {worst_case(cnn, 'mc')}, so DiPSeN's "
+                f"measured advantage is {_difference(adaptive, worst_case(cnn, 'mc'))}"
             )
         lines.append(
             f"- {DATASET_NAMES[dataset]}: {verdict}. Iteration doubling: "
@@ -238,6 +245,13 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
             f"EOT sweep: {study['sweep'].get('adaptive', study['sweep']['single-draw'])['verdict']}."
         )
     return [Heading("What survives"), Paragraph("\n".join(lines) or "No DiPSeN run in this study.")]
+
+
+def _difference(a: Bounded, b: Bounded) -> str:
+    """``a - b``, or the interval it lies in where either is bounded."""
+    if a.exact and b.exact:
+        return f"{a.hi - b.hi:+.3f}"
+    return f"between {a.lo - b.hi:+.3f} and {a.hi - b.lo:+.3f}"
 
 
 def _baseline(studies: dict, datasets: list[str], n: int, out: Path) -> list[Block]:
@@ -326,16 +340,16 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
         for model, study in models.items():
             for rule, rule_name in (("single", "1 draw"), ("mc", f"mean of {n}")):
                 clean = study["clean"]["metrics"][rule]
-                survival = study["worst_case"]["per_class"][rule]
+                survival = per_class(study, rule)
                 rows.append(
                     [
                         f"**{model}** ({rule_name})",
                         _pct(clean["accuracy"]),
                         _pct(clean["macro"]["recall"]),
                         _pct(clean["per_class"][1]["recall"]),
-                        _pct(study["worst_case"][rule]["all"]),
-                        _pct(sum(survival) / len(survival)),
-                        _pct(survival[1]),
+                        str(worst_case(study, rule)),
+                        str(mean([f for f in survival if f is not None])),
+                        "—" if survival[1] is None else str(survival[1]),
                         "worst case over every attack of the study",
                     ]
                 )
@@ -364,8 +378,11 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
             Table(
                 headers,
                 rows,
-                f"Rules fitted on the training windows ({reference['train_samples']}); "
-                f"balanced accuracy = mean of the per-class recalls.",
+                noted(
+                    f"Rules fitted on the training windows ({reference['train_samples']}); "
+                    f"balanced accuracy = mean of the per-class recalls.",
+                    list(models.values()),
+                ),
             ),
         ]
     return blocks
@@ -496,7 +513,7 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
                 [
                     "worst case",
                     f"all attacks above ({rule_name})",
-                    *[_pct(s["worst_case"][rule]["all"]) for s in models.values()],
+                    *[str(worst_case(s, rule)) for s in models.values()],
                     "",
                 ]
             )
@@ -520,7 +537,7 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
                 f"What the attacker may change: {first['domain']}. Worst case: "
                 f"{first['worst_case'].get('all_covers', 'every attack')}."
             ),
-            Table(headers, rows),
+            Table(headers, rows, note(list(models.values()))),
         ]
     return blocks
 

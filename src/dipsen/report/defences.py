@@ -7,7 +7,8 @@ with the same study as the CNN and DiPSeN (``results["studies"]["DATASET/KEY"]``
 :func:`defences_section` reads ``results`` (``studies``, ``certified``, ``training_seconds``,
 ``defences``, ``settings``) and puts, per data set, the undefended CNN, DiPSeN, every defence and
 every smoothed CNN in one table. Figures are only ever read from the input; a model without a
-figure gets "—" or says why it has none.
+figure gets "—" or says why it has none; a worst case saved before the fix is shown with its bounds
+(:mod:`dipsen.report.worst`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..attack.study import NEAR_ZERO, doubling_converged
 from . import plots
 from .paper import DATASET_NAMES, DATASETS
 from .render import Block, Heading, Image, Paragraph, Table
+from .worst import MARK, noted, worst_case
 
 PAPER_MODELS = ("cnn", "dipsen")
 
@@ -152,6 +154,7 @@ def defences_section(results: dict, datasets: list[str], out: Path) -> list[Bloc
         "certified at L2 r = 0.5": [],
     }
     text = []
+    attacked: list[dict] = []
     for dataset in datasets:
         entries = _rows(dataset, studies, certified)
         if not entries:
@@ -163,6 +166,7 @@ def defences_section(results: dict, datasets: list[str], out: Path) -> list[Bloc
             record = (row.certificate or {}).get("certificate") or {}
             certificate = record.get("certified_accuracy", {})
             if row.study is not None:
+                attacked.append(row.study)
                 values = [_acc(row.study["clean"], "mc"), row.study["worst_case"]["mc"]["all"]]
             else:
                 values = [record.get("accuracy"), None]
@@ -189,11 +193,14 @@ def defences_section(results: dict, datasets: list[str], out: Path) -> list[Bloc
         Table(
             headers,
             rows,
-            f"'/ mean of {n}' for randomized models only. Smoothed CNNs: the certified prediction's accuracy "
-            "(abstentions count as wrong) on the certificate's examples; they are certified in L2 and not attacked "
-            "by the L-inf study. Certified columns: '—' where the model has no certificate. Training: the rounds' time "
-            "in the run's metrics.jsonl. Attack checks: the eps sweep must fall near 0 and doubling the iterations "
-            "must not lower accuracy further, else the figure may be gradient masking.",
+            noted(
+                f"'/ mean of {n}' for randomized models only. Smoothed CNNs: the certified prediction's accuracy "
+                "(abstentions count as wrong) on the certificate's examples; they are certified in L2 and not attacked "
+                "by the L-inf study. Certified columns: '—' where the model has no certificate. Training: the rounds' time "
+                "in the run's metrics.jsonl. Attack checks: the eps sweep must fall near 0 and doubling the iterations "
+                "must not lower accuracy further, else the figure may be gradient masking.",
+                attacked,
+            ),
         ),
         Paragraph("\n".join(f"- {line}" for line in text)),
         Image("defences.png", "Per data set and model: clean accuracy, adaptive worst case and certified accuracy"),
@@ -218,8 +225,8 @@ def _acc(result: dict, rule: str = "single") -> float:
     return result["metrics"][rule]["accuracy"]
 
 
-def _both(single: float, mc: float, randomized: bool) -> str:
-    return f"{single:.3f} / {mc:.3f}" if randomized else f"{single:.3f}"
+def _both(single: str, mc: str, randomized: bool) -> str:
+    return f"{single} / {mc}" if randomized else single
 
 
 def _cells(row: _Row, seconds: float | None, cnn_seconds: float | None) -> list[str]:
@@ -234,11 +241,10 @@ def _cells(row: _Row, seconds: float | None, cnn_seconds: float | None) -> list[
         clean = f"{record['accuracy']:.3f} (certified prediction, {record['samples']} examples)"
         return [clean, unattacked, unattacked, *certified, minutes, ratio, "—"]
     randomized = bool(study.get("randomized"))
-    worst = study["worst_case"]
     return [
-        _both(_acc(study["clean"]), _acc(study["clean"], "mc"), randomized),
+        _both(f"{_acc(study['clean']):.3f}", f"{_acc(study['clean'], 'mc'):.3f}", randomized),
         f"{_acc(study['paper']['pgd']):.3f}",
-        _both(worst["single"]["all"], worst["mc"]["all"], randomized),
+        _both(str(worst_case(study, "single")), str(worst_case(study, "mc")), randomized),
         *certified,
         minutes,
         ratio,
@@ -306,16 +312,19 @@ def _reading(dataset: str, rows: list[_Row], seconds: dict, eps: float, n: int) 
     attacked = [row for row in rows if row.study is not None]
     if not attacked:
         return f"{name}: no model attacked."
-    worst = {row.label: row.study["worst_case"]["mc"]["all"] for row in attacked if row.study}
+    worst = {row.label: worst_case(row.study, "mc") for row in attacked if row.study}
     cnn = next((row for row in attacked if row.label == f"{dataset}/cnn"), None)
-    best = max(attacked, key=lambda row: worst[row.label])  # the first of equals: the CNN before any defence
-    listed = ", ".join(f"{row.name} {worst[row.label]:.3f}" for row in attacked)
+    best = max(attacked, key=lambda row: worst[row.label].hi)  # the first of equals: the CNN before any defence
+    listed = ", ".join(f"{row.name} {worst[row.label]}" for row in attacked)
     line = f"{name}: worst case at eps {eps:g} (mean of {n}): {listed}. "
+    # ordered by upper bounds: certain only where the best one's interval lies above every other's
+    certain = all(worst[best.label].lo >= worst[row.label].hi for row in attacked if row is not best)
+    hedge = "" if certain else f" by the upper bounds ({MARK}: the intervals overlap, so this is not certain)"
     if cnn is not None and best is cnn:
-        line += "No defence keeps more worst-case accuracy than the undefended CNN."
+        line += f"No defence keeps more worst-case accuracy than the undefended CNN{hedge}."
     else:
         assert best.study is not None
-        line += f"{best.name} keeps the most, at clean accuracy {_acc(best.study['clean'], 'mc'):.3f} (mean of {n})"
+        line += f"{best.name} keeps the most{hedge}, at clean accuracy {_acc(best.study['clean'], 'mc'):.3f} (mean of {n})"
         if cnn is not None and cnn.study is not None:
             line += f" against the CNN's {_acc(cnn.study['clean'], 'mc'):.3f}"
         if seconds.get(best.label) and seconds.get(f"{dataset}/cnn"):
