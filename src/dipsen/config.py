@@ -157,6 +157,11 @@ class TrainConfig:
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
+    # seconds a round waits for its clients' updates from the worker processes; a client without one
+    # by then has failed (see dipsen.federated.workers). 600: 30 times the slowest round measured
+    # (about 20 s, adversarial training). In-process engine only: the Flower engine waits for its
+    # replies reply-timeout-seconds (its run config, also 600 s by default)
+    round_timeout: float = 600.0
     engine: str = "inprocess"  # inprocess | flower (a Flower simulation; see dipsen.federated.flower)
     # round checkpoints the run folder keeps: all | last | last-N | every-N (see dipsen.federated.run_dir);
     # last-6 bounds the disk and keeps what --resume (the last round) and the orange-box attack at
@@ -423,6 +428,7 @@ SCHEMA: dict[str, Rule] = {
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
     "seed": Rule(int, low=0),
     "workers": _OPTIONAL_COUNT,
+    "round_timeout": Rule(float, low=0, low_open=True),
     "engine": Rule(str, choices=lambda: ENGINES),
     "keep_checkpoints": Rule(str),  # its form is checked by parse_keep_checkpoints
     "eval_every": _COUNT,

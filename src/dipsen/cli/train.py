@@ -274,6 +274,15 @@ def train(
     workers: Annotated[
         int | None, typer.Option(show_default=_default("workers"), help="Client-training processes (default: one per CPU core).")
     ] = None,
+    round_timeout: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("round_timeout"),
+            help="Seconds a round waits for the worker processes; the clients still pending then count as failed "
+            "(see --min-clients) and a stuck worker is replaced. May change on --resume. In-process engine only "
+            "(Flower: reply-timeout-seconds).",
+        ),
+    ] = None,
     engine: Annotated[
         str | None, typer.Option(show_default=_default("engine"), help="inprocess | flower (a Flower simulation on Ray).")
     ] = None,
@@ -331,7 +340,8 @@ def train(
         Path | None,
         typer.Option(
             help="Resume the run in this folder from its last finished round; with --rounds N, finished or not, "
-            "extend it to N rounds (--keep-checkpoints may change too; other options come from its config.json)."
+            "extend it to N rounds (--keep-checkpoints and --round-timeout may change too; other options come from "
+            "its config.json)."
         ),
     ] = None,
 ) -> None:
@@ -343,15 +353,16 @@ def train(
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
     if resume is not None:
         # only these change no finished round's weights: see RunDir.reconfigure
-        changeable = ("rounds", "keep_checkpoints")
+        changeable = ("rounds", "keep_checkpoints", "round_timeout")
         given = sorted("--" + k.replace("_", "-") for k, v in overrides.items() if v is not None and k not in changeable)
         if config is not None or given:
             raise DipsenError(
-                f"--resume reads its options from {resume}/config.json (only --rounds and --keep-checkpoints may change); "
+                f"--resume reads its options from {resume}/config.json "
+                "(only --rounds, --keep-checkpoints and --round-timeout may change); "
                 f"drop {', '.join(given) or '--config'}"
             )
         run = RunDir.open(resume)
-        cfg = run.reconfigure(rounds=rounds, keep_checkpoints=keep_checkpoints)
+        cfg = run.reconfigure(rounds=rounds, keep_checkpoints=keep_checkpoints, round_timeout=round_timeout)
     else:
         cfg = load_config(config, overrides)
         run = None

@@ -16,18 +16,21 @@ goes on with the others.
 Stopping: the job's :class:`~dipsen.federated.workers.StopFlag` (set by a signal handler) is
 checked between client chunks and between rounds and raises
 :class:`~dipsen.federated.workers.Interrupted`; a worker process that dies fails the round with a
-:class:`~dipsen.errors.DipsenError`. Either way the unfinished round leaves no checkpoint, so the
-run resumes from the last finished one.
+:class:`~dipsen.errors.DipsenError`, and so does a write to the run folder that fails (a full
+disk: see :class:`RunDir`). In each case the unfinished round leaves no checkpoint, so the run
+resumes from the last finished one. A worker that is alive but has not answered within
+``round_timeout`` seconds (stopped, hung) is killed and replaced; its clients count as failed, so
+the round goes on under ``min_clients`` like any round with failed clients.
 
 Where the client updates run is the ``runner``'s business: by default a local
 :class:`~dipsen.federated.workers.ClientRunner`; the Flower app passes one that sends them to
 Flower SuperNodes. The round loop, the run folder and resume are the same for both.
 
-Reproducibility: every random choice is seeded from (seed, purpose, round, client), never from
-state carried between rounds, so a run resumed from the checkpoint of round t ends with exactly
-the weights of an uninterrupted run. For the same reason a run, finished or not, whose round limit
-is raised (:meth:`RunDir.reconfigure`, ``dipsen train --resume RUN --rounds N``) and resumed ends
-with exactly the weights of a run of N rounds from the start.
+Reproducibility: every random choice (but client DP's, see below) is seeded from (seed, purpose,
+round, client), never from state carried between rounds, so a run resumed from the checkpoint of
+round t ends with exactly the weights of an uninterrupted run. For the same reason a run, finished
+or not, whose round limit is raised (:meth:`RunDir.reconfigure`, ``dipsen train --resume RUN
+--rounds N``) and resumed ends with exactly the weights of a run of N rounds from the start.
 
 Adversarial training (``adv_train``, see :mod:`dipsen.federated.adversarial`) and
 ``target_robust_accuracy`` hold out the validation slice too: after every round the global model's
@@ -284,6 +287,7 @@ class FederatedTraining:
             self.training,
             config.workers or 1,
             self.stop,  # validate() set it
+            config.round_timeout,
         )
 
     def close(self, abort: bool = False) -> None:

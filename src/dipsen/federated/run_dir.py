@@ -11,10 +11,12 @@ Layout::
     RUN/best_robust.pt       with adversarial training or --target-robust-accuracy: the global model of
                              the round with the highest robust_accuracy (round, robust_accuracy, model_state)
     RUN/final_metrics.json   metrics of the final global model; its presence marks the run finished
-    RUN/.lock                held by the process training the run (see RunDir.lock); names its PID
+    RUN/.lock                held by the process training the run, or launching it on Flower (see RunDir.lock); names its PID
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment
-leaves only complete files; a round counts as finished once its checkpoint exists.
+leaves only complete files; a round counts as finished once its checkpoint exists. A write that
+fails (a full disk, a read-only folder) removes its temporary file and raises a one-line
+:class:`~dipsen.errors.DipsenError` naming the run, the round or file, and how to resume.
 
 Which checkpoints are kept: ``keep_checkpoints`` in config.json (``--keep-checkpoints``), counted
 from the newest round saved, t:
@@ -36,6 +38,7 @@ keeps its newest checkpoint and resumes from it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import io
 import json
@@ -58,11 +61,15 @@ BEST_ROBUST = "best_robust.pt"
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill signal leaves no partial file behind
+        raise
 
 
 def _fsync_folder(path: Path) -> None:
@@ -106,7 +113,10 @@ class RunDir:
             if (path / "config.json").exists():
                 raise DipsenError(f"{path} already holds a run")
         run = cls(path)
-        run.checkpoints.mkdir(parents=True, exist_ok=name is not None)
+        try:
+            run.checkpoints.mkdir(parents=True, exist_ok=name is not None)
+        except OSError as exc:
+            raise run._write_error(exc, "the run folder") from None
         run.write_json("config.json", config.to_dict())
         return run
 
@@ -169,10 +179,12 @@ class RunDir:
                 raise
             raise ConfigError(f"{file}: {exc}", exc.key) from None
 
-    def reconfigure(self, rounds: int | None = None, keep_checkpoints: str | None = None) -> TrainConfig:
-        """The run's config with a new round limit and/or checkpoint rule, saved to config.json (``--resume``).
+    def reconfigure(
+        self, rounds: int | None = None, keep_checkpoints: str | None = None, round_timeout: float | None = None
+    ) -> TrainConfig:
+        """The run's config with a new round limit, checkpoint rule and/or deadline, saved to config.json (``--resume``).
 
-        Neither changes the weights of any round, so a run extended from t to N rounds ends with
+        None of them changes the weights of any round, so a run extended from t to N rounds ends with
         exactly the weights of a run of N rounds from the start; every other option would. ``rounds``
         may not be fewer than the rounds finished, and may not change at all in a run whose client-DP
         noise was calibrated to a target epsilon over its rounds (``client_dp_epsilon``) or whose
@@ -180,12 +192,15 @@ class RunDir:
         changes, final_metrics.json (the run under its former limit) is deleted before config.json is
         rewritten, so a kill in between leaves an unfinished run rather than one whose final metrics
         belie its config; training writes the new one. A new checkpoint rule prunes at once.
+        ``round_timeout`` only decides when a stuck worker's clients count as failed: a run stopped
+        by a deadline too short for its rounds goes on with a longer one.
         """
         config = self.config()
         updated = dataclasses.replace(
             config,
             rounds=config.rounds if rounds is None else rounds,
             keep_checkpoints=config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
+            round_timeout=config.round_timeout if round_timeout is None else round_timeout,
         ).validate()
         if updated == config:
             return config
@@ -215,7 +230,23 @@ class RunDir:
         return (self.path / "final_metrics.json").is_file()
 
     def write_json(self, name: str, obj) -> None:
-        _atomic_write_bytes(self.path / name, (json.dumps(obj, indent=2) + "\n").encode())
+        self._write(self.path / name, (json.dumps(obj, indent=2) + "\n").encode(), name)
+
+    def _write(self, path: Path, data: bytes, what: str) -> None:
+        """Write ``data`` to ``path`` atomically; an OSError becomes :meth:`_write_error`'s DipsenError."""
+        try:
+            _atomic_write_bytes(path, data)
+        except OSError as exc:
+            raise self._write_error(exc, what) from None
+
+    def _write_error(self, exc: OSError, what: str) -> DipsenError:
+        """One line for a failed write of ``what``: the run, why, and how to go on."""
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        message = f"{self.path}: {reason[:1].lower()}{reason[1:]} while writing {what}"
+        if (self.path / "config.json").is_file():  # without it (RunDir.create failed) there is no run to resume
+            fix = "free space and resume" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "resume"
+            message += f"; {fix} with: dipsen train --resume {self.path}"
+        return DipsenError(message)
 
     def read_json(self, name: str):
         return json.loads((self.path / name).read_text())
@@ -227,7 +258,8 @@ class RunDir:
         """Save the global model after ``round_``, then delete the checkpoints the run's rule lets go."""
         buffer = io.BytesIO()
         torch.save({"round": round_, "model_state": state}, buffer)
-        _atomic_write_bytes(self.checkpoint_path(round_), buffer.getvalue())
+        path = self.checkpoint_path(round_)
+        self._write(path, buffer.getvalue(), f"round {round_} ({path.relative_to(self.path)})")
         self._prune(round_)
 
     def _prune(self, newest: int) -> None:
@@ -249,7 +281,7 @@ class RunDir:
         """Save ``state`` as ``RUN/best_robust.pt``, the global model with the best robust accuracy (atomic)."""
         buffer = io.BytesIO()
         torch.save({"round": round_, "robust_accuracy": robust_accuracy, "model_state": state}, buffer)
-        _atomic_write_bytes(self.path / BEST_ROBUST, buffer.getvalue())
+        self._write(self.path / BEST_ROBUST, buffer.getvalue(), f"round {round_} ({BEST_ROBUST})")
 
     def best_robust(self) -> dict | None:
         """``RUN/best_robust.pt`` as saved (round, robust_accuracy, model_state); None if there is none."""
@@ -293,11 +325,15 @@ class RunDir:
     def keep_metrics_through(self, round_: int) -> list[dict]:
         """Drop metric lines of rounds after ``round_`` (written before a kill, checkpoint missing)."""
         kept = [r for r in self.metrics() if r["round"] <= round_]
-        _atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self._write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode(), "metrics.jsonl")
         return kept
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append ``record`` (a round's) to metrics.jsonl; a line cut short by a failed write is dropped on resume."""
+        try:
+            with open(self.path / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise self._write_error(exc, f"round {record['round']} (metrics.jsonl)") from None

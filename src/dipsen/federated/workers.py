@@ -15,12 +15,24 @@ process sentinels together, so a worker that dies (SIGKILL, the OOM killer) fail
 once with :class:`WorkerDied` instead of leaving it waiting for a result that never comes. The
 wait wakes every ``POLL_SECONDS`` to look at the :class:`StopFlag`, which a signal handler sets:
 the run then stops in this module's own code, never inside a library's.
+
+A worker that is alive but stuck (SIGSTOP, a hang) is what ``round_timeout`` is for: once a
+round has waited that long, every client not yet answered gets a :class:`ClientFailure` (the whole
+chunk of a worker still busy, the chunks not yet started), and each worker still busy is killed
+and replaced by a fresh one, so later rounds have their full pool. A worker's start-up (importing
+torch: seconds on a busy machine) is waited for before a round's clock starts, for at most
+``START_SECONDS``. Chunks are sent from a thread of their own, because a worker that
+has stopped reading would block a large send, and with it the deadline. With one worker the
+updates run in this process: there is nothing to wait for, and no deadline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +53,7 @@ from .poisoning import flip_labels
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL_SECONDS = 0.1  # how often a waiting main process looks at the stop flag
 CLOSE_SECONDS = 10.0  # how long close() lets idle workers exit before it kills them
+START_SECONDS = 120.0  # how long a new worker may take to start (import torch, build its model)
 
 
 class ClientTask(NamedTuple):
@@ -80,11 +93,11 @@ class Interrupted(Exception):
 
 
 class WorkerDied(Exception):
-    """A worker process ended while the runner still needed it."""
+    """A worker process ended while the runner still needed it (or, with ``why``, never started)."""
 
-    def __init__(self, pid: int | None, exitcode: int | None) -> None:
+    def __init__(self, pid: int | None, exitcode: int | None, why: str | None = None) -> None:
         how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
-        super().__init__(f"client worker process {pid} died ({how})")
+        super().__init__(f"client worker process {pid} {why or f'died ({how})'}")
 
 
 class StopFlag:
@@ -136,6 +149,7 @@ def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: t
     torch.set_num_threads(1)
     model = build_model(*model_args)
     num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...)
+    conn.send(None)  # started: see ClientRunner._await_start
     while True:
         try:
             state, clients = conn.recv()
@@ -152,10 +166,33 @@ def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: t
             return
 
 
+def _send(conn: connection.Connection, message: object) -> None:
+    try:
+        conn.send(message)
+    except OSError:  # the worker is gone: its sentinel tells the runner
+        pass
+
+
 @dataclasses.dataclass
 class _Worker:
     process: BaseProcess
     conn: connection.Connection
+    started: bool = False  # it has sent its start message (see _serve)
+    sending: threading.Thread | None = None
+
+    def send(self, message: object) -> None:
+        """Send ``message`` from a thread (see the module docstring): a stuck worker cannot block the caller."""
+        if self.sending is not None:
+            self.sending.join()  # done: the worker answered the previous message, so it read all of it
+        self.sending = threading.Thread(target=_send, args=(self.conn, message), daemon=True)
+        self.sending.start()
+
+    def close(self) -> None:
+        """Close this end of the pipe: an idle worker sees EOF and exits."""
+        if self.sending is not None and self.sending.is_alive():
+            self.process.kill()  # a send blocked on a stuck worker ends only with the worker
+            self.sending.join()  # before the close: the thread must not write to a reused descriptor
+        self.conn.close()
 
     def died(self) -> WorkerDied:
         self.process.join(1.0)  # collect the exit status of a worker whose pipe broke
@@ -166,7 +203,7 @@ def _stop_workers(workers: list[_Worker], abort: bool) -> None:
     for w in workers:
         if abort:
             w.process.kill()
-        w.conn.close()  # an idle worker sees EOF and exits
+        w.close()
     for w in workers:
         w.process.join(CLOSE_SECONDS)
         if w.process.exitcode is None:
@@ -181,7 +218,8 @@ class ClientRunner:
     A round's clients go to the workers in ``CHUNKS_PER_WORKER`` chunks each: few enough that the
     global weights are sent a few times per round rather than once per client, enough to balance
     clients of unequal size. ``stop`` is checked between client updates (one process) or while
-    waiting for the workers; a set flag raises :class:`Interrupted`.
+    waiting for the workers; a set flag raises :class:`Interrupted`. ``round_timeout``: seconds a
+    round waits for the workers before the clients still pending fail (see the module docstring).
     """
 
     CHUNKS_PER_WORKER = 2
@@ -194,42 +232,56 @@ class ClientRunner:
         training: LocalTraining,
         workers: int = 1,
         stop: StopFlag | None = None,
+        round_timeout: float = math.inf,
     ) -> None:
         self.x, self.y, self.training = x, y, training
         self.num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...): for flip_labels
         self.stop = stop or StopFlag()
+        self.round_timeout = round_timeout
         self._workers: list[_Worker] = []
         if workers == 1:
             self._model = build_model(*model_args)
             return
         x.share_memory_()
         y.share_memory_()
-        ctx = tmp.get_context("spawn")  # fork after OpenMP has started is unsafe
-        # The children inherit the blocked mask: see _serve. The first spawn would start
-        # multiprocessing's resource tracker, which unblocks SIGINT and SIGTERM when it is started.
+        self._context = tmp.get_context("spawn")  # fork after OpenMP has started is unsafe
+        self._serve_args = (model_args, x, y, training)
+        # The first spawn would start multiprocessing's resource tracker, which unblocks SIGINT and
+        # SIGTERM when it is started: see _spawn
         resource_tracker.ensure_running()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            for _ in range(workers):
-                ours, theirs = ctx.Pipe()
-                process = ctx.Process(target=_serve, args=(theirs, model_args, x, y, training), daemon=True)
-                process.start()
-                theirs.close()  # only the worker holds its end: its death shows as EOF here
-                self._workers.append(_Worker(process, ours))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self._workers.extend(self._spawn() for _ in range(workers))
         # so that neither garbage collection nor interpreter exit leaves workers running: at exit
         # this kills them before multiprocessing's own handler joins them (its SIGTERM they ignore)
         self._finalizer = util.Finalize(self, _stop_workers, args=(self._workers, True), exitpriority=10)
 
-    def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate]:
-        """One update per task, all starting from ``state``.
+    def _spawn(self) -> _Worker:
+        """Start a worker process; it inherits the stop signals blocked (see _serve)."""
+        ours, theirs = self._context.Pipe()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process = self._context.Process(target=_serve, args=(theirs, *self._serve_args), daemon=True)
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        theirs.close()  # only the worker holds its end: its death shows as EOF here
+        return _Worker(process, ours)
+
+    def _replace(self, worker: _Worker) -> None:
+        """Kill ``worker`` (busy past the deadline) and start a fresh one in its place."""
+        worker.process.kill()  # SIGKILL ends a stopped process too
+        worker.close()
+        worker.process.join()
+        # in place: the finalizer holds this list
+        self._workers[self._workers.index(worker)] = self._spawn()
+
+    def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        """One update per task, all starting from ``state``; a ClientFailure for each client past ``round_timeout``.
 
         Raises :class:`Interrupted` once ``stop`` is set, :class:`WorkerDied` if a worker ends.
         """
         self.stop.check()
         if not self._workers:
-            updates = []
+            updates: list[ClientUpdate | ClientFailure] = []
             with _single_thread():
                 for t in tasks:
                     labels = _labels(self.y, t.indices, t.flip_labels, self.num_classes)
@@ -243,7 +295,7 @@ class ClientRunner:
             self.stop.check()  # a stop signal that reached a worker too is what happened
             raise
 
-    def _run_on_workers(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate]:
+    def _run_on_workers(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate | ClientFailure]:
         count = max(1, min(len(tasks), len(self._workers) * self.CHUNKS_PER_WORKER))
         bounds = [round(j * len(tasks) / count) for j in range(count + 1)]
         shared = _numpy_state(state)
@@ -251,32 +303,66 @@ class ClientRunner:
             (shared, [(t.indices, t.seed, t.flip_labels, t.lr) for t in tasks[a:b]])
             for a, b in zip(bounds, bounds[1:], strict=False)
         ]
-        results: list[list[tuple[dict[str, np.ndarray], ClientUpdate]]] = [[] for _ in chunks]
+        late = ClientFailure(f"no update within {self.round_timeout:g} s (round_timeout)")
+        results: list[list[ClientUpdate | ClientFailure]] = [[late] * len(chunk[1]) for chunk in chunks]
         queue, idle = deque(range(len(chunks))), list(self._workers)
         busy: dict[connection.Connection, tuple[_Worker, int]] = {}
         sentinels = {w.process.sentinel: w for w in self._workers}
+        self._await_start()
+        deadline = time.monotonic() + self.round_timeout
         while queue or busy:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             while queue and idle:
                 worker, j = idle.pop(), queue.popleft()
-                try:
-                    worker.conn.send(chunks[j])
-                except OSError:
-                    raise worker.died() from None
+                worker.send(chunks[j])
                 busy[worker.conn] = (worker, j)
-            ready = connection.wait([*busy, *sentinels], timeout=POLL_SECONDS)
+            ready = connection.wait([*busy, *sentinels], timeout=min(POLL_SECONDS, left))
             self.stop.check()  # at least every POLL_SECONDS, also while the workers compute
             for conn in ready:
                 if conn in busy:
                     worker, j = busy.pop(conn)
                     try:
-                        results[j] = conn.recv()
+                        results[j] = [dataclasses.replace(update, state=_torch_state(arrays)) for arrays, update in conn.recv()]
                     except (EOFError, OSError):
                         raise worker.died() from None
                     idle.append(worker)
             for sentinel in ready:
                 if sentinel in sentinels:
                     raise sentinels[sentinel].died()
-        return [dataclasses.replace(update, state=_torch_state(arrays)) for chunk in results for arrays, update in chunk]
+        for worker, _ in busy.values():  # past the deadline: their chunks stay failed
+            self._replace(worker)
+        return [outcome for chunk in results for outcome in chunk]
+
+    def _await_start(self) -> None:
+        """Wait until every worker has started (imported torch, built its model), outside any round's deadline.
+
+        A new worker can take seconds to start on a busy machine: counted in a round, it would eat
+        the round's deadline. One not started within ``START_SECONDS`` is killed: :class:`WorkerDied`.
+        """
+        starting = {w.conn: w for w in self._workers if not w.started}
+        sentinels = {w.process.sentinel: w for w in starting.values()}
+        deadline = time.monotonic() + START_SECONDS
+        while starting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                late = next(iter(starting.values()))
+                late.process.kill()
+                raise WorkerDied(late.process.pid, None, f"did not start within {START_SECONDS:g} s")
+            ready = connection.wait([*starting, *sentinels], timeout=min(POLL_SECONDS, left))
+            self.stop.check()
+            for conn in ready:
+                if conn in starting:
+                    worker = starting.pop(conn)
+                    try:
+                        conn.recv()
+                    except (EOFError, OSError):
+                        raise worker.died() from None
+                    worker.started = True
+            for sentinel in ready:
+                if sentinel in sentinels:  # ended before, or right after, it started
+                    raise sentinels[sentinel].died()
 
     def close(self, abort: bool = False) -> None:
         """Stop the workers: let them exit, or with ``abort`` (after an error or a stop) kill them."""

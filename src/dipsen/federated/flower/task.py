@@ -27,6 +27,7 @@ hold what this layout says, so a missing record or value, or one of the wrong ty
 
 from __future__ import annotations
 
+import io
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +43,7 @@ from ...errors import DipsenError
 from ...models import build_model
 from ..client import StateDict
 from ..engine import federated_data, model_args
+from .launch import _private_folder, _write_private
 
 # Node-config keys: Flower's simulation sets the first two; a deployed SuperNode is given the third.
 PARTITION_ID, NUM_PARTITIONS, PARTITION_FILE = "partition-id", "num-partitions", "partition-file"
@@ -133,16 +135,20 @@ def partition_file_name(client: int) -> str:
 
 
 def export_partitions(config: TrainConfig, dataset: Dataset, out_dir: Path) -> list[Path]:
-    """Write each client's training rows to its own file in ``out_dir``; returns the paths by client."""
+    """Write each client's training rows to its own file in ``out_dir``; returns the paths by client.
+
+    The rows are the clients' private data: ``out_dir`` is made 0700 and each file 0600, whatever the umask.
+    """
     data = federated_data(config, dataset)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _private_folder(out_dir)
     # after federated_data, which has resolved validation_size as the ServerApp does for the run
     settings = json.dumps({k: getattr(config, k) for k in PARTITION_SETTINGS}, sort_keys=True)
     paths = []
     for client, rows in enumerate(data.parts):
         path = out_dir / partition_file_name(client)
-        np.savez(path, x=data.x_train[rows], y=data.y_train[rows], client=client, settings=settings)
+        buffer = io.BytesIO()
+        np.savez(buffer, x=data.x_train[rows], y=data.y_train[rows], client=client, settings=settings)
+        _write_private(path, buffer.getvalue())
         paths.append(path)
     return paths
 
