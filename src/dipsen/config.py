@@ -148,8 +148,13 @@ class TrainConfig:
     # local training's arithmetic: float32, or bfloat16 (torch.autocast: convolutions and matrix products in
     # bfloat16; weights, optimizer and loss in float32); evaluation, attacks and certificates stay float32
     train_dtype: str = "float32"
-    # stop once the PGD accuracy of the global model on the validation slice reaches it (robust_accuracy)
+    # stop once the monitor's accuracy of the global model on the validation slice reaches it (robust_accuracy)
     target_robust_accuracy: float | None = None
+    # the monitor behind robust_accuracy (dipsen.federated.adversarial.RobustMonitor): its attack, steps
+    # and validation rows; APGD-CE-20 on 500 rows, chosen against the study's worst case (README)
+    robust_monitor: str = "apgd-ce"
+    robust_monitor_steps: int = 20
+    robust_monitor_samples: int = 500
     # simulated poisoning (see dipsen.federated.poisoning): round(f * K) of the K clients, drawn from the
     # seed, send malicious_attack's update instead of their honest one; 0: none (in-process engine only)
     malicious_fraction: float = 0.0
@@ -423,6 +428,9 @@ SCHEMA: dict[str, Rule] = {
     "adv_mix": _UNIT,
     "train_dtype": Rule(str, choices=lambda: TRAIN_DTYPES),
     "target_robust_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
+    "robust_monitor": Rule(str, choices=_registry(".federated.adversarial", "MONITOR_ATTACKS")),
+    "robust_monitor_steps": _COUNT,
+    "robust_monitor_samples": _COUNT,
     "malicious_fraction": Rule(float, low=0, high=1, high_open=True),
     "malicious_attack": Rule(str, optional=True, choices=_registry(".federated.poisoning", "ATTACKS")),
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only

@@ -13,8 +13,8 @@ from dipsen.attack.domain import FeasibleDomain, feasible_domain
 from dipsen.config import TrainConfig, load_config
 from dipsen.errors import ConfigError
 from dipsen.federated import FederatedTraining, LocalTraining, RunDir, client_update, train
-from dipsen.federated.adversarial import robust_accuracy
-from dipsen.federated.engine import ROBUST_SLICE_CAP, local_training
+from dipsen.federated.adversarial import RobustMonitor
+from dipsen.federated.engine import local_training
 from dipsen.federated.flower.client_app import _domain
 from dipsen.models import MODELS, build_model, calibrate_noise
 
@@ -101,7 +101,10 @@ def test_fgsm_rs_training_raises_pgd_accuracy_far_above_the_undefended_model(mni
         training = LocalTraining(epochs=3, batch_size=50, lr=0.003, adv_train=method, adv_eps=0.2, domain=domain)
         model.load_state_dict(client_update(model, start, x, y, training, seed=0).state)
         clean = float((model(torch.from_numpy(mnist.x_test[:500])).argmax(1).numpy() == mnist.y_test[:500]).mean())
-        results[method] = clean, robust_accuracy(model, mnist.x_test[:500], mnist.y_test[:500], 0.2, domain, 1, seed=0)
+        results[method] = (
+            clean,
+            RobustMonitor("pgd", 10).accuracy(model, mnist.x_test[:500], mnist.y_test[:500], 0.2, domain, 1, 0),
+        )
     # measured: undefended clean 0.94, PGD-10 0.006; fgsm-rs clean 0.95, PGD-10 0.58
     assert results["none"][1] < 0.1 and results["fgsm-rs"][1] > 0.35, results
     assert results["fgsm-rs"][0] > 0.85, results
@@ -129,7 +132,12 @@ def test_robust_accuracy_best_robust_and_bit_identical_resume(mnist, tmp_path, o
     train(job, full)
     history = full.metrics()
     assert all(0 <= r["robust_accuracy"] <= 1 and r["validation_accuracy"] is not None for r in history)
-    assert full.read_json("run_info.json")["validation"]["robust_accuracy_samples"] == min(40, ROBUST_SLICE_CAP)
+    validation = full.read_json("run_info.json")["validation"]
+    assert (validation["robust_accuracy_samples"], validation["robust_monitor"]) == (40, "apgd-ce-20, 40 validation rows")
+    assert all(r["robust_monitor"] == "apgd-ce-20, 40 validation rows" for r in history)
+    check = full.read_json("final_metrics.json")["robust_monitor_check"]
+    assert check["steps"] == [20, 40] and check["accuracy"][0] == history[-1]["robust_accuracy"]
+    assert check["target_reliable"] is None and check["converged"] == (check["accuracy"][0] - check["accuracy"][1] <= 0.03 + 1e-9)
     best = max(history, key=lambda r: r["robust_accuracy"])
     saved = full.best_robust()
     assert (saved["round"], saved["robust_accuracy"]) == (best["round"], best["robust_accuracy"])
@@ -177,6 +185,63 @@ def test_target_robust_accuracy_stops_the_run(mnist, tmp_path, one_thread):
     assert (run.path / "best_robust.pt").is_file()
 
 
+def test_the_monitor_is_stronger_than_pgd_10_on_an_fgsm_trained_model(mnist, one_thread):
+    """FGSM-RS training fits PGD-10's view of the loss; APGD-CE of 20 steps (the default monitor) sees past it."""
+    domain = feasible_domain(mnist)
+    x, y = torch.from_numpy(mnist.x_train[:3000]), torch.from_numpy(mnist.y_train[:3000])
+    torch.manual_seed(0)
+    model = _tiny_mnist_model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    training = LocalTraining(epochs=3, batch_size=50, lr=0.003, adv_train="fgsm-rs", adv_eps=0.3, domain=domain)
+    model.load_state_dict(client_update(model, start, x, y, training, seed=0).state)
+    xs, ys = mnist.x_test[:300], mnist.y_test[:300]
+    pgd = RobustMonitor("pgd", 10).accuracy(model, xs, ys, 0.3, domain, 1, 0)
+    apgd = RobustMonitor().accuracy(model, xs, ys, 0.3, domain, 1, 0)
+    assert apgd < pgd, (apgd, pgd)
+
+
+def test_a_monitor_that_falls_at_twice_its_steps_marks_the_target_unreliable(
+    mnist, tmp_path, one_thread, monkeypatch, dipsen_cli
+):
+    measure = FederatedTraining.robust_accuracy
+
+    def weaker_at_double(self, round_, steps=None):  # a monitor whose figure is an artefact of its step count
+        accuracy = measure(self, round_, steps)
+        return None if accuracy is None else (0.0 if steps else max(accuracy, 0.5))
+
+    monkeypatch.setattr(FederatedTraining, "robust_accuracy", weaker_at_double)
+    cfg = TrainConfig(rounds=2, target_robust_accuracy=0.9, robust_monitor="pgd", robust_monitor_steps=3, **TINY).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    check = run.read_json("final_metrics.json")["robust_monitor_check"]
+    last = run.metrics()[-1]["robust_accuracy"]
+    assert check == {
+        "monitor": "pgd-3, 40 validation rows",
+        "steps": [3, 6],
+        "accuracy": [last, 0.0],
+        "converged": False,
+        "target_reliable": False,
+    }
+    code, out, _ = dipsen_cli("show", str(run.path))
+    assert code in (0, None) and "target-robust-accuracy is unreliable" in " ".join(out.split())
+
+
+def test_a_run_saved_before_the_monitor_option_keeps_pgd_10(tmp_path):
+    run = RunDir.create(tmp_path, TrainConfig(**TINY).validate())
+    saved = run.read_json("config.json")
+    for key in ("robust_monitor", "robust_monitor_steps"):
+        del saved[key]
+    (run.path / "config.json").write_text(json.dumps(saved))
+    config = run.config()
+    assert (config.robust_monitor, config.robust_monitor_steps) == ("pgd", 10)
+    assert TrainConfig(**TINY).validate().robust_monitor == "apgd-ce"
+
+
+@pytest.mark.parametrize(("accuracy", "doubled", "converged"), [(0.23, 0.20, True), (0.24, 0.20, False), (0.5, 0.6, True)])
+def test_the_monitor_check_counts_rows(accuracy, doubled, converged):
+    assert RobustMonitor(samples=100).converged(accuracy, doubled, 100) is converged
+
+
 def test_plain_runs_measure_no_robust_accuracy_and_hold_nothing_out(mnist):
     cfg = TrainConfig(**{**TINY, "adv_train": "none"}).validate()
     job = FederatedTraining(cfg, mnist)
@@ -195,6 +260,8 @@ def test_plain_runs_measure_no_robust_accuracy_and_hold_nothing_out(mnist):
         ({"adv_train": "pgd", "adv_step_size": -0.1}, "--adv-step-size must be a number > 0"),
         ({"adv_step_size": 0.1}, "--adv-step-size 0.1 applies to adv_train fgsm-rs or pgd only"),
         ({"target_robust_accuracy": 1.5}, "--target-robust-accuracy must be a number in (0, 1]"),
+        ({"robust_monitor": "fgsm"}, "--robust-monitor must be one of apgd-ce, pgd"),
+        ({"robust_monitor_steps": 0}, "--robust-monitor-steps must be an integer >= 1"),
     ],
 )
 def test_adversarial_options_are_checked(overrides, message):

@@ -231,8 +231,23 @@ def train(
         float | None,
         typer.Option(
             show_default=_default("target_robust_accuracy"),
-            help="Stop once PGD-10 accuracy (at --adv-eps) on the validation slice reaches this.",
+            help="Stop once the robust monitor's accuracy (--robust-monitor, at --adv-eps) on the validation slice reaches this.",
         ),
+    ] = None,
+    robust_monitor: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("robust_monitor"),
+            help="The attack behind robust_accuracy, best_robust.pt and --target-robust-accuracy: apgd-ce | pgd. "
+            "The final model is checked again at twice the steps.",
+        ),
+    ] = None,
+    robust_monitor_steps: Annotated[
+        int | None, typer.Option(show_default=_default("robust_monitor_steps"), help="The robust monitor's attack steps.")
+    ] = None,
+    robust_monitor_samples: Annotated[
+        int | None,
+        typer.Option(show_default=_default("robust_monitor_samples"), help="Validation rows the robust monitor attacks."),
     ] = None,
     sigma: Annotated[
         float | None,
@@ -398,7 +413,8 @@ def train(
             accuracy = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
             val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
             if result.robust_accuracy is not None:
-                val += f" robust {result.robust_accuracy:.4f}"
+                monitor = (result.robust_monitor or "robust").split(",")[0]  # "apgd-ce-20": what measured it
+                val += f" val {monitor} {result.robust_accuracy:.4f}"
             if result.client_dp_epsilon is not None:
                 val += f" client-eps {result.client_dp_epsilon:.3g}"
             progress.update(task, completed=result.round, description=f"round {result.round} acc {accuracy}{val} loss {loss}")
@@ -483,6 +499,15 @@ def _print_metrics(metrics: dict) -> None:
                 "[bold red]client-level DP guarantee: none[/] (seeded noise: anyone with config.json regenerates "
                 "the noise and the client sample)"
             )
+    check = metrics.get("robust_monitor_check")
+    if check:
+        (steps, doubled_steps), (accuracy, doubled) = check["steps"], check["accuracy"]
+        verdict = "held" if check["converged"] else "[bold red]fell: the monitor's figures overstate robustness[/]"
+        console.print(
+            f"robust monitor ({check['monitor']}): {accuracy:.4f} at {steps} steps, {doubled:.4f} at {doubled_steps}: {verdict}"
+        )
+        if check.get("target_reliable") is False:
+            console.print("[bold red]--target-robust-accuracy is unreliable for this run[/] (its monitor had not converged)")
     cost = metrics.get("cost") or {}
     if cost:
         console.print(

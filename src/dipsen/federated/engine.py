@@ -34,9 +34,13 @@ or not, whose round limit is raised (:meth:`RunDir.reconfigure`, ``dipsen train 
 
 Adversarial training (``adv_train``, see :mod:`dipsen.federated.adversarial`) and
 ``target_robust_accuracy`` hold out the validation slice too: after every round the global model's
-PGD accuracy on its first :data:`ROBUST_SLICE_CAP` rows is recorded as ``robust_accuracy``, the
-global model of the best round so far is kept as ``RUN/best_robust.pt`` (the guard against
-catastrophic overfitting) and the run stops once ``target_robust_accuracy`` is reached.
+accuracy under the :class:`~dipsen.federated.adversarial.RobustMonitor` (``robust_monitor``:
+APGD-CE-20 by default) on the first ``robust_monitor_samples`` rows is recorded as
+``robust_accuracy`` with the monitor's name, the global model of the best round so far is kept as
+``RUN/best_robust.pt`` (the guard against catastrophic overfitting) and the run stops once
+``target_robust_accuracy`` is reached. On the final model the monitor runs again at twice its steps
+(:meth:`FederatedTraining.check_monitor`); final_metrics.json's ``robust_monitor_check`` says
+whether the figure held, and whether a target stop can be trusted.
 
 ``eval_every`` N > 1 thins all three evaluations to every N-th round and the run's last
 (:meth:`FederatedTraining.evaluates`): the other rounds record null, and the targets and
@@ -79,6 +83,7 @@ from ..errors import ConfigError, DipsenError
 from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
+from .adversarial import RobustMonitor
 from .aggregate import Aggregation, aggregate, min_updates, server_counts, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict
 from .poisoning import adversary
@@ -99,8 +104,6 @@ _MALICIOUS = 9  # simulated malicious clients: which ones, and their attacks' dr
 
 # default validation slice: this share of the training rows, at most VALIDATION_CAP of them
 VALIDATION_SHARE, VALIDATION_CAP = 0.1, 5000
-# robust_accuracy: PGD on the first ROBUST_SLICE_CAP rows of the validation slice (a seeded random sample)
-ROBUST_SLICE_CAP = 500
 
 
 def derive_seed(*keys: int) -> int:
@@ -121,7 +124,7 @@ class RoundResult:
     round: int
     test_accuracy: float | None  # None in a round that eval_every skips
     validation_accuracy: float | None  # None without a target (no slice is held out) or in a skipped round
-    robust_accuracy: float | None  # PGD accuracy on the validation slice; None unless config.robust_evaluation, or skipped
+    robust_accuracy: float | None  # the monitor's accuracy on the validation slice; None unless robust_evaluation, or skipped
     train_loss: float | None  # None when every update of the round was rejected
     clients: list[int] | None  # the sampled clients; None in a client-DP run, whose sample is secret
     sampled: int  # how many clients the round sampled (m)
@@ -134,6 +137,7 @@ class RoundResult:
     # client-level DP: the epsilon (at the run's client_dp_delta) of the models of rounds 1..round; None without it
     client_dp_epsilon: float | None = None
     lr: float | None = None  # the clients' learning rate this round (lr_schedule); None in runs older than it
+    robust_monitor: str | None = None  # the attack behind robust_accuracy, e.g. "apgd-ce-20, 500 validation rows"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,6 +282,11 @@ class FederatedTraining:
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args)
         self.domain = training_domain(config, dataset)
+        self.monitor = (
+            RobustMonitor(config.robust_monitor, config.robust_monitor_steps, config.robust_monitor_samples)
+            if config.robust_evaluation
+            else None
+        )
         self.training = local_training(config, self.domain)
         self.stop = stop or StopFlag()
         self.clients = runner or ClientRunner(
@@ -314,7 +323,8 @@ class FederatedTraining:
                 "held_out_of": "the training rows (after train_subset), before partitioning",
                 "seed": derive_seed(config.seed, _VALIDATION),
                 "class_counts": np.bincount(self.y_validation, minlength=len(self.dataset.classes)).tolist(),
-                "robust_accuracy_samples": min(ROBUST_SLICE_CAP, len(self.y_validation)) if config.robust_evaluation else None,
+                "robust_accuracy_samples": self.monitor_rows if self.monitor else None,
+                "robust_monitor": self.monitor_name,
             }
         return {
             "dataset": self.dataset.info,
@@ -350,24 +360,54 @@ class FederatedTraining:
         predictions = predict_labels(self.model, self.x_validation, self.config.mc_samples)
         return float((predictions == self.y_validation).mean())
 
-    def robust_accuracy(self, round_: int) -> float | None:
-        """PGD accuracy (10 steps, ``adv_eps``, random start) on the validation slice; None unless ``robust_evaluation``.
+    @property
+    def monitor_rows(self) -> int:
+        """How many validation rows the robust monitor attacks (``robust_monitor_samples``, at most the slice)."""
+        return 0 if self.monitor is None else min(self.monitor.samples, len(self.y_validation))
 
-        On the first :data:`ROBUST_SLICE_CAP` rows of the validation slice, not of the test set: the
-        slice is held out of every client's rows and, like the stop on ``target_accuracy``, the
+    @property
+    def monitor_name(self) -> str | None:
+        """The monitor as metrics.jsonl names it, e.g. ``apgd-ce-20, 500 validation rows``; None without one."""
+        return None if self.monitor is None else f"{self.monitor.label()}, {self.monitor_rows} validation rows"
+
+    def robust_accuracy(self, round_: int, steps: int | None = None) -> float | None:
+        """The monitor's accuracy at ``adv_eps`` on the validation slice (at ``steps``, default its own); None without one.
+
+        On the first ``robust_monitor_samples`` rows of the validation slice, not of the test set:
+        the slice is held out of every client's rows and, like the stop on ``target_accuracy``, the
         stop on ``target_robust_accuracy`` and the choice of ``best_robust.pt`` never look at the
         test set. Its rows are a seeded random sample of the training rows, so the first ones are
         a fixed random sample too, the same every round (and after a resume).
         """
-        if not self.config.robust_evaluation:
+        if self.monitor is None:
             return None
-        from .adversarial import robust_accuracy
-
         assert self.domain is not None  # training_domain, since robust_evaluation
-        n = min(ROBUST_SLICE_CAP, len(self.y_validation))
         seed = derive_seed(self.config.seed, _ROBUST, round_)
-        x, y = self.x_validation[:n], self.y_validation[:n]
-        return robust_accuracy(self.model, x, y, self.config.adv_eps, self.domain, self.config.mc_samples, seed)
+        x, y = self.x_validation[: self.monitor_rows], self.y_validation[: self.monitor_rows]
+        return self.monitor.accuracy(self.model, x, y, self.config.adv_eps, self.domain, self.config.mc_samples, seed, steps)
+
+    def check_monitor(self, history: list[dict]) -> dict | None:
+        """The doubling check of the final model's ``robust_accuracy``: the monitor again at twice its steps.
+
+        A fall of more than :data:`~dipsen.federated.adversarial.MONITOR_TOLERANCE` means the monitor
+        had not converged: its figures overstate, and so a stop on ``target_robust_accuracy``
+        (``target_reliable``) or the choice of ``best_robust.pt`` may rest on an artefact. None
+        without a monitor or when the last round recorded no figure.
+        """
+        last = history[-1] if history else {}
+        if self.monitor is None or last.get("robust_accuracy") is None:
+            return None
+        steps = [self.monitor.steps, 2 * self.monitor.steps]
+        accuracy = [last["robust_accuracy"], self.robust_accuracy(last["round"], steps[1])]
+        converged = self.monitor.converged(accuracy[0], accuracy[1], self.monitor_rows)
+        reliable = None if self.config.target_robust_accuracy is None else converged
+        return {
+            "monitor": self.monitor_name,
+            "steps": steps,
+            "accuracy": accuracy,
+            "converged": converged,
+            "target_reliable": reliable,
+        }
 
     @property
     def secret_draws(self) -> bool:
@@ -428,6 +468,7 @@ class FederatedTraining:
             test_accuracy=accuracy,
             validation_accuracy=validation_accuracy,
             robust_accuracy=robust_accuracy,
+            robust_monitor=self.monitor_name if robust_accuracy is not None else None,
             train_loss=float(np.average([u.mean_loss for u in updates], weights=counts)) if updates else None,
             clients=None if secret else clients,
             sampled=len(clients),
@@ -575,5 +616,12 @@ def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:
     metrics["rounds"] = final_round
     metrics["cost"] = training_cost(history)
     metrics["client_dp"] = None if job.client_dp is None else job.client_dp.summary(final_round)
+    metrics["robust_monitor_check"] = check = job.check_monitor(history)
+    if check is not None and not check["converged"]:
+        log.warning(
+            "%s: the robust monitor fell from %.3f to %.3f at twice its steps: its figures overstate",
+            run.path,
+            *check["accuracy"],
+        )
     run.write_json("final_metrics.json", metrics)
     return metrics

@@ -172,6 +172,9 @@ class RunDir:
             raise DipsenError(f"{file}: corrupt config: {exc}") from None
         if not isinstance(values, dict):
             raise DipsenError(f"{file}: corrupt config: not a JSON object")
+        # a run saved before the robust monitor could be chosen was watched by PGD-10: it keeps it on --resume
+        if "robust_monitor" not in values:
+            values.update(robust_monitor="pgd", robust_monitor_steps=10)
         try:
             return TrainConfig.from_dict(values, source=str(file)).validate()
         except ConfigError as exc:
