@@ -25,6 +25,9 @@ from .paper import DATASET_NAMES, FIG6, OVERHEAD, REPORT_DATASETS, paper_dataset
 from .render import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
 from .worst import Bounded, mean, note, noted, per_class, worst_case
 
+TITLE = "dipsen robustness report"
+"""The HTML page's title."""
+
 SURVIVAL_MARGIN = 0.05
 """A paper-protocol accuracy 'survives' when adaptive attacks lower it by at most this much."""
 
@@ -47,8 +50,9 @@ def build_report(results: dict, out: Path) -> Path:
     blocks += _details(studies, datasets, n)
     blocks += _variants(studies, datasets)
     blocks += certified_section(results.get("certified") or {}, out)
-    (out / "report.md").write_text(to_markdown(blocks))
-    (out / "report.html").write_text(to_html(blocks, "dipsen robustness report"))
+    markdown = to_markdown(blocks)
+    (out / "report.md").write_text(markdown)
+    (out / "report.html").write_text(to_html(markdown, TITLE))
     return out / "report.md"
 
 

@@ -1,9 +1,12 @@
-"""A report as a list of blocks, rendered to Markdown and to standalone HTML from the same data."""
+"""A report as a list of blocks, rendered to Markdown; its HTML page is rendered from that Markdown (markdown-it-py),
+so the two forms cannot diverge."""
 
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+
+from markdown_it import MarkdownIt
 
 
 @dataclass(frozen=True)
@@ -52,39 +55,20 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 _STYLE = (
-    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
+    "table{display:block;overflow-x:auto;border-collapse:collapse;margin:1em 0;font-size:0.9em}"
     "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
-    "td:first-child,th:first-child{text-align:left}figcaption,caption{font-style:italic;color:#444}"
-    "img{max-width:100%}"
+    "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    "table+p,p:has(>img)+p{color:#444;font-size:0.9em}code{background:#f3f3f3;padding:0 2px}"
 )
 
-
-def to_html(blocks: list[Block], title: str) -> str:
-    out = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body>"
-    ]
-    for block in blocks:
-        if isinstance(block, Heading):
-            out.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
-        elif isinstance(block, Paragraph):
-            out.append(f"<p>{_inline(block.text)}</p>")
-        elif isinstance(block, Table):
-            rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows)
-            head = "".join(f"<th>{_inline(h)}</th>" for h in block.headers)
-            caption = f"<caption>{_inline(block.caption)}</caption>" if block.caption else ""
-            out.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        else:
-            out.append(
-                f"<figure><img src='{html.escape(block.path)}' alt='{html.escape(block.caption)}'>"
-                f"<figcaption>{_inline(block.caption)}</figcaption></figure>"
-            )
-    out.append("</body></html>")
-    return "\n".join(out)
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+"""CommonMark and GitHub's tables; raw HTML in the text is shown as text, never passed through."""
 
 
-def _inline(text: str) -> str:
-    """Escape, then render **bold** (the only inline markup the report uses)."""
-    parts = html.escape(text).split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+def to_html(markdown: str, title: str) -> str:
+    """A standalone page of ``markdown``: its stylesheet inline, images beside it, nothing fetched from the network."""
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head>\n<body>\n{_MARKDOWN.render(markdown)}</body></html>\n"
+    )
