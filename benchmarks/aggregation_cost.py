@@ -5,8 +5,12 @@ The updates are real: ``--clients`` client updates of the model from the same in
 training images for ``--epochs`` epochs, as a client of the README's main command trains (K = 200
 clients hold 300 images each, E = 3). The round's training time is the sum of those updates' times
 divided by ``--workers``, the client processes that share them (one thread each). Each rule then
-runs :func:`dipsen.federated.aggregate` on the same updates, best of ``--repeats``, on one thread;
-the ratio is its time over the round's training time, both measured in this run.
+runs :func:`dipsen.federated.aggregate` on the same updates, best of ``--repeats``, on one thread
+(torch's and numpy's BLAS: OpenBLAS threads on a busy machine stall a Gram product for seconds);
+the ratio is its time over the round's training time, both measured in this run. Every rule is
+timed, FLTrust with its server update (``client_update`` on 100 further training images), the two
+pre-aggregations before the median, and Flower's own ``aggregate_krum`` and ``aggregate_bulyan``
+for reference (our Krum family computes the distances once, from a Gram matrix).
 
 Usage: python benchmarks/aggregation_cost.py [--model cnn] [--clients 20] [--samples 300] [--epochs 3]
                                              [--workers 2] [--byzantine 4] [--clip-norm 5] [--repeats 3]
@@ -16,13 +20,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
+from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum
+from threadpoolctl import threadpool_limits
 
 from dipsen.data import load_dataset
 from dipsen.federated import LocalTraining, client_update
 from dipsen.federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, Aggregation, aggregate
 from dipsen.models import build_model, calibrate_noise
+
+ROOT_ROWS = 100  # FLTrust's root set, the default fltrust_root_size
 
 
 def main() -> None:
@@ -55,17 +65,35 @@ def main() -> None:
         f"{args.model} ({parameters:,} parameters), {args.clients} updates of {args.samples} images x {args.epochs} epochs; "
         f"round training {round_seconds:.2f} s ({args.workers} workers); aggregation on 1 thread, best of {args.repeats}"
     )
-    specs = {rule: Aggregation(rule, byzantine=args.byzantine if rule in BYZANTINE_AGGREGATORS else 0) for rule in AGGREGATORS}
+    root = slice(args.clients * args.samples, args.clients * args.samples + ROOT_ROWS)  # no client's rows
+    x_root, y_root = torch.from_numpy(mnist.x_train[root]), torch.from_numpy(mnist.y_train[root])
+
+    def server_update(state: dict, seed: int) -> dict:
+        return client_update(model, state, x_root, y_root, training, seed).state
+
+    f = args.byzantine
+    specs = {rule: Aggregation(rule, byzantine=f if rule in BYZANTINE_AGGREGATORS else 0) for rule in AGGREGATORS}
+    specs["fltrust"] = Aggregation("fltrust", server_update=server_update)
+    specs["bucketing (s 2) + median"] = Aggregation("median", pre_aggregation="bucketing")
+    specs[f"nnm (f {f}) + median"] = Aggregation("median", byzantine=f, pre_aggregation="nnm")
     specs[f"fedavg + clip {args.clip_norm:g}"] = Aggregation("fedavg", clip_norm=args.clip_norm)
     specs["client DP (z 1)"] = Aggregation("fedavg", clip_norm=args.clip_norm, noise_multiplier=1.0, sampled=args.clients)
-    print(f"{'rule':22} {'seconds':>8} {'x round':>8}")
-    for name, spec in specs.items():
+    timed = {name: partial(aggregate, updates, counts, global_state, spec, noise_seed=0) for name, spec in specs.items()}
+
+    def flower(rule: Callable, **kwargs) -> Callable[[], object]:  # on float64 arrays, as aggregate used to call it
+        return lambda: rule([([v.double().numpy() for v in u.values()], 1) for u in updates], num_malicious=f, **kwargs)
+
+    timed["krum (Flower's)"] = flower(aggregate_krum, to_keep=0)
+    timed["bulyan (Flower's)"] = flower(aggregate_bulyan, aggregation_rule=aggregate_krum, to_keep=0)
+    print(f"{'rule':26} {'seconds':>8} {'x round':>8}")
+    for name, run in timed.items():
         best = float("inf")
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            aggregate(updates, counts, global_state, spec, noise_seed=0)
-            best = min(best, time.perf_counter() - start)
-        print(f"{name:22} {best:8.3f} {best / round_seconds:8.3f}")
+            with threadpool_limits(limits=1):
+                start = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - start)
+        print(f"{name:26} {best:8.3f} {best / round_seconds:8.3f}")
 
 
 if __name__ == "__main__":

@@ -111,9 +111,16 @@ class TrainConfig:
     # clipping (None: off) and the largest share of a round's weighted mean one client may have
     aggregator: str = "fedavg"
     trim_fraction: float = 0.1  # trimmed-mean only: share cut at each end of every coordinate
-    byzantine: int = 0  # krum, multi-krum, bulyan: f, the Byzantine clients to withstand
+    byzantine: int = 0  # krum, multi-krum, bulyan, dnc, and nnm: f, the Byzantine clients to withstand
     clip_norm: float | None = None
     max_client_weight: float = 1.0
+    cc_tau: float = 10.0  # centered-clipping: the clipping radius tau and the iterations L
+    cc_iterations: int = 3
+    fltrust_root_size: int = 100  # fltrust: the server's root rows, drawn from the validation slice
+    dnc_iterations: int = 5  # dnc: filtering rounds and the coordinates sampled in each
+    dnc_coordinates: int = 10000
+    pre_aggregation: str = "none"  # none | bucketing | nnm: mixes the updates before any aggregator
+    bucket_size: int = 2  # bucketing: s, the updates averaged per bucket
     # client-level differential privacy (DP-FedAvg, see dipsen.federated.privacy): Gaussian noise of
     # std z * clip_norm on the sum of the clipped steps, the mean over m; z given (client_dp_noise)
     # or calibrated to a target epsilon over the rounds (client_dp_epsilon). Not dp_epsilon / dp_delta,
@@ -159,6 +166,11 @@ class TrainConfig:
     # seed, send malicious_attack's update instead of their honest one; 0: none (in-process engine only)
     malicious_fraction: float = 0.0
     malicious_attack: str | None = None
+    # what the colluding attacks see: full (the round's honest updates) | partial (their own honest updates)
+    attack_knowledge: str = "full"
+    alie_z: float | None = None  # alie: mean - z * std; None: z from the paper's formula for each round's n and f
+    ipm_eps: float = 0.1  # ipm: the malicious clients send -eps times the benign mean
+    minmax_perturbation: str = "unit"  # min-max, min-sum: the direction, unit | sign | std
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
@@ -191,7 +203,7 @@ class TrainConfig:
         from .federated.aggregate import min_updates
 
         base = self.clients_per_round // 2 + 1 if self.min_clients is None else self.min_clients
-        return max(base, min_updates(self.aggregator, self.byzantine))
+        return max(base, min_updates(self.aggregator, self.byzantine, self.pre_aggregation, self.bucket_size))
 
     @property
     def client_dp(self) -> bool:
@@ -205,8 +217,9 @@ class TrainConfig:
 
     @property
     def holds_out_validation(self) -> bool:
-        """Whether training rows are held out as a validation slice: a target or the robust accuracy is checked on it."""
-        return self.target_accuracy is not None or self.robust_evaluation
+        """Whether training rows are held out as a validation slice: a target or the robust accuracy is checked on it,
+        or fltrust's server trains on rows of it."""
+        return self.target_accuracy is not None or self.robust_evaluation or self.aggregator == "fltrust"
 
     def validate(self) -> TrainConfig:
         """Check every value against :data:`SCHEMA` and the rules between values, and resolve ``workers``.
@@ -227,8 +240,8 @@ class TrainConfig:
         # without a target nothing stops on it: holding rows out would only take them from the clients
         if self.validation_size is not None and not self.holds_out_validation:
             raise ConfigError(
-                f"validation_size {self.validation_size} needs target_accuracy, adv_train or target_robust_accuracy "
-                "(it is what they are checked on)",
+                f"validation_size {self.validation_size} needs target_accuracy, adv_train, target_robust_accuracy "
+                "or aggregator fltrust (it is what they are checked or trained on)",
                 "validation_size",
             )
         if self.adv_step_size is not None and self.adv_train == "none":
@@ -246,27 +259,37 @@ class TrainConfig:
 
     def _check_aggregation(self) -> None:
         """The aggregator's parameters fit it and m (see :mod:`dipsen.federated.aggregate`)."""
-        from .federated.aggregate import BYZANTINE_AGGREGATORS, min_updates
+        from .federated.aggregate import BYZANTINE_AGGREGATORS, min_updates, trim_count
 
         m = self.clients_per_round
-        if self.byzantine and self.aggregator not in BYZANTINE_AGGREGATORS:
+        if self.byzantine and self.aggregator not in BYZANTINE_AGGREGATORS and self.pre_aggregation != "nnm":
             raise ConfigError(
-                f"byzantine {self.byzantine} applies to aggregator {', '.join(BYZANTINE_AGGREGATORS)} only "
-                f"(aggregator is {self.aggregator!r})",
+                f"byzantine {self.byzantine} applies to aggregator {', '.join(BYZANTINE_AGGREGATORS)} or "
+                f"pre_aggregation nnm only (aggregator is {self.aggregator!r})",
                 "byzantine",
             )
-        need = min_updates(self.aggregator, self.byzantine)
+        need = min_updates(self.aggregator, self.byzantine, self.pre_aggregation, self.bucket_size)
         if need > m:
-            rule = "4f + 3" if self.aggregator == "bulyan" else "2f + 3"
+            rule = {"krum": "2f + 3", "multi-krum": "2f + 3", "bulyan": "4f + 3"}.get(self.aggregator, "f + 1")  # dnc, nnm
+            if self.pre_aggregation == "bucketing":  # that many buckets of s
+                rule = f"{self.bucket_size}({rule} - 1) + 1"
             raise ConfigError(
                 f"byzantine {self.byzantine} is too large for m = {m}: {self.aggregator} needs m >= {rule} = {need}",
                 "byzantine",
             )
-        if self.aggregator == "trimmed-mean" and math.floor(self.trim_fraction * m) < 1:
+        # the trimmed mean sees the bucket means after bucketing; it cuts trim_count of them at each end
+        seen = math.ceil(m / self.bucket_size) if self.pre_aggregation == "bucketing" else m
+        if self.aggregator == "trimmed-mean" and trim_count(self.trim_fraction, seen) < 1:
             raise ConfigError(
-                f"trim_fraction {self.trim_fraction} trims no update at m = {m} (floor(trim_fraction * m) = 0): "
-                f"use at least {1 / m:.3g}",
+                f"trim_fraction {self.trim_fraction} trims no update of {seen} (floor(trim_fraction * {seen}) = 0): "
+                f"use at least {math.ceil(1000 / seen) / 1000:g}",
                 "trim_fraction",
+            )
+        if self.aggregator == "fltrust" and self.lr_schedule != "constant":
+            raise ConfigError(
+                f"aggregator fltrust trains the server's own update at lr: lr_schedule {self.lr_schedule!r} "
+                "is not supported (the round's rate does not reach the aggregator); use lr_schedule constant",
+                "aggregator",
             )
 
     def _check_client_dp(self) -> None:
@@ -288,6 +311,8 @@ class TrainConfig:
             raise ConfigError(f"{given} needs clip_norm (the clip C of each client's update, its sensitivity)", key)
         if self.aggregator != "fedavg":
             raise ConfigError(f"{given} needs aggregator fedavg (aggregator is {self.aggregator!r})", key)
+        if self.pre_aggregation != "none":
+            raise ConfigError(f"{given} needs pre_aggregation none (it is {self.pre_aggregation!r})", key)
         if self.max_client_weight != 1.0:
             raise ConfigError(
                 f"max_client_weight {self.max_client_weight} does not apply with {key}: every client weighs 1/m",
@@ -326,6 +351,12 @@ class TrainConfig:
             raise ConfigError(
                 f"{given} leaves no honest client: round({self.malicious_fraction} * {self.clients}) = {count}",
                 "malicious_fraction",
+            )
+        sees = ATTACKS[self.malicious_attack].knowledge
+        if "own" not in sees and self.attack_knowledge not in sees:
+            raise ConfigError(
+                f"attack_knowledge {self.attack_knowledge!r}: {self.malicious_attack} needs {' or '.join(sees)} knowledge",
+                "attack_knowledge",
             )
 
     def load_dataset(self) -> Dataset:
@@ -407,6 +438,13 @@ SCHEMA: dict[str, Rule] = {
     "byzantine": Rule(int, low=0),
     "clip_norm": Rule(float, optional=True, low=0, low_open=True),
     "max_client_weight": _UNIT,
+    "cc_tau": Rule(float, low=0, low_open=True),
+    "cc_iterations": _COUNT,
+    "fltrust_root_size": _COUNT,
+    "dnc_iterations": _COUNT,
+    "dnc_coordinates": _COUNT,
+    "pre_aggregation": Rule(str, choices=_registry(".federated.aggregate", "PRE_AGGREGATIONS")),
+    "bucket_size": _COUNT,
     "client_dp_noise": Rule(float, optional=True, low=0, low_open=True),
     "client_dp_epsilon": Rule(float, optional=True, low=0, low_open=True),
     "client_dp_delta": Rule(float, optional=True, low=0, high=1, low_open=True, high_open=True),
@@ -433,6 +471,10 @@ SCHEMA: dict[str, Rule] = {
     "robust_monitor_samples": _COUNT,
     "malicious_fraction": Rule(float, low=0, high=1, high_open=True),
     "malicious_attack": Rule(str, optional=True, choices=_registry(".federated.poisoning", "ATTACKS")),
+    "attack_knowledge": Rule(str, choices=_registry(".federated.poisoning", "KNOWLEDGE")),
+    "alie_z": Rule(float, optional=True),
+    "ipm_eps": Rule(float, low=0, low_open=True),
+    "minmax_perturbation": Rule(str, choices=_registry(".federated.poisoning", "PERTURBATIONS")),
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
     "seed": Rule(int, low=0),
     "workers": _OPTIONAL_COUNT,

@@ -384,7 +384,7 @@ class _FuzzRunner:
 def test_a_thousand_malformed_and_malicious_updates_crash_no_aggregator(mnist, rule):
     m = 12
     byzantine = 1 if rule in BYZANTINE_AGGREGATORS else 0
-    attack = ATTACKS[AGGREGATORS.index(rule) % len(ATTACKS)]  # the engine's own attacks on top, on some clients
+    attack = list(ATTACKS)[AGGREGATORS.index(rule) % len(ATTACKS)]  # the engine's own attacks on top, on some clients
     cfg = TrainConfig(
         **{**SMALL, "clients": m, "fraction": 1.0, "train_subset": 240, "test_subset": 20},
         aggregator=rule,

@@ -19,6 +19,7 @@ from dipsen.federated.aggregate import (
     clip_update,
     multi_krum_selection,
     server_counts,
+    trim_count,
 )
 
 
@@ -52,7 +53,7 @@ def test_krum_picks_an_honest_update_against_an_outlier():
     g = {"w": torch.zeros(6, dtype=torch.float64)}
     out = aggregate(states, [1] * 5, g, Aggregation("krum", byzantine=1))
     assert any(torch.equal(out["w"], s["w"]) for s in states[:4])
-    assert multi_krum_selection([[s["w"].numpy()] for s in states], 1) == [0, 1, 2, 3]
+    assert multi_krum_selection(np.stack([s["w"].numpy() for s in states]), 1) == [0, 1, 2, 3]
     multi = aggregate(states, [1] * 5, g, Aggregation("multi-krum", byzantine=1))
     assert torch.allclose(multi["w"], torch.stack([s["w"] for s in states[:4]]).mean(0))
     assert (aggregate(_honest_and_outlier(6), [1] * 7, g, Aggregation("bulyan", byzantine=1))["w"] - 1).abs().max() < 0.05
@@ -98,8 +99,9 @@ def test_ours_and_flowers_agree_on_the_same_inputs(seed):
 def test_float32_models_and_integer_buffers_are_handled_as_fedavg_handles_them():
     g = {"w": torch.zeros(2), "n": torch.tensor(0)}
     states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(v)} for v in (2, 3, 7, 8)]
+    server = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(4)}  # fltrust's own update
     for rule in AGGREGATORS:
-        out = aggregate(states, [1] * 4, g, Aggregation(rule))
+        out = aggregate(states, [1] * 4, g, Aggregation(rule, server_update=lambda state, seed: server), noise_seed=0)
         assert out["w"].dtype == torch.float32 and out["n"].dtype == torch.int64
     assert aggregate(states, [1] * 4, g, Aggregation("median"))["n"].item() == 5  # 5.0
     assert aggregate(states[:3], [1] * 3, g, Aggregation("trimmed-mean", trim_fraction=0.34))["n"].item() == 3
@@ -180,12 +182,30 @@ def test_an_inflated_sample_count_is_capped_at_the_partition_in_the_engine(mnist
     [
         ({"aggregator": "krum", "byzantine": 1, "clients": 4, "fraction": 1.0}, "byzantine", "needs m >= 2f \\+ 3 = 5"),
         ({"aggregator": "bulyan", "byzantine": 2, "clients": 10, "fraction": 1.0}, "byzantine", "needs m >= 4f \\+ 3 = 11"),
-        ({"aggregator": "median", "byzantine": 1}, "byzantine", "applies to aggregator krum, multi-krum, bulyan only"),
+        (
+            {"aggregator": "median", "byzantine": 1},
+            "byzantine",
+            "applies to aggregator krum, multi-krum, bulyan, dnc or pre_aggregation nnm only",
+        ),
         ({"aggregator": "trimmed-mean", "trim_fraction": 0.5}, "trim_fraction", "in \\[0, 0.5\\)"),
-        ({"aggregator": "trimmed-mean", "trim_fraction": 0.04}, "trim_fraction", "trims no update at m = 20"),
+        ({"aggregator": "trimmed-mean", "trim_fraction": 0.04}, "trim_fraction", "trims no update of 20"),
         ({"aggregator": "mean"}, "aggregator", "must be one of fedavg, trimmed-mean"),
         ({"clip_norm": 0.0}, "clip_norm", "must be a number > 0"),
         ({"max_client_weight": 1.5}, "max_client_weight", "in \\(0, 1\\]"),
+        (
+            {"aggregator": "centered-clipping", "byzantine": 1},
+            "byzantine",
+            "applies to aggregator krum, .* or pre_aggregation nnm",
+        ),
+        ({"aggregator": "dnc", "byzantine": 4, "clients": 4, "fraction": 1.0}, "byzantine", "dnc needs m >= f \\+ 1 = 5"),
+        (
+            {"aggregator": "krum", "byzantine": 4, "pre_aggregation": "bucketing"},  # 11 buckets of 2 > m = 20
+            "byzantine",
+            "krum needs m >= 2\\(2f \\+ 3 - 1\\) \\+ 1 = 21",
+        ),
+        ({"aggregator": "trimmed-mean", "pre_aggregation": "bucketing", "bucket_size": 4}, "trim_fraction", "no update of 5"),
+        ({"aggregator": "fltrust", "lr_schedule": "cyclic"}, "aggregator", "lr_schedule 'cyclic' is not supported"),
+        ({"client_dp_noise": 1.0, "clip_norm": 1.0, "pre_aggregation": "nnm"}, "client_dp_noise", "needs pre_aggregation none"),
     ],
 )
 def test_aggregation_options_are_validated(values, key, message):
@@ -200,6 +220,35 @@ def test_flags_name_the_aggregation_options_and_krum_raises_the_round_minimum():
     cfg = TrainConfig(aggregator="bulyan", byzantine=4, min_clients=2).validate()  # m = 20 >= 19
     assert cfg.required_updates == 19
     assert TrainConfig(aggregator="median").validate().required_updates == 11  # more than half of m
+    bucketed = TrainConfig(aggregator="krum", byzantine=2, pre_aggregation="bucketing", min_clients=2).validate()
+    assert bucketed.required_updates == 13  # 7 = 2f + 3 buckets of 2
+
+
+def test_trimmed_mean_cuts_exactly_c_of_n_when_the_fraction_is_c_over_n():
+    n, c = 44, 15
+    assert int(c / n * n) == 14 and trim_count(c / n, n) == 15  # Flower's int(q n) would cut one fewer
+    rows = np.random.default_rng(0).normal(size=(n, 30))
+    out = aggregate(
+        _states(*rows), [1] * n, {"w": torch.zeros(30, dtype=torch.float64)}, Aggregation("trimmed-mean", trim_fraction=c / n)
+    )
+    assert np.allclose(out["w"].numpy(), np.sort(rows, axis=0)[c : n - c].mean(axis=0), rtol=0, atol=1e-12)
+
+
+def test_the_poisoning_study_tells_trimmed_mean_the_cut_it_planned():
+    from dipsen.report.poisoning import exceeded, p_more_than_told
+
+    config = TrainConfig(clients=440, fraction=0.1, aggregator="trimmed-mean", trim_fraction=15 / 44).validate()  # m = 44
+    assert p_more_than_told(config, 0.3) == exceeded(15, 0.3, 440, 44) != exceeded(14, 0.3, 440, 44)
+
+
+@pytest.mark.parametrize("m", [3, 20, 44, 49])
+def test_a_trim_fraction_of_one_over_m_and_the_suggested_minimum_are_accepted(m):
+    settings = dict(clients=m, fraction=1.0, aggregator="trimmed-mean")
+    TrainConfig(**settings, trim_fraction=1 / m).validate()  # (1/49) * 49 < 1 in floats
+    with pytest.raises(ConfigError, match="use at least") as error:
+        TrainConfig(**settings, trim_fraction=0.01).validate()
+    suggested = float(str(error.value).rsplit(" ", 1)[-1])
+    assert TrainConfig(**settings, trim_fraction=suggested).validate().trim_fraction == suggested
 
 
 def test_a_median_run_is_deterministic_and_resumes_bit_identically(mnist, tmp_path):
@@ -217,3 +266,39 @@ def test_a_median_run_is_deterministic_and_resumes_bit_identically(mnist, tmp_pa
     cfg = short.reconfigure(rounds=2, keep_checkpoints=None)
     train(FederatedTraining(cfg, mnist), short, resume=True)
     assert all(torch.equal(_final(short)[k], _final(runs[0])[k]) for k in _final(runs[0]))
+
+
+def test_fltrust_trains_the_server_on_validation_rows_only(mnist, tmp_path, monkeypatch):
+    from dipsen.federated import engine
+
+    cfg = TrainConfig(rounds=1, aggregator="fltrust", fltrust_root_size=10, **TINY).validate()
+    assert cfg.holds_out_validation
+    seen = []
+    real = engine.client_update
+    monkeypatch.setattr(engine, "client_update", lambda *args: seen.append(args[2]) or real(*args))
+    job = FederatedTraining(cfg, mnist)
+    run = RunDir.create(tmp_path / "run", cfg)
+    train(job, run)
+    validation = {row.tobytes() for row in job.x_validation}
+    assert len(seen) == 1 and len(seen[0]) == 10  # one server update per round, on the root rows
+    assert all(row.numpy().tobytes() in validation for row in seen[0])
+    assert run.read_json("run_info.json")["validation"]["samples"] == cfg.validation_size == 20  # 10% of 200 rows
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(aggregator="fltrust", fltrust_root_size=10),
+        dict(aggregator="dnc", byzantine=1, dnc_coordinates=1000, pre_aggregation="bucketing", clients=6),  # 3 buckets
+    ],
+)
+def test_the_randomized_defences_resume_bit_identically(mnist, tmp_path, settings):
+    settings = {**TINY, **settings}
+    full = RunDir.create(tmp_path / "full", TrainConfig(rounds=2, **settings).validate())
+    train(FederatedTraining(full.config(), mnist), full)
+    short = RunDir.create(tmp_path / "short", TrainConfig(rounds=1, **settings).validate())
+    train(FederatedTraining(short.config(), mnist), short)
+    cfg = short.reconfigure(rounds=2, keep_checkpoints=None)
+    train(FederatedTraining(cfg, mnist), short, resume=True)
+    assert all(torch.equal(_final(short)[k], _final(full)[k]) for k in _final(full))
+    assert any(not torch.equal(_final(full)[k], full.load_checkpoint(1)[k]) for k in _final(full))  # round 2 moved

@@ -22,7 +22,8 @@ def poison_study_cmd(
         str | None,
         typer.Option(
             show_default="model-replacement,sign-flip,label-flip",
-            help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count.",
+            help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count, alie, ipm, "
+            "min-max, min-sum, mimic, fang-krum, fang-trim (their options: --config).",
         ),
     ] = None,
     aggregators: Annotated[

@@ -60,7 +60,8 @@ def train(
         str | None,
         typer.Option(
             show_default=_default("aggregator"),
-            help="fedavg | trimmed-mean | median | krum | multi-krum | bulyan (the server's rule; see README).",
+            help="fedavg | trimmed-mean | median | krum | multi-krum | bulyan | centered-clipping | fltrust | dnc "
+            "(the server's rule; see README).",
         ),
     ] = None,
     trim_fraction: Annotated[
@@ -71,7 +72,7 @@ def train(
         int | None,
         typer.Option(
             show_default=_default("byzantine"),
-            help="f, Byzantine clients to withstand (krum, multi-krum: m >= 2f+3; bulyan: m >= 4f+3).",
+            help="f, Byzantine clients to withstand (krum, multi-krum: m >= 2f+3; bulyan: m >= 4f+3; dnc, nnm: m >= f+1).",
         ),
     ] = None,
     clip_norm: Annotated[
@@ -85,8 +86,39 @@ def train(
         float | None,
         typer.Option(
             show_default=_default("max_client_weight"),
-            help="Largest share of a round's weighted mean one client may have (fedavg, multi-krum).",
+            help="Largest share of a round's weighted mean one client may have (fedavg, multi-krum, dnc).",
         ),
+    ] = None,
+    cc_tau: Annotated[
+        float | None,
+        typer.Option(show_default=_default("cc_tau"), help="centered-clipping: the radius tau each step is clipped to."),
+    ] = None,
+    cc_iterations: Annotated[
+        int | None, typer.Option(show_default=_default("cc_iterations"), help="centered-clipping: the iterations L.")
+    ] = None,
+    fltrust_root_size: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("fltrust_root_size"),
+            help="fltrust: rows of the held-out validation slice the server trains its own update on.",
+        ),
+    ] = None,
+    dnc_iterations: Annotated[
+        int | None, typer.Option(show_default=_default("dnc_iterations"), help="dnc: rounds of filtering.")
+    ] = None,
+    dnc_coordinates: Annotated[
+        int | None, typer.Option(show_default=_default("dnc_coordinates"), help="dnc: coordinates sampled in each.")
+    ] = None,
+    pre_aggregation: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("pre_aggregation"),
+            help="none | bucketing (means of --bucket-size updates) | nnm (each update the mean of its n-f nearest), "
+            "applied before the aggregator.",
+        ),
+    ] = None,
+    bucket_size: Annotated[
+        int | None, typer.Option(show_default=_default("bucket_size"), help="bucketing: s, the updates per bucket.")
     ] = None,
     client_dp_noise: Annotated[
         float | None,
@@ -144,7 +176,34 @@ def train(
         typer.Option(
             show_default=_default("malicious_attack"),
             help="What the malicious clients send: model-replacement | sign-flip | gaussian | label-flip | scaled-count "
-            "(see README, Poisoning study).",
+            "| alie | ipm | min-max | min-sum | mimic | fang-krum | fang-trim (see README, Poisoning study).",
+        ),
+    ] = None,
+    attack_knowledge: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("attack_knowledge"),
+            help="What the colluding attacks (alie ... fang-trim) see: full (the round's honest updates) | partial "
+            "(only the malicious clients' own honest updates; not mimic).",
+        ),
+    ] = None,
+    alie_z: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("alie_z"),
+            help="alie: send mean - z * std of the benign updates (default: z from the paper's formula for each "
+            "round's n and f, which is 0 at n = 10, f = 2).",
+        ),
+    ] = None,
+    ipm_eps: Annotated[
+        float | None,
+        typer.Option(show_default=_default("ipm_eps"), help="ipm: send -eps times the mean of the benign updates."),
+    ] = None,
+    minmax_perturbation: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("minmax_perturbation"),
+            help="min-max, min-sum: the direction pushed along, unit (-mean/|mean|) | sign (-sign(mean)) | std (-std).",
         ),
     ] = None,
     partition: Annotated[str | None, typer.Option(show_default=_default("partition"), help="iid | dirichlet | shards")] = None,

@@ -8,7 +8,8 @@ assigned, see :mod:`dipsen.federated.aggregate`), or the robust rule the config 
 the held-out test set after every round; training stops after ``rounds`` rounds or as soon as the
 accuracy on a validation slice reaches ``target_accuracy``. The slice is held out of the training
 rows (``validation_size`` of them, seeded) before they are partitioned, so no client trains on it
-and the stop never looks at the test set; without a target nothing is held out. An update that
+and the stop never looks at the test set; nothing is held out unless a target, the robust monitor
+or FLTrust's root set (a seeded part of the slice) needs it. An update that
 fails :func:`validate_update` or :func:`validate_report` (or a client that fails to deliver one) is
 left out of the average, logged, and recorded in the round's metrics under ``rejected``; the round
 goes on with the others.
@@ -59,8 +60,9 @@ round's metrics record the epsilon spent through that round, final_metrics.json 
 Simulated malicious clients (``malicious_fraction``, ``malicious_attack``; in-process only, see
 :mod:`dipsen.federated.poisoning`): a seeded set of clients, recorded in run_info.json as
 ``malicious``. :meth:`FederatedTraining.run_round` marks their tasks for label flipping where the
-attack trains on flipped labels, and turns each of their updates into what the attack sends
-(:meth:`~dipsen.federated.poisoning.Adversary.send`) before validating it like any other.
+attack trains on flipped labels, and once the round's updates are in, has the adversary turn the
+malicious ones into what the attack sends (:meth:`~dipsen.federated.poisoning.Adversary.send_round`:
+they collude, and may see the honest ones) before validating them like any other.
 
 Checkpoints: every round's is saved through :meth:`RunDir.save_checkpoint`, which keeps those the
 run's ``keep_checkpoints`` rule keeps (see :mod:`dipsen.federated.run_dir`), always the newest.
@@ -71,7 +73,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -84,8 +86,8 @@ from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
 from .adversarial import RobustMonitor
-from .aggregate import Aggregation, aggregate, min_updates, server_counts, validate_report, validate_update
-from .client import ClientUpdate, LocalTraining, StateDict
+from .aggregate import Aggregation, aggregate, min_updates, root_rows, server_counts, validate_report, validate_update
+from .client import ClientUpdate, LocalTraining, StateDict, client_update
 from .poisoning import adversary
 from .privacy import ClientDP, client_dp
 from .run_dir import RunDir
@@ -153,6 +155,12 @@ def aggregation(config: TrainConfig, dp: ClientDP | None) -> Aggregation:
         config.max_client_weight,
         noise_multiplier=None if dp is None else dp.noise_multiplier,
         sampled=config.clients_per_round,
+        cc_tau=config.cc_tau,
+        cc_iterations=config.cc_iterations,
+        dnc_iterations=config.dnc_iterations,
+        dnc_coordinates=config.dnc_coordinates,
+        pre_aggregation=config.pre_aggregation,
+        bucket_size=config.bucket_size,
     )
 
 
@@ -279,6 +287,14 @@ class FederatedTraining:
         self.client_dp = client_dp(config)  # client-level DP (z calibrated here if a target epsilon is set), or None
         self.adversary = adversary(config, derive_seed(config.seed, _MALICIOUS))  # simulated malicious clients, or None
         self.aggregation = aggregation(config, self.client_dp)
+        if config.aggregator == "fltrust":  # the server trains its own update on root rows of the validation slice
+            # drawn with the validation key of round 0, which no evaluation uses (they start at round 1)
+            root_seed = derive_seed(config.seed, _VALIDATION, 0)
+            x_root, y_root = root_rows(self.x_validation, self.y_validation, config.fltrust_root_size, root_seed)
+            self.aggregation = replace(
+                self.aggregation,
+                server_update=lambda state, seed: client_update(self.model, state, x_root, y_root, self.training, seed).state,
+            )
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args)
         self.domain = training_domain(config, dataset)
@@ -426,10 +442,11 @@ class FederatedTraining:
         updates: list[ClientUpdate] = []
         valid_clients: list[int] = []
         rejected: list[dict] = []
-        for task, outcome in zip(tasks, self.clients.run(global_state, tasks), strict=True):
-            if poison is not None and isinstance(outcome, ClientUpdate):  # a malicious client's update, as it sends it
-                seed = derive_seed(self.config.seed, _MALICIOUS, round_, task.client)
-                outcome = poison.send(task.client, outcome, global_state, self.training, seed)
+        outcomes = self.clients.run(global_state, tasks)
+        if poison is not None:  # the malicious clients collude: the adversary crafts the round's updates at once
+            seeds = [derive_seed(self.config.seed, _MALICIOUS, round_, c) for c in clients]
+            outcomes = poison.send_round(clients, outcomes, global_state, self.training, seeds)
+        for task, outcome in zip(tasks, outcomes, strict=True):
             if isinstance(outcome, ClientFailure):
                 reason: str | None = outcome.reason
             else:
@@ -451,7 +468,8 @@ class FederatedTraining:
         spec = self.aggregation
         # too few updates for the rule: the global model stays, and the round fails on required_updates.
         # With client DP even none is aggregated: the noise alone, so that no release tells that none came
-        enough = (bool(updates) or spec.noise_multiplier is not None) and len(updates) >= min_updates(spec.rule, spec.byzantine)
+        need = min_updates(spec.rule, spec.byzantine, spec.pre_aggregation, spec.bucket_size)
+        enough = (bool(updates) or spec.noise_multiplier is not None) and len(updates) >= need
         noise_seed = secret_dp.noise_seed() if secret_dp else derive_seed(self.config.seed, _CLIENT_DP, round_)
         new_state = aggregate([u.state for u in updates], counts, global_state, spec, noise_seed) if enough else global_state
         self.model.load_state_dict(new_state)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from ..config import TrainConfig, load_config
 from ..data._io import write_atomic
 from ..errors import ConfigError, DipsenError
 from ..federated import RunDir
-from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS
+from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, trim_count
 from ..federated.poisoning import ATTACKS, malicious_count
 from .render import Block, Heading, Paragraph, Table, to_markdown
 from .reproduce import machine_description, open_output, train_run, training_seconds
@@ -108,7 +107,7 @@ def study_options(
     """
     if dataset not in DATASETS:
         raise DipsenError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
-    attacks = _choices(attacks, ATTACKS, "--attacks")
+    attacks = _choices(attacks, list(ATTACKS), "--attacks")
     aggregators = _choices(aggregators, AGGREGATORS, "--aggregators")
     bad = [f for f in fractions if not (isinstance(f, int | float) and 0 <= f < 1)]
     if not fractions or bad:
@@ -164,7 +163,7 @@ def largest_byzantine(aggregator: str, clients_per_round: int) -> int:
 def p_more_than_told(config: TrainConfig, fraction: float) -> float | None:
     """P(a round holds more malicious clients than the rule was told of); None for rules told nothing, or without attack."""
     m = config.clients_per_round
-    told = {"trimmed-mean": math.floor(config.trim_fraction * m)}.get(config.aggregator, config.byzantine)
+    told = {"trimmed-mean": trim_count(config.trim_fraction, m)}.get(config.aggregator, config.byzantine)
     if fraction == 0 or (config.aggregator not in BYZANTINE_AGGREGATORS and config.aggregator != "trimmed-mean"):
         return None
     return exceeded(told, fraction, config.clients, m)
@@ -184,7 +183,8 @@ def plan(options: dict[str, Any]) -> list[PoisonRun]:
     for attack, fraction in points:
         for aggregator in options["aggregators"]:
             byzantine = min(bound, largest_byzantine(aggregator, m)) if aggregator in BYZANTINE_AGGREGATORS else 0
-            # trimmed-mean is told the attackers' share as the Krum family is told their number
+            # trimmed-mean is told the attackers' share as the Krum family is told their number: bound / m, of
+            # which it cuts exactly bound at m (trim_count's tolerance; int(15/44 * 44) would be 14)
             trim = base.trim_fraction
             if aggregator == "trimmed-mean":
                 trim = max(trim, bound / m)

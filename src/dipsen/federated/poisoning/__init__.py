@@ -1,0 +1,208 @@
+"""Simulated malicious clients: what poisoning clients send the server instead of their honest updates.
+
+They exist to measure the robust aggregators of :mod:`dipsen.federated.aggregate`
+(``dipsen train --malicious-fraction f --malicious-attack A``, ``dipsen poison-study``); nothing
+here weakens a run that does not ask for them.
+
+Which clients: :func:`malicious_count` = round(f * K) of the K clients (rounded half up), drawn once
+per run by :func:`choose_malicious` from a seed of the run's own (the engine derives it from the
+run seed with a key of its own), and recorded in ``run_info.json`` as ``malicious``. A malicious
+client is malicious in every round it is sampled; sampling itself is unchanged, so about f * m of
+each round's m clients are malicious.
+
+Where: every malicious client first trains honestly (on flipped labels for the attacks that say
+so: the round's :class:`~dipsen.federated.workers.ClientTask` carries ``flip_labels`` and the
+client runner hands :func:`~dipsen.federated.client.client_update` the labels of
+:func:`flip_labels`, so the training code knows nothing of attacks). Once the round's outcomes
+are in, the engine hands them all to :meth:`Adversary.send_round`, since the malicious clients
+collude: the adversary crafts the round's malicious updates at once, from what it knows, before
+:func:`~dipsen.federated.aggregate.validate_update`. The poisoned updates then take exactly the
+path of everyone's (validation, :func:`~dipsen.federated.aggregate.server_counts`,
+:func:`~dipsen.federated.aggregate.aggregate`). Each is sent as weights ``w + step`` in the global
+model's dtypes (integer buffers as its client trained them), with its client's own sample count,
+loss, step count and time, so that it passes validation (a claimed count comes with the step
+count that many samples would take).
+
+Knowledge (``attack_knowledge``): ``full`` (the default) lets the colluding attacks see the round's
+honest updates, which the simulation has; ``partial`` only the malicious clients' own honest
+updates. Only the updates the server will accept count. Without any (no honest update in the
+round under full knowledge), the malicious clients send their honest updates.
+
+The attacks (:data:`ATTACKS`, in three families), with each one's knowledge:
+
+- :mod:`.naive`, a transform of the client's own update (knows nothing else): ``label-flip``,
+  ``sign-flip``, ``gaussian``, ``scaled-count``, ``model-replacement``.
+- :mod:`.statistical`, one vector from the benign steps' statistics: ``alie`` (full or partial),
+  ``ipm`` (full or partial), ``min-max`` and ``min-sum`` (full or partial), ``mimic`` (full).
+- :mod:`.full_knowledge`, Fang et al. 2020: ``fang-krum`` and ``fang-trim`` (full or partial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..aggregate import validate_report, validate_update
+from ..client import ClientUpdate, LocalTraining, StateDict
+from . import full_knowledge, naive, statistical
+from .base import KNOWLEDGE, Attack, AttackOptions, Round, apply_step, flat_norm, flat_step
+from .naive import BOUND_MARGIN, CLAIMED_SAMPLES, GAUSSIAN_RMS_FACTOR, SIGN_FLIP_SCALE, replacement_boost
+from .statistical import PERTURBATIONS, alie_z
+
+if TYPE_CHECKING:
+    from ...config import TrainConfig
+    from ..workers import ClientFailure  # workers imports flip_labels from here
+
+__all__ = [
+    "ATTACKS",
+    "BOUND_MARGIN",
+    "CLAIMED_SAMPLES",
+    "GAUSSIAN_RMS_FACTOR",
+    "KNOWLEDGE",
+    "PERTURBATIONS",
+    "SIGN_FLIP_SCALE",
+    "Adversary",
+    "Attack",
+    "AttackOptions",
+    "Round",
+    "adversary",
+    "alie_z",
+    "choose_malicious",
+    "flip_labels",
+    "malicious_count",
+    "replacement_boost",
+]
+
+_OWN, _BOTH = ("own",), KNOWLEDGE
+# name -> attack; the naive ones first. craft None: the update is sent as trained
+ATTACKS: dict[str, Attack] = {
+    "model-replacement": Attack(naive.model_replacement, _OWN, flips_labels=True, claims=CLAIMED_SAMPLES),
+    "sign-flip": Attack(naive.sign_flip, _OWN),
+    "gaussian": Attack(naive.gaussian, _OWN),
+    "label-flip": Attack(None, _OWN, flips_labels=True),
+    "scaled-count": Attack(None, _OWN, claims=CLAIMED_SAMPLES),
+    "alie": Attack(statistical.alie, _BOTH),
+    "ipm": Attack(statistical.ipm, _BOTH),
+    "min-max": Attack(statistical.min_max, _BOTH),
+    "min-sum": Attack(statistical.min_sum, _BOTH),
+    "mimic": Attack(statistical.mimic, ("full",)),
+    "fang-krum": Attack(full_knowledge.fang_krum, _BOTH),
+    "fang-trim": Attack(full_knowledge.fang_trim, _BOTH),
+}
+
+
+def malicious_count(clients: int, fraction: float) -> int:
+    """round(fraction * clients), half up, computed on the fraction as written (as ``clients_per_round`` is)."""
+    return math.floor(Fraction(repr(fraction)) * clients + Fraction(1, 2))
+
+
+def choose_malicious(clients: int, fraction: float, seed: int) -> list[int]:
+    """The malicious clients: :func:`malicious_count` of the ``clients``, drawn from ``seed``, sorted."""
+    count = malicious_count(clients, fraction)
+    if count == 0:
+        return []
+    return sorted(np.random.default_rng(seed).choice(clients, size=count, replace=False).tolist())
+
+
+def flip_labels(y: Tensor, num_classes: int) -> Tensor:
+    """Every label y replaced by ``num_classes - 1 - y`` (label-flip, model-replacement)."""
+    return (num_classes - 1) - y
+
+
+def claim_samples(update: ClientUpdate, samples: int, training: LocalTraining) -> ClientUpdate:
+    """``update`` claiming ``samples`` samples, with the step count that many would take (a consistent lie)."""
+    return dataclasses.replace(update, num_samples=samples, steps=training.steps_for(samples))
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """The run's malicious clients and their attack (``malicious_fraction``, ``malicious_attack`` and its options)."""
+
+    attack: str  # a key of ATTACKS
+    fraction: float  # f: round(f * K) of the K clients are malicious
+    clients: frozenset[int]
+    gamma: float  # model-replacement's boost before the cap: m, the clients per round
+    options: AttackOptions = field(default_factory=AttackOptions)
+
+    def describe(self) -> dict:
+        """What run_info.json records as ``malicious`` (the attack's options are in config.json)."""
+        return {"attack": self.attack, "fraction": self.fraction, "clients": sorted(self.clients)}
+
+    def flips_labels(self, client: int) -> bool:
+        """Whether ``client`` trains on flipped labels this run."""
+        return client in self.clients and ATTACKS[self.attack].flips_labels
+
+    def send(
+        self, client: int, update: ClientUpdate, global_state: StateDict, training: LocalTraining, seed: int
+    ) -> ClientUpdate:
+        """What ``client`` sends after computing ``update``, alone in its round (:meth:`send_round` of one client)."""
+        sent = self.send_round([client], [update], global_state, training, [seed])[0]
+        assert isinstance(sent, ClientUpdate)  # an update in, an update out
+        return sent
+
+    def send_round(
+        self,
+        clients: Sequence[int],
+        outcomes: Sequence[ClientUpdate | ClientFailure],
+        global_state: StateDict,
+        training: LocalTraining,
+        seeds: Sequence[int],
+    ) -> list[ClientUpdate | ClientFailure]:
+        """What the round's ``clients`` send, given what they computed (``outcomes``) from ``global_state``.
+
+        Honest clients' outcomes pass unchanged (the same objects), and so does what the server
+        would reject anyway (a failure, a malformed update or report). The malicious clients'
+        usable updates are replaced by what the attack crafts from the round (:class:`Round`);
+        ``seeds[i]`` seeds client i's own draws; ``training`` gives the step count of a claimed
+        sample count.
+        """
+        attack = ATTACKS[self.attack]
+        usable = {
+            i: o
+            for i, o in enumerate(outcomes)
+            if isinstance(o, ClientUpdate)
+            and validate_update(o.state, global_state, o.num_samples) is None
+            and validate_report(o, training) is None
+        }
+        malicious = [i for i in usable if clients[i] in self.clients]
+        honest = [i for i in usable if clients[i] not in self.clients]
+        sent = list(outcomes)
+        if not malicious:
+            return sent
+        steps = {}
+        if attack.craft is not None:
+            own = torch.stack([flat_step(usable[i].state, global_state) for i in malicious])
+            known = own
+            if "own" not in attack.knowledge and self.options.knowledge == "full":
+                if not honest:
+                    return sent  # nothing to build on: the malicious clients send their honest updates
+                known = torch.stack([flat_step(usable[i].state, global_state) for i in honest])
+            draws = tuple(seeds[i] for i in malicious)
+            view = Round(own, known, len(usable), draws, flat_norm(global_state), self.gamma, self.options)
+            steps = dict(zip(malicious, attack.craft(view), strict=True))
+        for i in malicious:
+            update = usable[i]
+            if i in steps:
+                update = dataclasses.replace(update, state=apply_step(steps[i], global_state, update.state))
+            if attack.claims is not None:
+                update = claim_samples(update, attack.claims, training)
+            sent[i] = update
+        return sent
+
+
+def adversary(config: TrainConfig, seed: int) -> Adversary | None:
+    """The run's :class:`Adversary`, its clients drawn from ``seed``; None without malicious clients."""
+    if not config.malicious_fraction or config.malicious_attack is None:
+        return None
+    clients = choose_malicious(config.clients, config.malicious_fraction, seed)
+    options = AttackOptions(config.attack_knowledge, config.alie_z, config.ipm_eps, config.minmax_perturbation, config.byzantine)
+    gamma = float(config.clients_per_round)
+    return Adversary(config.malicious_attack, config.malicious_fraction, frozenset(clients), gamma, options)
