@@ -133,10 +133,10 @@ def test_robust_accuracy_best_robust_and_bit_identical_resume(mnist, tmp_path, o
     history = full.metrics()
     assert all(0 <= r["robust_accuracy"] <= 1 and r["validation_accuracy"] is not None for r in history)
     validation = full.read_json("run_info.json")["validation"]
-    assert (validation["robust_accuracy_samples"], validation["robust_monitor"]) == (40, "apgd-ce-20, 40 validation rows")
-    assert all(r["robust_monitor"] == "apgd-ce-20, 40 validation rows" for r in history)
+    assert (validation["robust_accuracy_samples"], validation["robust_monitor"]) == (40, "apgd-ce-40, 40 validation rows")
+    assert all(r["robust_monitor"] == "apgd-ce-40, 40 validation rows" for r in history)
     check = full.read_json("final_metrics.json")["robust_monitor_check"]
-    assert check["steps"] == [20, 40] and check["accuracy"][0] == history[-1]["robust_accuracy"]
+    assert check["steps"] == [40, 80] and check["accuracy"][0] == history[-1]["robust_accuracy"]
     assert check["target_reliable"] is None and check["converged"] == (check["accuracy"][0] - check["accuracy"][1] <= 0.03 + 1e-9)
     best = max(history, key=lambda r: r["robust_accuracy"])
     saved = full.best_robust()
@@ -186,7 +186,7 @@ def test_target_robust_accuracy_stops_the_run(mnist, tmp_path, one_thread):
 
 
 def test_the_monitor_is_stronger_than_pgd_10_on_an_fgsm_trained_model(mnist, one_thread):
-    """FGSM-RS training fits PGD-10's view of the loss; APGD-CE of 20 steps (the default monitor) sees past it."""
+    """FGSM-RS training fits PGD-10's view of the loss; APGD-CE of 40 steps (the default monitor) sees past it."""
     domain = feasible_domain(mnist)
     x, y = torch.from_numpy(mnist.x_train[:3000]), torch.from_numpy(mnist.y_train[:3000])
     torch.manual_seed(0)
@@ -271,5 +271,5 @@ def test_adversarial_options_are_checked(overrides, message):
 
 def test_validation_size_may_come_with_adversarial_training_alone():
     assert TrainConfig(adv_train="pgd", validation_size=100).validate().validation_size == 100
-    with pytest.raises(ConfigError, match="needs target_accuracy, adv_train or target_robust_accuracy"):
+    with pytest.raises(ConfigError, match="needs target_accuracy, adv_train, target_robust_accuracy or aggregator fltrust"):
         TrainConfig(validation_size=100).validate()

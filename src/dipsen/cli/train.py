@@ -472,7 +472,7 @@ def train(
             accuracy = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
             val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
             if result.robust_accuracy is not None:
-                monitor = (result.robust_monitor or "robust").split(",")[0]  # "apgd-ce-20": what measured it
+                monitor = (result.robust_monitor or "robust").split(",")[0]  # "apgd-ce-40": what measured it
                 val += f" val {monitor} {result.robust_accuracy:.4f}"
             if result.client_dp_epsilon is not None:
                 val += f" client-eps {result.client_dp_epsilon:.3g}"

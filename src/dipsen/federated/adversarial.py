@@ -86,11 +86,11 @@ class RobustMonitor:
     """
 
     attack: str = "apgd-ce"
-    steps: int = 20
-    samples: int = 500
+    steps: int = 40
+    samples: int = 250
 
     def label(self, steps: int | None = None) -> str:
-        """``apgd-ce-20``: the attack and its steps, as metrics.jsonl and the progress bar name it."""
+        """``apgd-ce-40``: the attack and its steps, as metrics.jsonl and the progress bar name it."""
         return f"{self.attack}-{steps or self.steps}"
 
     def accuracy(

@@ -36,7 +36,7 @@ or not, whose round limit is raised (:meth:`RunDir.reconfigure`, ``dipsen train 
 Adversarial training (``adv_train``, see :mod:`dipsen.federated.adversarial`) and
 ``target_robust_accuracy`` hold out the validation slice too: after every round the global model's
 accuracy under the :class:`~dipsen.federated.adversarial.RobustMonitor` (``robust_monitor``:
-APGD-CE-20 by default) on the first ``robust_monitor_samples`` rows is recorded as
+APGD-CE-40 by default) on the first ``robust_monitor_samples`` rows is recorded as
 ``robust_accuracy`` with the monitor's name, the global model of the best round so far is kept as
 ``RUN/best_robust.pt`` (the guard against catastrophic overfitting) and the run stops once
 ``target_robust_accuracy`` is reached. On the final model the monitor runs again at twice its steps
@@ -139,7 +139,7 @@ class RoundResult:
     # client-level DP: the epsilon (at the run's client_dp_delta) of the models of rounds 1..round; None without it
     client_dp_epsilon: float | None = None
     lr: float | None = None  # the clients' learning rate this round (lr_schedule); None in runs older than it
-    robust_monitor: str | None = None  # the attack behind robust_accuracy, e.g. "apgd-ce-20, 500 validation rows"
+    robust_monitor: str | None = None  # the attack behind robust_accuracy, e.g. "apgd-ce-40, 250 validation rows"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -383,7 +383,7 @@ class FederatedTraining:
 
     @property
     def monitor_name(self) -> str | None:
-        """The monitor as metrics.jsonl names it, e.g. ``apgd-ce-20, 500 validation rows``; None without one."""
+        """The monitor as metrics.jsonl names it, e.g. ``apgd-ce-40, 250 validation rows``; None without one."""
         return None if self.monitor is None else f"{self.monitor.label()}, {self.monitor_rows} validation rows"
 
     def robust_accuracy(self, round_: int, steps: int | None = None) -> float | None:
