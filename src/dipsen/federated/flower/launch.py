@@ -117,7 +117,7 @@ class Certificates:
     server_key: Path
 
 
-def _private_folder(folder: Path) -> Path:
+def private_folder(folder: Path) -> Path:
     """``folder``, created if need be, readable by its owner only."""
     folder = Path(folder)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def _private_folder(folder: Path) -> Path:
     return folder
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write a secret to ``path`` created 0600: writing first and chmod-ing after leaves it world-readable for a moment."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)  # O_CREAT's mode applies only to a new file
@@ -140,7 +140,7 @@ def generate_certificates(folder: Path, valid_for: datetime.timedelta = datetime
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    folder = _private_folder(folder)
+    folder = private_folder(folder)
     now = datetime.datetime.now(datetime.UTC)
 
     def certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool):
@@ -165,7 +165,7 @@ def generate_certificates(folder: Path, valid_for: datetime.timedelta = datetime
     paths = Certificates(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     paths.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(
+    write_private(
         paths.server_key,
         server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
@@ -185,10 +185,10 @@ def generate_node_key(folder: Path, name: str) -> NodeKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    folder = _private_folder(folder)
+    folder = private_folder(folder)
     key = ec.generate_private_key(ec.SECP384R1())
     paths = NodeKey(folder / name, folder / f"{name}.pub")
-    _write_private(
+    write_private(
         paths.private,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
     )

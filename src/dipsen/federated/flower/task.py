@@ -43,7 +43,7 @@ from ...errors import DipsenError
 from ...models import build_model
 from ..client import StateDict
 from ..engine import federated_data, model_args
-from .launch import _private_folder, _write_private
+from .launch import private_folder, write_private
 
 # Node-config keys: Flower's simulation sets the first two; a deployed SuperNode is given the third.
 PARTITION_ID, NUM_PARTITIONS, PARTITION_FILE = "partition-id", "num-partitions", "partition-file"
@@ -140,7 +140,7 @@ def export_partitions(config: TrainConfig, dataset: Dataset, out_dir: Path) -> l
     The rows are the clients' private data: ``out_dir`` is made 0700 and each file 0600, whatever the umask.
     """
     data = federated_data(config, dataset)
-    out_dir = _private_folder(out_dir)
+    out_dir = private_folder(out_dir)
     # after federated_data, which has resolved validation_size as the ServerApp does for the run
     settings = json.dumps({k: getattr(config, k) for k in PARTITION_SETTINGS}, sort_keys=True)
     paths = []
@@ -148,7 +148,7 @@ def export_partitions(config: TrainConfig, dataset: Dataset, out_dir: Path) -> l
         path = out_dir / partition_file_name(client)
         buffer = io.BytesIO()
         np.savez(buffer, x=data.x_train[rows], y=data.y_train[rows], client=client, settings=settings)
-        _write_private(path, buffer.getvalue())
+        write_private(path, buffer.getvalue())
         paths.append(path)
     return paths
 
