@@ -21,7 +21,7 @@ def poison_study_cmd(
     attacks: Annotated[
         str | None,
         typer.Option(
-            show_default="model-replacement,sign-flip,label-flip",
+            show_default="model-replacement,sign-flip,alie,ipm,min-max,min-sum,mimic,fang-krum,fang-trim",
             help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count, alie, ipm, "
             "min-max, min-sum, mimic, fang-krum, fang-trim (their options: --config).",
         ),
@@ -29,8 +29,9 @@ def poison_study_cmd(
     aggregators: Annotated[
         str | None,
         typer.Option(
-            show_default="fedavg,median,trimmed-mean,multi-krum",
-            help="Comma-separated: fedavg, trimmed-mean, median, krum, multi-krum, bulyan.",
+            show_default="every rule",
+            help="Comma-separated defences: fedavg, trimmed-mean, median, krum, multi-krum, bulyan, centered-clipping, "
+            "fltrust, dnc, each also after a pre-aggregation: bucketing+RULE, nnm+RULE (e.g. nnm+centered-clipping).",
         ),
     ] = None,
     fractions: Annotated[
@@ -43,14 +44,25 @@ def poison_study_cmd(
     model: Annotated[
         str | None, typer.Option(show_default="cnn, or the --config file's", help="Model of every run (see dipsen train).")
     ] = None,
-    rounds: Annotated[int | None, typer.Option(show_default="the TOML's", help="Rounds of every run.")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(show_default="mnist 20, ctu13 the TOML's", help="Rounds of every run (README: how chosen).")
+    ] = None,
     clients: Annotated[int | None, typer.Option(show_default="the TOML's (200)", help="K, number of clients.")] = None,
     fraction: Annotated[
         float | None, typer.Option(show_default="the TOML's (0.1)", help="C, fraction of clients per round.")
     ] = None,
     local_epochs: Annotated[int | None, typer.Option(show_default="the TOML's", help="E, local epochs per round.")] = None,
     train_subset: Annotated[
-        int | None, typer.Option(show_default="all", help="Use a seeded random subset of the training set.")
+        int | None, typer.Option(show_default="mnist 20000, ctu13 all", help="Use a seeded random subset of the training set.")
+    ] = None,
+    test_subset: Annotated[
+        int | None, typer.Option(show_default="mnist 2000, ctu13 all", help="Evaluate on a seeded random subset of the test set.")
+    ] = None,
+    partition: Annotated[
+        str | None, typer.Option(show_default="iid", help="iid | dirichlet | shards: how the clients' data is split.")
+    ] = None,
+    dirichlet_alpha: Annotated[
+        float | None, typer.Option(show_default="0.5", help="Dirichlet concentration (--partition dirichlet).")
     ] = None,
     target_accuracy: Annotated[
         float | None,
@@ -81,6 +93,9 @@ def poison_study_cmd(
         "--fraction": fraction,
         "--local-epochs": local_epochs,
         "--train-subset": train_subset,
+        "--test-subset": test_subset,
+        "--partition": partition,
+        "--dirichlet-alpha": dirichlet_alpha,
         "--target-accuracy": target_accuracy,
         "--config": config,
         "--out": out,
@@ -102,6 +117,9 @@ def poison_study_cmd(
                 "fraction": fraction,
                 "local_epochs": local_epochs,
                 "train_subset": train_subset,
+                "test_subset": test_subset,
+                "partition": partition,
+                "dirichlet_alpha": dirichlet_alpha,
             },
         )
         folder = out or Path("poison-study")

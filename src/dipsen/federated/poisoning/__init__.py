@@ -67,6 +67,7 @@ __all__ = [
     "CLAIMED_SAMPLES",
     "GAUSSIAN_RMS_FACTOR",
     "KNOWLEDGE",
+    "NAIVE_ATTACKS",
     "PERTURBATIONS",
     "SIGN_FLIP_SCALE",
     "Adversary",
@@ -97,6 +98,8 @@ ATTACKS: dict[str, Attack] = {
     "fang-krum": Attack(full_knowledge.fang_krum, _BOTH),
     "fang-trim": Attack(full_knowledge.fang_trim, _BOTH),
 }
+# the naive family (each a transform of its client's own update): what the robust rules were designed against
+NAIVE_ATTACKS = tuple(name for name, attack in ATTACKS.items() if attack.knowledge == _OWN)
 
 
 def malicious_count(clients: int, fraction: float) -> int:

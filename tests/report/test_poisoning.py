@@ -1,0 +1,213 @@
+"""``dipsen poison-study`` (dipsen.report.poisoning): the grid, what the rules are told, the worst case per defence."""
+
+import dataclasses
+import json
+
+import pytest
+
+
+def _study_args(tmp_path, *extra: str) -> list[str]:
+    toml = tmp_path / "train.toml"
+    toml.write_text('model = "cnn"\nworkers = 1\ntest_subset = 100\n')
+    return [
+        "poison-study",
+        "--config",
+        str(toml),
+        "--rounds",
+        "1",
+        "--clients",
+        "10",
+        "--fraction",
+        "0.5",
+        "--train-subset",
+        "500",
+        "--local-epochs",
+        "1",
+        "--attacks",
+        "sign-flip",
+        "--aggregators",
+        "median",
+        *extra,
+    ]
+
+
+def test_poison_study_writes_its_files_and_resume_skips_finished_runs(dipsen_cli, tmp_path, monkeypatch):
+    import dipsen.report.poisoning as study
+
+    out = tmp_path / "study"
+    code, _, err = dipsen_cli(*_study_args(tmp_path, "--fractions", "0,0.2", "--target-accuracy", "0.05", "--out", str(out)))
+    assert code == 0, err
+    files = {"options.json", "runs", "poisoning.json", "poisoning.md", "poisoning.png", "poisoning-heatmap.png"}
+    assert {p.name for p in out.iterdir()} == files
+    results = json.loads((out / "poisoning.json").read_text())
+    runs = results["runs"]
+    assert [(r["attack"], r["fraction"], r["aggregator"]) for r in runs] == [(None, 0.0, "median"), ("sign-flip", 0.2, "median")]
+    assert all(0 <= r["final_accuracy"] <= 1 and r["best_accuracy"] >= r["final_accuracy"] for r in runs)
+    assert all(r["rounds_to_target"] == 1 and r["rounds"] == 1 and len(r["test_accuracy"]) == 1 for r in runs)
+    assert runs[1]["malicious_clients"] == 2 and runs[0]["malicious_clients"] == 0
+    worst = results["worst_case"]
+    assert len(worst) == 1 and worst[0]["aggregator"] == "median" and worst[0]["fraction"] == 0.2
+    assert worst[0]["worst"]["accuracy"] == min(r["final_accuracy"] for r in runs)
+    table = (out / "poisoning.md").read_text()
+    rows = [line for line in table.split("## Every run")[1].splitlines() if line.startswith("| ")]
+    assert (
+        rows[0] == "| attack | median |"
+        and rows[1].startswith("| no attack (f = 0) | ")
+        and rows[2].startswith("| sign-flip, f = 0.2 | ")
+    )
+    assert "## Worst case per defence" in table and "| median | 0.2 | " in table
+    assert (out / "poisoning.png").stat().st_size > 1000 and (out / "poisoning-heatmap.png").stat().st_size > 1000
+
+    trained, real = [], study.train_run
+    monkeypatch.setattr(study, "train_run", lambda folder, *args: trained.append(folder.name) or real(folder, *args))
+    (out / "runs" / "sign-flip-f0.2-median" / "final_metrics.json").unlink()  # as if killed before the end
+    (out / "poisoning.md").unlink()
+    code, _, err = dipsen_cli("poison-study", "--resume", str(out))
+    assert code == 0, err
+    assert trained == ["sign-flip-f0.2-median"] and (out / "poisoning.md").is_file()
+    code, _, err = dipsen_cli("poison-study", "--resume", str(out))
+    assert code == 0 and trained == ["sign-flip-f0.2-median"]  # nothing left to train
+    code, _, err = dipsen_cli("poison-study", "--resume", str(out), "--rounds", "3")
+    assert code == 2 and "drop --rounds" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--aggregators", "median,mean"], "--aggregators: unknown 'mean'; choose from fedavg"),
+        (["--aggregators", "nnm+mean"], "--aggregators: unknown 'nnm+mean'; choose from fedavg"),
+        (["--aggregators", "clip+median"], "each after bucketing|nnm+ (nnm+median)"),
+        (["--partition", "shuffled"], "partition"),
+        (["--attacks", "backdoor"], "--attacks: unknown 'backdoor'"),
+        (["--fractions", "0,1.5"], "--fractions must be numbers in [0, 1)"),
+        (["--dataset", "socofing"], "--dataset must be one of mnist, ctu13"),
+    ],
+)
+def test_poison_study_bad_input_is_one_line_exit_2_and_writes_nothing(dipsen_cli, tmp_path, flags, message):
+    out = tmp_path / "study"
+    args = _study_args(tmp_path, "--out", str(out))
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):  # the later flag wins in click
+        args += [flag, value]
+    code, _, err = dipsen_cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_the_study_grid_runs_f_zero_once_per_aggregator_and_tells_krum_its_bound_on_the_attackers():
+    from dipsen.report.poisoning import plan, study_options
+
+    options = study_options("mnist", ["sign-flip", "label-flip"], ["fedavg", "multi-krum"], [0, 0.2, 0.3])
+    runs = plan(options)
+    assert [r.name for r in runs[:2]] == ["none-f0-fedavg", "none-f0-multi-krum"] and len(runs) == 2 + 2 * 2 * 2
+    byzantine = {(r.attack, r.fraction, r.aggregator): r.config.byzantine for r in runs}
+    # the 0.99 quantile of the hypergeometric count (K 200, m 20): 8 at f 0.2, capped at (m - 3) // 2 = 8 at f 0.3
+    assert byzantine[("sign-flip", 0.2, "multi-krum")] == 8 == byzantine[("sign-flip", 0.3, "multi-krum")]
+    assert byzantine[("sign-flip", 0.2, "fedavg")] == 0
+    assert byzantine[(None, 0.0, "multi-krum")] == 8  # configured for the worst threat, attacked or not
+    assert {r.config.local_epochs for r in runs} == {3}  # the packaged mnist.toml's
+    assert {r.config.model for r in runs} == {"cnn"}  # not the TOML's dipsen: the study is about aggregation
+    assert all(dataclasses.asdict(r.config)["malicious_attack"] == r.attack for r in runs)
+
+
+def test_the_rules_are_told_a_bound_that_a_round_rarely_exceeds():
+    from math import comb
+
+    from dipsen.report.poisoning import BYZANTINE_COVERAGE, byzantine_for, exceeded
+
+    def tail(k: int, clients: int, bad: int, m: int) -> float:  # P(count > k), counted by hand
+        return sum(comb(bad, j) * comb(clients - bad, m - j) for j in range(k + 1, min(bad, m) + 1)) / comb(clients, m)
+
+    for clients, fraction, m in ((200, 0.2, 20), (200, 0.1, 20), (50, 0.3, 10), (1000, 0.05, 100)):
+        bad = round(fraction * clients)
+        f = byzantine_for(fraction, clients, m)
+        assert tail(f, clients, bad, m) <= 1 - BYZANTINE_COVERAGE < tail(f - 1, clients, bad, m)
+        assert exceeded(f, fraction, clients, m) == pytest.approx(tail(f, clients, bad, m), rel=1e-9, abs=1e-15)
+    assert exceeded(4, 0.2, 200, 20) == pytest.approx(0.3679, abs=1e-4)  # the mean, 4, is exceeded in 37% of rounds
+
+
+def test_the_study_grid_tells_trimmed_mean_the_attackers_share():
+    from dipsen.report.poisoning import plan, study_options
+
+    runs = plan(study_options("mnist", ["sign-flip"], ["trimmed-mean", "median"], [0, 0.2, 0.3]))
+    trim = {(r.fraction, r.aggregator): r.config.trim_fraction for r in runs}
+    # configured for the study's largest f in every run, attacked or not: 11/20 at f 0.3, capped at 0.45
+    assert trim[(0.0, "trimmed-mean")] == trim[(0.2, "trimmed-mean")] == trim[(0.3, "trimmed-mean")] == 0.45
+    assert trim[(0.2, "median")] == 0.1  # the others keep the base setting
+    runs = plan(study_options("mnist", ["sign-flip"], ["trimmed-mean"], [0, 0.1]))
+    assert {r.config.trim_fraction for r in runs} == {0.25}  # 5 of 20 at f 0.1
+
+
+def test_a_defence_is_a_rule_or_a_pre_aggregation_then_a_rule_told_what_it_accepts():
+    from dipsen.report.poisoning import plan, study_options
+
+    defences = ["nnm+multi-krum", "bucketing+krum", "nnm+median", "bucketing+median"]
+    runs = plan(study_options("mnist", ["sign-flip"], defences, [0, 0.2]))
+    told = {(r.fraction, r.aggregator): (r.config.pre_aggregation, r.config.aggregator, r.config.byzantine) for r in runs}
+    # K 200, m 20, f 0.2: the 0.99 bound is 8; Krum after bucketing sees 10 bucket means, so 2f + 3 <= 10 caps it at 3
+    assert told[(0.2, "nnm+multi-krum")] == ("nnm", "multi-krum", 8) == told[(0.0, "nnm+multi-krum")]
+    assert told[(0.2, "bucketing+krum")] == ("bucketing", "krum", 3)
+    assert told[(0.2, "nnm+median")] == ("nnm", "median", 8)  # NNM mixes each update with its n - f nearest
+    assert told[(0.2, "bucketing+median")] == ("bucketing", "median", 0)
+    assert "sign-flip-f0.2-nnm+median" in {r.name for r in runs}
+
+
+@pytest.mark.parametrize(
+    "defence, largest",
+    [
+        ("krum", 8),
+        ("multi-krum", 8),
+        ("bulyan", 4),
+        ("dnc", 19),
+        ("nnm+median", 19),
+        ("bucketing+krum", 3),
+        ("bucketing+bulyan", 1),
+    ],
+)
+def test_the_largest_f_a_defence_accepts_at_m_20(defence, largest):
+    from dipsen.report.poisoning import largest_byzantine
+
+    # n >= 2f + 3 (Krum), 4f + 3 (Bulyan), f + 1 (DnC, NNM); after bucketing by 2, of the 10 bucket means
+    assert largest_byzantine(defence, 20) == largest
+
+
+def _record(attack, fraction, defence, accuracy):
+    return {"attack": attack, "fraction": fraction, "aggregator": defence, "final_accuracy": accuracy}
+
+
+def test_the_worst_case_is_the_lowest_over_no_attack_and_every_attack_split_by_family():
+    from dipsen.report.poisoning import worst_cases
+
+    records = [
+        _record(None, 0.0, "fedavg", 0.95),
+        _record(None, 0.0, "median", 0.90),
+        _record("sign-flip", 0.2, "fedavg", 0.10),
+        _record("sign-flip", 0.2, "median", 0.93),  # an attack can leave a rule above its attack-free run
+        _record("alie", 0.2, "fedavg", 0.94),
+        _record("alie", 0.2, "median", 0.91),
+        _record("alie", 0.1, "median", 0.92),
+    ]
+    by = {(w["fraction"], w["aggregator"]): w for w in worst_cases(records)}
+    assert set(by) == {(0.1, "median"), (0.2, "fedavg"), (0.2, "median")}
+    fedavg, median = by[(0.2, "fedavg")], by[(0.2, "median")]
+    assert fedavg["worst"] == {"accuracy": 0.10, "attack": "sign-flip"} == fedavg["classical"]
+    assert fedavg["adaptive"] == {"accuracy": 0.94, "attack": "alie"}
+    assert fedavg["drop"] == pytest.approx(0.85)
+    # the attackers may behave honestly: median's worst is its attack-free 0.90, below both attacks
+    assert median["worst"] == {"accuracy": 0.90, "attack": None} and median["attack_free"] == 0.90
+    assert median["classical"]["accuracy"] == 0.93 and median["drop"] == pytest.approx(0.05)
+    assert by[(0.1, "median")]["classical"] is None and by[(0.1, "median")]["worst"]["accuracy"] == 0.90
+    assert worst_cases([_record("alie", 0.2, "median", 0.9)])[0]["drop"] is None  # no attack-free FedAvg to compare
+
+
+def test_the_study_runs_mnist_to_its_measured_plateau_unless_told_otherwise(tmp_path):
+    from dipsen.report.poisoning import study_options
+
+    train = study_options("mnist")["train"]
+    assert (train["rounds"], train["train_subset"], train["test_subset"], train["model"]) == (20, 20000, 2000, "cnn")
+    assert study_options("mnist", train={"rounds": 7, "partition": "dirichlet"})["train"]["rounds"] == 7
+    assert study_options("mnist", train={"partition": "dirichlet"})["train"]["partition"] == "dirichlet"
+    assert study_options("ctu13")["train"]["rounds"] == 60  # the packaged TOML's
+    toml = tmp_path / "mine.toml"
+    toml.write_text('model = "cnn"\nrounds = 5\n')
+    train = study_options("mnist", config_file=toml)["train"]
+    assert (train["rounds"], train["train_subset"]) == (5, None)  # a --config file is taken as it is
