@@ -1,4 +1,4 @@
-"""The colluding attacks of dipsen.federated.poisoning (ALIE, IPM, Min-Max, Min-Sum, Mimic, Fang): each one's
+"""The colluding attacks of dipsen.federated.poisoning (ALIE, IPM, Min-Max, Min-Sum, Mimic, Fang, FLTrust's adaptive): each one's
 defining property on synthetic updates, and tiny engine runs whose malicious updates all pass validation."""
 
 import logging
@@ -17,7 +17,7 @@ from dipsen.federated.poisoning.full_knowledge import FANG_TRIM_FACTOR
 from dipsen.federated.poisoning.statistical import mimic_target, perturbation
 from dipsen.federated.workers import ClientFailure
 
-COLLUDING = ("alie", "ipm", "min-max", "min-sum", "mimic", "fang-krum", "fang-trim")
+COLLUDING = ("alie", "ipm", "min-max", "min-sum", "mimic", "fang-krum", "fang-trim", "fltrust-adaptive")
 TRAINING = LocalTraining()
 D = 1000
 
@@ -192,6 +192,40 @@ def test_fang_trim_goes_beyond_the_honest_extreme_within_the_factor_and_is_seede
     assert torch.equal(steps, _attack("fang-trim")[3])
 
 
+# --- FLTrust's adaptive attack -----------------------------------------------------------------
+
+
+def _fltrust_shift(g: dict, honest: list[ClientUpdate], malicious_step: torch.Tensor, server_step: torch.Tensor) -> float:
+    """||FLTrust's aggregate with 4 copies of ``malicious_step`` - without them||, the server stepping ``server_step``."""
+    spec = Aggregation("fltrust", server_update=lambda state, seed: {**state, "w": state["w"] + server_step})
+    bad = [{"w": g["w"] + malicious_step, "counter": torch.tensor(8)}] * 4
+    clean = aggregate([u.state for u in honest], [50] * len(honest), g, spec, noise_seed=0)["w"]
+    attacked = aggregate(bad + [u.state for u in honest], [50] * (4 + len(honest)), g, spec, noise_seed=0)["w"]
+    return float((attacked - clean).norm())
+
+
+def test_fltrust_adaptive_gets_trust_and_moves_fltrust_further_than_any_other_angle_or_attack():
+    g, updates, sent, steps = _attack("fltrust-adaptive")
+    honest = _honest_steps(g, updates, 4)
+    mu = honest.mean(0)
+    step = steps[0]
+    assert torch.equal(steps[:4], step.expand(4, -1))
+    assert float(step @ mu) > 0  # a positive cosine to the server's direction: FLTrust trusts it
+    assert float(step.norm()) == pytest.approx(float(honest.norm(dim=1).mean()), rel=1e-9)
+    # the server's own step along mu (the attacker's stand-in for it): the chosen angle beats every other one tried
+    g_hat = mu / mu.norm()
+    v = -torch.sign(mu) - (-torch.sign(mu) @ g_hat) * g_hat
+    v = v / v.norm()
+    chosen = _fltrust_shift(g, updates[4:], step, mu)
+    for degrees in (0, 15, 30, 45, 60, 75, 89):
+        t = torch.tensor(np.radians(degrees), dtype=torch.float64)
+        other = float(step.norm()) * (torch.cos(t) * g_hat + torch.sin(t) * v)
+        assert chosen >= _fltrust_shift(g, updates[4:], other, mu) - 1e-9, degrees
+    # and beats the attacks not built for FLTrust, measured by the rule itself
+    for attack in ("alie", "ipm", "min-max", "fang-trim"):
+        assert chosen > _fltrust_shift(g, updates[4:], _attack(attack)[3][0], mu), attack
+
+
 # --- Mimic --------------------------------------------------------------------------------------
 
 
@@ -262,6 +296,7 @@ SMALL = dict(dataset="mnist", model="cnn", clients=10, fraction=1.0, train_subse
         ("mimic", {"aggregator": "median"}),
         ("fang-krum", {"aggregator": "krum", "byzantine": 3}),
         ("fang-trim", {"aggregator": "trimmed-mean", "trim_fraction": 0.3}),
+        ("fltrust-adaptive", {"aggregator": "fltrust", "fltrust_root_size": 20}),
     ],
 )
 def test_a_round_under_each_colluding_attack_accepts_every_malicious_update(mnist, tmp_path, attack, settings):

@@ -21,9 +21,9 @@ def poison_study_cmd(
     attacks: Annotated[
         str | None,
         typer.Option(
-            show_default="model-replacement,sign-flip,alie,ipm,min-max,min-sum,mimic,fang-krum,fang-trim",
+            show_default="model-replacement,sign-flip,alie,ipm,min-max,min-sum,mimic,fang-krum,fang-trim,fltrust-adaptive",
             help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count, alie, ipm, "
-            "min-max, min-sum, mimic, fang-krum, fang-trim (their options: --config).",
+            "min-max, min-sum, mimic, fang-krum, fang-trim, fltrust-adaptive (their options: --config).",
         ),
     ] = None,
     aggregators: Annotated[

@@ -176,14 +176,14 @@ def train(
         typer.Option(
             show_default=_default("malicious_attack"),
             help="What the malicious clients send: model-replacement | sign-flip | gaussian | label-flip | scaled-count "
-            "| alie | ipm | min-max | min-sum | mimic | fang-krum | fang-trim (see README, Poisoning study).",
+            "| alie | ipm | min-max | min-sum | mimic | fang-krum | fang-trim | fltrust-adaptive (see README, Poisoning study).",
         ),
     ] = None,
     attack_knowledge: Annotated[
         str | None,
         typer.Option(
             show_default=_default("attack_knowledge"),
-            help="What the colluding attacks (alie ... fang-trim) see: full (the round's honest updates) | partial "
+            help="What the colluding attacks (alie ... fltrust-adaptive) see: full (the round's honest updates) | partial "
             "(only the malicious clients' own honest updates; not mimic).",
         ),
     ] = None,

@@ -60,7 +60,7 @@ from .reproduce import machine_description, open_output, train_run, training_sec
 
 DATASETS = ("mnist", "ctu13")
 # the naive attacks every robust rule was designed against, then those built against the rules
-DEFAULT_ATTACKS = ("model-replacement", "sign-flip", "alie", "ipm", "min-max", "min-sum", "mimic", "fang-krum", "fang-trim")
+DEFAULT_ATTACKS = ("model-replacement", "sign-flip", *(a for a in ATTACKS if a not in NAIVE_ATTACKS))
 DEFAULT_AGGREGATORS = AGGREGATORS
 # a defence is a rule, or a pre-aggregation then a rule: "nnm+centered-clipping"
 DEFENCES = AGGREGATORS + tuple(f"{pre}+{rule}" for pre in PRE_AGGREGATIONS if pre != "none" for rule in AGGREGATORS)

@@ -34,7 +34,8 @@ The attacks (:data:`ATTACKS`, in three families), with each one's knowledge:
   ``sign-flip``, ``gaussian``, ``scaled-count``, ``model-replacement``.
 - :mod:`.statistical`, one vector from the benign steps' statistics: ``alie`` (full or partial),
   ``ipm`` (full or partial), ``min-max`` and ``min-sum`` (full or partial), ``mimic`` (full).
-- :mod:`.full_knowledge`, Fang et al. 2020: ``fang-krum`` and ``fang-trim`` (full or partial).
+- :mod:`.full_knowledge`, Fang et al. 2020: ``fang-krum`` and ``fang-trim``, and Cao et al. 2021's
+  ``fltrust-adaptive`` (each full or partial).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ ATTACKS: dict[str, Attack] = {
     "mimic": Attack(statistical.mimic, ("full",)),
     "fang-krum": Attack(full_knowledge.fang_krum, _BOTH),
     "fang-trim": Attack(full_knowledge.fang_trim, _BOTH),
+    "fltrust-adaptive": Attack(full_knowledge.fltrust_adaptive, _BOTH),
 }
 # the naive family (each a transform of its client's own update): what the robust rules were designed against
 NAIVE_ATTACKS = tuple(name for name, attack in ATTACKS.items() if attack.knowledge == _OWN)

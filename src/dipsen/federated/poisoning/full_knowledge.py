@@ -17,6 +17,17 @@ attack; n, f, d as in :mod:`.statistical`.
   [b min_j, min_j] if min_j < 0 else [min_j / b, min_j]; where mu_j < 0, above the maximum,
   [max_j, b max_j] if max_j > 0 else [max_j / b, max_j]; where mu_j = 0, 0. (The three-way form
   of blades' code: the NDSS21 notebook tests mu_j > 0 in both branches.)
+- ``fltrust-adaptive`` (against FLTrust; Cao et al. 2021's adaptive attack, Fang's framework
+  applied to their rule: maximise the distance between FLTrust's aggregate with and without the
+  malicious updates). FLTrust weighs an update by ReLU(cos(g_i, g_0)) and rescales it to
+  ||g_0||, so only a direction u with a positive cosine to the server's step counts, and pulls
+  along g_0 as much as its weight. The paper's attacker knows g_0; here g_0's direction is
+  replaced by that of mu (the server trains on the same distribution), and u is sought in the
+  plane of g = mu / ||mu|| and v, the part of -s orthogonal to g (Fang's harmful direction):
+  u = cos(t) g + sin(t) v. With the known steps' FLTrust sum H = sum_j TS_j h_j / ||h_j|| and
+  weight T = sum_j TS_j, the f copies of u move the aggregate by
+  ``k (T u - H) / (T (T + k))``, k = f cos(t), whose norm is a function of t alone: t is the
+  best of :data:`FLTRUST_ANGLES` angles in [0, 90) degrees. Sent at the known steps' mean norm.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from .base import Round
 
 FANG_LAMBDA_MIN = 1e-5  # fang-krum: the smallest lambda tried (the references' threshold)
 FANG_TRIM_FACTOR = 2.0  # fang-trim: b, how far beyond the benign extremes a value may go
+FLTRUST_ANGLES = 90  # fltrust-adaptive: the angles t tried, every degree in [0, 90)
 
 
 def krum_lambda(known: Tensor, f: int) -> float:
@@ -76,3 +88,37 @@ def fang_trim(view: Round) -> Tensor:
         value = torch.where(mu > 0, below + u * (low - below), high + u * (above - high))
         rows.append(torch.where(mu == 0, torch.zeros_like(mu), value))
     return torch.stack(rows)
+
+
+def fltrust_deviation(angles: Tensor, f: int, known: Tensor, g: Tensor, v: Tensor) -> Tensor:
+    """||FLTrust's aggregate with f copies of cos(t) g + sin(t) v - without them|| / ||g_0||, for each angle t.
+
+    The server's step g_0 is taken to point along the unit vector ``g``; ``v`` is a unit vector
+    orthogonal to it; ``known`` the honest steps. (Module doc: k (T u - H) / (T (T + k)).)
+    """
+    norms = known.norm(dim=1).clamp_min(torch.finfo(known.dtype).tiny)
+    trust = (known @ g / norms).clamp_min(0)
+    honest = (trust / norms) @ known  # H
+    total = trust.sum()  # T
+    k = f * torch.cos(angles)
+    along_g, along_v = float(honest @ g), float(honest @ v)
+    # ||T u - H||^2 = T^2 - 2 T <u, H> + ||H||^2, u a unit vector
+    gap = total**2 - 2 * total * (torch.cos(angles) * along_g + torch.sin(angles) * along_v) + honest @ honest
+    return k * gap.clamp_min(0).sqrt() / (total * (total + k))
+
+
+def fltrust_adaptive(view: Round) -> Tensor:
+    """``cos(t) g + sin(t) v`` at the known steps' mean norm, t maximising FLTrust's deviation (module doc)."""
+    known = view.known
+    mu = known.mean(0)
+    if float(mu.norm()) == 0:
+        return view.copies(mu)
+    g = mu / mu.norm()
+    harm = -torch.sign(mu)
+    v = harm - (harm @ g) * g
+    if float(v.norm()) == 0:  # -sign(mu) is -g itself (d = 1): nothing orthogonal to push along
+        return view.copies(mu)
+    v = v / v.norm()
+    angles = torch.arange(FLTRUST_ANGLES, dtype=known.dtype) * (math.pi / 2 / FLTRUST_ANGLES)
+    t = angles[int(fltrust_deviation(angles, view.f, known, g, v).argmax())]
+    return view.copies(float(known.norm(dim=1).mean()) * (torch.cos(t) * g + torch.sin(t) * v))
