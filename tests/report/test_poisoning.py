@@ -78,6 +78,9 @@ def test_poison_study_writes_its_files_and_resume_skips_finished_runs(dipsen_cli
         (["--aggregators", "nnm+mean"], "--aggregators: unknown 'nnm+mean'; choose from fedavg"),
         (["--aggregators", "clip+median"], "each after bucketing|nnm+ (nnm+median)"),
         (["--partition", "shuffled"], "partition"),
+        (["--attacks", "ipm:eps=big"], "--attacks: 'ipm:eps=big': eps must be a number, got 'big'"),
+        (["--attacks", "ipm:epsilon=1"], "a variant is ATTACK:OPTION=VALUE with OPTION one of z, eps"),
+        (["--attacks", "min-max:perturbation=diagonal"], "run min-max:perturbation=diagonal-f0.2-median: "),
         (["--attacks", "backdoor"], "--attacks: unknown 'backdoor'"),
         (["--fractions", "0,1.5"], "--fractions must be numbers in [0, 1)"),
         (["--dataset", "socofing"], "--dataset must be one of mnist, ctu13"),
@@ -211,3 +214,19 @@ def test_the_study_runs_mnist_to_its_measured_plateau_unless_told_otherwise(tmp_
     toml.write_text('model = "cnn"\nrounds = 5\n')
     train = study_options("mnist", config_file=toml)["train"]
     assert (train["rounds"], train["train_subset"]) == (5, None)  # a --config file is taken as it is
+
+
+def test_an_attack_variant_sets_its_option_in_its_runs_only():
+    from dipsen.report.poisoning import plan, study_options, worst_cases
+
+    attacks = ["ipm", "ipm:eps=10", "alie:z=1", "min-max:perturbation=sign;knowledge=partial"]
+    runs = plan(study_options("mnist", attacks, ["median"], [0, 0.2]))
+    config = {r.attack: r.config for r in runs}
+    assert (config["ipm"].ipm_eps, config["ipm:eps=10"].ipm_eps) == (0.1, 10.0)
+    assert config["ipm:eps=10"].malicious_attack == "ipm" and config["alie:z=1"].alie_z == 1.0
+    assert config["ipm"].alie_z is None
+    variant = config["min-max:perturbation=sign;knowledge=partial"]
+    assert (variant.minmax_perturbation, variant.attack_knowledge) == ("sign", "partial")
+    assert "ipm:eps=10-f0.2-median" in {r.name for r in runs}
+    summary = worst_cases([_record("sign-flip:knowledge=partial", 0.2, "median", 0.5), _record("ipm:eps=10", 0.2, "median", 0.4)])
+    assert summary[0]["classical"]["attack"] == "sign-flip:knowledge=partial" and summary[0]["adaptive"]["accuracy"] == 0.4

@@ -23,7 +23,8 @@ def poison_study_cmd(
         typer.Option(
             show_default="model-replacement,sign-flip,alie,ipm,min-max,min-sum,mimic,fang-krum,fang-trim,fltrust-adaptive",
             help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count, alie, ipm, "
-            "min-max, min-sum, mimic, fang-krum, fang-trim, fltrust-adaptive (their options: --config).",
+            "min-max, min-sum, mimic, fang-krum, fang-trim, fltrust-adaptive; a variant sets options for its runs: "
+            "ATTACK:OPTION=VALUE[;...], OPTION z (alie), eps (ipm), perturbation (min-max, min-sum), knowledge: ipm:eps=10.",
         ),
     ] = None,
     aggregators: Annotated[

@@ -111,6 +111,39 @@ def _choices(values: Sequence[str], allowed: Sequence[str], option: str, shown: 
     return chosen
 
 
+# an attack's variant in --attacks: "ATTACK:OPTION=VALUE[,...]" sets the config field of OPTION for that attack's runs
+VARIANT_OPTIONS: dict[str, tuple[str, type]] = {
+    "z": ("alie_z", float),
+    "eps": ("ipm_eps", float),
+    "perturbation": ("minmax_perturbation", str),
+    "knowledge": ("attack_knowledge", str),
+}
+
+
+def attack_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``(attack, {config field: value})`` of an --attacks entry: "ipm:eps=10" -> ("ipm", {"ipm_eps": 10.0}).
+
+    Several options are separated by ";" ("min-max:perturbation=sign;knowledge=partial"); the
+    run's config checks the values.
+    """
+    attack, _, rest = spec.partition(":")
+    if attack not in ATTACKS:
+        raise DipsenError(f"--attacks: unknown {attack!r}; choose from {', '.join(ATTACKS)}")
+    fields = {}
+    for item in filter(None, rest.split(";")):
+        option, equals, value = item.partition("=")
+        if option not in VARIANT_OPTIONS or not equals or not value:
+            raise DipsenError(
+                f"--attacks: {spec!r}: a variant is ATTACK:OPTION=VALUE with OPTION one of {', '.join(VARIANT_OPTIONS)}"
+            )
+        field, kind = VARIANT_OPTIONS[option]
+        try:
+            fields[field] = kind(value)
+        except ValueError:
+            raise DipsenError(f"--attacks: {spec!r}: {option} must be a number, got {value!r}") from None
+    return attack, fields
+
+
 def defence_parts(defence: str) -> tuple[str, str]:
     """``(pre_aggregation, rule)`` of a defence name: "median" -> ("none", "median"), "nnm+dnc" -> ("nnm", "dnc")."""
     pre, _, rule = defence.rpartition("+")
@@ -136,7 +169,11 @@ def study_options(
     """
     if dataset not in DATASETS:
         raise DipsenError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
-    attacks = _choices(attacks, list(ATTACKS), "--attacks")
+    attacks = list(dict.fromkeys(a.strip() for a in attacks if a.strip()))
+    if not attacks:
+        raise DipsenError(f"--attacks needs at least one of {', '.join(ATTACKS)}")
+    for spec in attacks:
+        attack_variant(spec)
     pre = "|".join(p for p in PRE_AGGREGATIONS if p != "none")
     aggregators = _choices(aggregators, DEFENCES, "--aggregators", [*AGGREGATORS, f"each after {pre}+ (nnm+median)"])
     bad = [f for f in fractions if not (isinstance(f, int | float) and 0 <= f < 1)]
@@ -230,6 +267,7 @@ def plan(options: dict[str, Any]) -> list[PoisonRun]:
             trim = base.trim_fraction
             if aggregator == "trimmed-mean":
                 trim = max(trim, bound / m)
+            variant = {} if attack is None else attack_variant(attack)[1]
             config = dataclasses.replace(
                 base,
                 aggregator=aggregator,
@@ -237,8 +275,9 @@ def plan(options: dict[str, Any]) -> list[PoisonRun]:
                 byzantine=byzantine,
                 trim_fraction=min(trim, MAX_TRIM_FRACTION),
                 malicious_fraction=fraction,
-                malicious_attack=attack,
+                malicious_attack=None if attack is None else attack_variant(attack)[0],
                 keep_checkpoints="last",  # the study reads metrics.jsonl and final_metrics.json only
+                **variant,
             )
             name = f"{attack or 'none'}-f{fraction:g}-{defence}"
             try:
@@ -284,6 +323,10 @@ def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, 
     }
 
 
+def _naive(attack: str) -> bool:
+    return attack_variant(attack)[0] in NAIVE_ATTACKS
+
+
 def _lowest(runs: list[dict]) -> dict | None:
     worst = min(runs, key=lambda r: r["final_accuracy"], default=None)
     return None if worst is None else {"accuracy": worst["final_accuracy"], "attack": worst["attack"]}
@@ -314,8 +357,8 @@ def worst_cases(records: list[dict]) -> list[dict]:
                     "aggregator": defence,
                     "fraction": fraction,
                     "attack_free": free.get(defence),
-                    "classical": _lowest([r for r in runs if r["attack"] in NAIVE_ATTACKS]),
-                    "adaptive": _lowest([r for r in runs if r["attack"] not in NAIVE_ATTACKS]),
+                    "classical": _lowest([r for r in runs if _naive(r["attack"])]),
+                    "adaptive": _lowest([r for r in runs if not _naive(r["attack"])]),
                     "worst": worst,
                     "drop": None if reference is None or worst is None else reference - worst["accuracy"],
                 }
