@@ -7,12 +7,17 @@ step; randomized models are scored with both prediction rules (one draw, and the
 ``--mc-samples`` draws, same weights).
 
 Usage: python benchmarks/accuracy_table.py [--datasets mnist socofing ctu13] [--models cnn dipsen ...]
-       [--socofing-task gender] [--rounds N] [--local-epochs E] [--out runs/table]
+       [--socofing-task gender] [--rounds N] [--local-epochs E] [--out runs/table] [--smoke]
+
+``--smoke``: MNIST and SOCOFing, every model, one round of one local epoch on 4 clients (2 a round) holding
+200 training images, 100 test images, trained in this process, run folders in a temporary folder (unless
+``--out`` is given): checks that the script runs end to end; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +30,9 @@ from dipsen.metrics import evaluate_model
 from dipsen.models import MODELS
 from dipsen.report.reproduce import paper_config
 
+SMOKE = {"datasets": ["mnist", "socofing"], "rounds": 1, "local_epochs": 1, "mc_samples": 2}
+SMOKE_SETTINGS = {"clients": 4, "fraction": 0.5, "train_subset": 200, "test_subset": 100, "workers": 1}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,12 +42,24 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=None)
     parser.add_argument("--socofing-task", default=None, help="SOCOFing's label (default: the config's, hand-finger)")
     parser.add_argument("--mc-samples", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("runs/table"))
+    parser.add_argument("--out", type=Path, default=None, help="folder of the run folders (default: runs/table)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+        if args.out is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                table(args, Path(tmp), SMOKE_SETTINGS)
+            return
+    table(args, args.out or Path("runs/table"), SMOKE_SETTINGS if args.smoke else {})
 
+
+def table(args: argparse.Namespace, out: Path, overrides: dict) -> None:
+    """Train every (data set, model) pair into run folders under ``out``; print each result, then the table."""
     rows = []
     for name in args.datasets:
-        settings = {"rounds": args.rounds, "local_epochs": args.local_epochs}
+        settings = {"rounds": args.rounds, "local_epochs": args.local_epochs, **overrides}
         if name == "socofing":
             settings["socofing_task"] = args.socofing_task
         data = paper_config(name, "cnn", **settings).load_dataset()
@@ -47,23 +67,31 @@ def main() -> None:
             cfg = paper_config(name, model, **settings)
             start = time.perf_counter()
             job = FederatedTraining(cfg, data)
-            metrics = train(job, RunDir.create(args.out, cfg))
+            metrics = train(job, RunDir.create(out, cfg))
             wall = time.perf_counter() - start
             mc = None
             if job.model.is_randomized:
                 torch.manual_seed(derive_seed(cfg.seed, 99))
                 mc = evaluate_model(job.model, job.x_test, job.y_test, data.classes, args.mc_samples)
             rows.append((name, model, metrics, mc, wall))
-            print(f"{name:9} {model:10} {cfg.rounds} rounds, E={cfg.local_epochs}, {cfg.optimizer} lr {cfg.lr}: acc {metrics['accuracy']:.4f} "
-                  f"({metrics['prediction_rule']})" + (f", {mc['accuracy']:.4f} ({mc['prediction_rule']})" if mc else "")
-                  + f", step {metrics['cost']['mean_step_seconds'] * 1e3:.2f} ms, {wall:.0f} s", flush=True)
+            scores = f"acc {metrics['accuracy']:.4f} ({metrics['prediction_rule']})"
+            if mc:
+                scores += f", {mc['accuracy']:.4f} ({mc['prediction_rule']})"
+            print(
+                f"{name:9} {model:10} {cfg.rounds} rounds, E={cfg.local_epochs}, {cfg.optimizer} lr {cfg.lr}: {scores}"
+                f", step {metrics['cost']['mean_step_seconds'] * 1e3:.2f} ms, {wall:.0f} s",
+                flush=True,
+            )
 
-    print(f"\n| data set | model | accuracy, one draw | accuracy, mean of {args.mc_samples} draws | macro F1 | ms per local step |")
+    draws = f"accuracy, mean of {args.mc_samples} draws"
+    print(f"\n| data set | model | accuracy, one draw | {draws} | macro F1 | ms per local step |")
     print("|---|---|---|---|---|---|")
     for name, model, m, mc, _ in rows:
         mc_acc = f"{mc['accuracy']:.4f}" if mc else "(deterministic)"
-        print(f"| {name} | {model} | {m['accuracy']:.4f} | {mc_acc} | {m['macro']['f1']:.4f} "
-              f"| {m['cost']['mean_step_seconds'] * 1e3:.2f} |")
+        print(
+            f"| {name} | {model} | {m['accuracy']:.4f} | {mc_acc} | {m['macro']['f1']:.4f} "
+            f"| {m['cost']['mean_step_seconds'] * 1e3:.2f} |"
+        )
 
 
 if __name__ == "__main__":

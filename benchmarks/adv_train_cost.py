@@ -10,7 +10,7 @@ runs once per attack step. Each method also runs with ``train_dtype`` bfloat16 (
 last column is its speed-up over the same method in float32.
 
 Usage: python benchmarks/adv_train_cost.py [--samples 640] [--batch 32] [--pgd-steps 10] [--mix 0.5]
-                                           [--repeats 3] [--threads 2] [--models cnn,dipsen]
+                                           [--repeats 3] [--threads 2] [--models cnn,dipsen] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from dipsen.data import load_dataset
 from dipsen.federated import LocalTraining, client_update
 from dipsen.models import build_model, calibrate_noise
 
+# --smoke: one batch, PGD-2, one repeat, 1 thread
+SMOKE = {"samples": 32, "batch": 32, "pgd_steps": 2, "repeats": 1, "threads": 1}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,7 +39,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="cnn,dipsen")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mnist = load_dataset("mnist")
     domain = feasible_domain(mnist)

@@ -13,7 +13,7 @@ pre-aggregations before the median, and Flower's own ``aggregate_krum`` and ``ag
 for reference (our Krum family computes the distances once, from a Gram matrix).
 
 Usage: python benchmarks/aggregation_cost.py [--model cnn] [--clients 20] [--samples 300] [--epochs 3]
-                                             [--workers 2] [--byzantine 4] [--clip-norm 5] [--repeats 3]
+                                             [--workers 2] [--byzantine 4] [--clip-norm 5] [--repeats 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from dipsen.federated import LocalTraining, client_update
 from dipsen.federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, Aggregation, aggregate
 from dipsen.models import build_model, calibrate_noise
 
+# --smoke: 11 updates (Bulyan needs 4f + 3 = 11 for f = 2) of 32 images, one epoch, one repeat
+SMOKE = {"clients": 11, "samples": 32, "epochs": 1, "byzantine": 2, "repeats": 1}
+
 ROOT_ROWS = 100  # FLTrust's root set, the default fltrust_root_size
 
 
@@ -45,7 +48,11 @@ def main() -> None:
     parser.add_argument("--byzantine", type=int, default=4)
     parser.add_argument("--clip-norm", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     torch.set_num_threads(1)
     mnist = load_dataset("mnist")
     model = build_model(args.model, (1, 28, 28), 10, calibrate_noise())

@@ -9,13 +9,17 @@ Printed per k, averaged over images:
                      over images (confident images have a small ||ref|| and dominate the mean)
 - sign agreement     share of input coordinates where sign(g) = sign(ref), over coordinates where ref != 0
 
-Usage: python benchmarks/eot_gradient_variance.py RUN [--images 64] [--estimates 20] [--draws 1,4,16]
+Usage: python benchmarks/eot_gradient_variance.py RUN [--images 64] [--estimates 20] [--draws 1,4,16] [--smoke]
 RUN is a trained run folder of a randomized model (dipsen or noise-only).
+
+``--smoke``: 4 images, 3 estimates, draws 1,2; without RUN, a DiPSeN run trained for one round on 200
+MNIST images in a temporary folder: checks that the script runs end to end; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +27,20 @@ from torch import nn
 
 from dipsen.attack import TrainedRun
 from dipsen.attack.views import ExpectedSoftmax, attacker_view
+from dipsen.config import TrainConfig
+from dipsen.federated import FederatedTraining, RunDir, train
+
+SMOKE = {"images": 4, "estimates": 3, "draws": "1,2"}
+# --smoke without RUN: one round on 4 clients (2 a round) holding 200 images, trained in this process
+SMOKE_RUN = {"clients": 4, "fraction": 0.5, "rounds": 1, "train_subset": 200, "test_subset": 100, "workers": 1}
+
+
+def smoke_run(root: Path) -> Path:
+    """A DiPSeN run folder trained for --smoke under ``root``."""
+    config = TrainConfig(dataset="mnist", model="dipsen", **SMOKE_RUN).validate()
+    run = RunDir.create(root, config)
+    train(FederatedTraining(config, config.load_dataset()), run)
+    return run.path
 
 
 def gradients(view: nn.Module, x: torch.Tensor, y: torch.Tensor, estimates: int) -> torch.Tensor:
@@ -38,12 +56,28 @@ def gradients(view: nn.Module, x: torch.Tensor, y: torch.Tensor, estimates: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path)
+    parser.add_argument("run", type=Path, nargs="?", help="run folder (required without --smoke)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--estimates", type=int, default=20)
     parser.add_argument("--draws", default="1,4,16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+        if args.run is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                args.run = smoke_run(Path(tmp))
+                measure(args)
+            return
+    if args.run is None:
+        parser.error("the following arguments are required: run")
+    measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Print the gradient noise of ``args.run``'s final model for each number of draws."""
     draws = sorted(int(k) for k in args.draws.split(","))
 
     torch.manual_seed(args.seed)  # the noise layer draws from the global generator

@@ -7,6 +7,7 @@ repeats the input and runs the whole model on every copy. Both are timed in the 
 interleaved, best of ``--repeats``, and the ratio is printed.
 
 Usage: python benchmarks/eot_throughput.py [--batch 128] [--draws 16] [--count-draws 2000] [--repeats 3] [--threads 2]
+                                          [--smoke]
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from torch import nn
 from dipsen.attack import ExpectedSoftmax
 from dipsen.models import build_model, calibrate_noise
 
+# --smoke: 8 inputs, 2 EOT draws, 200 count draws, one repeat, 1 thread
+SMOKE = {"batch": 8, "draws": 2, "count_draws": 200, "repeats": 1, "threads": 1}
+
 
 def seconds(work: Callable[[], object]) -> float:
     start = time.perf_counter()
@@ -36,7 +40,11 @@ def main() -> None:
     parser.add_argument("--count-draws", type=int, default=2000, help="noise draws of one input's PixelDP count")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model("dipsen", (1, 28, 28), 10, calibrate_noise(None, 1.0, 0.05, 0.1)).eval()

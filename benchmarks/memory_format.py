@@ -11,7 +11,7 @@ weights, the same function) on the three kinds of work the project does, MNIST-s
 Rates are best of ``--repeats``, the two layouts interleaved; only the ratio is meant to carry over
 to another machine or load.
 
-Usage: python benchmarks/memory_format.py [--repeats 5] [--threads 2] [--iterations 20]
+Usage: python benchmarks/memory_format.py [--repeats 5] [--threads 2] [--iterations 20] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import torch
 from torch import nn
 
 from dipsen.models import build_model, calibrate_noise
+
+# --smoke: one repeat of 2 iterations, 1 thread
+SMOKE = {"repeats": 1, "iterations": 2, "threads": 1}
 
 INFERENCE_BATCH = 128  # certification's batch of draws
 ATTACK_BATCH = 128
@@ -74,7 +77,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
     noise = calibrate_noise(None, 1.0, 0.05, 0.1)
     print(f"MNIST-shaped input, {args.threads} threads, best of {args.repeats} interleaved, {args.iterations} iterations each")

@@ -10,7 +10,7 @@ Prints, all measured in one run on one CPU thread:
    and 64x64 found by power iteration (a lower bound on the true norm), so old/norm and new/norm are
    the slack each bound leaves.
 
-Usage: python benchmarks/sensitivity_bound.py [--calls 400] [--steps 150] [--seeds 3]
+Usage: python benchmarks/sensitivity_bound.py [--calls 400] [--steps 150] [--seeds 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 from dipsen.models import build_model, calibrate_noise
 from dipsen.models.noise import BoundedConv2d
+
+# --smoke: 5 calls, 3 steps, one seed
+SMOKE = {"calls": 5, "steps": 3, "seeds": 1}
 
 SHAPE, CLASSES, BATCH = (1, 28, 28), 10, 32
 
@@ -116,7 +119,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     torch.set_num_threads(1)
 
     print("1. cost (1 thread, median)")

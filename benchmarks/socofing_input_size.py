@@ -14,7 +14,10 @@ side, best and final test accuracy and seconds per training epoch (evaluation no
 majority-class rate of the test split as the floor.
 
 Usage: python benchmarks/socofing_input_size.py [--sides 28,56] [--epochs 10] [--seed 0]
-                                                [--source ../shared/data/socofing/SOCOFing_Real.tar.gz]
+                                                [--source ../shared/data/socofing/SOCOFing_Real.tar.gz] [--smoke]
+
+``--smoke``: one epoch on the six originals in ``tests/fixtures/socofing`` (unless ``--source`` is given):
+checks that the script runs end to end; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from dipsen.data.socofing import load_socofing
 from dipsen.models import build_model, calibrate_noise
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "socofing" / "SOCOFing_Real.tar.gz"
+SMOKE_SOURCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "socofing"  # six originals
+SMOKE = {"epochs": 1}
 BATCH = 32
 LR = 1e-3
 
@@ -46,14 +51,19 @@ def main() -> None:
     parser.add_argument("--sides", default="28,56")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    parser.add_argument("--source", type=Path, default=None, help=f"default: {DEFAULT_SOURCE}")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+    source = args.source or (SMOKE_SOURCE if args.smoke else DEFAULT_SOURCE)
     torch.set_num_threads(1)
     sides = [int(s) for s in args.sides.split(",")]
     data = {}
     for side in sides:
         start = time.perf_counter()
-        ds = load_socofing(args.source, seed=args.seed, task="hand-finger", side=side)
+        ds = load_socofing(source, seed=args.seed, task="hand-finger", side=side)
         data[side] = tuple(torch.from_numpy(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
         print(
             f"side {side}: {len(ds.y_train)} train, {len(ds.y_test)} test images, decoded in {time.perf_counter() - start:.0f} s"

@@ -9,7 +9,10 @@ Prints, all measured in one run:
 - DiPSeN's overhead per training step as a ratio to the CNN, from interleaved step timings;
 - peak memory of the whole job: the PSS of the main process and its workers, summed.
 
-Usage: python benchmarks/train_throughput.py [--budget 300] [--target 0.97] [--json out.json]
+Every training step here, the ceiling's and the overhead's included, uses local training's default
+optimizer and learning rate (``TrainConfig``'s, what the engine's clients run).
+
+Usage: python benchmarks/train_throughput.py [--budget 300] [--target 0.97] [--json out.json] [--smoke]
 """
 
 from __future__ import annotations
@@ -28,9 +31,20 @@ import torch
 from dipsen.config import TrainConfig
 from dipsen.data import load_dataset
 from dipsen.federated import FederatedTraining
+from dipsen.federated.engine import local_training
 from dipsen.models import build_model, calibrate_noise
 
 SHAPE, CLASSES = (1, 28, 28), 10
+DEFAULTS = TrainConfig()  # today's local training: its optimizer and learning rate
+# --smoke: a few tenths of a second per ceiling layout, one batch size, a one-round budget on a small federation
+# trained in this process (no worker processes to start)
+SMOKE = {"budget": 0.01, "ceiling_seconds": 0.2, "ceiling_batches": "32", "overhead_blocks": 1, "overhead_steps": 2}
+SMOKE_FEDERATION = {"clients": 20, "train_subset": 1000, "test_subset": 200, "workers": 1}
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a client of the engine trains with, at today's defaults."""
+    return local_training(DEFAULTS).make_optimizer(model.parameters())
 
 
 class PeakMemory:
@@ -45,7 +59,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -80,18 +94,24 @@ class PeakMemory:
 
 
 def _train_steps(model_name: str, batch: int, seconds: float, threads: int) -> tuple[int, float]:
-    """Run forward+backward+SGD steps for ``seconds``; return (samples, elapsed)."""
+    """Run forward+backward+optimizer steps for ``seconds``; return (samples, elapsed)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(model_name, SHAPE, CLASSES, calibrate_noise())
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = make_optimizer(model)
     x, y = torch.rand(batch, *SHAPE), torch.randint(0, CLASSES, (batch,))
     loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
     for _ in range(5):  # warm-up
-        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        step()
     samples, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        step()
         samples += batch
     return samples, time.perf_counter() - start
 
@@ -100,10 +120,10 @@ def _worker(args) -> tuple[int, float]:
     return _train_steps(*args)
 
 
-def measure_ceiling(seconds: float = 3.0) -> dict:
+def measure_ceiling(seconds: float = 3.0, batches: tuple[int, ...] = (32, 64, 128, 256)) -> dict:
     threads = torch.get_num_threads()
     layouts = {}
-    for batch in (32, 64, 128, 256):
+    for batch in batches:
         for t in sorted({1, threads}):
             samples, elapsed = _train_steps("cnn", batch, seconds, t)
             layouts[f"1 process x {t} thread(s), batch {batch}"] = samples / elapsed
@@ -116,24 +136,25 @@ def measure_ceiling(seconds: float = 3.0) -> dict:
     return {"layouts": layouts, "best_layout": best, "ceiling": layouts[best]}
 
 
-def train_with_budget(model: str, dataset, budget: float, target: float, momentum: float) -> dict:
-    cfg = TrainConfig(dataset="mnist", model=model, clients=200, fraction=0.1, rounds=10_000,
-                      momentum=momentum).validate()
-    job = FederatedTraining(cfg, dataset)
-    state = {k: v.clone() for k, v in job.model.state_dict().items()}
+def train_with_budget(model: str, dataset, budget: float, target: float, **overrides) -> dict:
+    """Federated rounds (K=200, C=0.1, local training at the defaults) until ``budget`` seconds; ``overrides``: config fields."""
+    settings = {"clients": 200, "fraction": 0.1, **overrides}
+    cfg = TrainConfig(dataset="mnist", model=model, rounds=10_000, **settings).validate()
     history, wall, reached = [], 0.0, None
-    while wall < budget:
-        state, result = job.run_round(len(history) + 1, state)
-        history.append(result)
-        wall += result.train_seconds + result.eval_seconds
-        print(f"  {model} round {result.round}: acc {result.test_accuracy:.4f}, {wall:.0f} s", flush=True)
-        if reached is None and result.test_accuracy >= target:
-            reached = {"round": result.round, "wall_seconds": wall}
-            if model == "cnn":
-                break
+    with FederatedTraining(cfg, dataset) as job:  # its worker processes end with the run, before the next model's
+        state = {k: v.clone() for k, v in job.model.state_dict().items()}
+        while wall < budget:
+            state, result = job.run_round(len(history) + 1, state)
+            history.append(result)
+            wall += result.train_seconds + result.eval_seconds
+            print(f"  {model} round {result.round}: acc {result.test_accuracy:.4f}, {wall:.0f} s", flush=True)
+            if reached is None and result.test_accuracy >= target:
+                reached = {"round": result.round, "wall_seconds": wall}
+                if model == "cnn":
+                    break
     train_seconds = sum(r.train_seconds for r in history)
     return {
-        "optimizer": f"{cfg.optimizer} lr {cfg.lr} momentum {cfg.momentum}, batch {cfg.batch_size}, E={cfg.local_epochs}",
+        "optimizer": f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, E={cfg.local_epochs}",
         "rounds_run": len(history),
         "reached_target": reached,
         "final_accuracy": history[-1].test_accuracy,
@@ -150,16 +171,18 @@ def step_overhead(x: torch.Tensor, y: torch.Tensor, threads: int, blocks: int = 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     models = {name: build_model(name, SHAPE, CLASSES, calibrate_noise()) for name in ("cnn", "dipsen")}
-    opts = {name: torch.optim.SGD(m.parameters(), lr=0.05) for name, m in models.items()}
+    opts = {name: make_optimizer(m) for name, m in models.items()}
     loss_fn = torch.nn.CrossEntropyLoss()
     times: dict[str, list[float]] = {name: [] for name in models}
-    batches = list(zip(x.split(32), y.split(32)))
+    batches = list(zip(x.split(32), y.split(32), strict=True))
     for block in range(blocks + 1):
         for name, model in models.items():
             start = time.perf_counter()
             for i in range(steps):
                 xb, yb = batches[(block * steps + i) % len(batches)]
-                opts[name].zero_grad(); loss_fn(model(xb), yb).backward(); opts[name].step()
+                opts[name].zero_grad()
+                loss_fn(model(xb), yb).backward()
+                opts[name].step()
             if block:  # block 0 is warm-up
                 times[name].append((time.perf_counter() - start) / steps)
     torch.set_num_threads(previous)
@@ -171,14 +194,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=300.0, help="training wall-clock budget per model (s)")
     parser.add_argument("--target", type=float, default=0.97)
-    parser.add_argument("--cnn-momentum", type=float, default=0.9,
-                        help="local SGD momentum of the CNN (0.9 converges fastest; it makes DiPSeN diverge)")
-    parser.add_argument("--dipsen-momentum", type=float, default=0.0, help="local SGD momentum of DiPSeN")
+    parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="time spent on each ceiling layout (s)")
+    parser.add_argument("--ceiling-batches", default="32,64,128,256", help="batch sizes of the ceiling's layouts")
+    parser.add_argument("--overhead-blocks", type=int, default=15, help="interleaved blocks of the step-overhead timing")
+    parser.add_argument("--overhead-steps", type=int, default=20, help="steps per block of the step-overhead timing")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+    federation = SMOKE_FEDERATION if args.smoke else {}
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    ceiling = measure_ceiling()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; local training {DEFAULTS.optimizer} lr {DEFAULTS.lr}")
+    ceiling = measure_ceiling(args.ceiling_seconds, tuple(int(b) for b in args.ceiling_batches.split(",")))
     print("ceiling (CNN forward+backward, samples/s):")
     for layout, value in ceiling["layouts"].items():
         print(f"  {layout:<40} {value:8.0f}")
@@ -186,24 +215,27 @@ def main() -> None:
 
     mnist = load_dataset("mnist")
     x, y = torch.from_numpy(mnist.x_train[:3200]), torch.from_numpy(mnist.y_train[:3200])
-    overhead = [step_overhead(x, y, t) for t in sorted({1, torch.get_num_threads()})]
+    overhead = [step_overhead(x, y, t, args.overhead_blocks, args.overhead_steps) for t in sorted({1, torch.get_num_threads()})]
     for o in overhead:
-        print(f"step time, batch 32, {o['threads']} thread(s): CNN {o['cnn_step_seconds']*1e3:.2f} ms, "
-              f"DiPSeN {o['dipsen_step_seconds']*1e3:.2f} ms, DiPSeN/CNN {o['ratio']:.3f}")
+        print(
+            f"step time, batch 32, {o['threads']} thread(s): CNN {o['cnn_step_seconds'] * 1e3:.2f} ms, "
+            f"DiPSeN {o['dipsen_step_seconds'] * 1e3:.2f} ms, DiPSeN/CNN {o['ratio']:.3f}"
+        )
 
     runs = {}
     for model in ("cnn", "dipsen"):
-        momentum = args.cnn_momentum if model == "cnn" else args.dipsen_momentum
         with PeakMemory() as memory:
-            runs[model] = r = train_with_budget(model, mnist, args.budget, args.target, momentum)
+            runs[model] = r = train_with_budget(model, mnist, args.budget, args.target, **federation)
         r["peak_pss_gb"] = memory.peak_bytes / 1024**3
         reached = r["reached_target"]
         when = f"round {reached['round']} after {reached['wall_seconds']:.0f} s" if reached else "not reached"
-        print(f"{model} ({r['optimizer']}): {args.target:.0%} {when}; final acc {r['final_accuracy']:.4f} "
-              f"(best {r['best_accuracy']:.4f}) after {r['rounds_run']} rounds / {r['wall_seconds']:.0f} s; "
-              f"{r['train_samples_per_second']:.0f} samples/s = "
-              f"{r['train_samples_per_second'] / ceiling['ceiling']:.2f} of ceiling; "
-              f"eval {r['mean_eval_seconds']:.2f} s/round; peak memory, all processes (PSS) {r['peak_pss_gb']:.2f} GB")
+        print(
+            f"{model} ({r['optimizer']}): {args.target:.0%} {when}; final acc {r['final_accuracy']:.4f} "
+            f"(best {r['best_accuracy']:.4f}) after {r['rounds_run']} rounds / {r['wall_seconds']:.0f} s; "
+            f"{r['train_samples_per_second']:.0f} samples/s = "
+            f"{r['train_samples_per_second'] / ceiling['ceiling']:.2f} of ceiling; "
+            f"eval {r['mean_eval_seconds']:.2f} s/round; peak memory, all processes (PSS) {r['peak_pss_gb']:.2f} GB"
+        )
     run_ratio = runs["dipsen"]["mean_step_seconds"] / runs["cnn"]["mean_step_seconds"]
     print(f"DiPSeN/CNN step time within the federated runs: {run_ratio:.3f}")
     if args.json:

@@ -10,7 +10,7 @@ For the CNN, noise-only and DiPSeN on MNIST (centralised, batch 32, one thread) 
    images (one draw), and the share of block 2's ReLU units (and the CNN's hidden ReLU units) that
    still fire on a test batch.
 
-    python benchmarks/training_diagnostics.py [--steps 600]
+    python benchmarks/training_diagnostics.py [--steps 600] [--gradient-batches 32] [--test-images 2000] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from torch import nn
 from dipsen.data import load_dataset
 from dipsen.models import build_model, calibrate_noise
 from dipsen.models.net import post_noise_gain
+
+# --smoke: 3 training steps, gradients of 4 mini-batches, 200 test images
+SMOKE = {"steps": 3, "gradient_batches": 4, "test_images": 200}
 
 torch.set_num_threads(1)
 SIGMA = calibrate_noise().sigma  # PixelDP's default guarantee: epsilon 1, delta 0.05, L 0.1
@@ -68,7 +71,10 @@ def alive(model: nn.Module, x: torch.Tensor) -> tuple[float, float | None]:
 
 
 def train(model: nn.Module, optimizer: str, x, y, steps: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=1e-3)
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[: steps * 32]
     model.train()
     for batch in order.split(32):
@@ -80,22 +86,29 @@ def train(model: nn.Module, optimizer: str, x, y, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--gradient-batches", type=int, default=32, help="mini-batches of 32 in the gradient-noise ratio")
+    parser.add_argument("--test-images", type=int, default=2000, help="test images the accuracy is measured on")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs end to end (figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:  # the smoke sizes replace the defaults; flags given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     data = load_dataset("mnist")
     x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
-    xt, yt = torch.as_tensor(data.x_test[:2000]), torch.as_tensor(data.y_test[:2000])
+    xt, yt = torch.as_tensor(data.x_test[: args.test_images]), torch.as_tensor(data.y_test[: args.test_images])
     print(f"sigma {SIGMA:.4f}: post-noise gain {post_noise_gain(SIGMA):.3f} (was 4); steps {args.steps}, batch 32, 1 thread\n")
 
     print("1. at initialisation: mean ||g_batch|| / ||mean g||, per layer (larger = noisier gradient)")
     for name in ("cnn", "noise-only", "dipsen"):
         model = make(name, None)
-        ratios = gradient_noise(model, x, y)
+        ratios = gradient_noise(model, x, y, args.gradient_batches)
         line = "  ".join(f"{k} {v:5.2f}" for k, v in ratios.items())
         if model.noise is not None:
             with torch.no_grad():
                 signal = model.block1(x[:256])
             gain = model.noise.gain
-            line += f"  | block-1 RMS after gain: signal {gain * signal.pow(2).mean().sqrt():.3f}, noise {gain * model.noise.std:.3f}"
+            rms = gain * signal.pow(2).mean().sqrt()
+            line += f"  | block-1 RMS after gain: signal {rms:.3f}, noise {gain * model.noise.std:.3f}"
         print(f"  {name:<10} {line}")
 
     print("\n2. short training: test accuracy (one draw), block-2 ReLU units alive, hidden ReLU units alive")
