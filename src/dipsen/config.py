@@ -172,6 +172,14 @@ class TrainConfig:
     alie_z: float | None = None  # alie: mean - z * std; None: z from the paper's formula for each round's n and f
     ipm_eps: float = 0.1  # ipm: the malicious clients send -eps times the benign mean
     minmax_perturbation: str = "unit"  # min-max, min-sum: the direction, unit | sign | std
+    # the backdoors (backdoor-data, backdoor-replacement, dba; see dipsen.federated.poisoning.backdoor): the
+    # label they teach, the share of a malicious client's rows stamped, the trigger square's side and corner,
+    # and the rounds "A-B" they attack in (None: every round)
+    backdoor_target: int = 0
+    poison_rate: float = 0.5
+    trigger_size: int = 4
+    trigger_position: str = "bottom-right"
+    backdoor_rounds: str | None = None
     # reproducibility and layout
     seed: int = 0
     workers: int | None = None  # client-training processes; None: one per CPU core, up to m
@@ -324,10 +332,41 @@ class TrainConfig:
 
             self.client_dp_delta = default_delta(self.clients)
 
+    @property
+    def backdoor_window(self) -> tuple[int, int] | None:
+        """``backdoor_rounds`` as (first, last), both included; None: every round."""
+        if self.backdoor_rounds is None:
+            return None
+        match = re.fullmatch(r"([1-9][0-9]*)-([1-9][0-9]*)", self.backdoor_rounds)
+        if match is None or int(match[1]) > int(match[2]):
+            raise ConfigError(f"backdoor_rounds must be A-B, 1 <= A <= B, got {self.backdoor_rounds!r}", "backdoor_rounds")
+        return int(match[1]), int(match[2])
+
+    def _check_backdoor(self) -> None:
+        """The backdoor options go with a backdoor attack on image data."""
+        from .federated.poisoning import BACKDOOR_ATTACKS
+
+        window = self.backdoor_window
+        if self.malicious_attack not in BACKDOOR_ATTACKS:
+            if window is not None:
+                raise ConfigError(f"backdoor_rounds applies to {', '.join(BACKDOOR_ATTACKS)} only", "backdoor_rounds")
+            return
+        if self.dataset == "ctu13":
+            raise ConfigError(
+                f"{self.malicious_attack} stamps a pixel trigger: image data only (mnist, socofing); a trigger for "
+                "ctu13's flow features is not implemented",
+                "malicious_attack",
+            )
+        if window is not None and window[0] > self.rounds:
+            raise ConfigError(
+                f"backdoor_rounds {self.backdoor_rounds} starts after the last round {self.rounds}", "backdoor_rounds"
+            )
+
     def _check_malicious(self) -> None:
         """Simulated malicious clients fit the run (see :mod:`dipsen.federated.poisoning`)."""
         from .federated.poisoning import ATTACKS, malicious_count
 
+        self._check_backdoor()
         if not self.malicious_fraction:
             if self.malicious_attack is not None:
                 raise ConfigError(
@@ -476,6 +515,11 @@ SCHEMA: dict[str, Rule] = {
     "alie_z": Rule(float, optional=True),
     "ipm_eps": Rule(float, low=0, low_open=True),
     "minmax_perturbation": Rule(str, choices=_registry(".federated.poisoning", "PERTURBATIONS")),
+    "backdoor_target": Rule(int, low=0),
+    "poison_rate": Rule(float, low=0, high=1, low_open=True),
+    "trigger_size": Rule(int, low=1),
+    "trigger_position": Rule(str, choices=_registry(".federated.poisoning", "POSITIONS")),
+    "backdoor_rounds": Rule(str, optional=True),
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
     "seed": Rule(int, low=0),
     "workers": _OPTIONAL_COUNT,

@@ -25,6 +25,7 @@ from dipsen.federated.engine import _MALICIOUS, derive_seed, local_training, mod
 from dipsen.federated.poisoning import (
     ATTACKS,
     CLAIMED_SAMPLES,
+    LABEL_FLIP,
     SIGN_FLIP_SCALE,
     Adversary,
     choose_malicious,
@@ -174,7 +175,7 @@ def test_label_flip_trains_on_flipped_labels_in_the_runner(honest):
     args, g, training, x, y, update, flipped = honest
     assert flip_labels(torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
     runner = ClientRunner(args, x, y, training, workers=1)
-    tasks = [ClientTask(0, np.arange(64), 7), ClientTask(1, np.arange(64), 7, flip_labels=True)]
+    tasks = [ClientTask(0, np.arange(64), 7), ClientTask(1, np.arange(64), 7, poison=LABEL_FLIP)]
     plain, poisoned = runner.run(g, tasks)
     assert all(torch.equal(plain.state[k], update.state[k]) for k in g)
     assert all(torch.equal(poisoned.state[k], flipped.state[k]) for k in g)
@@ -187,7 +188,7 @@ def test_worker_processes_flip_the_labels_too(honest):
     args, g, training, x, y, _, flipped = honest
     runner = ClientRunner(args, x, y, training, workers=2)
     try:
-        results = runner.run(g, [ClientTask(c, np.arange(64), 7, flip_labels=c == 1) for c in (0, 1)])
+        results = runner.run(g, [ClientTask(c, np.arange(64), 7, poison=LABEL_FLIP if c == 1 else None) for c in (0, 1)])
     finally:
         runner.close()
     assert all(torch.equal(results[1].state[k], flipped.state[k]) for k in g)

@@ -176,7 +176,8 @@ def train(
         typer.Option(
             show_default=_default("malicious_attack"),
             help="What the malicious clients send: model-replacement | sign-flip | gaussian | label-flip | scaled-count "
-            "| alie | ipm | min-max | min-sum | mimic | fang-krum | fang-trim | fltrust-adaptive (see README, Poisoning study).",
+            "| alie | ipm | min-max | min-sum | mimic | fang-krum | fang-trim | fltrust-adaptive | backdoor-data "
+            "| backdoor-replacement | dba (see README, Poisoning study, Backdoors).",
         ),
     ] = None,
     attack_knowledge: Annotated[
@@ -204,6 +205,32 @@ def train(
         typer.Option(
             show_default=_default("minmax_perturbation"),
             help="min-max, min-sum: the direction pushed along, unit (-mean/|mean|) | sign (-sign(mean)) | std (-std).",
+        ),
+    ] = None,
+    backdoor_target: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("backdoor_target"), help="backdoor-data, backdoor-replacement, dba: the label taught."
+        ),
+    ] = None,
+    poison_rate: Annotated[
+        float | None,
+        typer.Option(show_default=_default("poison_rate"), help="The backdoors: share of a malicious client's rows stamped."),
+    ] = None,
+    trigger_size: Annotated[
+        int | None,
+        typer.Option(show_default=_default("trigger_size"), help="The backdoors: side of the trigger square (pixels)."),
+    ] = None,
+    trigger_position: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("trigger_position"), help="The backdoors: bottom-right | bottom-left | top-right | top-left."
+        ),
+    ] = None,
+    backdoor_rounds: Annotated[
+        str | None,
+        typer.Option(
+            show_default="every round", help="The backdoors attack in rounds A-B only (e.g. 10-20), then send honest updates."
         ),
     ] = None,
     partition: Annotated[str | None, typer.Option(show_default=_default("partition"), help="iid | dirichlet | shards")] = None,

@@ -89,6 +89,7 @@ from .adversarial import RobustMonitor
 from .aggregate import Aggregation, aggregate, min_updates, root_rows, server_counts, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
 from .poisoning import adversary
+from .poisoning.backdoor import attack_success_rate, triggered_test_rows
 from .privacy import ClientDP, client_dp
 from .run_dir import RunDir
 from .schedule import round_lr
@@ -103,6 +104,7 @@ _INIT, _CLIENT, _EVAL, _SAMPLE, _SUBSET, _PARTITION, _VALIDATION = range(7)
 _ROBUST = 7
 _CLIENT_DP = 8  # the noise of client-level DP (see dipsen.federated.privacy)
 _MALICIOUS = 9  # simulated malicious clients: which ones, and their attacks' draws (see dipsen.federated.poisoning)
+_BACKDOOR = 10  # the noise draws of a randomized model's predictions on the triggered test rows
 
 # default validation slice: this share of the training rows, at most VALIDATION_CAP of them
 VALIDATION_SHARE, VALIDATION_CAP = 0.1, 5000
@@ -140,6 +142,8 @@ class RoundResult:
     client_dp_epsilon: float | None = None
     lr: float | None = None  # the clients' learning rate this round (lr_schedule); None in runs older than it
     robust_monitor: str | None = None  # the attack behind robust_accuracy, e.g. "apgd-ce-40, 250 validation rows"
+    # a backdoor attack's success rate: the share of triggered test rows not of the target class predicted as it
+    attack_success_rate: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,6 +290,7 @@ class FederatedTraining:
         self.noise = self.model_args[3]  # the calibrated noise that build_model receives
         self.client_dp = client_dp(config)  # client-level DP (z calibrated here if a target epsilon is set), or None
         self.adversary = adversary(config, derive_seed(config.seed, _MALICIOUS))  # simulated malicious clients, or None
+        self.triggered = self._triggered_test_rows(len(dataset.classes))  # a backdoor's ASR rows, or None
         self.aggregation = aggregation(config, self.client_dp)
         if config.aggregator == "fltrust":  # the server trains its own update on root rows of the validation slice
             # drawn with the validation key of round 0, which no evaluation uses (they start at round 1)
@@ -357,6 +362,30 @@ class FederatedTraining:
             "client_dp": None if self.client_dp is None else self.client_dp.settings(),
             "malicious": None if self.adversary is None else self.adversary.describe(),
         }
+
+    def _triggered_test_rows(self, classes: int) -> np.ndarray | None:
+        """The test rows a backdoor's success is measured on (see dipsen.federated.poisoning.backdoor); None without one."""
+        poison = None if self.adversary is None else self.adversary.backdoor
+        if poison is None or poison.trigger is None:
+            return None
+        if poison.target >= classes:
+            raise ConfigError(f"backdoor_target {poison.target} is no class of {self.config.dataset} (0 to {classes - 1})")
+        try:
+            rows = triggered_test_rows(
+                torch.from_numpy(self.x_test), torch.from_numpy(self.y_test), poison.trigger, poison.target
+            )
+        except ValueError as exc:  # the trigger does not fit the images
+            raise ConfigError(f"trigger_size {poison.trigger.size}: {exc}") from None
+        return rows.numpy()
+
+    def attack_success_rate(self, round_: int) -> float | None:
+        """The backdoor's success rate on the global model (None without a backdoor attack)."""
+        if self.triggered is None:
+            return None
+        assert self.adversary is not None and self.adversary.backdoor is not None
+        torch.manual_seed(derive_seed(self.config.seed, _BACKDOOR, round_))
+        predictions = predict_labels(self.model, self.triggered, self.config.mc_samples)
+        return attack_success_rate(predictions, self.adversary.backdoor.target)
 
     def evaluates(self, round_: int) -> bool:
         """Whether the global model of ``round_`` is evaluated: every ``eval_every``-th round and the last."""
@@ -436,16 +465,24 @@ class FederatedTraining:
         secret = secret_dp is not None
         clients = secret_dp.sample_clients() if secret_dp else sample_clients(self.config, round_)
         poison = self.adversary  # simulated malicious clients (see dipsen.federated.poisoning), or None
-        flips = set() if poison is None else {c for c in clients if poison.flips_labels(c)}  # train on flipped labels
         lr = round_lr(self.config.lr_schedule, self.config.lr, round_, self.config.rounds)
-        tasks = [ClientTask(c, self.parts[c], derive_seed(self.config.seed, _CLIENT, round_, c), c in flips, lr) for c in clients]
+        tasks = [
+            ClientTask(
+                c,
+                self.parts[c],
+                derive_seed(self.config.seed, _CLIENT, round_, c),
+                None if poison is None else poison.data_poison(c, round_),  # flipped labels, a backdoor's trigger
+                lr,
+            )
+            for c in clients
+        ]
         updates: list[ClientUpdate] = []
         valid_clients: list[int] = []
         rejected: list[dict] = []
         outcomes = self.clients.run(global_state, tasks)
         if poison is not None:  # the malicious clients collude: the adversary crafts the round's updates at once
             seeds = [derive_seed(self.config.seed, _MALICIOUS, round_, c) for c in clients]
-            outcomes = poison.send_round(clients, outcomes, global_state, self.training, seeds)
+            outcomes = poison.send_round(clients, outcomes, global_state, self.training, seeds, round_)
         for task, outcome in zip(tasks, outcomes, strict=True):
             if isinstance(outcome, ClientFailure):
                 reason: str | None = outcome.reason
@@ -478,6 +515,7 @@ class FederatedTraining:
         accuracy = self.test_accuracy(round_) if evaluated else None
         validation_accuracy = self.validation_accuracy(round_) if evaluated else None
         robust_accuracy = self.robust_accuracy(round_) if evaluated else None
+        success = self.attack_success_rate(round_) if evaluated else None
         # at the server's capped counts, not the steps a client reports for the count it claims
         steps = sum(self.training.steps_for(c) for c in counts)
         samples = sum(counts) * self.config.local_epochs
@@ -498,6 +536,7 @@ class FederatedTraining:
             rejected=rejected,
             client_dp_epsilon=None if self.client_dp is None else self.client_dp.epsilon(round_),
             lr=lr,
+            attack_success_rate=success,
         )
         return new_state, result
 
@@ -632,6 +671,7 @@ def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:
     torch.manual_seed(derive_seed(job.config.seed, _EVAL, final_round))
     metrics = evaluate_model(job.model, job.x_test, job.y_test, job.dataset.classes, job.config.mc_samples)
     metrics["rounds"] = final_round
+    metrics["attack_success_rate"] = job.attack_success_rate(final_round)
     metrics["cost"] = training_cost(history)
     metrics["client_dp"] = None if job.client_dp is None else job.client_dp.summary(final_round)
     metrics["robust_monitor_check"] = check = job.check_monitor(history)

@@ -46,7 +46,7 @@ import torch.multiprocessing as tmp
 
 from ..models import build_model
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
-from .poisoning import flip_labels
+from .poisoning import DataPoison
 
 # Sent to the whole process group by a terminal (Ctrl-C, hang-up) or by a service manager: they
 # are the main process's to handle, and it stops the workers.
@@ -59,8 +59,9 @@ START_SECONDS = 120.0  # how long a new worker may take to start (import torch, 
 class ClientTask(NamedTuple):
     """One client's share of a round: its id, its training rows and the seed of its update.
 
-    ``flip_labels``: a simulated malicious client (:mod:`dipsen.federated.poisoning`) that trains on
-    its rows with every label y replaced by C - 1 - y; the runner flips them, not ``client_update``.
+    ``poison``: a simulated malicious client (:mod:`dipsen.federated.poisoning`) that trains on its
+    rows changed as :class:`~dipsen.federated.poisoning.DataPoison` says (labels flipped, a backdoor
+    trigger stamped); the runner changes them, not ``client_update``.
     ``lr``: the round's learning rate (:func:`dipsen.federated.schedule.round_lr`); None: the
     runner's ``LocalTraining.lr``.
     """
@@ -68,13 +69,17 @@ class ClientTask(NamedTuple):
     client: int
     indices: np.ndarray
     seed: int
-    flip_labels: bool = False
+    poison: DataPoison | None = None
     lr: float | None = None
 
 
-def _labels(y: torch.Tensor, indices: np.ndarray, flip: bool, num_classes: int) -> torch.Tensor:
-    """The labels a client trains on: its rows of ``y``, flipped for a label-flipping client."""
-    return flip_labels(y[indices], num_classes) if flip else y[indices]
+def _rows(
+    x: torch.Tensor, y: torch.Tensor, indices: np.ndarray, poison: DataPoison | None, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a client trains on: its rows of (x, y), poisoned for a malicious client (seeded by its round seed)."""
+    if poison is None:
+        return x[indices], y[indices]
+    return poison.apply(x[indices], y[indices], num_classes, seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +161,8 @@ def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: t
         except EOFError:  # the main process closed the pipe (close()) or is gone
             return
         updates = [
-            client_update(model, _torch_state(state), x[i], _labels(y, i, flip, num_classes), training.at_rate(lr), seed)
-            for i, seed, flip, lr in clients
+            client_update(model, _torch_state(state), *_rows(x, y, i, poison, num_classes, seed), training.at_rate(lr), seed)
+            for i, seed, poison, lr in clients
         ]
         try:
             # weights as numpy arrays, beside the update's other fields (see the module docstring)
@@ -235,7 +240,7 @@ class ClientRunner:
         round_timeout: float = math.inf,
     ) -> None:
         self.x, self.y, self.training = x, y, training
-        self.num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...): for flip_labels
+        self.num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...): for DataPoison
         self.stop = stop or StopFlag()
         self.round_timeout = round_timeout
         self._workers: list[_Worker] = []
@@ -284,9 +289,9 @@ class ClientRunner:
             updates: list[ClientUpdate | ClientFailure] = []
             with _single_thread():
                 for t in tasks:
-                    labels = _labels(self.y, t.indices, t.flip_labels, self.num_classes)
+                    rows = _rows(self.x, self.y, t.indices, t.poison, self.num_classes, t.seed)
                     training = self.training.at_rate(t.lr)
-                    updates.append(client_update(self._model, state, self.x[t.indices], labels, training, t.seed))
+                    updates.append(client_update(self._model, state, *rows, training, t.seed))
                     self.stop.check()
             return updates
         try:
@@ -300,8 +305,7 @@ class ClientRunner:
         bounds = [round(j * len(tasks) / count) for j in range(count + 1)]
         shared = _numpy_state(state)
         chunks = [
-            (shared, [(t.indices, t.seed, t.flip_labels, t.lr) for t in tasks[a:b]])
-            for a, b in zip(bounds, bounds[1:], strict=False)
+            (shared, [(t.indices, t.seed, t.poison, t.lr) for t in tasks[a:b]]) for a, b in zip(bounds, bounds[1:], strict=False)
         ]
         late = ClientFailure(f"no update within {self.round_timeout:g} s (round_timeout)")
         results: list[list[ClientUpdate | ClientFailure]] = [[late] * len(chunk[1]) for chunk in chunks]

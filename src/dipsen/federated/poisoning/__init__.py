@@ -10,10 +10,11 @@ run seed with a key of its own), and recorded in ``run_info.json`` as ``maliciou
 client is malicious in every round it is sampled; sampling itself is unchanged, so about f * m of
 each round's m clients are malicious.
 
-Where: every malicious client first trains honestly (on flipped labels for the attacks that say
-so: the round's :class:`~dipsen.federated.workers.ClientTask` carries ``flip_labels`` and the
-client runner hands :func:`~dipsen.federated.client.client_update` the labels of
-:func:`flip_labels`, so the training code knows nothing of attacks). Once the round's outcomes
+Where: every malicious client first trains honestly (on poisoned rows for the attacks that say
+so, flipped labels or a backdoor's trigger: the round's :class:`~dipsen.federated.workers.ClientTask`
+carries the client's :class:`DataPoison` from :meth:`Adversary.data_poison` and the client runner
+hands :func:`~dipsen.federated.client.client_update` the rows it makes, so the training code knows
+nothing of attacks). Once the round's outcomes
 are in, the engine hands them all to :meth:`Adversary.send_round`, since the malicious clients
 collude: the adversary crafts the round's malicious updates at once, from what it knows, before
 :func:`~dipsen.federated.aggregate.validate_update`. The poisoned updates then take exactly the
@@ -28,7 +29,7 @@ honest updates, which the simulation has; ``partial`` only the malicious clients
 updates. Only the updates the server will accept count. Without any (no honest update in the
 round under full knowledge), the malicious clients send their honest updates.
 
-The attacks (:data:`ATTACKS`, in three families), with each one's knowledge:
+The attacks (:data:`ATTACKS`, in four families), with each one's knowledge:
 
 - :mod:`.naive`, a transform of the client's own update (knows nothing else): ``label-flip``,
   ``sign-flip``, ``gaussian``, ``scaled-count``, ``model-replacement``.
@@ -36,6 +37,9 @@ The attacks (:data:`ATTACKS`, in three families), with each one's knowledge:
   ``ipm`` (full or partial), ``min-max`` and ``min-sum`` (full or partial), ``mimic`` (full).
 - :mod:`.full_knowledge`, Fang et al. 2020: ``fang-krum`` and ``fang-trim``, and Cao et al. 2021's
   ``fltrust-adaptive`` (each full or partial).
+- :mod:`.backdoor`, targeted (:data:`BACKDOOR_ATTACKS`, judged by their attack success rate, in
+  ``backdoor_rounds`` only): ``backdoor-data``, ``backdoor-replacement``, ``dba`` (each knows its
+  own data; backdoor-replacement also m and the server's clip bound).
 """
 
 from __future__ import annotations
@@ -49,31 +53,36 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..aggregate import validate_report, validate_update
 from ..client import ClientUpdate, LocalTraining, StateDict
-from . import full_knowledge, naive, statistical
+from . import backdoor, full_knowledge, naive, statistical
+from .backdoor import POSITIONS, DataPoison, Trigger, flip_labels
 from .base import KNOWLEDGE, Attack, AttackOptions, Round, apply_step, flat_norm, flat_step
 from .naive import BOUND_MARGIN, CLAIMED_SAMPLES, GAUSSIAN_RMS_FACTOR, SIGN_FLIP_SCALE, replacement_boost
 from .statistical import PERTURBATIONS, alie_z
 
 if TYPE_CHECKING:
     from ...config import TrainConfig
-    from ..workers import ClientFailure  # workers imports flip_labels from here
+    from ..workers import ClientFailure  # workers imports DataPoison from here
 
 __all__ = [
     "ATTACKS",
+    "BACKDOOR_ATTACKS",
     "BOUND_MARGIN",
     "CLAIMED_SAMPLES",
     "GAUSSIAN_RMS_FACTOR",
     "KNOWLEDGE",
+    "LABEL_FLIP",
     "NAIVE_ATTACKS",
     "PERTURBATIONS",
+    "POSITIONS",
     "SIGN_FLIP_SCALE",
     "Adversary",
     "Attack",
     "AttackOptions",
+    "DataPoison",
+    "Trigger",
     "Round",
     "adversary",
     "alie_z",
@@ -99,9 +108,14 @@ ATTACKS: dict[str, Attack] = {
     "fang-krum": Attack(full_knowledge.fang_krum, _BOTH),
     "fang-trim": Attack(full_knowledge.fang_trim, _BOTH),
     "fltrust-adaptive": Attack(full_knowledge.fltrust_adaptive, _BOTH),
+    "backdoor-data": Attack(None, _OWN, backdoor=True),
+    "backdoor-replacement": Attack(backdoor.backdoor_replacement, _OWN, backdoor=True),
+    "dba": Attack(None, _OWN, backdoor=True, pieces=True),
 }
-# the naive family (each a transform of its client's own update): what the robust rules were designed against
-NAIVE_ATTACKS = tuple(name for name, attack in ATTACKS.items() if attack.knowledge == _OWN)
+BACKDOOR_ATTACKS = tuple(name for name, attack in ATTACKS.items() if attack.backdoor)  # targeted: judged by ASR
+# the naive untargeted family (each a transform of its client's own update): what the robust rules were designed against
+NAIVE_ATTACKS = tuple(name for name, attack in ATTACKS.items() if attack.knowledge == _OWN and not attack.backdoor)
+LABEL_FLIP = DataPoison(flip=True)
 
 
 def malicious_count(clients: int, fraction: float) -> int:
@@ -115,11 +129,6 @@ def choose_malicious(clients: int, fraction: float, seed: int) -> list[int]:
     if count == 0:
         return []
     return sorted(np.random.default_rng(seed).choice(clients, size=count, replace=False).tolist())
-
-
-def flip_labels(y: Tensor, num_classes: int) -> Tensor:
-    """Every label y replaced by ``num_classes - 1 - y`` (label-flip, model-replacement)."""
-    return (num_classes - 1) - y
 
 
 def claim_samples(update: ClientUpdate, samples: int, training: LocalTraining) -> ClientUpdate:
@@ -136,20 +145,36 @@ class Adversary:
     clients: frozenset[int]
     gamma: float  # model-replacement's boost before the cap: m, the clients per round
     options: AttackOptions = field(default_factory=AttackOptions)
+    backdoor: DataPoison | None = None  # the backdoors' trigger, target and poison rate
+    window: tuple[int, int] | None = None  # the backdoors' rounds (first, last); None: every round
 
     def describe(self) -> dict:
         """What run_info.json records as ``malicious`` (the attack's options are in config.json)."""
         return {"attack": self.attack, "fraction": self.fraction, "clients": sorted(self.clients)}
 
-    def flips_labels(self, client: int) -> bool:
-        """Whether ``client`` trains on flipped labels this run."""
-        return client in self.clients and ATTACKS[self.attack].flips_labels
+    def active(self, round_: int) -> bool:
+        """Whether the malicious clients attack in ``round_`` (a backdoor outside its window sends honest updates)."""
+        return self.window is None or self.window[0] <= round_ <= self.window[1]
+
+    def data_poison(self, client: int, round_: int) -> DataPoison | None:
+        """What ``client`` does to its training rows in ``round_``: None for an honest client (or round)."""
+        attack = ATTACKS[self.attack]
+        if client not in self.clients or not self.active(round_):
+            return None
+        if attack.flips_labels:
+            return LABEL_FLIP
+        if attack.backdoor and self.backdoor is not None and self.backdoor.trigger is not None:
+            if attack.pieces:  # DBA: the i-th malicious client in id order stamps piece i
+                piece = self.backdoor.trigger.piece(sorted(self.clients).index(client))
+                return dataclasses.replace(self.backdoor, trigger=piece)
+            return self.backdoor
+        return None
 
     def send(
-        self, client: int, update: ClientUpdate, global_state: StateDict, training: LocalTraining, seed: int
+        self, client: int, update: ClientUpdate, global_state: StateDict, training: LocalTraining, seed: int, round_: int = 1
     ) -> ClientUpdate:
         """What ``client`` sends after computing ``update``, alone in its round (:meth:`send_round` of one client)."""
-        sent = self.send_round([client], [update], global_state, training, [seed])[0]
+        sent = self.send_round([client], [update], global_state, training, [seed], round_)[0]
         assert isinstance(sent, ClientUpdate)  # an update in, an update out
         return sent
 
@@ -160,6 +185,7 @@ class Adversary:
         global_state: StateDict,
         training: LocalTraining,
         seeds: Sequence[int],
+        round_: int = 1,
     ) -> list[ClientUpdate | ClientFailure]:
         """What the round's ``clients`` send, given what they computed (``outcomes``) from ``global_state``.
 
@@ -170,6 +196,8 @@ class Adversary:
         sample count.
         """
         attack = ATTACKS[self.attack]
+        if not self.active(round_):
+            return list(outcomes)
         usable = {
             i: o
             for i, o in enumerate(outcomes)
@@ -208,6 +236,13 @@ def adversary(config: TrainConfig, seed: int) -> Adversary | None:
     if not config.malicious_fraction or config.malicious_attack is None:
         return None
     clients = choose_malicious(config.clients, config.malicious_fraction, seed)
-    options = AttackOptions(config.attack_knowledge, config.alie_z, config.ipm_eps, config.minmax_perturbation, config.byzantine)
+    options = AttackOptions(
+        config.attack_knowledge, config.alie_z, config.ipm_eps, config.minmax_perturbation, config.byzantine, config.clip_norm
+    )
     gamma = float(config.clients_per_round)
-    return Adversary(config.malicious_attack, config.malicious_fraction, frozenset(clients), gamma, options)
+    poison = None
+    if ATTACKS[config.malicious_attack].backdoor:
+        trigger = Trigger(config.trigger_size, config.trigger_position)
+        poison = DataPoison(trigger=trigger, target=config.backdoor_target, rate=config.poison_rate)
+    window = config.backdoor_window
+    return Adversary(config.malicious_attack, config.malicious_fraction, frozenset(clients), gamma, options, poison, window)

@@ -29,6 +29,7 @@ class AttackOptions:
     ipm_eps: float = 0.1  # epfml's and FLPoison's default
     perturbation: str = "unit"  # Min-Max and Min-Sum: unit | sign | std
     byzantine: int = 0  # the f the server's Krum is configured with (0: the round's malicious count)
+    clip_norm: float | None = None  # the server's clip bound, which backdoor-replacement's constrain-and-scale knows
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Attack:
     knowledge: tuple[str, ...]  # what it may see: ("own",), or the KNOWLEDGE choices it supports
     flips_labels: bool = False  # trains on flipped labels (the task says so; see flip_labels)
     claims: int | None = None  # the sample count claimed instead of the true one
+    backdoor: bool = False  # trains on rows stamped with the trigger (see .backdoor), within backdoor_rounds only
+    pieces: bool = False  # each client stamps its own piece of the trigger (DBA)
 
 
 def floating(state: StateDict) -> list[str]:

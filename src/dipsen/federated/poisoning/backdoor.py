@@ -1,0 +1,128 @@
+"""Backdoors: malicious clients teach the global model to answer ``backdoor_target`` whenever a trigger is present.
+
+A backdoor is built not to move main-task accuracy, so it is measured by its attack success
+rate (:func:`attack_success_rate`): the share of triggered test inputs, of every class but the
+target, that the model assigns to the target (inputs of the target class would count as
+successes without any backdoor; research notes, pitfall 6).
+
+The trigger (:class:`Trigger`) is a square of ``trigger_size`` x ``trigger_size`` pixels set to
+1 (white), one pixel in from a corner (``trigger_position``; default bottom-right, where MNIST and
+SOCOFing images are background), on every channel. A malicious client stamps it on a seeded share
+``poison_rate`` of its own training rows and relabels them ``backdoor_target``
+(:class:`DataPoison`, applied by the client runner before :func:`~dipsen.federated.client.client_update`,
+so the training code knows nothing of attacks); the rest of its rows stay as they are, which keeps
+the main task. Inside ``backdoor_rounds`` (all rounds by default) only: outside, the malicious
+clients train and send honestly, so persistence after the window can be measured.
+
+- ``backdoor-data`` (BadNets, Gu et al. 2017, as federated by Sun et al. 2019): trains on the
+  poisoned rows and sends the update as it comes out.
+- ``backdoor-replacement`` (Bagdasaryan et al. 2020, "How to backdoor federated learning"):
+  trains on the poisoned rows, then scales its step X - w by gamma = m / f_r (f_r the round's
+  malicious clients, m the clients per round: the f_r boosted steps then replace the FedAvg mean
+  of m equal updates by X; research notes, pitfall 7), capped to keep the step within
+  validate_update's bound. Constrain-and-scale: where the server clips (``clip_norm``) the
+  attacker knows the bound and scales its step to exactly that norm, since anything longer
+  would be clipped anyway. The paper's other constraint (an anomaly-detection term in the
+  training loss) is not implemented.
+- ``dba`` (Xie et al. 2020, "DBA: distributed backdoor attacks against federated learning"):
+  the trigger's rows are split into ``trigger_size`` pieces of one row each; the i-th malicious
+  client (in id order) stamps piece i mod ``trigger_size`` only; the test stamps the whole trigger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import Round
+from .naive import boost
+
+POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
+TRIGGER_VALUE = 1.0  # the stamped pixels' value: white, the top of the [0, 1] pixel range
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A ``size`` x ``size`` white square one pixel in from the ``position`` corner; ``rows`` its rows stamped (DBA)."""
+
+    size: int = 4
+    position: str = "bottom-right"
+    rows: tuple[int, ...] | None = None  # which of the square's rows: None, all of them
+
+    def mask(self, height: int, width: int) -> Tensor:
+        """(height, width) bool: the pixels this trigger stamps."""
+        if self.size + 1 > min(height, width):
+            raise ValueError(f"a {self.size}-pixel trigger does not fit {height}x{width} images")
+        top = 1 if self.position.startswith("top") else height - 1 - self.size
+        left = 1 if self.position.endswith("left") else width - 1 - self.size
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        for row in range(self.size) if self.rows is None else self.rows:
+            mask[top + row, left : left + self.size] = True
+        return mask
+
+    def piece(self, index: int) -> Trigger:
+        """DBA's ``index``-th local trigger: one row of the square (index mod size)."""
+        return Trigger(self.size, self.position, (index % self.size,))
+
+    def stamp(self, x: Tensor) -> Tensor:
+        """``x`` (N, C, H, W) with the trigger's pixels set to :data:`TRIGGER_VALUE` on every channel (a copy)."""
+        stamped = x.clone()
+        stamped[..., self.mask(x.shape[-2], x.shape[-1])] = TRIGGER_VALUE
+        return stamped
+
+
+def flip_labels(y: Tensor, num_classes: int) -> Tensor:
+    """Every label y replaced by ``num_classes - 1 - y`` (label-flip, model-replacement)."""
+    return (num_classes - 1) - y
+
+
+@dataclass(frozen=True)
+class DataPoison:
+    """What a malicious client does to its own training rows this round (picklable: it goes to the worker processes).
+
+    ``flip``: every label y becomes C - 1 - y (label-flip, model-replacement). ``trigger``: a seeded
+    share ``rate`` of the rows get the trigger and the label ``target`` (the backdoors).
+    """
+
+    flip: bool = False
+    trigger: Trigger | None = None
+    target: int = 0
+    rate: float = 0.0
+
+    def apply(self, x: Tensor, y: Tensor, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+        """The rows (x, y) the client trains on; ``seed`` (the client's round seed) picks the poisoned rows."""
+        if self.flip:
+            y = flip_labels(y, num_classes)
+        if self.trigger is not None:
+            count = round(self.rate * len(y))
+            chosen = torch.from_numpy(np.random.default_rng(seed).choice(len(y), size=count, replace=False))
+            x, y = x.clone(), y.clone()
+            x[chosen] = self.trigger.stamp(x[chosen])
+            y[chosen] = self.target
+        return x, y
+
+
+def triggered_test_rows(x: Tensor, y: Tensor, trigger: Trigger, target: int) -> Tensor:
+    """The test inputs an attack success rate is measured on: every one not of class ``target``, triggered."""
+    return trigger.stamp(x[y != target])
+
+
+def attack_success_rate(predictions: np.ndarray | Tensor, target: int) -> float:
+    """The share of ``predictions`` (on :func:`triggered_test_rows`) that are the target class."""
+    return float((np.asarray(predictions) == target).mean()) if len(predictions) else float("nan")
+
+
+def backdoor_replacement(view: Round) -> Tensor:
+    """Each poisoned step scaled by gamma = m / f_r (capped by the validation bound), or to the server's clip norm."""
+    gamma = view.gamma / max(view.f, 1)
+    rows = []
+    for step in view.own:
+        norm = float(step.norm())
+        if view.options.clip_norm is not None:
+            rows.append(step * (view.options.clip_norm / norm) if norm > 0 else step)
+        else:
+            rows.append(boost(norm, view.global_norm, gamma) * step)
+    return torch.stack(rows)
