@@ -121,6 +121,7 @@ class TrainConfig:
     dnc_coordinates: int = 10000
     pre_aggregation: str = "none"  # none | bucketing | nnm: mixes the updates before any aggregator
     bucket_size: int = 2  # bucketing: s, the updates averaged per bucket
+    flame_lambda: float = 0.001  # flame: its noise's std in units of the round's median step norm
     # client-level differential privacy (DP-FedAvg, see dipsen.federated.privacy): Gaussian noise of
     # std z * clip_norm on the sum of the clipped steps, the mean over m; z given (client_dp_noise)
     # or calibrated to a target epsilon over the rounds (client_dp_epsilon). Not dp_epsilon / dp_delta,
@@ -515,6 +516,7 @@ SCHEMA: dict[str, Rule] = {
     "alie_z": Rule(float, optional=True),
     "ipm_eps": Rule(float, low=0, low_open=True),
     "minmax_perturbation": Rule(str, choices=_registry(".federated.poisoning", "PERTURBATIONS")),
+    "flame_lambda": Rule(float, low=0),
     "backdoor_target": Rule(int, low=0),
     "poison_rate": Rule(float, low=0, high=1, low_open=True),
     "trigger_size": Rule(int, low=1),

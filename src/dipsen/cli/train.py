@@ -61,7 +61,7 @@ def train(
         typer.Option(
             show_default=_default("aggregator"),
             help="fedavg | trimmed-mean | median | krum | multi-krum | bulyan | centered-clipping | fltrust | dnc "
-            "(the server's rule; see README).",
+            "| flame (the server's rule; see README).",
         ),
     ] = None,
     trim_fraction: Annotated[
@@ -119,6 +119,10 @@ def train(
     ] = None,
     bucket_size: Annotated[
         int | None, typer.Option(show_default=_default("bucket_size"), help="bucketing: s, the updates per bucket.")
+    ] = None,
+    flame_lambda: Annotated[
+        float | None,
+        typer.Option(show_default=_default("flame_lambda"), help="flame: noise std in units of the median step norm."),
     ] = None,
     client_dp_noise: Annotated[
         float | None,

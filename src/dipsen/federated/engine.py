@@ -165,6 +165,7 @@ def aggregation(config: TrainConfig, dp: ClientDP | None) -> Aggregation:
         dnc_coordinates=config.dnc_coordinates,
         pre_aggregation=config.pre_aggregation,
         bucket_size=config.bucket_size,
+        flame_lambda=config.flame_lambda,
     )
 
 

@@ -11,13 +11,14 @@ counts (:func:`server_counts`), which then:
 3. applies the rule. :mod:`.classical`: ``fedavg`` (weighted mean, weights capped by
    ``max_client_weight``), ``trimmed-mean``, ``median``; :mod:`.krum`: ``krum``, ``multi-krum``,
    ``bulyan``; :mod:`.clipping`: ``centered-clipping`` (Karimireddy et al. 2021); :mod:`.trust`:
-   ``fltrust`` (Cao et al. 2021); :mod:`.dnc`: ``dnc`` (Shejwalkar & Houmansadr 2021). Each
+   ``fltrust`` (Cao et al. 2021); :mod:`.dnc`: ``dnc`` (Shejwalkar & Houmansadr 2021); :mod:`.flame`:
+   ``flame`` (Nguyen et al. 2022, against backdoors). Each
    module gives its rule's math, defaults and sources.
 
 Median, trimmed mean and Bulyan's median are Flower's functions (``flwr.server.strategy.aggregate``);
 the Krum family's selections are ours, from one Gram matrix, and agree with Flower's. All arithmetic
 is float64; integer buffers are rounded at the end, as :func:`fedavg` rounds them. The rules that
-draw at random (bucketing's permutation, DnC's coordinates, FLTrust's server training) draw from
+draw at random (bucketing's permutation, DnC's coordinates, FLTrust's server training, FLAME's noise) draw from
 the round's seed (``noise_seed``, which the engine derives from the run's seed and the round), so
 a run and its resume give the same weights. No rule carries state from round to round.
 
@@ -37,6 +38,7 @@ from .base import Aggregation, Rule, Updates, unflatten
 from .classical import cap_shares, fedavg, median, server_counts, trim_count, trimmed_mean, weighted_mean
 from .clipping import centered_clipping, clip_update
 from .dnc import dnc
+from .flame import flame
 from .krum import bulyan, krum, krum_scores, multi_krum, multi_krum_selection, squared_distances
 from .pre import bucketing, nnm
 from .trust import fltrust, root_rows
@@ -75,6 +77,7 @@ RULES: dict[str, Rule] = {
     "centered-clipping": centered_clipping,
     "fltrust": fltrust,
     "dnc": dnc,
+    "flame": flame,
 }
 AGGREGATORS = tuple(RULES)  # the names, in the registry's order
 BYZANTINE_AGGREGATORS = ("krum", "multi-krum", "bulyan", "dnc")  # the rules told f (``byzantine``)

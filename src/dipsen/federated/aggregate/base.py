@@ -13,7 +13,7 @@ from ..client import StateDict
 
 # the purposes of the rules' draws from the round's seed (see generator): one stream each, so that
 # bucketing before DnC, say, draws the same coordinates as DnC alone
-BUCKETING, DNC, FLTRUST = 1, 2, 3
+BUCKETING, DNC, FLTRUST, FLAME = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Aggregation:
     dnc_coordinates: int = 10_000  # ... and the coordinates sampled in each
     pre_aggregation: str = "none"  # none | bucketing | nnm, applied before the rule
     bucket_size: int = 2  # bucketing: s
+    flame_lambda: float = 0.001  # flame: the noise's std in units of the median step norm
     # fltrust: the server's own update from the global weights (its root data), given the seed to train with
     server_update: Callable[[StateDict, int], StateDict] | None = field(default=None, compare=False, repr=False)
 
