@@ -230,3 +230,26 @@ def test_an_attack_variant_sets_its_option_in_its_runs_only():
     assert "ipm:eps=10-f0.2-median" in {r.name for r in runs}
     summary = worst_cases([_record("sign-flip:knowledge=partial", 0.2, "median", 0.5), _record("ipm:eps=10", 0.2, "median", 0.4)])
     assert summary[0]["classical"]["attack"] == "sign-flip:knowledge=partial" and summary[0]["adaptive"]["accuracy"] == 0.4
+
+
+def test_backdoors_are_judged_by_their_highest_success_rate_beside_the_main_task():
+    from dipsen.report.poisoning import DEFAULT_ATTACKS, backdoor_worst_cases
+
+    records = [
+        _record(None, 0.0, "flame", 0.95),
+        {**_record("backdoor-data", 0.1, "flame", 0.94), "attack_success_rate": 0.02},
+        {**_record("dba", 0.1, "flame", 0.93), "attack_success_rate": 0.40},
+        {**_record("backdoor-data", 0.1, "fedavg", 0.95), "attack_success_rate": 0.99},
+        {**_record("alie", 0.1, "fedavg", 0.80), "attack_success_rate": None},  # untargeted: no success rate
+    ]
+    by = {b["aggregator"]: b for b in backdoor_worst_cases(records)}
+    assert by["flame"] == {
+        "aggregator": "flame",
+        "fraction": 0.1,
+        "attack": "dba",
+        "attack_success_rate": 0.40,
+        "accuracy": 0.93,
+        "attack_free": 0.95,
+    }
+    assert by["fedavg"]["attack_success_rate"] == 0.99 and by["fedavg"]["attack_free"] is None
+    assert not {"backdoor-data", "backdoor-replacement", "dba"} & set(DEFAULT_ATTACKS)  # the untargeted suite by default

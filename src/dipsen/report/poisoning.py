@@ -54,13 +54,13 @@ from ..data._io import write_atomic
 from ..errors import ConfigError, DipsenError
 from ..federated import RunDir
 from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, PRE_AGGREGATIONS, min_updates, trim_count
-from ..federated.poisoning import ATTACKS, NAIVE_ATTACKS, malicious_count
+from ..federated.poisoning import ATTACKS, BACKDOOR_ATTACKS, NAIVE_ATTACKS, malicious_count
 from .render import Block, Heading, Paragraph, Table, to_markdown
 from .reproduce import machine_description, open_output, train_run, training_seconds
 
 DATASETS = ("mnist", "ctu13")
 # the naive attacks every robust rule was designed against, then those built against the rules
-DEFAULT_ATTACKS = ("model-replacement", "sign-flip", *(a for a in ATTACKS if a not in NAIVE_ATTACKS))
+DEFAULT_ATTACKS = ("model-replacement", "sign-flip", *(a for a in ATTACKS if a not in NAIVE_ATTACKS + BACKDOOR_ATTACKS))
 DEFAULT_AGGREGATORS = AGGREGATORS
 # a defence is a rule, or a pre-aggregation then a rule: "nnm+centered-clipping"
 DEFENCES = AGGREGATORS + tuple(f"{pre}+{rule}" for pre in PRE_AGGREGATIONS if pre != "none" for rule in AGGREGATORS)
@@ -317,6 +317,9 @@ def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, 
         "rounds_to_target": rounds_to(history, target),
         "rounds": final["rounds"],
         "test_accuracy": [r["test_accuracy"] for r in history],
+        # a backdoor's success rate (None for the other attacks and runs from before it was recorded)
+        "attack_success_rate": final.get("attack_success_rate"),
+        "success_rates": [r.get("attack_success_rate") for r in history],
         "rejected_updates": sum(len(r["rejected"]) for r in history),
         "seconds": training_seconds(folder),
         "run": str(folder),
@@ -366,6 +369,39 @@ def worst_cases(records: list[dict]) -> list[dict]:
     return summary
 
 
+def backdoor_worst_cases(records: list[dict]) -> list[dict]:
+    """Per defence and f > 0 with backdoor runs: the highest final attack success rate over the backdoor attacks.
+
+    ``{"aggregator", "fraction", "attack", "attack_success_rate", "accuracy" (main task, same run),
+    "attack_free" (the defence's f = 0 accuracy, if run)}``.
+    """
+    free = {r["aggregator"]: r["final_accuracy"] for r in records if r["attack"] is None}
+    summary = []
+    for fraction in sorted({r["fraction"] for r in records if r["fraction"] > 0}):
+        for defence in dict.fromkeys(r["aggregator"] for r in records):
+            runs = [
+                r
+                for r in records
+                if r["fraction"] == fraction
+                and r["aggregator"] == defence
+                and attack_variant(r["attack"])[0] in BACKDOOR_ATTACKS
+                and r.get("attack_success_rate") is not None
+            ]
+            if runs:
+                worst = max(runs, key=lambda r: r["attack_success_rate"])
+                summary.append(
+                    {
+                        "aggregator": defence,
+                        "fraction": fraction,
+                        "attack": worst["attack"],
+                        "attack_success_rate": worst["attack_success_rate"],
+                        "accuracy": worst["final_accuracy"],
+                        "attack_free": free.get(defence),
+                    }
+                )
+    return summary
+
+
 def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on_progress: OnProgress | None = None) -> Path:
     """Run the grid of ``options`` (:func:`study_options`) into ``out``; returns poisoning.md's path.
 
@@ -396,6 +432,7 @@ def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on
         "seconds": {"training": sum(r["seconds"] for r in records), "this_call": time.perf_counter() - start},
         "runs": records,
         "worst_case": worst_cases(records),
+        "backdoor_worst_case": backdoor_worst_cases(records),
     }
     write_atomic(out / RESULTS_FILE, lambda f: f.write(json.dumps(results, indent=1).encode()))
     accuracy_plot(records, out / PLOT_FILE, f"{options['dataset']}: test accuracy under attack")
@@ -491,6 +528,23 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     ]
     if summary := results.get("worst_case"):
         blocks += [Heading("Worst case per defence", 2), worst_case_table(summary)]
+    if backdoors := results.get("backdoor_worst_case"):
+        rows = [
+            [
+                b["aggregator"],
+                f"{b['fraction']:g}",
+                f"{b['attack_success_rate']:.3f} ({b['attack']})",
+                f"{b['accuracy']:.3f}",
+                "–" if b["attack_free"] is None else f"{b['attack_free']:.3f}",
+            ]
+            for b in backdoors
+        ]
+        headers = ["defence", "f", "worst attack success rate", "main-task accuracy, same run", "no attack"]
+        caption = (
+            "final models; attack success rate = share of triggered test inputs not of the target class that the model "
+            "assigns to the target, the highest over the study's backdoor attacks"
+        )
+        blocks += [Heading("Backdoors: worst attack success rate per defence", 2), Table(headers, rows, caption=caption)]
     blocks += [
         Heading("Every run", 2),
         Table(headers, rows, caption="final test accuracy (one noise draw for randomized models)"),
