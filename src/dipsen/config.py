@@ -104,7 +104,7 @@ class TrainConfig:
     target_accuracy: float | None = None  # stop once validation accuracy reaches it
     # a round with fewer valid client updates stops the run (resumable); None: more than half of m; 0: no minimum
     min_clients: int | None = None
-    # rows held out of the training set to stop on (only with target_accuracy); None: resolved by
+    # rows held out of the training set as a validation slice (only where holds_out_validation); None: resolved by
     # dipsen.federated.engine.resolve_validation_size to 10% of the training rows, at most 5,000
     validation_size: int | None = None
     # server-side aggregation (see dipsen.federated.aggregate): the rule, its parameters, update

@@ -164,7 +164,9 @@ def train(
         int | None,
         typer.Option(
             show_default=_default("validation_size"),
-            help="With --target-accuracy: training rows held out from the clients to check it on (default: 10%, at most 5000).",
+            help="Training rows held out from the clients as a validation slice (default: 10%, at most 5000), only with "
+            "--target-accuracy (checked on it), --adv-train or --target-robust-accuracy (robust accuracy measured on it) "
+            "or --aggregator fltrust (the server trains on it); refused otherwise.",
         ),
     ] = None,
     malicious_fraction: Annotated[

@@ -127,7 +127,7 @@ class Runner(Protocol):
 class RoundResult:
     round: int
     test_accuracy: float | None  # None in a round that eval_every skips
-    validation_accuracy: float | None  # None without a target (no slice is held out) or in a skipped round
+    validation_accuracy: float | None  # None where no slice is held out (holds_out_validation) or in a skipped round
     robust_accuracy: float | None  # the monitor's accuracy on the validation slice; None unless robust_evaluation, or skipped
     train_loss: float | None  # None when every update of the round was rejected
     clients: list[int] | None  # the sampled clients; None in a client-DP run, whose sample is secret
@@ -223,7 +223,7 @@ class FederatedData:
 
 
 def resolve_validation_size(config: TrainConfig, dataset: Dataset) -> None:
-    """Set ``config.validation_size`` to the slice a target is checked on, if a target is set.
+    """Set ``config.validation_size`` to the held-out slice's size, if the config holds one out (``holds_out_validation``).
 
     Default: 10% of the training rows (after ``train_subset``), at most 5,000. Resolved in the
     config, as ``validate`` resolves ``workers``, so that config.json names the slice and every
@@ -238,8 +238,8 @@ def resolve_validation_size(config: TrainConfig, dataset: Dataset) -> None:
 def federated_data(config: TrainConfig, dataset: Dataset) -> FederatedData:
     """Subsets, validation slice and client partitions of ``dataset``: a function of the config and the data.
 
-    Resolves ``config.validation_size`` first (:func:`resolve_validation_size`). Without a target
-    the training rows and their partition are exactly those of a run without validation.
+    Resolves ``config.validation_size`` first (:func:`resolve_validation_size`). Without a held-out
+    slice the training rows and their partition are exactly those of a run without validation.
     """
     resolve_validation_size(config, dataset)
     seed = config.seed
@@ -398,7 +398,7 @@ class FederatedTraining:
         return float((predictions == self.y_test).mean())
 
     def validation_accuracy(self, round_: int) -> float | None:
-        """Accuracy on the held-out validation slice; None when there is none (no target)."""
+        """Accuracy on the held-out validation slice; None when there is none (see TrainConfig.holds_out_validation)."""
         if self.config.validation_size is None:
             return None
         # a seed of its own: the test evaluation's draws stay those of a run without a target

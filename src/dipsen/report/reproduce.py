@@ -4,10 +4,12 @@
    (K=200, C=0.1, FedAvg; the in-process engine), into ``OUT/runs/KEY-MODEL``; SOCOFing twice, on its
    default hand x finger task and on gender (:data:`dipsen.report.paper.TASK_VARIANTS`, keys
    ``socofing-gender/MODEL``). Beside them, the defences of :data:`dipsen.report.defences.DEFENCES` on
-   the data sets each names (``DATASET/KEY``): federated adversarial training of the CNN (``cnn-fat``:
-   FGSM-RS at the study's eps) on MNIST and CTU-13, and on MNIST under Dirichlet(0.5) label skew
-   (``cnn-fat-dirichlet``). Each run keeps the checkpoints the study reads: the
-   final one and the orange-box attack's stale one (``keep_checkpoints = last-(stale_rounds + 1)``).
+   the data sets each names (``DATASET/KEY``): federated adversarial training of the CNN at the study's
+   eps (``cnn-fat``), on MNIST with PGD-3 (:data:`dipsen.report.defences.MNIST_FAT`) and on CTU-13 with
+   FGSM-RS, and on MNIST under Dirichlet(0.5) label skew with FGSM-RS on MNIST_FAT's schedule
+   (``cnn-fat-dirichlet``, :data:`dipsen.report.defences.MNIST_FAT_LABEL_SKEW`). Each run keeps the
+   checkpoints the study reads: the final one and the orange-box attack's stale one
+   (``keep_checkpoints = last-(stale_rounds + 1)``).
 2. Run :func:`dipsen.attack.study.study_run` on every final global model; each result is saved as
    ``OUT/runs/KEY-MODEL/study.json`` as soon as it is done.
 3. Certify (:mod:`dipsen.certify`): train a CNN with Gaussian input noise for each sigma of
