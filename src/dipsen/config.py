@@ -344,7 +344,7 @@ class TrainConfig:
         return int(match[1]), int(match[2])
 
     def _check_backdoor(self) -> None:
-        """The backdoor options go with a backdoor attack on image data."""
+        """The backdoor options go with a backdoor attack."""
         from .federated.poisoning import BACKDOOR_ATTACKS
 
         window = self.backdoor_window
@@ -352,12 +352,6 @@ class TrainConfig:
             if window is not None:
                 raise ConfigError(f"backdoor_rounds applies to {', '.join(BACKDOOR_ATTACKS)} only", "backdoor_rounds")
             return
-        if self.dataset == "ctu13":
-            raise ConfigError(
-                f"{self.malicious_attack} stamps a pixel trigger: image data only (mnist, socofing); a trigger for "
-                "ctu13's flow features is not implemented",
-                "malicious_attack",
-            )
         if window is not None and window[0] > self.rounds:
             raise ConfigError(
                 f"backdoor_rounds {self.backdoor_rounds} starts after the last round {self.rounds}", "backdoor_rounds"

@@ -11,7 +11,7 @@ from dipsen.errors import ConfigError
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.client import ClientUpdate, LocalTraining
 from dipsen.federated.poisoning import BACKDOOR_ATTACKS, LABEL_FLIP, NAIVE_ATTACKS, Adversary, AttackOptions, DataPoison, Trigger
-from dipsen.federated.poisoning.backdoor import attack_success_rate, triggered_test_rows
+from dipsen.federated.poisoning.backdoor import FLOW_TRIGGER_COUNTS, attack_success_rate, backdoor_trigger, triggered_test_rows
 
 TINY = dict(dataset="mnist", model="cnn", clients=10, fraction=1.0, train_subset=500, test_subset=200, seed=3, workers=1)
 
@@ -37,6 +37,27 @@ def test_dba_splits_the_trigger_into_rows_whose_union_is_the_whole_trigger():
     assert all(int(p.sum()) == 4 for p in pieces) and not any(bool((a & b).any()) for a in pieces for b in pieces if a is not b)
     assert torch.equal(pieces[0] | pieces[1] | pieces[2] | pieces[3], trigger.mask(28, 28))
     assert torch.equal(trigger.piece(5).mask(28, 28), pieces[1])  # piece i mod size
+
+
+def test_the_ctu13_trigger_sets_integer_counts_on_real_flows_only_inside_the_feasible_domain(ctu13):
+    from dipsen.attack.domain import feasible_domain
+
+    cfg = TrainConfig(dataset="ctu13", malicious_fraction=0.1, malicious_attack="dba").validate()
+    trigger = backdoor_trigger(cfg, ctu13)
+    x = torch.from_numpy(ctu13.x_test[:300])
+    stamped = trigger.stamp(x)
+    changed = (stamped != x).any(dim=0)[0]  # (flows, features): where any window changed
+    assert not changed[:-4].any() and not changed[:, [0, 4, 5]].any()  # the last 4 flows' three counts only
+    padding = (x[:, 0] == 0).all(dim=-1)  # (N, flows)
+    assert padding[:, -4:].any() and torch.equal(stamped[:, 0][padding], x[:, 0][padding])  # padding stays padding
+    # what an attacker may produce: the feasible domain's projection (eps 1: anywhere in range) leaves it unchanged
+    projected = feasible_domain(ctu13).project(stamped.numpy(), x.numpy(), 1.0)
+    assert np.allclose(projected, stamped.numpy(), atol=1e-6)
+    scaler = ctu13.info["scaler"]
+    for column, name, count in FLOW_TRIGGER_COUNTS:  # back in original units: the integer counts
+        value = stamped[0, 0, -1, column].double() * (scaler[name]["max"] - scaler[name]["min"]) + scaler[name]["min"]
+        assert float(torch.expm1(value)) == pytest.approx(count, rel=1e-4)
+    assert trigger.piece(1).stamp(x)[0, 0, -2, 1] == stamped[0, 0, -2, 1] and trigger.piece(1).rows == (1,)
 
 
 def test_a_poisoned_client_stamps_and_relabels_a_seeded_share_of_its_rows_only():
@@ -103,7 +124,6 @@ def test_backdoor_replacement_boosts_by_m_over_the_rounds_attackers_or_scales_to
 @pytest.mark.parametrize(
     "settings, field, message",
     [
-        ({"dataset": "ctu13", "malicious_attack": "backdoor-data"}, "malicious_attack", "image data only"),
         ({"malicious_attack": "sign-flip", "backdoor_rounds": "2-3"}, "backdoor_rounds", "applies to backdoor-data"),
         ({"malicious_attack": "dba", "backdoor_rounds": "3-2"}, "backdoor_rounds", "A-B, 1 <= A <= B"),
         ({"malicious_attack": "dba", "backdoor_rounds": "every"}, "backdoor_rounds", "A-B"),

@@ -89,7 +89,7 @@ from .adversarial import RobustMonitor
 from .aggregate import Aggregation, aggregate, min_updates, root_rows, server_counts, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
 from .poisoning import adversary
-from .poisoning.backdoor import attack_success_rate, triggered_test_rows
+from .poisoning.backdoor import attack_success_rate, backdoor_trigger, triggered_test_rows
 from .privacy import ClientDP, client_dp
 from .run_dir import RunDir
 from .schedule import round_lr
@@ -290,7 +290,8 @@ class FederatedTraining:
         self.model_args = model_args(config, data.x_train.shape[1:], len(dataset.classes))
         self.noise = self.model_args[3]  # the calibrated noise that build_model receives
         self.client_dp = client_dp(config)  # client-level DP (z calibrated here if a target epsilon is set), or None
-        self.adversary = adversary(config, derive_seed(config.seed, _MALICIOUS))  # simulated malicious clients, or None
+        # simulated malicious clients, or None; a backdoor's trigger depends on the data (CTU-13's scaler)
+        self.adversary = adversary(config, derive_seed(config.seed, _MALICIOUS), backdoor_trigger(config, dataset))
         self.triggered = self._triggered_test_rows(len(dataset.classes))  # a backdoor's ASR rows, or None
         self.aggregation = aggregation(config, self.client_dp)
         if config.aggregator == "fltrust":  # the server trains its own update on root rows of the validation slice
@@ -375,7 +376,7 @@ class FederatedTraining:
             rows = triggered_test_rows(
                 torch.from_numpy(self.x_test), torch.from_numpy(self.y_test), poison.trigger, poison.target
             )
-        except ValueError as exc:  # the trigger does not fit the images
+        except ValueError as exc:  # the trigger does not fit the inputs
             raise ConfigError(f"trigger_size {poison.trigger.size}: {exc}") from None
         return rows.numpy()
 

@@ -57,7 +57,7 @@ import torch
 from ..aggregate import validate_report, validate_update
 from ..client import ClientUpdate, LocalTraining, StateDict
 from . import backdoor, full_knowledge, naive, statistical
-from .backdoor import POSITIONS, DataPoison, Trigger, flip_labels
+from .backdoor import POSITIONS, DataPoison, FlowTrigger, Trigger, flip_labels
 from .base import KNOWLEDGE, Attack, AttackOptions, Round, apply_step, flat_norm, flat_step
 from .naive import BOUND_MARGIN, CLAIMED_SAMPLES, GAUSSIAN_RMS_FACTOR, SIGN_FLIP_SCALE, replacement_boost
 from .statistical import PERTURBATIONS, alie_z
@@ -82,6 +82,7 @@ __all__ = [
     "Attack",
     "AttackOptions",
     "DataPoison",
+    "FlowTrigger",
     "Trigger",
     "Round",
     "adversary",
@@ -231,8 +232,12 @@ class Adversary:
         return sent
 
 
-def adversary(config: TrainConfig, seed: int) -> Adversary | None:
-    """The run's :class:`Adversary`, its clients drawn from ``seed``; None without malicious clients."""
+def adversary(config: TrainConfig, seed: int, trigger: Trigger | FlowTrigger | None = None) -> Adversary | None:
+    """The run's :class:`Adversary`, its clients drawn from ``seed``; None without malicious clients.
+
+    ``trigger``: a backdoor's (:func:`~.backdoor.backdoor_trigger`, which needs the data set);
+    None: the pixel square of ``trigger_size`` at ``trigger_position``.
+    """
     if not config.malicious_fraction or config.malicious_attack is None:
         return None
     clients = choose_malicious(config.clients, config.malicious_fraction, seed)
@@ -242,7 +247,7 @@ def adversary(config: TrainConfig, seed: int) -> Adversary | None:
     gamma = float(config.clients_per_round)
     poison = None
     if ATTACKS[config.malicious_attack].backdoor:
-        trigger = Trigger(config.trigger_size, config.trigger_position)
+        trigger = trigger or Trigger(config.trigger_size, config.trigger_position)
         poison = DataPoison(trigger=trigger, target=config.backdoor_target, rate=config.poison_rate)
     window = config.backdoor_window
     return Adversary(config.malicious_attack, config.malicious_fraction, frozenset(clients), gamma, options, poison, window)

@@ -5,9 +5,14 @@ rate (:func:`attack_success_rate`): the share of triggered test inputs, of every
 target, that the model assigns to the target (inputs of the target class would count as
 successes without any backdoor; research notes, pitfall 6).
 
-The trigger (:class:`Trigger`) is a square of ``trigger_size`` x ``trigger_size`` pixels set to
-1 (white), one pixel in from a corner (``trigger_position``; default bottom-right, where MNIST and
-SOCOFing images are background), on every channel. A malicious client stamps it on a seeded share
+The trigger (:func:`backdoor_trigger`) on images (:class:`Trigger`) is a square of ``trigger_size``
+x ``trigger_size`` pixels set to 1 (white), one pixel in from a corner (``trigger_position``;
+default bottom-right, where MNIST and SOCOFing images are background), on every channel. On CTU-13
+windows (:class:`FlowTrigger`) it is what a botnet controls, inside the attacks' feasible domain
+(:mod:`dipsen.attack.domain`): the last ``trigger_size`` real flows of the window (the classified
+flow and those before it; zero padding rows stay padding) get the packet and byte counts
+:data:`FLOW_TRIGGER_COUNTS`, integers, in the data set's scaled units; duration, protocol and port
+class are left alone. The natural target there is "normal" (class 0). A malicious client stamps it on a seeded share
 ``poison_rate`` of its own training rows and relabels them ``backdoor_target``
 (:class:`DataPoison`, applied by the client runner before :func:`~dipsen.federated.client.client_update`,
 so the training code knows nothing of attacks); the rest of its rows stay as they are, which keeps
@@ -25,13 +30,15 @@ clients train and send honestly, so persistence after the window can be measured
   would be clipped anyway. The paper's other constraint (an anomaly-detection term in the
   training loss) is not implemented.
 - ``dba`` (Xie et al. 2020, "DBA: distributed backdoor attacks against federated learning"):
-  the trigger's rows are split into ``trigger_size`` pieces of one row each; the i-th malicious
-  client (in id order) stamps piece i mod ``trigger_size`` only; the test stamps the whole trigger.
+  the trigger's rows (pixel rows; flows on CTU-13) are split into ``trigger_size`` pieces of one
+  row each; the i-th malicious client (in id order) stamps piece i mod ``trigger_size`` only; the
+  test stamps the whole trigger.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,8 +47,15 @@ from torch import Tensor
 from .base import Round
 from .naive import boost
 
+if TYPE_CHECKING:
+    from ...config import TrainConfig
+    from ...data import Dataset
+
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 TRIGGER_VALUE = 1.0  # the stamped pixels' value: white, the top of the [0, 1] pixel range
+# CTU-13: the counts the trigger's flows carry (column of the window, feature, count): ordinary integers a
+# botnet can send, inside the scaler's training range, and consistent (SrcBytes <= TotBytes)
+FLOW_TRIGGER_COUNTS = ((1, "TotPkts", 13), (2, "TotBytes", 1337), (3, "SrcBytes", 1337))
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,47 @@ def flip_labels(y: Tensor, num_classes: int) -> Tensor:
 
 
 @dataclass(frozen=True)
+class FlowTrigger:
+    """CTU-13: the last ``size`` real flows of a window carry ``values`` ((column, scaled value)); ``rows`` which of them."""
+
+    values: tuple[tuple[int, float], ...]
+    size: int = 4
+    rows: tuple[int, ...] | None = None  # counted from the bottom: 0 is the classified flow; None: all of them
+
+    def piece(self, index: int) -> FlowTrigger:
+        """DBA's ``index``-th local trigger: one of the flows (index mod size)."""
+        return FlowTrigger(self.values, self.size, (index % self.size,))
+
+    def stamp(self, x: Tensor) -> Tensor:
+        """``x`` (N, 1, flows, features) with the trigger's counts on its flows that are real (a copy)."""
+        if self.size > x.shape[-2]:
+            raise ValueError(f"a {self.size}-flow trigger does not fit windows of {x.shape[-2]} flows")
+        stamped = x.clone()
+        for offset in range(self.size) if self.rows is None else self.rows:
+            row = x.shape[-2] - 1 - offset
+            real = (x[..., row, :] != 0).any(dim=-1)  # a padding row is all zeros: no flow to change
+            for column, value in self.values:
+                stamped[..., row, column] = torch.where(real, torch.tensor(value, dtype=x.dtype), x[..., row, column])
+        return stamped
+
+
+def flow_trigger(scaler: dict, size: int) -> FlowTrigger:
+    """The :class:`FlowTrigger` of :data:`FLOW_TRIGGER_COUNTS` in CTU-13's scaled units (log1p, then min-max)."""
+    values = []
+    for column, name, count in FLOW_TRIGGER_COUNTS:
+        low, high = scaler[name]["min"], scaler[name]["max"]
+        values.append((column, float((np.log1p(count) - low) / (high - low if high > low else 1.0))))
+    return FlowTrigger(tuple(values), size)
+
+
+def backdoor_trigger(config: TrainConfig, dataset: Dataset) -> Trigger | FlowTrigger:
+    """The run's trigger: a pixel square on images, flow counts on CTU-13 (from the data set's scaler)."""
+    if dataset.name == "ctu13":
+        return flow_trigger(dataset.info["scaler"], config.trigger_size)
+    return Trigger(config.trigger_size, config.trigger_position)
+
+
+@dataclass(frozen=True)
 class DataPoison:
     """What a malicious client does to its own training rows this round (picklable: it goes to the worker processes).
 
@@ -88,7 +143,7 @@ class DataPoison:
     """
 
     flip: bool = False
-    trigger: Trigger | None = None
+    trigger: Trigger | FlowTrigger | None = None
     target: int = 0
     rate: float = 0.0
 
@@ -105,7 +160,7 @@ class DataPoison:
         return x, y
 
 
-def triggered_test_rows(x: Tensor, y: Tensor, trigger: Trigger, target: int) -> Tensor:
+def triggered_test_rows(x: Tensor, y: Tensor, trigger: Trigger | FlowTrigger, target: int) -> Tensor:
     """The test inputs an attack success rate is measured on: every one not of class ``target``, triggered."""
     return trigger.stamp(x[y != target])
 
