@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -335,6 +335,14 @@ def _lowest(runs: list[dict]) -> dict | None:
     return None if worst is None else {"accuracy": worst["final_accuracy"], "attack": worst["attack"]}
 
 
+def _attacked_cells(records: list[dict]) -> Iterator[tuple[float, str, list[dict]]]:
+    """``(f, defence, its runs at f)`` for every f > 0 and defence with runs there, in table order."""
+    for fraction in sorted({r["fraction"] for r in records if r["fraction"] > 0}):
+        for defence in dict.fromkeys(r["aggregator"] for r in records):
+            if runs := [r for r in records if r["fraction"] == fraction and r["aggregator"] == defence]:
+                yield fraction, defence, runs
+
+
 def worst_cases(records: list[dict]) -> list[dict]:
     """Per defence and f > 0: the final accuracy it is judged by, the worst over what an attacker can do.
 
@@ -348,24 +356,20 @@ def worst_cases(records: list[dict]) -> list[dict]:
     free = {r["aggregator"]: r["final_accuracy"] for r in records if r["attack"] is None}
     reference = free.get("fedavg")
     summary = []
-    for fraction in sorted({r["fraction"] for r in records if r["fraction"] > 0}):
-        for defence in dict.fromkeys(r["aggregator"] for r in records):
-            runs = [r for r in records if r["fraction"] == fraction and r["aggregator"] == defence]
-            if not runs:
-                continue
-            candidates = [*runs, *([{"final_accuracy": free[defence], "attack": None}] if defence in free else [])]
-            worst = _lowest(candidates)
-            summary.append(
-                {
-                    "aggregator": defence,
-                    "fraction": fraction,
-                    "attack_free": free.get(defence),
-                    "classical": _lowest([r for r in runs if _naive(r["attack"])]),
-                    "adaptive": _lowest([r for r in runs if not _naive(r["attack"])]),
-                    "worst": worst,
-                    "drop": None if reference is None or worst is None else reference - worst["accuracy"],
-                }
-            )
+    for fraction, defence, runs in _attacked_cells(records):
+        candidates = [*runs, *([{"final_accuracy": free[defence], "attack": None}] if defence in free else [])]
+        worst = _lowest(candidates)
+        summary.append(
+            {
+                "aggregator": defence,
+                "fraction": fraction,
+                "attack_free": free.get(defence),
+                "classical": _lowest([r for r in runs if _naive(r["attack"])]),
+                "adaptive": _lowest([r for r in runs if not _naive(r["attack"])]),
+                "worst": worst,
+                "drop": None if reference is None or worst is None else reference - worst["accuracy"],
+            }
+        )
     return summary
 
 
@@ -377,28 +381,22 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
     """
     free = {r["aggregator"]: r["final_accuracy"] for r in records if r["attack"] is None}
     summary = []
-    for fraction in sorted({r["fraction"] for r in records if r["fraction"] > 0}):
-        for defence in dict.fromkeys(r["aggregator"] for r in records):
-            runs = [
-                r
-                for r in records
-                if r["fraction"] == fraction
-                and r["aggregator"] == defence
-                and attack_variant(r["attack"])[0] in BACKDOOR_ATTACKS
-                and r.get("attack_success_rate") is not None
-            ]
-            if runs:
-                worst = max(runs, key=lambda r: r["attack_success_rate"])
-                summary.append(
-                    {
-                        "aggregator": defence,
-                        "fraction": fraction,
-                        "attack": worst["attack"],
-                        "attack_success_rate": worst["attack_success_rate"],
-                        "accuracy": worst["final_accuracy"],
-                        "attack_free": free.get(defence),
-                    }
-                )
+    for fraction, defence, runs in _attacked_cells(records):
+        backdoors = [
+            r for r in runs if attack_variant(r["attack"])[0] in BACKDOOR_ATTACKS and r.get("attack_success_rate") is not None
+        ]
+        if backdoors:
+            worst = max(backdoors, key=lambda r: r["attack_success_rate"])
+            summary.append(
+                {
+                    "aggregator": defence,
+                    "fraction": fraction,
+                    "attack": worst["attack"],
+                    "attack_success_rate": worst["attack_success_rate"],
+                    "accuracy": worst["final_accuracy"],
+                    "attack_free": free.get(defence),
+                }
+            )
     return summary
 
 
