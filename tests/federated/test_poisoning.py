@@ -1,4 +1,4 @@
-"""Simulated malicious clients (dipsen.federated.poisoning); the study that runs them is tests/report/test_poisoning.py."""
+"""Simulated malicious clients (dipsen.federated.poisoning); the study that runs them is tests/report/test_poison_study.py."""
 
 import math
 
