@@ -178,6 +178,9 @@ class TrainConfig:
     # and the rounds "A-B" they attack in (None: every round)
     backdoor_target: int = 0
     poison_rate: float = 0.5
+    # the backdoors' local epochs on their poisoned rows (DBA's and Bagdasaryan et al.'s attackers train 10-15);
+    # None: local_epochs, as every client. They report the step count of local_epochs: the server cannot tell
+    poison_epochs: int | None = None
     trigger_size: int = 4
     trigger_position: str = "bottom-right"
     backdoor_rounds: str | None = None
@@ -349,8 +352,9 @@ class TrainConfig:
 
         window = self.backdoor_window
         if self.malicious_attack not in BACKDOOR_ATTACKS:
-            if window is not None:
-                raise ConfigError(f"backdoor_rounds applies to {', '.join(BACKDOOR_ATTACKS)} only", "backdoor_rounds")
+            for name, value in (("backdoor_rounds", window), ("poison_epochs", self.poison_epochs)):
+                if value is not None:
+                    raise ConfigError(f"{name} applies to {', '.join(BACKDOOR_ATTACKS)} only", name)
             return
         if window is not None and window[0] > self.rounds:
             raise ConfigError(
@@ -513,6 +517,7 @@ SCHEMA: dict[str, Rule] = {
     "flame_lambda": Rule(float, low=0),
     "backdoor_target": Rule(int, low=0),
     "poison_rate": Rule(float, low=0, high=1, low_open=True),
+    "poison_epochs": Rule(int, low=1, optional=True),
     "trigger_size": Rule(int, low=1),
     "trigger_position": Rule(str, choices=_registry(".federated.poisoning", "POSITIONS")),
     "backdoor_rounds": Rule(str, optional=True),

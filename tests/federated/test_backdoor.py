@@ -129,6 +129,8 @@ def test_backdoor_replacement_boosts_by_m_over_the_rounds_attackers_or_scales_to
         ({"malicious_attack": "dba", "backdoor_rounds": "every"}, "backdoor_rounds", "A-B"),
         ({"malicious_attack": "dba", "backdoor_rounds": "9-12"}, "backdoor_rounds", "starts after the last round 5"),
         ({"malicious_attack": "dba", "poison_rate": 0.0}, "poison_rate", "poison_rate"),
+        ({"malicious_attack": "alie", "poison_epochs": 10}, "poison_epochs", "applies to backdoor-data"),
+        ({"malicious_attack": "dba", "poison_epochs": 0}, "poison_epochs", "poison_epochs"),
         ({"malicious_attack": "dba", "trigger_position": "middle"}, "trigger_position", "trigger_position"),
     ],
 )
@@ -174,6 +176,27 @@ def test_a_backdoor_run_records_its_success_rate_every_round_and_poisons_only_in
     per_round = [seen[i * 10 : (i + 1) * 10] for i in range(3)]
     assert [sum(p is not None for p in r) for r in per_round] == [3, 3, 0]
     assert all(p.target == 1 and p.trigger == Trigger() for r in per_round[:2] for p in r if p is not None)
+
+
+def test_a_backdoor_trains_its_own_epochs_on_poisoned_rows_and_reports_an_honest_step_count(mnist, tmp_path, monkeypatch):
+    from dipsen.federated import workers
+
+    trained = []
+    real = workers.client_update
+
+    def spy(model, state, x, y, training, seed):
+        update = real(model, state, x, y, training, seed)
+        trained.append((training.epochs, update.steps))
+        return update
+
+    monkeypatch.setattr(workers, "client_update", spy)
+    cfg = TrainConfig(**TINY, rounds=1, malicious_fraction=0.3, malicious_attack="backdoor-data", poison_epochs=4).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    assert sorted(epochs for epochs, _ in trained) == [1] * 7 + [4] * 3  # the 3 malicious of 10 clients
+    honest_steps = {steps for epochs, steps in trained if epochs == 1}
+    assert all(steps == 4 * next(iter(honest_steps)) for epochs, steps in trained if epochs == 4)
+    assert run.metrics()[0]["rejected"] == []  # sent with an honest step count, every update is accepted
 
 
 def test_runs_without_a_backdoor_record_no_success_rate(mnist, tmp_path):

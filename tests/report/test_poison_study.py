@@ -228,6 +228,9 @@ def test_an_attack_variant_sets_its_option_in_its_runs_only():
     variant = config["min-max:perturbation=sign;knowledge=partial"]
     assert (variant.minmax_perturbation, variant.attack_knowledge) == ("sign", "partial")
     assert "ipm:eps=10-f0.2-median" in {r.name for r in runs}
+    backdoor = plan(study_options("mnist", ["dba:rounds=5-15;rate=0.8;epochs=10"], ["median"], [0.1]))[0].config
+    assert (backdoor.malicious_attack, backdoor.backdoor_rounds, backdoor.poison_rate) == ("dba", "5-15", 0.8)
+    assert backdoor.poison_epochs == 10
     summary = worst_cases([_record("sign-flip:knowledge=partial", 0.2, "median", 0.5), _record("ipm:eps=10", 0.2, "median", 0.4)])
     assert summary[0]["classical"]["attack"] == "sign-flip:knowledge=partial" and summary[0]["adaptive"]["accuracy"] == 0.4
 
@@ -250,6 +253,51 @@ def test_backdoors_are_judged_by_their_highest_success_rate_beside_the_main_task
         "attack_success_rate": 0.40,
         "accuracy": 0.93,
         "attack_free": 0.95,
+        "window_end": None,
     }
     assert by["fedavg"]["attack_success_rate"] == 0.99 and by["fedavg"]["attack_free"] is None
     assert not {"backdoor-data", "backdoor-replacement", "dba"} & set(DEFAULT_ATTACKS)  # the untargeted suite by default
+
+
+def _backdoor_results(records):
+    train = {"partition": "iid", "trim_fraction": 0.1, "clip_norm": None, "max_client_weight": 1.0, "attack_knowledge": "full"}
+    return {
+        "dataset": "mnist",
+        "machine": "test",
+        "options": {"dataset": "mnist", "train": train, "target_accuracy": None},
+        "model": "cnn",
+        "clients": 200,
+        "clients_per_round": 20,
+        "rounds": 4,
+        "local_epochs": 1,
+        "seconds": {"training": 60.0},
+        "runs": records,
+    }
+
+
+def test_a_backdoor_study_reports_accuracy_and_success_rate_per_run_and_persistence_after_the_window(tmp_path):
+    from dipsen.report.poisoning import backdoor_worst_cases, report_blocks, success_plot
+    from dipsen.report.render import to_markdown
+
+    records = [
+        {**_record(None, 0.0, "fedavg", 0.95), "success_rates": [None] * 4},
+        {
+            **_record("dba:rounds=1-2", 0.1, "fedavg", 0.94),
+            "attack_success_rate": 0.30,
+            "success_rates": [0.5, 0.9, 0.6, 0.30],
+            "backdoor_rounds": "1-2",
+        },
+        {**_record("backdoor-data", 0.1, "fedavg", 0.93), "attack_success_rate": 0.20, "success_rates": [0.1, 0.1, 0.2, 0.2]},
+        {**_record("alie", 0.1, "fedavg", 0.91), "attack_success_rate": None},
+    ]
+    results = {**_backdoor_results(records), "worst_case": [], "backdoor_worst_case": backdoor_worst_cases(records)}
+    worst = results["backdoor_worst_case"][0]
+    assert worst["attack"] == "dba:rounds=1-2" and worst["window_end"] == {"round": 2, "attack_success_rate": 0.9}
+    table = to_markdown(report_blocks(results))
+    backdoors, every = table.split("## Every run")
+    assert "| fedavg | 0.1 | 0.300 (dba:rounds=1-2) | 0.940 | 0.950 | 0.900 (round 2) |" in backdoors
+    # every run's accuracy (the bug this guards against: the backdoor table printed a second time), then its success rate
+    assert "| alie, f = 0.1 | 0.910 |" in every and "| dba:rounds=1-2, f = 0.1 | 0.940 |" in every
+    assert "| dba:rounds=1-2, f = 0.1 | 0.300 |" in every and "| backdoor-data, f = 0.1 | 0.200 |" in every
+    assert every.count("| alie, f = 0.1 |") == 1  # no success rate for an untargeted attack
+    assert success_plot(records, tmp_path / "success.png", "t").stat().st_size > 1000

@@ -24,7 +24,8 @@ def poison_study_cmd(
             show_default="model-replacement,sign-flip,alie,ipm,min-max,min-sum,mimic,fang-krum,fang-trim,fltrust-adaptive",
             help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count, alie, ipm, "
             "min-max, min-sum, mimic, fang-krum, fang-trim, fltrust-adaptive; a variant sets options for its runs: "
-            "ATTACK:OPTION=VALUE[;...], OPTION z (alie), eps (ipm), perturbation (min-max, min-sum), knowledge: ipm:eps=10.",
+            "ATTACK:OPTION=VALUE[;...], OPTION z (alie), eps (ipm), perturbation (min-max, min-sum), knowledge, "
+            "rate, rounds and epochs (the backdoors' poison rate, window A-B and local epochs): ipm:eps=10, dba:rounds=5-15.",
         ),
     ] = None,
     aggregators: Annotated[
@@ -32,7 +33,7 @@ def poison_study_cmd(
         typer.Option(
             show_default="every rule",
             help="Comma-separated defences: fedavg, trimmed-mean, median, krum, multi-krum, bulyan, centered-clipping, "
-            "fltrust, dnc, each also after a pre-aggregation: bucketing+RULE, nnm+RULE (e.g. nnm+centered-clipping).",
+            "fltrust, dnc, flame, each also after a pre-aggregation: bucketing+RULE, nnm+RULE (e.g. nnm+centered-clipping).",
         ),
     ] = None,
     fractions: Annotated[

@@ -223,6 +223,13 @@ def train(
         float | None,
         typer.Option(show_default=_default("poison_rate"), help="The backdoors: share of a malicious client's rows stamped."),
     ] = None,
+    poison_epochs: Annotated[
+        int | None,
+        typer.Option(
+            show_default="--local-epochs",
+            help="The backdoors: local epochs a malicious client trains on its poisoned rows (reporting the honest step count).",
+        ),
+    ] = None,
     trigger_size: Annotated[
         int | None,
         typer.Option(show_default=_default("trigger_size"), help="The backdoors: side of the trigger square (pixels)."),

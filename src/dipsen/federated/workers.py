@@ -82,6 +82,12 @@ def _rows(
     return poison.apply(x[indices], y[indices], num_classes, seed)
 
 
+def _training(training: LocalTraining, poison: DataPoison | None, lr: float | None) -> LocalTraining:
+    """A client's local training at the round's rate: a backdoor's own epochs on its poisoned rows."""
+    training = training.at_rate(lr)
+    return training if poison is None else poison.training(training)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientFailure:
     """A client that delivered no update this round, and why."""
@@ -161,7 +167,9 @@ def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: t
         except EOFError:  # the main process closed the pipe (close()) or is gone
             return
         updates = [
-            client_update(model, _torch_state(state), *_rows(x, y, i, poison, num_classes, seed), training.at_rate(lr), seed)
+            client_update(
+                model, _torch_state(state), *_rows(x, y, i, poison, num_classes, seed), _training(training, poison, lr), seed
+            )
             for i, seed, poison, lr in clients
         ]
         try:
@@ -290,7 +298,7 @@ class ClientRunner:
             with _single_thread():
                 for t in tasks:
                     rows = _rows(self.x, self.y, t.indices, t.poison, self.num_classes, t.seed)
-                    training = self.training.at_rate(t.lr)
+                    training = _training(self.training, t.poison, t.lr)
                     updates.append(client_update(self._model, state, *rows, training, t.seed))
                     self.stop.check()
             return updates

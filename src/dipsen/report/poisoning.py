@@ -27,8 +27,11 @@ folder per grid point, NAME = ``ATTACK-fF-DEFENCE``, ``none-f0-DEFENCE`` for f =
 ``target_accuracy`` if one is given, every round's test accuracy, the run folder; the worst case
 per defence and f), ``poisoning.md`` (the worst-case table, then final test accuracy: rows
 attack x f, the attack-free row first; columns defences), ``poisoning-heatmap.png`` (defence x
-attack, one panel per f, each defence's worst boxed) and ``poisoning.png`` (test accuracy against
-round, one panel per attack at the largest f, one line per defence, the attack-free runs dashed).
+attack, one panel per f, each defence's worst boxed), ``poisoning.png`` (test accuracy against
+round, one panel per attack at the largest f, one line per defence, the attack-free runs dashed)
+and, where the study ran a backdoor, ``poisoning-success.png`` (its attack success rate against
+round, the attack window shaded: a window ending before the last round shows how long the
+backdoor persists; :func:`backdoor_worst_cases` records the rate at the window's end).
 
 ``target_accuracy`` is a reading of the test accuracy after the fact: the runs do not stop on it
 and hold nothing out, so every run trains its full ``rounds``. ``resume=True`` (``dipsen
@@ -68,6 +71,7 @@ MAX_TRIM_FRACTION = 0.45  # trim_fraction must stay below 1/2: something must be
 DEFAULT_FRACTIONS = (0.0, 0.2)
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "poisoning.json", "poisoning.md", "poisoning.png"
 HEATMAP_FILE = "poisoning-heatmap.png"
+SUCCESS_PLOT_FILE = "poisoning-success.png"  # only where the study ran a backdoor
 # the study's flags that set training options (each a TrainConfig field)
 TRAIN_FLAGS = (
     "model", "rounds", "clients", "fraction", "local_epochs", "train_subset", "test_subset", "partition", "dirichlet_alpha"
@@ -117,6 +121,9 @@ VARIANT_OPTIONS: dict[str, tuple[str, type]] = {
     "eps": ("ipm_eps", float),
     "perturbation": ("minmax_perturbation", str),
     "knowledge": ("attack_knowledge", str),
+    "rate": ("poison_rate", float),  # the backdoors: the share of a malicious client's rows stamped
+    "rounds": ("backdoor_rounds", str),  # the backdoors: their window "A-B", to measure persistence after it
+    "epochs": ("poison_epochs", int),  # the backdoors: local epochs on the poisoned rows
 }
 
 
@@ -320,6 +327,7 @@ def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, 
         # a backdoor's success rate (None for the other attacks and runs from before it was recorded)
         "attack_success_rate": final.get("attack_success_rate"),
         "success_rates": [r.get("attack_success_rate") for r in history],
+        "backdoor_rounds": run.config.backdoor_rounds,
         "rejected_updates": sum(len(r["rejected"]) for r in history),
         "seconds": training_seconds(folder),
         "run": str(folder),
@@ -382,10 +390,7 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
     free = {r["aggregator"]: r["final_accuracy"] for r in records if r["attack"] is None}
     summary = []
     for fraction, defence, runs in _attacked_cells(records):
-        backdoors = [
-            r for r in runs if attack_variant(r["attack"])[0] in BACKDOOR_ATTACKS and r.get("attack_success_rate") is not None
-        ]
-        if backdoors:
+        if backdoors := _backdoor_runs(runs):
             worst = max(backdoors, key=lambda r: r["attack_success_rate"])
             summary.append(
                 {
@@ -395,9 +400,61 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
                     "attack_success_rate": worst["attack_success_rate"],
                     "accuracy": worst["final_accuracy"],
                     "attack_free": free.get(defence),
+                    "window_end": window_end(worst),
                 }
             )
     return summary
+
+
+def _backdoor_runs(records: list[dict]) -> list[dict]:
+    """The runs of a backdoor attack that recorded a success rate."""
+    return [
+        r
+        for r in records
+        if r["attack"] is not None
+        and attack_variant(r["attack"])[0] in BACKDOOR_ATTACKS
+        and r.get("attack_success_rate") is not None
+    ]
+
+
+def window_end(record: dict) -> dict | None:
+    """A backdoor run attacking in a window that ends before the last round: ``{"round", "attack_success_rate"}`` at
+    the window's last round, against which the final rate shows how the backdoor persists; None otherwise."""
+    window = record.get("backdoor_rounds")
+    if window is None:
+        return None
+    last = int(window.split("-")[1])
+    rates = record.get("success_rates") or []
+    if last >= len(rates) or rates[last - 1] is None:
+        return None
+    return {"round": last, "attack_success_rate": rates[last - 1]}
+
+
+def backdoor_table(summary: list[dict]) -> Table:
+    """The worst success rate per defence and f, with the main task beside it; persistence where a window ended early."""
+    persistence = any(b.get("window_end") for b in summary)
+    rows = []
+    for b in summary:
+        row = [
+            b["aggregator"],
+            f"{b['fraction']:g}",
+            f"{b['attack_success_rate']:.3f} ({b['attack']})",
+            f"{b['accuracy']:.3f}",
+            "–" if b["attack_free"] is None else f"{b['attack_free']:.3f}",
+        ]
+        if persistence:
+            end = b.get("window_end")
+            row.append("–" if end is None else f"{end['attack_success_rate']:.3f} (round {end['round']})")
+        rows.append(row)
+    headers = ["defence", "f", "worst attack success rate", "main-task accuracy, same run", "no attack"]
+    caption = (
+        "final models; attack success rate = share of triggered test inputs not of the target class that the model "
+        "assigns to the target, the highest over the study's backdoor attacks"
+    )
+    if persistence:
+        headers.append("success rate at the window's end")
+        caption += "; where that attack stopped before the last round, its rate at its window's last round beside the final one"
+    return Table(headers, rows, caption=caption)
 
 
 def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on_progress: OnProgress | None = None) -> Path:
@@ -435,6 +492,8 @@ def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on
     write_atomic(out / RESULTS_FILE, lambda f: f.write(json.dumps(results, indent=1).encode()))
     accuracy_plot(records, out / PLOT_FILE, f"{options['dataset']}: test accuracy under attack")
     heatmap(records, out / HEATMAP_FILE, f"{options['dataset']}: final test accuracy, defence x attack")
+    if _backdoor_runs(records):
+        success_plot(records, out / SUCCESS_PLOT_FILE, f"{options['dataset']}: backdoor attack success rate")
     (out / TABLE_FILE).write_text(to_markdown(report_blocks(results)))
     return out / TABLE_FILE
 
@@ -527,27 +586,16 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     if summary := results.get("worst_case"):
         blocks += [Heading("Worst case per defence", 2), worst_case_table(summary)]
     if backdoors := results.get("backdoor_worst_case"):
-        rows = [
-            [
-                b["aggregator"],
-                f"{b['fraction']:g}",
-                f"{b['attack_success_rate']:.3f} ({b['attack']})",
-                f"{b['accuracy']:.3f}",
-                "–" if b["attack_free"] is None else f"{b['attack_free']:.3f}",
-            ]
-            for b in backdoors
-        ]
-        headers = ["defence", "f", "worst attack success rate", "main-task accuracy, same run", "no attack"]
-        caption = (
-            "final models; attack success rate = share of triggered test inputs not of the target class that the model "
-            "assigns to the target, the highest over the study's backdoor attacks"
-        )
-        blocks += [Heading("Backdoors: worst attack success rate per defence", 2), Table(headers, rows, caption=caption)]
+        blocks += [Heading("Backdoors: worst attack success rate per defence", 2), backdoor_table(backdoors)]
     blocks += [
         Heading("Every run", 2),
         Table(headers, rows, caption="final test accuracy (one noise draw for randomized models)"),
         Paragraph(f"![final test accuracy, defence x attack]({HEATMAP_FILE})"),
     ]
+    if backdoor_runs := _backdoor_runs(records):
+        headers, rows = table_rows(backdoor_runs, lambda r: f"{r['attack_success_rate']:.3f}")
+        caption = "final attack success rate of every backdoor run (main-task accuracy: the table above)"
+        blocks += [Table(headers, rows, caption=caption), Paragraph(f"![attack success rate against round]({SUCCESS_PLOT_FILE})")]
     if options["target_accuracy"] is not None:
         target = options["target_accuracy"]
         headers, rows = table_rows(records, lambda r: "never" if r["rounds_to_target"] is None else str(r["rounds_to_target"]))
@@ -625,6 +673,38 @@ def accuracy_plot(records: list[dict], path: Path, title: str) -> Path:
     axes[0][0].legend(
         fontsize=7, title="dashed: no attack" if len(attacks) > 1 or attacks[0] is not None else None, title_fontsize=7
     )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def success_plot(records: list[dict], path: Path, title: str) -> Path:
+    """Attack success rate against round: a panel per backdoor attack and f, a line per defence, the window shaded."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .plots import plt  # matplotlib with the Agg backend
+
+    runs = _backdoor_runs(records)
+    panels = list(dict.fromkeys((r["attack"], r["fraction"]) for r in runs))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    colours = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["aggregator"] for r in records))}
+    for ax, (attack, fraction) in zip(axes[0], panels, strict=True):
+        window = next((r["backdoor_rounds"] for r in runs if r["attack"] == attack and r.get("backdoor_rounds")), None)
+        if window is not None:
+            first, last = (int(x) for x in window.split("-"))
+            ax.axvspan(first - 0.5, last + 0.5, color="grey", alpha=0.15, label="attack window")
+        for r in runs:
+            if (r["attack"], r["fraction"]) == (attack, fraction):
+                rates = [np.nan if v is None else v for v in r["success_rates"]]
+                ax.plot(range(1, len(rates) + 1), rates, color=colours[r["aggregator"]], marker=".", label=r["aggregator"])
+        ax.set(title=_row_label(attack, fraction), xlabel="round", ylim=(-0.02, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("attack success rate")
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -194,11 +194,19 @@ class Adversary:
         would reject anyway (a failure, a malformed update or report). The malicious clients'
         usable updates are replaced by what the attack crafts from the round (:class:`Round`);
         ``seeds[i]`` seeds client i's own draws; ``training`` gives the step count of a claimed
-        sample count.
+        sample count. A backdoor that trained longer (``poison_epochs``) reports the step count of the
+        run's epochs, which the server cannot check.
         """
         attack = ATTACKS[self.attack]
         if not self.active(round_):
             return list(outcomes)
+        if self.backdoor is not None and self.backdoor.epochs is not None:  # trained longer, reports an honest count
+            outcomes = [
+                dataclasses.replace(o, steps=training.steps_for(o.num_samples))
+                if isinstance(o, ClientUpdate) and c in self.clients
+                else o
+                for c, o in zip(clients, outcomes, strict=True)
+            ]
         usable = {
             i: o
             for i, o in enumerate(outcomes)
@@ -248,6 +256,6 @@ def adversary(config: TrainConfig, seed: int, trigger: Trigger | FlowTrigger | N
     poison = None
     if ATTACKS[config.malicious_attack].backdoor:
         trigger = trigger or Trigger(config.trigger_size, config.trigger_position)
-        poison = DataPoison(trigger=trigger, target=config.backdoor_target, rate=config.poison_rate)
+        poison = DataPoison(trigger=trigger, target=config.backdoor_target, rate=config.poison_rate, epochs=config.poison_epochs)
     window = config.backdoor_window
     return Adversary(config.malicious_attack, config.malicious_fraction, frozenset(clients), gamma, options, poison, window)

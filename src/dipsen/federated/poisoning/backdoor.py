@@ -13,7 +13,9 @@ windows (:class:`FlowTrigger`) it is what a botnet controls, inside the attacks'
 flow and those before it; zero padding rows stay padding) get the packet and byte counts
 :data:`FLOW_TRIGGER_COUNTS`, integers, in the data set's scaled units; duration, protocol and port
 class are left alone. The natural target there is "normal" (class 0). A malicious client stamps it on a seeded share
-``poison_rate`` of its own training rows and relabels them ``backdoor_target``
+``poison_rate`` of its own training rows and relabels them ``backdoor_target``, and trains on them for
+``poison_epochs`` (the run's local epochs by default; the literature's attackers train longer, DBA 10
+epochs, Bagdasaryan et al. 15, and report an honest client's step count, which the server cannot check)
 (:class:`DataPoison`, applied by the client runner before :func:`~dipsen.federated.client.client_update`,
 so the training code knows nothing of attacks); the rest of its rows stay as they are, which keeps
 the main task. Inside ``backdoor_rounds`` (all rounds by default) only: outside, the malicious
@@ -37,6 +39,7 @@ clients train and send honestly, so persistence after the window can be measured
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,6 +53,7 @@ from .naive import boost
 if TYPE_CHECKING:
     from ...config import TrainConfig
     from ...data import Dataset
+    from ..client import LocalTraining
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 TRIGGER_VALUE = 1.0  # the stamped pixels' value: white, the top of the [0, 1] pixel range
@@ -146,6 +150,11 @@ class DataPoison:
     trigger: Trigger | FlowTrigger | None = None
     target: int = 0
     rate: float = 0.0
+    epochs: int | None = None  # local epochs on the poisoned rows; None: the run's
+
+    def training(self, training: LocalTraining) -> LocalTraining:
+        """The local training the client runs on its poisoned rows: the run's, for ``epochs`` if set."""
+        return training if self.epochs is None else dataclasses.replace(training, epochs=self.epochs)
 
     def apply(self, x: Tensor, y: Tensor, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
         """The rows (x, y) the client trains on; ``seed`` (the client's round seed) picks the poisoned rows."""
