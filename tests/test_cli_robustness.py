@@ -47,11 +47,18 @@ def test_eps_sweep_writes_a_plot_and_its_data(cnn_run, tmp_path):
         (["sweep-sigma", "--sigmas", "0.1,x"], "--sigmas"),
     ],
 )
-def test_user_errors_are_one_line_without_traceback(cnn_run, tmp_path, args, message):
+def test_user_errors_are_one_line_without_traceback(dipsen_cli, cnn_run, tmp_path, args, message):
+    # in this process (a subprocess per case cost 5 s of start-up); the next test runs one through `python -m dipsen`
     args = [str(cnn_run.path) if a == "RUN" else a for a in args]
     extra = ["--out", str(tmp_path / "out")] if args[0] in ("reproduce", "sweep-sigma") else []
-    result = dipsen(*args, *extra)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    code, _, err = dipsen_cli(*args, *extra)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_user_error_from_the_command_line_is_one_line_exit_2():
+    result = dipsen("attack", "/nonexistent/run")
+    assert result.returncode == 2 and "/nonexistent/run" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """README's commands are true to the code: every ``dipsen ...`` line parses, with values the config accepts,
 and every script it names exists with the flags it is given."""
 
+import functools
 import re
 import shlex
 import subprocess
@@ -88,6 +89,13 @@ def test_every_script_in_the_readme_exists_with_its_flags(line):
     assert (ROOT / script).is_file()
     flags = [a for a in args if a.startswith("--")]
     if flags:  # the script's own parser lists them
-        shown = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert shown.returncode == 0, shown.stderr
-        assert not [f for f in flags if f not in shown.stdout.split()], shown.stdout
+        shown = _script_help(script)
+        assert not [f for f in flags if f not in shown.split()], shown
+
+
+@functools.cache
+def _script_help(script: str) -> str:
+    """``python SCRIPT --help``, once per script (README names some several times; each start-up costs seconds)."""
+    shown = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout

@@ -200,6 +200,9 @@ def test_the_worst_case_is_the_lowest_over_no_attack_and_every_attack_split_by_f
     assert median["classical"]["accuracy"] == 0.93 and median["drop"] == pytest.approx(0.05)
     assert by[(0.1, "median")]["classical"] is None and by[(0.1, "median")]["worst"]["accuracy"] == 0.90
     assert worst_cases([_record("alie", 0.2, "median", 0.9)])[0]["drop"] is None  # no attack-free FedAvg to compare
+    # a backdoor that costs accuracy counts in the worst case, not as an attack built against the rule
+    (backdoored,) = worst_cases([_record("alie", 0.2, "median", 0.9), _record("dba:epochs=10", 0.2, "median", 0.8)])
+    assert backdoored["worst"]["attack"] == "dba:epochs=10" and backdoored["adaptive"]["attack"] == "alie"
 
 
 def test_the_study_runs_mnist_to_its_measured_plateau_unless_told_otherwise(tmp_path):
