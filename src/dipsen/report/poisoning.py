@@ -413,11 +413,7 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
 
 def _backdoor_runs(records: list[dict]) -> list[dict]:
     """The runs of a backdoor attack that recorded a success rate."""
-    return [
-        r
-        for r in records
-        if r["attack"] is not None and _backdoor(r["attack"]) and r.get("attack_success_rate") is not None
-    ]
+    return [r for r in records if r["attack"] is not None and _backdoor(r["attack"]) and r.get("attack_success_rate") is not None]
 
 
 def window_end(record: dict) -> dict | None:
