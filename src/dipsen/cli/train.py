@@ -454,8 +454,8 @@ def train(
         typer.Option(
             show_default=_default("log_to"),
             help="tensorboard: also log every per-round metric of metrics.jsonl (step = round) and the final metrics "
-            "as TensorBoard scalars in RUN/tensorboard/ (view: tensorboard --logdir RUN/tensorboard); needs "
-            "pip install 'dipsen[tracking]'. A resumed run continues the same log.",
+            "as TensorBoard scalars in RUN/tensorboard/ (view: tensorboard --logdir RUN/tensorboard); needs the "
+            "tensorboard package, dipsen's tracking extra. A resumed run continues the same log.",
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
