@@ -200,6 +200,9 @@ class TrainConfig:
     # evaluate the global model (test set, validation and robust slices) after every N-th round and the
     # last one only; the rounds between record null. Evaluation does not touch training's random draws
     eval_every: int = 1
+    # experiment tracking (see dipsen.federated.tracking): None | tensorboard, the metrics also as
+    # TensorBoard scalars in RUN/tensorboard/; it needs the tracking extra
+    log_to: str | None = None
 
     @property
     def clients_per_round(self) -> int:
@@ -528,6 +531,7 @@ SCHEMA: dict[str, Rule] = {
     "engine": Rule(str, choices=lambda: ENGINES),
     "keep_checkpoints": Rule(str),  # its form is checked by parse_keep_checkpoints
     "eval_every": _COUNT,
+    "log_to": Rule(str, optional=True, choices=_registry(".federated.tracking", "TRACKERS")),
 }
 
 

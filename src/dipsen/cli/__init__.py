@@ -12,6 +12,7 @@ import importlib
 import sys
 
 import click
+from rich.markup import escape
 
 from ..errors import DipsenError
 from .app import app, console, err_console
@@ -39,5 +40,6 @@ def main() -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/] {message}", highlight=False, markup=True)
+    # escaped: a message's own brackets (pip install 'dipsen[tracking]') are text, not rich markup
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, markup=True)
     sys.exit(code)

@@ -449,6 +449,15 @@ def train(
             "after every N-th round and the last only: saves time in long runs; weights are unchanged.",
         ),
     ] = None,
+    log_to: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("log_to"),
+            help="tensorboard: also log every per-round metric of metrics.jsonl (step = round) and the final metrics "
+            "as TensorBoard scalars in RUN/tensorboard/ (view: tensorboard --logdir RUN/tensorboard); needs the "
+            "tensorboard package, dipsen's tracking extra. A resumed run continues the same log.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
     resume: Annotated[
         Path | None,
@@ -462,6 +471,7 @@ def train(
     """Train a model by federated averaging and write a run folder."""
     from ..federated import FederatedTraining, RunDir
     from ..federated import train as run_training
+    from ..federated.tracking import require as require_tracker
     from ..federated.workers import Interrupted, StopFlag
 
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
@@ -476,9 +486,11 @@ def train(
                 f"drop {', '.join(given) or '--config'}"
             )
         run = RunDir.open(resume)
+        require_tracker(run.config().log_to)  # before reconfigure rewrites config.json
         cfg = run.reconfigure(rounds=rounds, keep_checkpoints=keep_checkpoints, round_timeout=round_timeout)
     else:
         cfg = load_config(config, overrides)
+        require_tracker(cfg.log_to)
         run = None
     data = cfg.load_dataset()
     stop = StopFlag()

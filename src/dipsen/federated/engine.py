@@ -66,6 +66,10 @@ they collude, and may see the honest ones) before validating them like any other
 
 Checkpoints: every round's is saved through :meth:`RunDir.save_checkpoint`, which keeps those the
 run's ``keep_checkpoints`` rule keeps (see :mod:`dipsen.federated.run_dir`), always the newest.
+
+Experiment tracking (``log_to``): each metrics.jsonl row, right after it is written, and the final
+metrics also go to the run's TensorBoard log (see :mod:`dipsen.federated.tracking`); the round loop
+is the one writer of metrics.jsonl for both engines, so both log.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ from .poisoning.backdoor import attack_success_rate, backdoor_trigger, triggered
 from .privacy import ClientDP, client_dp
 from .run_dir import RunDir
 from .schedule import round_lr
+from .tracking import Tracker, open_tracker
 from .workers import ClientFailure, ClientRunner, ClientTask, StopFlag, WorkerDied
 
 if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated
@@ -565,11 +570,15 @@ def train(
     ``lock_held_by``: the PID of the process that holds ``run``'s lock for this one (the Flower
     launcher, for its ServerApp); it is checked instead of taken (see :meth:`RunDir.lock`).
     """
-    with job, run.lock(held_by=lock_held_by):  # one writer per run folder: a second train() or --resume is refused
-        return _train(job, run, resume, on_round)
+    with (
+        job,
+        run.lock(held_by=lock_held_by),  # one writer per run folder: a second train() or --resume is refused
+        open_tracker(job.config.log_to, run.path, run.last_round() if resume else None) as tracker,
+    ):
+        return _train(job, run, resume, on_round, tracker)
 
 
-def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
+def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round, tracker: Tracker | None) -> dict:
     config = job.config
     history: list[dict] = []
     last = run.last_round() if resume else None
@@ -585,6 +594,8 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
         job.model.load_state_dict(state)
         start_round = last
         _restore_best_robust(run, history, last, state)
+        if tracker and history:
+            tracker.log_round(history[-1])  # the log dropped round `last` and later: see dipsen.federated.tracking
     if on_round:
         on_round(None, start_round)
     done = _target_reached(config, history)
@@ -603,6 +614,8 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
                 f"min_clients is {config.required_updates}; resume with: dipsen train --resume {run.path}"
             )
         run.append_metrics(result.to_dict())  # before the checkpoint: see RunDir.keep_metrics_through
+        if tracker:
+            tracker.log_round(result.to_dict())
         run.save_checkpoint(round_, state)
         history.append(result.to_dict())
         if result.robust_accuracy is not None and _best_robust_round(history) == round_:
@@ -611,7 +624,10 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round) -> dict:
             on_round(result, start_round)
         done = _target_reached(config, history)
     job.stop.check()
-    return _finish(job, run, history)
+    metrics = _finish(job, run, history)
+    if tracker:
+        tracker.log_final(metrics)
+    return metrics
 
 
 def training_cost(history: list[dict]) -> dict | None:
