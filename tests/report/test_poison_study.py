@@ -71,6 +71,36 @@ def test_poison_study_writes_its_files_and_resume_skips_finished_runs(dipsen_cli
     assert code == 2 and "drop --rounds" in err
 
 
+def test_merge_reports_finished_studies_of_one_setting_as_one(dipsen_cli, tmp_path):
+    first, second, merged = tmp_path / "first", tmp_path / "second", tmp_path / "merged"
+    code, _, err = dipsen_cli(*_study_args(tmp_path, "--fractions", "0,0.2", "--out", str(first)))
+    assert code == 0, err
+    code, _, err = dipsen_cli(*_study_args(tmp_path, "--attacks", "ipm", "--fractions", "0.2", "--out", str(second)))
+    assert code == 0, err
+    code, _, err = dipsen_cli("poison-study", "--merge", str(first), "--merge", str(second), "--out", str(merged))
+    assert code == 0, err
+    results = json.loads((merged / "poisoning.json").read_text())
+    assert [(r["attack"], r["fraction"]) for r in results["runs"]] == [(None, 0.0), ("sign-flip", 0.2), ("ipm", 0.2)]
+    assert results["runs"][2]["run"] == str(second / "runs" / "ipm-f0.2-median")  # the runs stay where they are
+    assert results["options"]["attacks"] == ["sign-flip", "ipm"] and results["studies"] == [str(first), str(second)]
+    worst = results["worst_case"][0]["worst"]["accuracy"]
+    assert worst == min(r["final_accuracy"] for r in results["runs"])
+    assert "| ipm, f = 0.2 | " in (merged / "poisoning.md").read_text()
+
+    code, _, err = dipsen_cli("poison-study", "--merge", str(first), "--out", str(merged))
+    assert code == 2 and "exists and is not empty" in err
+    other = tmp_path / "other"
+    code, _, err = dipsen_cli(*_study_args(tmp_path, "--rounds", "2", "--fractions", "0", "--out", str(other)))
+    assert code == 0, err
+    code, _, err = dipsen_cli("poison-study", "--merge", str(first), "--merge", str(other), "--out", str(tmp_path / "m2"))
+    assert code == 2 and "differs from" in err and "in rounds:" in err and not (tmp_path / "m2").exists()
+    (second / "runs" / "ipm-f0.2-median" / "final_metrics.json").unlink()
+    code, _, err = dipsen_cli("poison-study", "--merge", str(second), "--out", str(tmp_path / "m3"))
+    assert code == 2 and "run ipm-f0.2-median is unfinished" in err and not (tmp_path / "m3").exists()
+    code, _, err = dipsen_cli("poison-study", "--merge", str(first), "--rounds", "3", "--out", str(tmp_path / "m4"))
+    assert code == 2 and "--merge takes only --out, not --rounds" in err
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

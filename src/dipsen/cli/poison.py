@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import DipsenError
 from .app import app, console, progress_bar
 from .robustness import _RESUME_HELP, _floats, _resumed
 
@@ -80,6 +81,13 @@ def poison_study_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option(show_default="poison-study", help="Output folder (must be new or empty).")] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A finished study folder, repeated: one report in --out of studies of the same settings "
+            "(attacks, defences and f their union; the runs stay where they are). Takes no other flag.",
+        ),
+    ] = None,
 ) -> None:
     """Train under simulated poisoning: attack x aggregator x malicious share f; write a table and a plot."""
     from ..report.poisoning import DEFAULT_AGGREGATORS, DEFAULT_ATTACKS, DEFAULT_FRACTIONS, poison_study, study_options
@@ -102,6 +110,16 @@ def poison_study_cmd(
         "--config": config,
         "--out": out,
     }
+    if merge:
+        from ..report.poisoning import merge_studies
+
+        if extra := [flag for flag, value in given.items() if value is not None and flag != "--out"] + (
+            ["--resume"] if resume is not None else []
+        ):
+            raise DipsenError(f"--merge takes only --out, not {', '.join(extra)}")
+        path = merge_studies(out or Path("poison-study"), merge)
+        console.print(f"saved: {path} and {path.with_name('poisoning.json')}")
+        return
     if resume is not None:
         options, folder = _resumed(resume, given), resume
     else:

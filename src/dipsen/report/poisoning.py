@@ -59,7 +59,7 @@ from ..federated import RunDir
 from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, PRE_AGGREGATIONS, min_updates, trim_count
 from ..federated.poisoning import ATTACKS, BACKDOOR_ATTACKS, NAIVE_ATTACKS, malicious_count
 from .render import Block, Heading, Paragraph, Table, to_markdown
-from .reproduce import machine_description, open_output, train_run, training_seconds
+from .reproduce import machine_description, open_output, recorded_options, train_run, training_seconds
 
 DATASETS = ("mnist", "ctu13")
 # the naive attacks every robust rule was designed against, then those built against the rules
@@ -473,7 +473,12 @@ def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on
         records.append(run_record(run, folder, options["target_accuracy"]))
         if on_progress:
             on_progress(f"done {run.label}", i + 1, len(runs))
-    base = runs[0].config
+    return _write_report(out, options, records, time.perf_counter() - start)
+
+
+def _write_report(out: Path, options: dict[str, Any], records: list[dict], seconds: float, **extra: Any) -> Path:
+    """poisoning.json, its plots and poisoning.md in ``out`` from the finished runs' ``records``; poisoning.md's path."""
+    base = plan(options)[0].config
     results = {
         "dataset": options["dataset"],
         "machine": machine_description(),
@@ -483,7 +488,8 @@ def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on
         "clients_per_round": base.clients_per_round,
         "rounds": base.rounds,
         "local_epochs": base.local_epochs,
-        "seconds": {"training": sum(r["seconds"] for r in records), "this_call": time.perf_counter() - start},
+        "seconds": {"training": sum(r["seconds"] for r in records), "this_call": seconds},
+        **extra,
         "runs": records,
         "worst_case": worst_cases(records),
         "backdoor_worst_case": backdoor_worst_cases(records),
@@ -495,6 +501,49 @@ def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on
         success_plot(records, out / SUCCESS_PLOT_FILE, f"{options['dataset']}: backdoor attack success rate")
     (out / TABLE_FILE).write_text(to_markdown(report_blocks(results)))
     return out / TABLE_FILE
+
+
+def _settings(options: dict[str, Any]) -> dict[str, Any]:
+    """What merged studies must share: the base training settings, the data set and the target accuracy."""
+    return {**options["train"], "dataset": options["dataset"], "target_accuracy": options["target_accuracy"]}
+
+
+def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
+    """One report in ``out`` of the finished ``studies`` (``dipsen poison-study --merge``); poisoning.md's path.
+
+    A grid is often run in parts: the attacks built against one rule only against that rule, a
+    variant or a defence added later. The studies must share the data set and every base training
+    setting; their attacks, defences and f are the union, in the order first met, and a run of the
+    same name in two studies is taken from the first. The runs stay in their studies' folders
+    (``poisoning.json`` records each one's path). Refused, before anything is written, if ``out``
+    is not new or empty, or a study is unfinished (resume it first).
+    """
+    if out.exists() and any(out.iterdir()):
+        raise DipsenError(f"{out} exists and is not empty; choose a new --out folder")
+    if not studies:
+        raise DipsenError("--merge needs at least one study folder")
+    records: dict[str, dict] = {}
+    merged: dict[str, Any] | None = None
+    for study in studies:
+        options = recorded_options(study)
+        if merged is None:
+            merged = {**options, "attacks": [], "aggregators": [], "fractions": []}
+        first, this = _settings(merged), _settings(options)
+        if differ := sorted(k for k in first.keys() | this.keys() if first.get(k) != this.get(k)):
+            raise DipsenError(f"{study} differs from {studies[0]} in {', '.join(differ)}: only studies of one setting merge")
+        for key in ("attacks", "aggregators", "fractions"):
+            merged[key] = list(dict.fromkeys([*merged[key], *options[key]]))
+        for run in plan(options):
+            folder = study / "runs" / run.name
+            if not RunDir(folder).finished():
+                raise DipsenError(f"{study}: run {run.name} is unfinished; finish it first with --resume {study}")
+            records.setdefault(run.name, run_record(run, folder, options["target_accuracy"]))
+    assert merged is not None
+    merged["fractions"] = sorted(merged["fractions"])
+    order = {name: i for i, name in enumerate(run.name for run in plan(merged))}
+    ordered = sorted(records.items(), key=lambda item: order.get(item[0], len(order)))
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_report(out, merged, [r for _, r in ordered], 0.0, studies=[str(s) for s in studies])
 
 
 def _round_progress(on_progress: OnProgress | None, label: str, index: int, total: int):
