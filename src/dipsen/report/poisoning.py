@@ -416,6 +416,12 @@ def _backdoor_runs(records: list[dict]) -> list[dict]:
     return [r for r in records if r["attack"] is not None and _backdoor(r["attack"]) and r.get("attack_success_rate") is not None]
 
 
+def _success_cell(record: dict) -> str:
+    end = window_end(record)
+    persisted = "" if end is None else f" ({end['attack_success_rate']:.3f} at round {end['round']})"
+    return f"{record['attack_success_rate']:.3f}{persisted}"
+
+
 def window_end(record: dict) -> dict | None:
     """A backdoor run attacking in a window that ends before the last round: ``{"round", "attack_success_rate"}`` at
     the window's last round, against which the final rate shows how the backdoor persists; None otherwise."""
@@ -504,8 +510,10 @@ def _write_report(out: Path, options: dict[str, Any], records: list[dict], secon
 
 
 def _settings(options: dict[str, Any]) -> dict[str, Any]:
-    """What merged studies must share: the base training settings, the data set and the target accuracy."""
-    return {**options["train"], "dataset": options["dataset"], "target_accuracy": options["target_accuracy"]}
+    """What merged studies must share: the base training settings (a key a study's version did not have at its
+    default), the data set and the target accuracy."""
+    train = TrainConfig.from_dict(dict(options["train"]), source="options").to_dict()
+    return {**train, "dataset": options["dataset"], "target_accuracy": options["target_accuracy"]}
 
 
 def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
@@ -642,8 +650,11 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         Paragraph(f"![final test accuracy, defence x attack]({HEATMAP_FILE})"),
     ]
     if backdoor_runs := _backdoor_runs(records):
-        headers, rows = table_rows(backdoor_runs, lambda r: f"{r['attack_success_rate']:.3f}")
-        caption = "final attack success rate of every backdoor run (main-task accuracy: the table above)"
+        headers, rows = table_rows(backdoor_runs, _success_cell)
+        caption = (
+            "final attack success rate of every backdoor run (main-task accuracy: the table above); in brackets, for an "
+            "attack window that ended before the last round, the rate at its end"
+        )
         blocks += [Table(headers, rows, caption=caption), Paragraph(f"![attack success rate against round]({SUCCESS_PLOT_FILE})")]
     if options["target_accuracy"] is not None:
         target = options["target_accuracy"]
