@@ -310,8 +310,7 @@ def train(
         int | None,
         typer.Option(
             show_default=_default("consistency_copies"),
-            help="consistency: noisy copies m of every row, at least 2; a step costs m forward and backward passes "
-            "of the batch.",
+            help="consistency: noisy copies m of every row, at least 2; a step costs m forward and backward passes of the batch.",
         ),
     ] = None,
     consistency_eta: Annotated[
@@ -343,8 +342,7 @@ def train(
         float | None,
         typer.Option(
             show_default=_default("adv_mix"),
-            help="Share of each batch's loss on adversarial examples, in (0, 1] (1: adversarial only); "
-            "--adv-loss ce only.",
+            help="Share of each batch's loss on adversarial examples, in (0, 1] (1: adversarial only); --adv-loss ce only.",
         ),
     ] = None,
     adv_loss: Annotated[

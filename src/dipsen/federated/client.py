@@ -106,9 +106,8 @@ class LocalTraining:
         """
         if self.adv_train == "none":
             if self.smoothing_loss == "consistency":
-                return consistency_batch_loss(
-                    model, inputs, labels, self.input_noise, self.consistency_copies, self.consistency_lambda, self.consistency_eta
-                )
+                lam, eta = self.consistency_lambda, self.consistency_eta
+                return consistency_batch_loss(model, inputs, labels, self.input_noise, self.consistency_copies, lam, eta)
             return nn.functional.cross_entropy(model(self.noisy(inputs)), labels)
         adversarial = self.adversarial_examples(model, inputs, labels, starts)
         if self.adv_loss == "trades":
