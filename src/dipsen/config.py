@@ -153,6 +153,23 @@ class TrainConfig:
     adv_steps: int = 10
     adv_step_size: float | None = None
     adv_mix: float = 0.5
+    # the adversarial examples' loss: ce (the adv_mix blend of cross-entropies) | trades (Zhang et al. 2019:
+    # CE(clean) + trades_beta * KL(clean || adversarial), the examples maximising that KL with the adv_*
+    # steps; adv_mix does not apply). 6: the paper's setting (its 1/lambda) for its MNIST and CIFAR-10 models; the
+    # reference's MNIST script defaults to 1, and its README to [1, 10], larger more robust and less accurate
+    adv_loss: str = "ce"
+    trades_beta: float = 6.0
+    # FedProx (Li et al. 2020): (mu / 2) ||w - w_global||^2 added to every local step's loss, any training
+    # mode; it keeps clients with skewed data near the round's global model. 0: off
+    proximal_mu: float = 0.0
+    # randomized smoothing's training loss, with input_noise > 0: gaussian (Cohen et al. 2019: CE on one noisy
+    # copy) | consistency (Jeong & Shin 2020: CE on consistency_copies noisy copies + consistency_lambda * their
+    # mean KL from the copies' mean prediction + consistency_eta * that mean's entropy). lambda 20, m 2, eta 0.5:
+    # the reference code's MNIST commands (smoothing-consistency, EXPERIMENTS.MD) at every sigma
+    smoothing_loss: str = "gaussian"
+    consistency_lambda: float = 20.0
+    consistency_copies: int = 2
+    consistency_eta: float = 0.5
     # local training's arithmetic: float32, or bfloat16 (torch.autocast: convolutions and matrix products in
     # bfloat16; weights, optimizer and loss in float32); evaluation, attacks and certificates stay float32
     train_dtype: str = "float32"
@@ -262,6 +279,7 @@ class TrainConfig:
             )
         if self.adv_step_size is not None and self.adv_train == "none":
             raise ConfigError(f"adv_step_size {self.adv_step_size} applies to adv_train fgsm-rs or pgd only", "adv_step_size")
+        self._check_recipes()
         self._check_aggregation()
         self._check_client_dp()
         if self.momentum and self.optimizer != "sgd":
@@ -272,6 +290,36 @@ class TrainConfig:
         parse_keep_checkpoints(self.keep_checkpoints)
         self._check_malicious()
         return self
+
+    def _check_recipes(self) -> None:
+        """The client-side loss options go with the training they modify (see :mod:`dipsen.federated.client`).
+
+        A recipe's parameter given without its recipe is refused rather than ignored: it would change nothing.
+        """
+        defaults = TrainConfig.__dataclass_fields__
+        if self.adv_loss == "trades":
+            if self.adv_train == "none":
+                raise ConfigError("adv_loss trades needs adv_train fgsm-rs or pgd (the steps of its KL search)", "adv_loss")
+            # TRADES weighs its two terms with trades_beta; a blend of cross-entropies has no place in it
+            if self.adv_mix != defaults["adv_mix"].default:
+                raise ConfigError(
+                    f"adv_mix {self.adv_mix} does not apply to adv_loss trades (its terms are weighed by trades_beta)", "adv_mix"
+                )
+        elif self.trades_beta != defaults["trades_beta"].default:
+            raise ConfigError(f"trades_beta {self.trades_beta} applies to adv_loss trades only", "trades_beta")
+        if self.smoothing_loss == "consistency":
+            if self.input_noise <= 0:
+                raise ConfigError(
+                    "smoothing_loss consistency needs input_noise > 0 (the sigma its noisy copies are drawn at)", "smoothing_loss"
+                )
+            if self.adv_train != "none":
+                raise ConfigError(
+                    f"smoothing_loss consistency does not combine with adv_train {self.adv_train!r}", "smoothing_loss"
+                )
+        else:
+            for key in ("consistency_lambda", "consistency_copies", "consistency_eta"):
+                if getattr(self, key) != defaults[key].default:
+                    raise ConfigError(f"{key} {getattr(self, key)} applies to smoothing_loss consistency only", key)
 
     def _check_aggregation(self) -> None:
         """The aggregator's parameters fit it and m (see :mod:`dipsen.federated.aggregate`)."""
@@ -506,6 +554,13 @@ SCHEMA: dict[str, Rule] = {
     "adv_steps": _COUNT,
     "adv_step_size": Rule(float, optional=True, low=0, low_open=True),
     "adv_mix": _UNIT,
+    "adv_loss": Rule(str, choices=_registry(".federated.adversarial", "ADV_LOSSES")),
+    "trades_beta": Rule(float, low=0, low_open=True),
+    "proximal_mu": Rule(float, low=0),
+    "smoothing_loss": Rule(str, choices=_registry(".federated.smoothing", "SMOOTHING_LOSSES")),
+    "consistency_lambda": Rule(float, low=0),
+    "consistency_copies": Rule(int, low=2),  # one copy has nothing to be consistent with
+    "consistency_eta": Rule(float, low=0),
     "train_dtype": Rule(str, choices=lambda: TRAIN_DTYPES),
     "target_robust_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
     "robust_monitor": Rule(str, choices=_registry(".federated.adversarial", "MONITOR_ATTACKS")),

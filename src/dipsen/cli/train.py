@@ -289,6 +289,34 @@ def train(
             "smoothing, certified at this sigma by dipsen certify.",
         ),
     ] = None,
+    smoothing_loss: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("smoothing_loss"),
+            help="Training loss under --input-noise: gaussian (cross-entropy on one noisy copy, Cohen et al.) | "
+            "consistency (Jeong & Shin 2020: cross-entropy on --consistency-copies noisy copies, plus "
+            "--consistency-lambda times their KL from the copies' mean prediction and --consistency-eta times "
+            "that mean's entropy). consistency needs --input-noise > 0 and no --adv-train.",
+        ),
+    ] = None,
+    consistency_lambda: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("consistency_lambda"),
+            help="consistency: weight of the KL term (the reference code's MNIST setting).",
+        ),
+    ] = None,
+    consistency_copies: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("consistency_copies"),
+            help="consistency: noisy copies m of every row, at least 2; a step costs m forward and backward passes of the batch.",
+        ),
+    ] = None,
+    consistency_eta: Annotated[
+        float | None,
+        typer.Option(show_default=_default("consistency_eta"), help="consistency: weight of the entropy term."),
+    ] = None,
     adv_train: Annotated[
         str | None,
         typer.Option(
@@ -314,7 +342,31 @@ def train(
         float | None,
         typer.Option(
             show_default=_default("adv_mix"),
-            help="Share of each batch's loss on adversarial examples, in (0, 1] (1: adversarial only).",
+            help="Share of each batch's loss on adversarial examples, in (0, 1] (1: adversarial only); --adv-loss ce only.",
+        ),
+    ] = None,
+    adv_loss: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("adv_loss"),
+            help="ce | trades: the loss of adversarial training. trades (Zhang et al. 2019): cross-entropy on the "
+            "clean batch plus --trades-beta times the KL divergence from its prediction to the prediction on "
+            "examples that maximise that KL (--adv-train's steps, --adv-step-size and --adv-eps).",
+        ),
+    ] = None,
+    trades_beta: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("trades_beta"),
+            help="trades: weight of the KL term (the paper's 1/lambda); larger is more robust and less accurate.",
+        ),
+    ] = None,
+    proximal_mu: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("proximal_mu"),
+            help="FedProx's mu: (mu / 2) ||w - w_global||^2 added to every local step's loss, with any training "
+            "loss; keeps clients with skewed data near the round's global model (0: off).",
         ),
     ] = None,
     train_dtype: Annotated[

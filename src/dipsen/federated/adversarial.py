@@ -9,6 +9,11 @@ eps-ball, every iterate projected by the data set's
   random start.
 - ``pgd`` (Madry et al. 2018): ``adv_steps`` steps of 2.5 eps / ``adv_steps`` from the random start.
 
+The loss on those examples is the cross-entropy (``adv_loss`` ``ce``), or TRADES (``adv_loss``
+``trades``, Zhang et al. 2019, :func:`trades_loss`): the clean cross-entropy plus beta times the KL
+divergence from the clean prediction to the prediction on an example crafted by :func:`perturb_kl`,
+which maximises that KL instead of the cross-entropy (same steps, step size, eps and projection).
+
 Catastrophic overfitting (FGSM training whose PGD accuracy collapses to ~0 within an epoch) is
 watched by the :class:`RobustMonitor`: the aggregator attacks the global model after every
 evaluated round at the same eps on a fixed slice of held-out rows (see
@@ -40,6 +45,11 @@ PGD_STEP = 2.5  # x eps / steps (Madry et al.)
 ROBUST_BATCH = 250
 MONITOR_ATTACKS = ("apgd-ce", "pgd")
 MONITOR_TOLERANCE = 0.03  # doubling the monitor's steps may lower its accuracy by this much on the final model
+ADV_LOSSES = ("ce", "trades")
+# TRADES' start: x plus Gaussian noise of this std (Zhang et al.'s trades.py), not a uniform draw over the
+# eps-ball: the KL term is 0 with a zero gradient at x itself, so the search needs a nudge, and starting
+# near x keeps it a search for the nearest disagreement rather than a random point in the ball
+TRADES_START_STD = 0.001
 
 
 def attack_steps(method: str, steps: int) -> int:
@@ -75,6 +85,61 @@ def perturb(
         (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = domain.project_tensor(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def kl_divergence(natural_logits: Tensor, adversarial_logits: Tensor) -> Tensor:
+    """KL(softmax(natural) || softmax(adversarial)), summed over classes and averaged over the batch.
+
+    The reference's ``KLDivLoss(size_average=False)(log_softmax(adv), softmax(nat)) / batch_size``,
+    computed from log-probabilities on both sides so that a vanishing probability does not make a log(0).
+    """
+    return nn.functional.kl_div(
+        nn.functional.log_softmax(adversarial_logits, dim=1),
+        nn.functional.log_softmax(natural_logits, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def perturb_kl(
+    model: nn.Module,
+    x: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    domain: FeasibleDomain,
+    generator: torch.Generator,
+) -> Tensor:
+    """TRADES' inner maximisation: L-inf sign-gradient ascent on :func:`kl_divergence` from the model's prediction on ``x``.
+
+    Starts at ``x`` plus N(0, :data:`TRADES_START_STD`^2) noise drawn from ``generator``; the start and
+    every iterate are projected by ``domain`` as :func:`perturb` projects (eps-ball, [0, 1], CTU-13's
+    rules). The clean prediction is computed once, without a gradient: it is the fixed target the
+    search moves away from (the reference recomputes it every step, the same values for a model
+    without dropout). As :func:`perturb`, gradients are taken with respect to the input only, in
+    whatever mode the model is in.
+    """
+    with torch.no_grad():
+        natural = model(x)
+    start = TRADES_START_STD * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    x_adv = domain.project_tensor(x + start.to(x.device), x, eps)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = kl_divergence(natural, model(x_adv))
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = domain.project_tensor(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """TRADES (Zhang et al. 2019, "Theoretically principled trade-off between robustness and accuracy").
+
+    ``CE(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x_adv)))``, both terms averaged over the
+    batch; the gradient flows through f(x) in both terms and through f(x_adv), as in the reference
+    ``trades.py``. ``x_adv`` comes from :func:`perturb_kl`.
+    """
+    natural = model(x)
+    return nn.functional.cross_entropy(natural, y) + beta * kl_divergence(natural, model(x_adv))
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,19 @@ of size B, reshuffled each epoch) and returns its new weights with its sample co
 uses as its weight. All randomness (shuffling, noise draws, AlphaDropout, adversarial random
 starts) comes from ``seed``, so an update is a pure function of (global weights, data, settings, seed).
 
-With ``adv_train`` (see :mod:`dipsen.federated.adversarial`) each mini-batch's loss is
-``(1 - adv_mix) * CE(clean) + adv_mix * CE(adversarial)``, the adversarial examples crafted from
-the clean batch against the current local weights; ``input_noise``, if any, is then added to both.
+Each mini-batch's loss is :meth:`LocalTraining.loss`:
+
+- plain: CE on the batch, with Gaussian noise of std ``input_noise`` if any (``smoothing_loss``
+  ``gaussian``), or the consistency loss over ``consistency_copies`` noisy copies (``consistency``,
+  see :mod:`dipsen.federated.smoothing`);
+- with ``adv_train`` (see :mod:`dipsen.federated.adversarial`) and ``adv_loss`` ``ce``:
+  ``(1 - adv_mix) * CE(clean) + adv_mix * CE(adversarial)``, the adversarial examples crafted from
+  the clean batch against the current local weights; ``input_noise``, if any, is then added to both;
+- with ``adv_loss`` ``trades``: TRADES on the clean batch and its KL-maximising examples (noise as above).
+
+``proximal_mu`` > 0 adds FedProx's proximal term (Li et al. 2020, :func:`proximal_term`) to any of
+them: (mu / 2) ||w - w_global||^2 over the trainable weights, which keeps a client's local steps near
+the round's global model when the clients' data differ.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .adversarial import attack_steps, default_step_size, perturb
+from .adversarial import attack_steps, default_step_size, perturb, perturb_kl, trades_loss
+from .smoothing import consistency_batch_loss
 
 if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated
     from ..attack.domain import FeasibleDomain
@@ -49,10 +60,25 @@ class LocalTraining:
     adv_mix: float = 0.5
     domain: FeasibleDomain | None = None
     train_dtype: str = "float32"  # float32 | bfloat16 (see autocast)
+    # the adversarial examples' loss: ce (the adv_mix blend of cross-entropies) | trades (CE + trades_beta * KL)
+    adv_loss: str = "ce"
+    trades_beta: float = 6.0
+    # FedProx's mu: (mu / 2) ||w - w_global||^2 added to every step's loss; 0: off
+    proximal_mu: float = 0.0
+    # randomized smoothing's training loss: gaussian (CE under input_noise) | consistency (Jeong & Shin 2020:
+    # consistency_copies noisy copies, weights consistency_lambda on the KL term, consistency_eta on the entropy)
+    smoothing_loss: str = "gaussian"
+    consistency_lambda: float = 20.0
+    consistency_copies: int = 2
+    consistency_eta: float = 0.5
 
     def __post_init__(self) -> None:
         if self.adv_train != "none" and self.domain is None:
             raise ValueError("adversarial training needs the data set's feasible domain")
+        if self.smoothing_loss == "consistency" and (self.input_noise <= 0 or self.adv_train != "none"):
+            raise ValueError("the consistency loss needs input_noise > 0 and no adversarial training")
+        if self.adv_loss == "trades" and self.adv_train == "none":
+            raise ValueError("the TRADES loss needs adversarial training (adv_train fgsm-rs or pgd)")
 
     def noisy(self, inputs: Tensor) -> Tensor:
         """``inputs`` with the training noise added (``input_noise``), if any."""
@@ -61,11 +87,35 @@ class LocalTraining:
         return inputs
 
     def adversarial_examples(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        """The ``adv_train`` examples of (x, y) against ``model`` as it is now (random starts from ``generator``)."""
+        """The ``adv_train`` examples of (x, y) against ``model`` as it is now (random starts from ``generator``).
+
+        With ``adv_loss`` trades they maximise the KL term (:func:`~dipsen.federated.adversarial.perturb_kl`)
+        with the same steps, step size and eps; else the cross-entropy (:func:`~dipsen.federated.adversarial.perturb`).
+        """
         assert self.domain is not None  # __post_init__
         steps = attack_steps(self.adv_train, self.adv_steps)
         step = self.adv_step_size if self.adv_step_size is not None else default_step_size(self.adv_train, self.adv_eps, steps)
+        if self.adv_loss == "trades":
+            return perturb_kl(model, x, self.adv_eps, steps, step, self.domain, generator)
         return perturb(model, x, y, self.adv_eps, steps, step, self.domain, generator)
+
+    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor, starts: torch.Generator) -> Tensor:
+        """One mini-batch's training loss (the module docstring lists them), without the proximal term.
+
+        ``starts`` draws the adversarial examples' random starts; every noise draw comes from torch's global generator.
+        """
+        if self.adv_train == "none":
+            if self.smoothing_loss == "consistency":
+                lam, eta = self.consistency_lambda, self.consistency_eta
+                return consistency_batch_loss(model, inputs, labels, self.input_noise, self.consistency_copies, lam, eta)
+            return nn.functional.cross_entropy(model(self.noisy(inputs)), labels)
+        adversarial = self.adversarial_examples(model, inputs, labels, starts)
+        if self.adv_loss == "trades":
+            return trades_loss(model, self.noisy(inputs), self.noisy(adversarial), labels, self.trades_beta)
+        loss = self.adv_mix * nn.functional.cross_entropy(model(self.noisy(adversarial)), labels)
+        if self.adv_mix < 1:
+            loss = loss + (1 - self.adv_mix) * nn.functional.cross_entropy(model(self.noisy(inputs)), labels)
+        return loss
 
     def autocast(self) -> torch.autocast:
         """The arithmetic of a step's forward passes: bfloat16 autocast when ``train_dtype`` is bfloat16, else float32."""
@@ -86,11 +136,21 @@ class LocalTraining:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
 
+def proximal_term(model: nn.Module, anchor: StateDict, mu: float) -> Tensor:
+    """FedProx's proximal term (Li et al. 2020, "Federated optimization in heterogeneous networks"): (mu / 2) ||w - w_0||^2.
+
+    Summed over ``model``'s trainable parameters (buffers and frozen weights have no gradient to
+    pull), ``anchor`` the round's global weights by state-dict name. Its gradient is mu (w - w_0).
+    """
+    squares = [((p - anchor[name].to(p)) ** 2).sum() for name, p in model.named_parameters() if p.requires_grad]
+    return (mu / 2) * torch.stack(squares).sum()
+
+
 @dataclass(frozen=True)
 class ClientUpdate:
     state: StateDict
     num_samples: int
-    mean_loss: float
+    mean_loss: float  # the mean of the steps' losses, the proximal term included
     steps: int
     seconds: float
 
@@ -115,7 +175,9 @@ def client_update(
     model.load_state_dict(global_state)
     model.train()
     optimizer = training.make_optimizer(model.parameters())
-    loss_fn = nn.CrossEntropyLoss()
+    # the proximal term's w_global, copied: a caller may pass the worker model's own state_dict(), whose
+    # tensors share memory with the weights being trained and would move with them
+    anchor = {k: v.detach().clone() for k, v in global_state.items()} if training.proximal_mu > 0 else {}
     total_loss, steps = 0.0, 0
     for _ in range(training.epochs):
         order = torch.randperm(len(x), generator=shuffle)
@@ -123,13 +185,9 @@ def client_update(
             optimizer.zero_grad(set_to_none=True)
             inputs, labels = x[batch], y[batch]
             with training.autocast():
-                if training.adv_train == "none":
-                    loss = loss_fn(model(training.noisy(inputs)), labels)
-                else:
-                    adversarial = training.adversarial_examples(model, inputs, labels, starts)
-                    loss = training.adv_mix * loss_fn(model(training.noisy(adversarial)), labels)
-                    if training.adv_mix < 1:
-                        loss = loss + (1 - training.adv_mix) * loss_fn(model(training.noisy(inputs)), labels)
+                loss = training.loss(model, inputs, labels, starts)
+            if training.proximal_mu > 0:  # in float32 outside autocast: it is a difference of weights, not a forward pass
+                loss = loss + proximal_term(model, anchor, training.proximal_mu)
             loss.backward()
             optimizer.step()
             total_loss += loss.item()

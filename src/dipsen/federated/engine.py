@@ -190,6 +190,13 @@ def local_training(config: TrainConfig, domain: FeasibleDomain | None = None) ->
         config.adv_mix,
         domain,
         config.train_dtype,
+        adv_loss=config.adv_loss,
+        trades_beta=config.trades_beta,
+        proximal_mu=config.proximal_mu,
+        smoothing_loss=config.smoothing_loss,
+        consistency_lambda=config.consistency_lambda,
+        consistency_copies=config.consistency_copies,
+        consistency_eta=config.consistency_eta,
     )
 
 
