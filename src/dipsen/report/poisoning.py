@@ -742,16 +742,21 @@ def accuracy_plot(records: list[dict], path: Path, title: str) -> Path:
 
 
 def success_plot(records: list[dict], path: Path, title: str) -> Path:
-    """Attack success rate against round: a panel per backdoor attack and f, a line per defence, the window shaded."""
+    """Attack success rate against round: a panel per backdoor attack and f (4 to a row), a line per defence, the window
+    shaded."""
     from matplotlib.ticker import MaxNLocator
 
     from .plots import plt  # matplotlib with the Agg backend
 
     runs = _backdoor_runs(records)
     panels = list(dict.fromkeys((r["attack"], r["fraction"]) for r in runs))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     colours = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["aggregator"] for r in records))}
-    for ax, (attack, fraction) in zip(axes[0], panels, strict=True):
+    for ax, (attack, fraction) in zip(axes.flat, panels, strict=False):
         window = next((r["backdoor_rounds"] for r in runs if r["attack"] == attack and r.get("backdoor_rounds")), None)
         if window is not None:
             first, last = (int(x) for x in window.split("-"))
@@ -763,7 +768,8 @@ def success_plot(records: list[dict], path: Path, title: str) -> Path:
         ax.set(title=_row_label(attack, fraction), xlabel="round", ylim=(-0.02, 1.02))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("attack success rate")
+    for row in axes:
+        row[0].set_ylabel("attack success rate")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
