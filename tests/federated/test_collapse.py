@@ -103,6 +103,9 @@ def test_a_collapse_stops_the_run_and_it_ends_with_the_best_robust_model(mnist, 
     again = train(FederatedTraining(run.config(), mnist), run, resume=True)
     assert run.last_round() == 3 and run.metrics() == before
     assert again["collapse"] == collapse and again["accuracy"] == metrics["accuracy"]
+    # the final model is best_robust.pt's: it needs no round checkpoint
+    run.checkpoint_path(2).unlink()
+    assert _same(TrainedRun(run.path, mnist).model().state_dict(), saved["model_state"])
 
 
 def test_without_a_collapse_the_run_ends_as_before(mnist, tmp_path, figures):
