@@ -248,6 +248,14 @@ def test_defences_compared_reads_every_figure_from_the_input(report):
 
 def test_the_defences_say_which_model_of_each_fat_run_the_study_attacked():
     from dipsen.report.defences import FAT_COLLAPSE_DROP, _introduction, defences_record
+    from dipsen.report.reproduce import study_configs
+
+    attacked, _ = study_configs(("mnist", "ctu13"), False, TINY)  # the guard is on for every FAT run, off for the others
+    assert {label: c.robust_collapse for label, c in attacked.items() if c.robust_collapse is not None} == {
+        "mnist/cnn-fat": FAT_COLLAPSE_DROP,
+        "mnist/cnn-fat-dirichlet": FAT_COLLAPSE_DROP,
+        "ctu13/cnn-fat": FAT_COLLAPSE_DROP,
+    }
 
     collapse = {"round": 50, "best_round": 40, "best": 0.81, "at": 0.07, "drop": 0.2, "model": "best_robust.pt"}
     results = {
