@@ -181,6 +181,10 @@ class TrainConfig:
     robust_monitor: str = "apgd-ce"
     robust_monitor_steps: int = 40
     robust_monitor_samples: int = 250
+    # the collapse guard (dipsen.federated.engine.detect_collapse): stop once a round's robust_accuracy is more
+    # than this (absolute) below the best so far, that best being at least COLLAPSE_MIN_BEST, and end with
+    # best_robust.pt's model; None: off. Needs the robust monitor (adv_train or target_robust_accuracy)
+    robust_collapse: float | None = None
     # simulated poisoning (see dipsen.federated.poisoning): round(f * K) of the K clients, drawn from the
     # seed, send malicious_attack's update instead of their honest one; 0: none (in-process engine only)
     malicious_fraction: float = 0.0
@@ -276,6 +280,12 @@ class TrainConfig:
                 f"validation_size {self.validation_size} needs target_accuracy, adv_train, target_robust_accuracy "
                 "or aggregator fltrust (it is what they are checked or trained on)",
                 "validation_size",
+            )
+        if self.robust_collapse is not None and not self.robust_evaluation:
+            raise ConfigError(
+                f"robust_collapse {self.robust_collapse} watches robust_accuracy: it needs adv_train fgsm-rs or pgd, "
+                "or target_robust_accuracy (the robust monitor)",
+                "robust_collapse",
             )
         if self.adv_step_size is not None and self.adv_train == "none":
             raise ConfigError(f"adv_step_size {self.adv_step_size} applies to adv_train fgsm-rs or pgd only", "adv_step_size")
@@ -566,6 +576,7 @@ SCHEMA: dict[str, Rule] = {
     "robust_monitor": Rule(str, choices=_registry(".federated.adversarial", "MONITOR_ATTACKS")),
     "robust_monitor_steps": _COUNT,
     "robust_monitor_samples": _COUNT,
+    "robust_collapse": Rule(float, optional=True, low=0, high=1, low_open=True, high_open=True),
     "malicious_fraction": Rule(float, low=0, high=1, high_open=True),
     "malicious_attack": Rule(str, optional=True, choices=_registry(".federated.poisoning", "ATTACKS")),
     "attack_knowledge": Rule(str, choices=_registry(".federated.poisoning", "KNOWLEDGE")),

@@ -246,6 +246,36 @@ def test_defences_compared_reads_every_figure_from_the_input(report):
     ) in section
 
 
+def test_the_defences_say_which_model_of_each_fat_run_the_study_attacked():
+    from dipsen.report.defences import FAT_COLLAPSE_DROP, _introduction, defences_record
+    from dipsen.report.reproduce import study_configs
+
+    attacked, _ = study_configs(("mnist", "ctu13"), False, TINY)  # the guard is on for every FAT run, off for the others
+    assert {label: c.robust_collapse for label, c in attacked.items() if c.robust_collapse is not None} == {
+        "mnist/cnn-fat": FAT_COLLAPSE_DROP,
+        "mnist/cnn-fat-dirichlet": FAT_COLLAPSE_DROP,
+        "ctu13/cnn-fat": FAT_COLLAPSE_DROP,
+    }
+
+    collapse = {"round": 50, "best_round": 40, "best": 0.81, "at": 0.07, "drop": 0.2, "model": "best_robust.pt"}
+    results = {
+        "defences": defences_record(0.3),
+        "studies": {"mnist/cnn-fat": {"final_round": 60, "collapse": None}, "mnist/cnn-fat-dirichlet": {"final_round": 40}},
+    }
+    results["studies"]["mnist/cnn-fat-dirichlet"]["collapse"] = collapse
+    text = _introduction(results, ["mnist"])
+    assert FAT_COLLAPSE_DROP == 0.2 and text.count("falls more than 0.2 below its best (a best of at least 0.3") == 2
+    assert "The study attacks, on MNIST, the final round's model (round 60)." in text
+    assert (
+        "The study attacks, on MNIST, the best-robust model of round 40 (robust accuracy 0.810 on the validation slice), "
+        "not the final one: the collapse guard stopped training at round 50, where it had fallen to 0.070."
+    ) in text
+    # a study saved before the guard, of a run set without it: the final model, and no guard named
+    old = {"defences": {"cnn-fat": {"model": "cnn", "datasets": {"mnist": {"adv_train": "pgd"}}}}}
+    text = _introduction({**old, "studies": {"mnist/cnn-fat": {"final_round": 60}}}, ["mnist"])
+    assert "collapse guard" not in text and "The study attacks, on MNIST, the final round's model (round 60)." in text
+
+
 def test_the_reading_names_no_defence_when_none_beats_the_cnn(report, tmp_path):
     _, studies = report
     cnn = studies["mnist/cnn"]

@@ -116,8 +116,9 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     assert results["seconds"]["training"] == pytest.approx(sum(results["training_seconds"].values()))
     recorded = results["defences"]["cnn-fat"]
     assert recorded["model"] == "cnn" and set(recorded["datasets"]) == {"mnist", "ctu13"}
-    assert recorded["datasets"]["ctu13"] == {"adv_train": "fgsm-rs", "adv_mix": 0.5, "adv_eps": TINY.eps}
+    assert recorded["datasets"]["ctu13"] == {"adv_train": "fgsm-rs", "adv_mix": 0.5, "robust_collapse": 0.2, "adv_eps": TINY.eps}
     assert recorded["datasets"]["mnist"] == {
+        "robust_collapse": 0.2,  # every FAT run's collapse guard
         "adv_train": "pgd",
         "adv_steps": 3,
         "adv_mix": 1.0,

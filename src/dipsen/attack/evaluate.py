@@ -158,7 +158,7 @@ class RobustnessEvaluation:
         """The model the attacker crafts on under ``threat``, and a description of it."""
         if threat not in self._sources:
             if threat in ("white-box", "query"):
-                self._sources[threat] = (self.target, f"final global model (round {self.trained.final_round})")
+                self._sources[threat] = (self.target, self.trained.final_model_description)
             elif threat == "orange-box":
                 round_ = stale_round(self.trained, self.stale_rounds)
                 self._sources[threat] = (self._deployed(self.trained.model(round_)), f"stale global model (round {round_})")

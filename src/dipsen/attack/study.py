@@ -177,6 +177,7 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
         "model": trained.config.model,
         "randomized": randomized,
         "final_round": trained.final_round,
+        "collapse": trained.collapse,  # None, or why final_round is the best-robust round and not the last one
         "samples": settings.samples,
         "chance": evaluation.chance,
         "task": task_summary(trained.dataset),

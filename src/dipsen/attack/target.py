@@ -38,7 +38,12 @@ class AttackData:
 
 
 class TrainedRun:
-    """A finished (or partly finished) run folder: its config, data and global models."""
+    """A finished (or partly finished) run folder: its config, data and global models.
+
+    Its final model is the one the run ends with: the last finished round's, or, where the collapse
+    guard stopped training (final_metrics.json's ``collapse``, see :mod:`dipsen.federated.engine`),
+    ``best_robust.pt``'s, of round ``final_round`` = the best-robust round; ``collapse`` says so.
+    """
 
     def __init__(self, path: Path, dataset: Dataset | None = None) -> None:
         self.run = RunDir.open(Path(path))
@@ -46,24 +51,49 @@ class TrainedRun:
         rounds = self.run.finished_rounds()
         if not rounds:
             raise DipsenError(f"{path}: no checkpoints; train the run first")
-        self.final_round = rounds[-1]
+        # only a finished run has stopped on a collapse: an unfinished one ends, so far, at its last round
+        final = self.run.read_json("final_metrics.json") if self.run.finished() else {}
+        self.collapse: dict | None = final.get("collapse")
+        self.final_round = rounds[-1] if self.collapse is None else self.collapse["best_round"]
         self.dataset = dataset if dataset is not None else self.config.load_dataset()
+
+    @property
+    def final_model_description(self) -> str:
+        """Which model the run ends with, in words: ``final global model (round N)``, or the best-robust one's."""
+        if self.collapse is None:
+            return f"final global model (round {self.final_round})"
+        return f"best-robust global model (round {self.final_round}; robust accuracy collapsed at round {self.collapse['round']})"
 
     @property
     def path(self) -> Path:
         return self.run.path
 
     def model(self, round_: int | None = None) -> FederatedNet:
-        """The global model after ``round_`` (default: the last finished round), in eval mode."""
+        """The global model after ``round_`` (default: the final model, see the class), in eval mode."""
         round_ = self.final_round if round_ is None else round_
-        if round_ not in self.run.finished_rounds():
-            raise DipsenError(f"{self.path}: no checkpoint for round {round_} (finished: 0..{self.final_round})")
+        if self.collapse is not None and round_ == self.final_round:
+            state = self._best_robust_state()
+        elif round_ not in self.run.finished_rounds():
+            raise DipsenError(f"{self.path}: no checkpoint for round {round_} (finished: 0..{self.run.last_round()})")
+        else:
+            state = self.run.load_checkpoint(round_)
         cfg = self.config
         noise = calibrate_noise(cfg.sigma, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_attack_bound)
         shape = tuple(self.dataset.x_test.shape[1:])
         model = build_model(cfg.model, shape, len(self.dataset.classes), noise, cfg.alpha_dropout)
-        model.load_state_dict(self.run.load_checkpoint(round_))
+        model.load_state_dict(state)
         return model.eval()
+
+    def _best_robust_state(self) -> dict:
+        """The weights of ``best_robust.pt``, the model a collapsed run ends with; DipsenError if it is not that round's."""
+        saved = self.run.best_robust()
+        if saved is None or saved["round"] != self.final_round:
+            held = "is missing" if saved is None else f"holds round {saved['round']}"
+            raise DipsenError(
+                f"{self.path}: training collapsed, and its final model is best_robust.pt of round {self.final_round}, "
+                f"but the file {held}"
+            )
+        return saved["model_state"]
 
     def training_cost(self) -> dict | None:
         """Time per local step and per round of the training, if the run finished."""

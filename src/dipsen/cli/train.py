@@ -400,6 +400,16 @@ def train(
         int | None,
         typer.Option(show_default=_default("robust_monitor_samples"), help="Validation rows the robust monitor attacks."),
     ] = None,
+    robust_collapse: Annotated[
+        float | None,
+        typer.Option(
+            metavar="DROP",
+            show_default=_default("robust_collapse"),
+            help="The collapse guard: stop once a round's robust accuracy on the validation slice is more than DROP "
+            "(absolute, e.g. 0.2) below the best so far, that best being at least 0.3, and end the run with "
+            "best_robust.pt's model (final_metrics.json: collapse). Needs --adv-train or --target-robust-accuracy.",
+        ),
+    ] = None,
     sigma: Annotated[
         float | None,
         typer.Option(show_default=_default("sigma"), help="Noise multiplier; default derived from (epsilon, delta, L)."),
@@ -637,7 +647,9 @@ def show(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None
 
 
 def _print_metrics(metrics: dict) -> None:
-    table = Table(title=f"final global model, round {metrics.get('rounds')} ({metrics['prediction_rule']})")
+    collapse = metrics.get("collapse")
+    which = f"round {metrics.get('rounds')}" if not collapse else f"best_robust.pt, round {collapse['best_round']}"
+    table = Table(title=f"final global model, {which} ({metrics['prediction_rule']})")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in metrics["per_class"]:
@@ -662,6 +674,12 @@ def _print_metrics(metrics: dict) -> None:
                 "[bold red]client-level DP guarantee: none[/] (seeded noise: anyone with config.json regenerates "
                 "the noise and the client sample)"
             )
+    if collapse:
+        console.print(
+            f"[bold red]robust accuracy collapsed[/] at round {collapse['round']}: {collapse['at']:.4f}, more than "
+            f"{collapse['drop']:g} below round {collapse['best_round']}'s {collapse['best']:.4f}; training stopped there "
+            f"(a resume trains no further) and the run ends with {collapse['model']} (round {collapse['best_round']})"
+        )
     check = metrics.get("robust_monitor_check")
     if check:
         (steps, doubled_steps), (accuracy, doubled) = check["steps"], check["accuracy"]

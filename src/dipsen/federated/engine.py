@@ -43,6 +43,19 @@ APGD-CE-40 by default) on the first ``robust_monitor_samples`` rows is recorded 
 (:meth:`FederatedTraining.check_monitor`); final_metrics.json's ``robust_monitor_check`` says
 whether the figure held, and whether a target stop can be trusted.
 
+The collapse guard (``robust_collapse`` DROP, see :func:`detect_collapse`): FAT under label skew can
+lose its robustness within a few rounds (catastrophic overfitting: PGD-3 training fell from 0.62 to
+0.00 robust accuracy in ten rounds under Dirichlet(0.5)). Once an evaluated round's ``robust_accuracy``
+is more than DROP below the best so far, and that best is at least :data:`COLLAPSE_MIN_BEST`, the run
+stops after that round c and ends with the model of ``best_robust.pt`` (round b): final_metrics.json
+describes that model and records ``collapse`` (c, b, both figures, DROP), and
+:class:`~dipsen.attack.target.TrainedRun` attacks and certifies it as the run's final model. The round
+checkpoints stay what they always are, the global model after each round (round c's is the collapsed
+one), and with the guard on :meth:`RunDir.save_checkpoint` keeps around round b what the
+``keep_checkpoints`` rule keeps around the newest round (the orange-box attack's stale model of b).
+The decision is a function of metrics.jsonl alone, so a resumed run finds the same collapse and trains
+no further, whatever its round limit.
+
 ``eval_every`` N > 1 thins all three evaluations to every N-th round and the run's last
 (:meth:`FederatedTraining.evaluates`): the other rounds record null, and the targets and
 ``best_robust.pt`` are decided on the evaluated rounds only. Each evaluation seeds its own draws,
@@ -95,7 +108,7 @@ from .client import ClientUpdate, LocalTraining, StateDict, client_update
 from .poisoning import adversary
 from .poisoning.backdoor import attack_success_rate, backdoor_trigger, triggered_test_rows
 from .privacy import ClientDP, client_dp
-from .run_dir import RunDir
+from .run_dir import BEST_ROBUST, RunDir
 from .schedule import round_lr
 from .tracking import Tracker, open_tracker
 from .workers import ClientFailure, ClientRunner, ClientTask, StopFlag, WorkerDied
@@ -113,6 +126,10 @@ _BACKDOOR = 10  # the noise draws of a randomized model's predictions on the tri
 
 # default validation slice: this share of the training rows, at most VALIDATION_CAP of them
 VALIDATION_SHARE, VALIDATION_CAP = 0.1, 5000
+COLLAPSE_MIN_BEST = 0.3
+"""The least best robust accuracy the collapse guard protects: a fall from below it is a model that never held
+robustness, or the noise of the first rounds (0.39 PGD-10 at round 10 of the collapsed label-skew run), not a
+collapse of robustness it had."""
 
 
 def derive_seed(*keys: int) -> int:
@@ -605,7 +622,16 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round, tracker:
             tracker.log_round(history[-1])  # the log dropped round `last` and later: see dipsen.federated.tracking
     if on_round:
         on_round(None, start_round)
-    done = _target_reached(config, history)
+    done = _target_reached(config, history) or _collapsed(config, history) is not None
+    if resume and (collapse := _collapsed(config, history)) is not None:
+        log.warning(
+            "%s stopped at round %d by the collapse guard (robust accuracy %.3f, best %.3f at round %d): nothing to train",
+            run.path,
+            collapse["round"],
+            collapse["at"],
+            collapse["best"],
+            collapse["best_round"],
+        )
     round_ = start_round
     while not done and round_ < config.rounds:
         job.stop.check()
@@ -629,7 +655,7 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round, tracker:
             run.save_best_robust(round_, result.robust_accuracy, state)  # after the checkpoint: see _restore_best_robust
         if on_round:
             on_round(result, start_round)
-        done = _target_reached(config, history)
+        done = _target_reached(config, history) or _collapsed(config, history) is not None
     job.stop.check()
     metrics = _finish(job, run, history)
     if tracker:
@@ -663,6 +689,39 @@ def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
     return clean or robust
 
 
+def detect_collapse(history: list[dict], drop: float, min_best: float = COLLAPSE_MIN_BEST) -> dict | None:
+    """The first round of ``history`` whose ``robust_accuracy`` fell more than ``drop`` below the best before it.
+
+    The rule, on the evaluated rounds in order (null figures, rounds ``eval_every`` skips, are passed
+    over): round c collapsed if best - a_c > ``drop``, where best is the highest figure of the rounds
+    before c (its round b the earliest of equals, as ``best_robust.pt``'s) and best >= ``min_best``.
+    Returns ``{"round": c, "best_round": b, "best": best, "at": a_c, "drop": drop}``, or None if no
+    round did.
+    """
+    best: dict | None = None
+    for record in history:
+        accuracy = record.get("robust_accuracy")
+        if accuracy is None:
+            continue
+        # in rows, a fall of exactly drop may read as a hair more in floats (0.8 - 0.6 > 0.2): it does not count
+        if best is not None and best["robust_accuracy"] >= min_best and best["robust_accuracy"] - accuracy > drop + 1e-9:
+            return {
+                "round": record["round"],
+                "best_round": best["round"],
+                "best": best["robust_accuracy"],
+                "at": accuracy,
+                "drop": drop,
+            }
+        if best is None or accuracy > best["robust_accuracy"]:
+            best = record
+    return None
+
+
+def _collapsed(config: TrainConfig, history: list[dict]) -> dict | None:
+    """The collapse the run's guard finds in ``history`` (:func:`detect_collapse`); None without the guard."""
+    return None if config.robust_collapse is None else detect_collapse(history, config.robust_collapse)
+
+
 def _best_robust_round(history: list[dict]) -> int | None:
     """The round of the highest ``robust_accuracy`` in ``history`` (the earliest of equals); None if none was measured."""
     measured = [r for r in history if r.get("robust_accuracy") is not None]
@@ -692,14 +751,47 @@ def _restore_best_robust(run: RunDir, history: list[dict], last: int, state: Sta
 
 
 def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:
+    """Evaluate the run's final model and write final_metrics.json.
+
+    The final model is the last round's, or after a collapse (:func:`detect_collapse`) the model of
+    ``best_robust.pt``: it is loaded into ``job.model``, and its evaluation and monitor check use its
+    round's seeds, as if the run had ended there. ``rounds`` stays the rounds trained (the cost and
+    client DP's epsilon count them all: the server released every one).
+    """
     final_round = history[-1]["round"] if history else 0
-    torch.manual_seed(derive_seed(job.config.seed, _EVAL, final_round))
+    collapse = _collapsed(job.config, history)
+    model_round, checked = final_round, history
+    if collapse is not None:
+        saved = run.best_robust()
+        if saved is None or saved["round"] != collapse["best_round"]:  # _restore_best_robust could not repair it
+            raise DipsenError(
+                f"{run.path}: training collapsed at round {collapse['round']}, but {BEST_ROBUST} does not hold round "
+                f"{collapse['best_round']}, the best robust accuracy, whose model the run ends with"
+            )
+        job.model.load_state_dict(saved["model_state"])
+        model_round = collapse["best_round"]
+        checked = [r for r in history if r["round"] <= model_round]
+        collapse["model"] = BEST_ROBUST
+        log.warning(
+            "%s: robust accuracy collapsed at round %d (%.3f, more than %g below round %d's %.3f): "
+            "training stopped, the run ends with %s (round %d)",
+            run.path,
+            collapse["round"],
+            collapse["at"],
+            collapse["drop"],
+            collapse["best_round"],
+            collapse["best"],
+            BEST_ROBUST,
+            model_round,
+        )
+    torch.manual_seed(derive_seed(job.config.seed, _EVAL, model_round))
     metrics = evaluate_model(job.model, job.x_test, job.y_test, job.dataset.classes, job.config.mc_samples)
     metrics["rounds"] = final_round
-    metrics["attack_success_rate"] = job.attack_success_rate(final_round)
+    metrics["collapse"] = collapse
+    metrics["attack_success_rate"] = job.attack_success_rate(model_round)
     metrics["cost"] = training_cost(history)
     metrics["client_dp"] = None if job.client_dp is None else job.client_dp.summary(final_round)
-    metrics["robust_monitor_check"] = check = job.check_monitor(history)
+    metrics["robust_monitor_check"] = check = job.check_monitor(checked)
     if check is not None and not check["converged"]:
         log.warning(
             "%s: the robust monitor fell from %.3f to %.3f at twice its steps: its figures overstate",

@@ -10,7 +10,9 @@ Layout::
     RUN/checkpoints/round_0000.pt ...   global model after a round (0 = initialisation); which are kept: below
     RUN/best_robust.pt       with adversarial training or --target-robust-accuracy: the global model of
                              the round with the highest robust_accuracy (round, robust_accuracy, model_state)
-    RUN/final_metrics.json   metrics of the final global model; its presence marks the run finished
+    RUN/final_metrics.json   metrics of the final global model; its presence marks the run finished. After a
+                             collapse (robust_collapse) the final model is best_robust.pt's, and its
+                             ``collapse`` says so (round, best_round, best, at, drop, model)
     RUN/.lock                held by the process training the run, or launching it on Flower (see RunDir.lock); names its PID
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment
@@ -28,6 +30,11 @@ from the newest round saved, t:
   six checkpoints (about 10 MB for the paper's models) however long the run.
 - ``every-N``: the rounds that are multiples of N (round 0 too), and t.
 - ``all``: every round.
+
+With the collapse guard on (``robust_collapse``), the rule also keeps what it would keep had the
+run ended at the best-robust round b (``best_robust.pt``'s): a collapsed run's final model is b's
+(see :mod:`dipsen.federated.engine`), and the orange-box attack needs b's stale round. So up to
+twice the rule's checkpoints.
 
 :meth:`RunDir.save_checkpoint` prunes, right after the new checkpoint is in place, so the rule
 holds for every engine (the Flower ServerApp saves through it too). It never deletes round t, and
@@ -273,8 +280,15 @@ class RunDir:
         and the folder is synced first, so the newest checkpoint's rename is on disk before any
         older file goes, even across a power cut.
         """
-        rule = self.config().keep_checkpoints
-        doomed = [r for r in self.finished_rounds() if not _kept(r, newest, rule)]
+        config = self.config()
+        rule = config.keep_checkpoints
+        # the collapse guard may make the best-robust round the final model's: its rounds stay as the newest's do
+        best = self._best_robust_round() if config.robust_collapse is not None else None
+        doomed = [
+            r
+            for r in self.finished_rounds()
+            if not _kept(r, newest, rule) and not (best is not None and r <= best and _kept(r, best, rule))
+        ]
         if doomed:
             _fsync_folder(self.checkpoints)
             for round_ in doomed:
@@ -285,6 +299,16 @@ class RunDir:
         buffer = io.BytesIO()
         torch.save({"round": round_, "robust_accuracy": robust_accuracy, "model_state": state}, buffer)
         self._write(self.path / BEST_ROBUST, buffer.getvalue(), f"round {round_} ({BEST_ROBUST})")
+
+    def _best_robust_round(self) -> int | None:
+        """The round ``best_robust.pt`` holds, read without loading its weights (memory-mapped); None without one."""
+        path = self.path / BEST_ROBUST
+        if not path.is_file():
+            return None
+        try:
+            return int(torch.load(path, weights_only=True, mmap=True)["round"])
+        except Exception as exc:  # torch raises several types for damaged files
+            raise DipsenError(f"{path}: unreadable: {exc}") from None
 
     def best_robust(self) -> dict | None:
         """``RUN/best_robust.pt`` as saved (round, robust_accuracy, model_state); None if there is none."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attack.study import NEAR_ZERO, doubling_converged
+from ..federated.engine import COLLAPSE_MIN_BEST
 from . import plots
 from .paper import DATASET_NAMES, DATASETS
 from .render import Block, Heading, Image, Paragraph, Table
@@ -62,6 +63,13 @@ MNIST_FAT_LABEL_SKEW = {**{k: v for k, v in MNIST_FAT.items() if k != "adv_steps
 """MNIST_FAT's schedule with FGSM-RS: under Dirichlet(0.5) label skew PGD-3 training collapsed (training loss 0.4 to
 0.03 in rounds 24-29, PGD-10 accuracy 0.62 at round 20, 0.00 at round 30), where FGSM-RS kept 0.605 worst case
 (README, Adversarial training)."""
+FAT_COLLAPSE_DROP = 0.2
+"""Every FAT run's collapse guard (``robust_collapse``): training stops once the monitor's robust accuracy on the
+validation slice falls more than 0.2 below its best (a best of at least COLLAPSE_MIN_BEST), and the study attacks the
+best-robust round's model. PGD-3 FAT under label skew fell from 0.81 to 0.63, 0.07 and 0.00 PGD-10 accuracy at its
+next three evaluations, five rounds apart (README, Adversarial training): the guard stops such a run at the second.
+A fall of 0.2 is 50 of the monitor's 250 rows, over 4 standard errors of the difference of two independent figures
+near 0.5, so sampling noise alone does not stop a run that holds."""
 DEFENCES = {
     # Federated adversarial training: the paper's CNN, every client training on adversarial examples
     # (dipsen.federated.adversarial) at the eps the study attacks with. Not on SOCOFing: the CNN's
@@ -71,7 +79,7 @@ DEFENCES = {
         "FAT",
         "cnn",
         ("mnist", "ctu13"),
-        {"adv_train": "fgsm-rs", "adv_mix": 0.5},
+        {"adv_train": "fgsm-rs", "adv_mix": 0.5, "robust_collapse": FAT_COLLAPSE_DROP},
         at_study_eps=True,
         per_dataset={"mnist": MNIST_FAT},
     ),
@@ -82,7 +90,7 @@ DEFENCES = {
         "FAT under label skew",
         "cnn",
         ("mnist",),
-        {"partition": "dirichlet", "dirichlet_alpha": 0.5, **MNIST_FAT_LABEL_SKEW},
+        {"partition": "dirichlet", "dirichlet_alpha": 0.5, **MNIST_FAT_LABEL_SKEW, "robust_collapse": FAT_COLLAPSE_DROP},
         at_study_eps=True,
         variant_of=FAT,
     ),
@@ -282,11 +290,26 @@ def _introduction(results: dict, datasets: list[str]) -> str:
             for dataset, how in trained.items()
             if dataset in datasets and {"adv_train", "adv_mix", "adv_eps"} <= how.keys()
         ]
+        guards = sorted(
+            {how["robust_collapse"] for d, how in trained.items() if d in datasets and how.get("robust_collapse") is not None}
+        )
+        guard = (
+            f"; training stops if that accuracy falls more than {' / '.join(f'{d:g}' for d in guards)} below its best "
+            f"(a best of at least {COLLAPSE_MIN_BEST:g}: the collapse guard, `--robust-collapse`), and the run then "
+            "ends with its best-robust round's model (`best_robust.pt`)"
+            if guards
+            else ""
+        )
+        attacked = [
+            f"on {DATASET_NAMES[dataset]}, {_attacked_model(study)}"
+            for dataset in datasets
+            if (study := studies.get(f"{dataset}/{key}")) is not None
+        ]
         text.append(
             f"{defence.name} ({key}): the CNN trained with federated adversarial training "
             f"({'; '.join(hows) or 'every client partly on adversarial examples'}; `dipsen train --adv-train`); its run "
-            "holds out a validation slice of the training rows to watch its PGD accuracy after every round, and the "
-            "study attacks the final round's model, as for the others."
+            f"holds out a validation slice of the training rows to watch its robust accuracy after every evaluated round"
+            f"{guard}. The study attacks{', ' + '; '.join(attacked) if attacked else ' its final model'}."
         )
         left_out = [] if defence.variant_of else [d for d in datasets if d in DATASETS and d not in defence.datasets]
         for dataset in left_out:
@@ -304,6 +327,18 @@ def _introduction(results: dict, datasets: list[str]) -> str:
             "the L-inf study: they have certified figures only."
         )
     return " ".join(text)
+
+
+def _attacked_model(study: dict) -> str:
+    """Which of a run's models its study attacked, in words: the final round's, or the best-robust one after a collapse."""
+    collapse = study.get("collapse")  # absent from studies saved before the collapse guard: they attacked the final model
+    if not collapse:
+        return f"the final round's model (round {study['final_round']})"
+    return (
+        f"the best-robust model of round {collapse['best_round']} (robust accuracy {collapse['best']:.3f} on the "
+        f"validation slice), not the final one: the collapse guard stopped training at round {collapse['round']}, "
+        f"where it had fallen to {collapse['at']:.3f}"
+    )
 
 
 def _reading(dataset: str, rows: list[_Row], seconds: dict, eps: float, n: int) -> str:

@@ -7,11 +7,15 @@
    the data sets each names (``DATASET/KEY``): federated adversarial training of the CNN at the study's
    eps (``cnn-fat``), on MNIST with PGD-3 (:data:`dipsen.report.defences.MNIST_FAT`) and on CTU-13 with
    FGSM-RS, and on MNIST under Dirichlet(0.5) label skew with FGSM-RS on MNIST_FAT's schedule
-   (``cnn-fat-dirichlet``, :data:`dipsen.report.defences.MNIST_FAT_LABEL_SKEW`). Each run keeps the
-   checkpoints the study reads: the final one and the orange-box attack's stale one
-   (``keep_checkpoints = last-(stale_rounds + 1)``).
-2. Run :func:`dipsen.attack.study.study_run` on every final global model; each result is saved as
-   ``OUT/runs/KEY-MODEL/study.json`` as soon as it is done.
+   (``cnn-fat-dirichlet``, :data:`dipsen.report.defences.MNIST_FAT_LABEL_SKEW`). Every FAT run has the
+   collapse guard on (``robust_collapse`` = :data:`dipsen.report.defences.FAT_COLLAPSE_DROP`; off for
+   ``dipsen train``): a run whose robust accuracy collapses stops and ends with its best-robust model.
+   Each run keeps the checkpoints the study reads: the final one and the orange-box attack's stale one
+   (``keep_checkpoints = last-(stale_rounds + 1)``; with the guard, those of the best-robust round too).
+2. Run :func:`dipsen.attack.study.study_run` on every final global model (the model the run ends with:
+   ``best_robust.pt``'s after a collapse, see :class:`~dipsen.attack.target.TrainedRun`; the study
+   records it as ``final_round`` and ``collapse``, and the report says which was attacked); each result
+   is saved as ``OUT/runs/KEY-MODEL/study.json`` as soon as it is done.
 3. Certify (:mod:`dipsen.certify`): train a CNN with Gaussian input noise for each sigma of
    :data:`SMOOTHING_SIGMAS` (``OUT/runs/KEY-cnn-smooth-SIGMA``) and certify it by randomized
    smoothing, with the L2 attack's accuracy beside it; certify each DiPSeN run by PixelDP. Each
