@@ -62,7 +62,9 @@ def _fake_study(monkeypatch) -> dict:
     labels = np.array([0, 1])
     dataset = SimpleNamespace(classes=("a", "b"), info={}, y_train=labels, y_test=labels)
     config = SimpleNamespace(dataset="mnist", model="cnn")
-    trained = SimpleNamespace(path="run", config=config, final_round=1, dataset=dataset, training_cost=lambda: None)
+    trained = SimpleNamespace(
+        path="run", config=config, final_round=1, collapse=None, dataset=dataset, training_cost=lambda: None
+    )
     return study_run(trained, SETTINGS)
 
 
