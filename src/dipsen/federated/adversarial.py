@@ -28,6 +28,7 @@ runs it again at twice the steps on the final model: a fall of more than
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,11 +79,23 @@ def perturb(
     whatever mode the model is in; its noise layers draw from torch's global generator.
     """
     start = (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype) - 1) * eps
+    return _sign_ascent(lambda x_adv: nn.functional.cross_entropy(model(x_adv), y), x, start, eps, steps, step_size, domain)
+
+
+def _sign_ascent(
+    objective: Callable[[Tensor], Tensor],
+    x: Tensor,
+    start: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    domain: FeasibleDomain,
+) -> Tensor:
+    """``steps`` L-inf sign-gradient ascent steps on ``objective`` from ``x + start``, each iterate projected by ``domain``."""
     x_adv = domain.project_tensor(x + start.to(x.device), x, eps)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        loss = nn.functional.cross_entropy(model(x_adv), y)
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
         x_adv = domain.project_tensor(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 
@@ -122,13 +135,7 @@ def perturb_kl(
     with torch.no_grad():
         natural = model(x)
     start = TRADES_START_STD * torch.randn(x.shape, generator=generator, dtype=x.dtype)
-    x_adv = domain.project_tensor(x + start.to(x.device), x, eps)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = kl_divergence(natural, model(x_adv))
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = domain.project_tensor(x_adv.detach() + step_size * grad.sign(), x, eps)
-    return x_adv.detach()
+    return _sign_ascent(lambda x_adv: kl_divergence(natural, model(x_adv)), x, start, eps, steps, step_size, domain)
 
 
 def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> Tensor:

@@ -733,12 +733,7 @@ def accuracy_plot(records: list[dict], path: Path, title: str) -> Path:
     axes[0][0].legend(
         fontsize=7, title="dashed: no attack" if len(attacks) > 1 or attacks[0] is not None else None, title_fontsize=7
     )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def success_plot(records: list[dict], path: Path, title: str) -> Path:
@@ -771,6 +766,13 @@ def success_plot(records: list[dict], path: Path, title: str) -> Path:
     for row in axes:
         row[0].set_ylabel("attack success rate")
     axes[0][0].legend(fontsize=7)
+    return _save(fig, path, title)
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    """``fig`` titled, laid out and written to ``path`` (its folder made), then closed."""
+    from .plots import plt
+
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
