@@ -334,3 +334,22 @@ def test_a_backdoor_study_reports_accuracy_and_success_rate_per_run_and_persiste
     assert "| dba:rounds=1-2, f = 0.1 | 0.300 (0.900 at round 2) |" in every and "| backdoor-data, f = 0.1 | 0.200 |" in every
     assert every.count("| alie, f = 0.1 |") == 1  # no success rate for an untargeted attack
     assert success_plot(records, tmp_path / "success.png", "t").stat().st_size > 1000
+
+
+def test_on_two_classes_the_backdoor_table_gives_the_victim_class_recall_with_and_without_the_trigger():
+    from dipsen.report.poisoning import backdoor_table, backdoor_worst_cases
+
+    recall = {"normal": 0.97, "botnet": 0.99}
+    records = [
+        {**_record(None, 0.0, "flame", 0.98), "recall": recall, "backdoor_target": 0},
+        {**_record("dba", 0.1, "flame", 0.97), "attack_success_rate": 0.08, "recall": recall, "backdoor_target": 0},
+        {**_record("backdoor-data", 0.1, "flame", 0.97), "attack_success_rate": 0.02, "recall": recall, "backdoor_target": 0},
+    ]
+    (worst,) = backdoor_worst_cases(records)
+    assert worst["victim"] == "botnet" and worst["clean_recall"] == 0.99
+    assert worst["triggered_recall"] == pytest.approx(0.92)  # 1 - the worst ASR, dba's
+    table = backdoor_table([worst])
+    assert table.headers[-2:] == ["botnet recall, triggered (1 - ASR)", "botnet recall, clean (same run)"]
+    assert table.rows[0][-2:] == ["0.920", "0.990"]
+    ten_classes = {**records[1], "recall": {str(c): 0.9 for c in range(10)}}
+    assert "victim" not in backdoor_worst_cases([records[0], ten_classes])[0]

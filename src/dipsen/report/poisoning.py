@@ -328,6 +328,8 @@ def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, 
         "attack_success_rate": final.get("attack_success_rate"),
         "success_rates": [r.get("attack_success_rate") for r in history],
         "backdoor_rounds": run.config.backdoor_rounds,
+        "backdoor_target": run.config.backdoor_target,
+        "recall": {c["class"]: c["recall"] for c in final.get("per_class", [])},  # clean, per class
         "rejected_updates": sum(len(r["rejected"]) for r in history),
         "seconds": training_seconds(folder),
         "run": str(folder),
@@ -406,9 +408,22 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
                     "accuracy": worst["final_accuracy"],
                     "attack_free": free.get(defence),
                     "window_end": window_end(worst),
+                    **triggered_recall(worst),
                 }
             )
     return summary
+
+
+def triggered_recall(record: dict) -> dict:
+    """On a two-class task, the recall of the class that is not the target on triggered inputs, 1 - ASR (ASR counts
+    exactly those inputs assigned the target), beside its recall on clean inputs: CTU-13's "triggered botnet recall".
+    ``{"victim", "triggered_recall", "clean_recall"}``; empty for other tasks or runs saved before per-class recall."""
+    recall = record.get("recall") or {}
+    target = record.get("backdoor_target")
+    if len(recall) != 2 or target is None:
+        return {}
+    victim = list(recall)[1 - target]
+    return {"victim": victim, "triggered_recall": 1 - record["attack_success_rate"], "clean_recall": recall[victim]}
 
 
 def _backdoor_runs(records: list[dict]) -> list[dict]:
@@ -438,6 +453,7 @@ def window_end(record: dict) -> dict | None:
 def backdoor_table(summary: list[dict]) -> Table:
     """The worst success rate per defence and f, with the main task beside it; persistence where a window ended early."""
     persistence = any(b.get("window_end") for b in summary)
+    victims = {b["victim"] for b in summary if "victim" in b}
     rows = []
     for b in summary:
         row = [
@@ -450,6 +466,8 @@ def backdoor_table(summary: list[dict]) -> Table:
         if persistence:
             end = b.get("window_end")
             row.append("–" if end is None else f"{end['attack_success_rate']:.3f} (round {end['round']})")
+        if victims:
+            row += ["–", "–"] if "victim" not in b else [f"{b['triggered_recall']:.3f}", f"{b['clean_recall']:.3f}"]
         rows.append(row)
     headers = ["defence", "f", "worst attack success rate", "main-task accuracy, same run", "no attack"]
     caption = (
@@ -459,6 +477,10 @@ def backdoor_table(summary: list[dict]) -> Table:
     if persistence:
         headers.append("success rate at the window's end")
         caption += "; where that attack stopped before the last round, its rate at its window's last round beside the final one"
+    if victims:
+        victim = "/".join(sorted(victims))
+        headers += [f"{victim} recall, triggered (1 - ASR)", f"{victim} recall, clean (same run)"]
+        caption += f"; two classes: the {victim} inputs' recall with the trigger is 1 - ASR, beside their recall without it"
     return Table(headers, rows, caption=caption)
 
 
