@@ -287,6 +287,7 @@ def test_backdoors_are_judged_by_their_highest_success_rate_beside_the_main_task
         "accuracy": 0.93,
         "attack_free": 0.95,
         "window_end": None,
+        "window_mean": None,
     }
     assert by["fedavg"]["attack_success_rate"] == 0.99 and by["fedavg"]["attack_free"] is None
     assert not {"backdoor-data", "backdoor-replacement", "dba"} & set(DEFAULT_ATTACKS)  # the untargeted suite by default
@@ -328,10 +329,10 @@ def test_a_backdoor_study_reports_accuracy_and_success_rate_per_run_and_persiste
     assert worst["attack"] == "dba:rounds=1-2" and worst["window_end"] == {"round": 2, "attack_success_rate": 0.9}
     table = to_markdown(report_blocks(results))
     backdoors, every = table.split("## Every run")
-    assert "| fedavg | 0.1 | 0.300 (dba:rounds=1-2) | 0.940 | 0.950 | 0.900 (round 2) |" in backdoors
+    assert "| fedavg | 0.1 | 0.300 (dba:rounds=1-2) | 0.200 (backdoor-data) | 0.940 | 0.950 | 0.900 (round 2) |" in backdoors
     # every run's accuracy (the bug this guards against: the backdoor table printed a second time), then its success rate
     assert "| alie, f = 0.1 | 0.910 |" in every and "| dba:rounds=1-2, f = 0.1 | 0.940 |" in every
-    assert "| dba:rounds=1-2, f = 0.1 | 0.300 (0.900 at round 2) |" in every and "| backdoor-data, f = 0.1 | 0.200 |" in every
+    assert "| dba:rounds=1-2, f = 0.1 | 0.300 (0.900 at round 2) |" in every and "| backdoor-data, f = 0.1 | 0.200; mean 0.200 |" in every
     assert every.count("| alie, f = 0.1 |") == 1  # no success rate for an untargeted attack
     assert success_plot(records, tmp_path / "success.png", "t").stat().st_size > 1000
 
@@ -346,10 +347,35 @@ def test_on_two_classes_the_backdoor_table_gives_the_victim_class_recall_with_an
         {**_record("backdoor-data", 0.1, "flame", 0.97), "attack_success_rate": 0.02, "recall": recall, "backdoor_target": 0},
     ]
     (worst,) = backdoor_worst_cases(records)
-    assert worst["victim"] == "botnet" and worst["clean_recall"] == 0.99
+    assert worst["victim"] == "botnet" and worst["clean_recall"] == 0.99 and worst["window_mean"] is None
     assert worst["triggered_recall"] == pytest.approx(0.92)  # 1 - the worst ASR, dba's
     table = backdoor_table([worst])
     assert table.headers[-2:] == ["botnet recall, triggered (1 - ASR)", "botnet recall, clean (same run)"]
     assert table.rows[0][-2:] == ["0.920", "0.990"]
     ten_classes = {**records[1], "recall": {str(c): 0.9 for c in range(10)}}
     assert "victim" not in backdoor_worst_cases([records[0], ten_classes])[0]
+
+
+def test_the_window_mean_success_rate_leaves_out_the_first_tenth_of_the_run_and_the_rounds_outside_the_window():
+    from dipsen.report.poisoning import window_mean
+
+    rates = [1.0, 1.0, 0.2, 0.4, 0.6, 0.8, None, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    # 22 rounds: the first 2 left out (a tenth is 2); every round is in the window; an unevaluated round is skipped
+    assert window_mean({"success_rates": rates, "backdoor_rounds": None}) == pytest.approx(3.0 / 19)
+    assert window_mean({"success_rates": rates, "backdoor_rounds": "4-8"}) == pytest.approx((0.4 + 0.6 + 0.8 + 1.0) / 4)
+    assert window_mean({"success_rates": rates, "backdoor_rounds": "1-2"}) is None  # the window lies in the left-out rounds
+
+
+def test_the_triggered_recall_counts_a_backdoor_that_held_through_the_window_but_faded_in_the_last_round():
+    from dipsen.report.poisoning import backdoor_worst_cases
+
+    faded = {
+        **_record("backdoor-replacement", 0.1, "fedavg", 0.98),
+        "attack_success_rate": 0.1,
+        "success_rates": [1.0, 1.0, 0.9, 0.9, 0.9, 0.1],
+        "recall": {"normal": 0.97, "botnet": 1.0},
+        "backdoor_target": 0,
+    }
+    (worst,) = backdoor_worst_cases([faded])
+    assert worst["window_mean"] == {"attack_success_rate": pytest.approx(0.7), "attack": "backdoor-replacement"}
+    assert worst["triggered_recall"] == pytest.approx(0.3)  # 1 - the mean over rounds 3-6, not 1 - the final 0.1

@@ -399,6 +399,7 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
     for fraction, defence, runs in _attacked_cells(records):
         if backdoors := _backdoor_runs(runs):
             worst = max(backdoors, key=lambda r: r["attack_success_rate"])
+            averaged = [(rate, r["attack"]) for r in backdoors if (rate := window_mean(r)) is not None]
             summary.append(
                 {
                     "aggregator": defence,
@@ -408,22 +409,26 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
                     "accuracy": worst["final_accuracy"],
                     "attack_free": free.get(defence),
                     "window_end": window_end(worst),
-                    **triggered_recall(worst),
+                    "window_mean": None if not averaged else dict(zip(("attack_success_rate", "attack"), max(averaged))),
+                    **triggered_recall(worst, max(averaged, default=(0.0,))[0]),
                 }
             )
     return summary
 
 
-def triggered_recall(record: dict) -> dict:
+def triggered_recall(record: dict, worst_mean: float = 0.0) -> dict:
     """On a two-class task, the recall of the class that is not the target on triggered inputs, 1 - ASR (ASR counts
     exactly those inputs assigned the target), beside its recall on clean inputs: CTU-13's "triggered botnet recall".
+    The lower of the final and the window-mean figure (``worst_mean``, the highest mean ASR of the cell), so a
+    backdoor that held through the window but faded in the last round still counts.
     ``{"victim", "triggered_recall", "clean_recall"}``; empty for other tasks or runs saved before per-class recall."""
     recall = record.get("recall") or {}
     target = record.get("backdoor_target")
     if len(recall) != 2 or target is None:
         return {}
     victim = list(recall)[1 - target]
-    return {"victim": victim, "triggered_recall": 1 - record["attack_success_rate"], "clean_recall": recall[victim]}
+    rate = max(record["attack_success_rate"], worst_mean)
+    return {"victim": victim, "triggered_recall": 1 - rate, "clean_recall": recall[victim]}
 
 
 def _backdoor_runs(records: list[dict]) -> list[dict]:
@@ -434,7 +439,22 @@ def _backdoor_runs(records: list[dict]) -> list[dict]:
 def _success_cell(record: dict) -> str:
     end = window_end(record)
     persisted = "" if end is None else f" ({end['attack_success_rate']:.3f} at round {end['round']})"
-    return f"{record['attack_success_rate']:.3f}{persisted}"
+    mean = window_mean(record)
+    averaged = "" if mean is None else f"; mean {mean:.3f}"
+    return f"{record['attack_success_rate']:.3f}{persisted}{averaged}"
+
+
+def window_mean(record: dict) -> float | None:
+    """A backdoor run's mean success rate over the rounds of its attack window (every round without one), less the
+    first tenth of the run (at least 2 rounds: a barely trained model answers one class, which counts as success on
+    every input): the final rate is one round's figure, and a backdoor that a round without attackers erased after
+    holding for most of the run shows here. None where no such round recorded a rate."""
+    rates = record.get("success_rates") or []
+    window = record.get("backdoor_rounds")
+    first, last = (1, len(rates)) if window is None else map(int, window.split("-"))
+    first = max(first, max(2, len(rates) // 10) + 1)
+    kept = [rate for rate in rates[first - 1 : last] if rate is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def window_end(record: dict) -> dict | None:
@@ -460,6 +480,7 @@ def backdoor_table(summary: list[dict]) -> Table:
             b["aggregator"],
             f"{b['fraction']:g}",
             f"{b['attack_success_rate']:.3f} ({b['attack']})",
+            "–" if b.get("window_mean") is None else f"{b['window_mean']['attack_success_rate']:.3f} ({b['window_mean']['attack']})",
             f"{b['accuracy']:.3f}",
             "–" if b["attack_free"] is None else f"{b['attack_free']:.3f}",
         ]
@@ -469,10 +490,12 @@ def backdoor_table(summary: list[dict]) -> Table:
         if victims:
             row += ["–", "–"] if "victim" not in b else [f"{b['triggered_recall']:.3f}", f"{b['clean_recall']:.3f}"]
         rows.append(row)
-    headers = ["defence", "f", "worst attack success rate", "main-task accuracy, same run", "no attack"]
+    headers = ["defence", "f", "worst attack success rate", "worst mean over the window", "main-task accuracy, same run", "no attack"]
     caption = (
         "final models; attack success rate = share of triggered test inputs not of the target class that the model "
-        "assigns to the target, the highest over the study's backdoor attacks"
+        "assigns to the target, the highest over the study's backdoor attacks; beside it the highest mean rate over "
+        "an attack's window (the first tenth of the run, at least 2 rounds, left out); main-task accuracy of the "
+        "final rate's run"
     )
     if persistence:
         headers.append("success rate at the window's end")
@@ -480,7 +503,10 @@ def backdoor_table(summary: list[dict]) -> Table:
     if victims:
         victim = "/".join(sorted(victims))
         headers += [f"{victim} recall, triggered (1 - ASR)", f"{victim} recall, clean (same run)"]
-        caption += f"; two classes: the {victim} inputs' recall with the trigger is 1 - ASR, beside their recall without it"
+        caption += (
+            f"; two classes: the {victim} inputs' recall with the trigger is 1 - ASR (the higher of the two rates), "
+            "beside their recall without it"
+        )
     return Table(headers, rows, caption=caption)
 
 
