@@ -701,7 +701,8 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         headers, rows = table_rows(backdoor_runs, _success_cell)
         caption = (
             "final attack success rate of every backdoor run (main-task accuracy: the table above); in brackets, for an "
-            "attack window that ended before the last round, the rate at its end"
+            "attack window that ended before the last round, the rate at its end; after it, the mean rate over the "
+            "window (the first tenth of the run, at least 2 rounds, left out)"
         )
         blocks += [Table(headers, rows, caption=caption), Paragraph(f"![attack success rate against round]({SUCCESS_PLOT_FILE})")]
     if options["target_accuracy"] is not None:
