@@ -116,10 +116,12 @@ def compare(args: argparse.Namespace, runs: list[Path], settings: StudySettings)
             )
         if args.study:
             start = time.perf_counter()
-            worst = study_run(trained, settings)["worst_case"]
+            worst = study_run(trained, settings)["worst_case"]["single"]
+            # the study's default cascade has no worst case of the adaptive attacks alone: they skip what the paper's broke
+            suite = "adaptive" if "adaptive" in worst else "paper+adaptive"
             print(
-                f"  study worst case over every attack, {settings.samples} test images: {worst['single']['all']:.3f} "
-                f"(adaptive suite {worst['single']['adaptive']:.3f}), {time.perf_counter() - start:.0f} s"
+                f"  study worst case over every attack, {settings.samples} test images: {worst['all']:.3f} "
+                f"({suite} {worst[suite]:.3f}), {time.perf_counter() - start:.0f} s"
             )
 
 

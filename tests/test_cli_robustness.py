@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -62,3 +63,43 @@ def test_a_user_error_from_the_command_line_is_one_line_exit_2():
     result = dipsen("attack", "/nonexistent/run")
     assert result.returncode == 2 and "/nonexistent/run" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, every_attack_on_all", [((), False), (("--every-attack-on-all",), True)])
+def test_reproduce_attacks_as_a_cascade_unless_told_every_attack_on_all(
+    dipsen_cli, monkeypatch, tmp_path, flag, every_attack_on_all
+):
+    import dipsen.report
+    from dipsen.attack.study import StudySettings
+
+    called: list[dict] = []
+    monkeypatch.setattr(dipsen.report, "reproduce", lambda out, **options: called.append(options) or out / "report.md")
+    code, _, err = dipsen_cli("reproduce", "--quick", "--out", str(tmp_path / "out"), *flag)
+    assert code == 0, err
+    assert called[0]["settings"] == replace(StudySettings.quick(), every_attack_on_all=every_attack_on_all)
+
+
+def test_a_resumed_study_keeps_its_cascade_setting_and_one_from_before_the_cascade_ran_every_attack_on_all(
+    dipsen_cli, monkeypatch, tmp_path
+):
+    import dipsen.report
+    from dipsen.attack.study import StudySettings
+    from dipsen.errors import DipsenError
+    from dipsen.report.reproduce import open_output
+
+    called: list[dict] = []
+    monkeypatch.setattr(dipsen.report, "reproduce", lambda out, **options: called.append(options) or out / "report.md")
+    before = StudySettings.quick().to_dict()
+    del before["every_attack_on_all"]  # as recorded by the version before the cascade
+    for folder, settings in (("old", before), ("new", StudySettings.quick().to_dict())):
+        open_output(tmp_path / folder, {"quick": True, "datasets": ["mnist"], "settings": settings}, resume=False)
+        code, _, err = dipsen_cli("reproduce", "--resume", str(tmp_path / folder))
+        assert code == 0, err
+    assert [options["settings"].every_attack_on_all for options in called] == [True, False]
+    # and the study resumed checks them against the folder's: the old one's as every attack on all examples
+    as_before = {"quick": True, "datasets": ["mnist"], "settings": called[0]["settings"].to_dict()}
+    open_output(tmp_path / "old", as_before, resume=True)
+    with pytest.raises(DipsenError, match="was started with other settings"):
+        open_output(tmp_path / "old", {**as_before, "settings": StudySettings.quick().to_dict()}, resume=True)
+    code, _, err = dipsen_cli("reproduce", "--resume", str(tmp_path / "new"), "--every-attack-on-all")
+    assert code == 2 and "drop --every-attack-on-all" in err

@@ -126,6 +126,22 @@ def test_tables_show_the_paper_next_to_our_measurements(report):
         assert threat in text
 
 
+def test_a_cascaded_attacks_figure_is_marked_as_the_cascades_never_as_a_standalone_one(report):
+    from dipsen.report.build import CASCADE_NOTE, _coverage
+
+    path, studies = report
+    text = path.read_text()
+    assert CASCADE_NOTE in text and "ran as a cascade" in text and "as a cascade: the paper's attacks on all 12" in text
+    for study in studies.values():
+        for result in (*study["adaptive"].values(), *study["threats"].values()):
+            attacked = result["attacked"].count("1")
+            figures = f"{result['metrics']['single']['accuracy']:.3f} / {result['metrics']['mc']['accuracy']:.3f}"
+            assert f"{figures} (cascade: {attacked} of {result['samples']} attacked)" in text
+        assert "cascade" not in study["paper"]["pgd"] and _coverage(study["paper"]["pgd"], 12) == ""
+    # a study with every attack on every example: its figures as they are, a shorter run's with its n
+    assert _coverage({"samples": 12}, 12) == "" and _coverage({"samples": 2}, 12) == " (n=2)"
+
+
 def test_every_number_is_also_json(report):
     path, studies = report
     results = json.loads((path.parent / "results.json").read_text())

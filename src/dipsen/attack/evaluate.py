@@ -12,6 +12,10 @@ For a deterministic model both rules give the same labels. Every result keeps, p
 whether the prediction stayed correct (saved in its dict as a bit string), so
 :func:`worst_case_accuracy` can report the fraction of examples classified correctly without attack
 and after every attack (Carlini et al. 2019: mean over x of the min over clean and every attack).
+
+:meth:`RobustnessEvaluation.run` with ``only`` attacks a subset of the examples (the study's attack
+cascade, :mod:`.study`): the result still covers every example, the ones left out counted as broken
+and marked in its ``attacked`` mask.
 """
 
 from __future__ import annotations
@@ -85,7 +89,13 @@ class AttackResult:
     correct: dict[str, np.ndarray] = field(repr=False)
     """Per rule, whether each evaluated example is still classified correctly."""
     x_adv: np.ndarray = field(repr=False)
-    """The inputs that were evaluated (the adversarial examples; the clean inputs for ``setup=None``)."""
+    """The inputs that were evaluated (the adversarial examples; the clean inputs for ``setup=None`` and
+    for examples left out of a cascaded run)."""
+    attacked: np.ndarray | None = field(default=None, repr=False)
+    """None when the attack ran on every example it covers; otherwise a cascaded run's mask of the
+    examples it attacked. The others were not attacked, their ``correct`` is False under every rule,
+    and ``metrics[rule]["accuracy"]`` counts them as broken (what this attack left of what came before
+    it, not a standalone figure); ``metrics[rule]["on_attacked"]`` holds the metrics of the attacked ones."""
 
     @property
     def samples(self) -> int:
@@ -97,6 +107,7 @@ class AttackResult:
     def to_dict(self) -> dict:
         setup = {**asdict(self.setup), "label": self.setup.label} if self.setup else {"label": "clean"}
         correct = {rule: to_bits(mask) for rule, mask in self.correct.items()}
+        cascade = {} if self.attacked is None else {"cascade": True, "attacked": to_bits(self.attacked)}
         return {
             **setup,
             "crafted_on": self.crafted_on,
@@ -104,6 +115,7 @@ class AttackResult:
             "samples": self.samples,
             "metrics": self.metrics,
             "correct": correct,
+            **cascade,
         }
 
 
@@ -189,10 +201,21 @@ class RobustnessEvaluation:
         """The deployed model on the unperturbed evaluation examples, under both rules."""
         return self._result(None, "", 0.0, self.data.x_eval, self.data.y_eval)
 
-    def run(self, setup: AttackSetup, on_progress: Callable[[int], None] | None = None, limit: int | None = None) -> AttackResult:
+    def run(
+        self,
+        setup: AttackSetup,
+        on_progress: Callable[[int], None] | None = None,
+        limit: int | None = None,
+        only: np.ndarray | None = None,
+    ) -> AttackResult:
         """Craft adversarial examples for ``setup`` and evaluate them on the deployed model.
 
-        ``limit`` attacks only the first ``limit`` evaluation examples (for costly attacks).
+        ``limit`` attacks only the first ``limit`` evaluation examples (for costly attacks). ``only``, a
+        boolean mask over those examples, attacks the ones it marks and no other: the result covers
+        all of them, with ``attacked = only`` and the others counted as broken (see
+        :attr:`AttackResult.attacked`). The attack's random draws (starts, EOT noise, queries) and the
+        prediction draws are taken per call, so on a subset they differ from those of a run on every
+        example: each marked example gets the same attack, not the same sample of its randomness.
         """
         source, crafted_on = self.source(setup.threat)
         view = attacker_view(source, setup.gradient, setup.eot_draws, self.seed)
@@ -207,32 +230,67 @@ class RobustnessEvaluation:
             project=lambda x_adv, x_orig: self.domain.project(x_adv, x_orig, setup.eps),
         )
         x, y = self.data.x_eval[:limit], self.data.y_eval[:limit]
+        if only is not None and (only.dtype != bool or only.shape != y.shape):
+            raise ValueError(f"only must be a boolean mask of the run's {len(y)} examples, got {only.dtype} {only.shape}")
         np.random.seed(self.seed)  # ART draws its random starts from numpy's global RNG, ours from torch's
         torch.manual_seed(self.seed)
         start = time.perf_counter()
         chunks = []
-        for begin in range(0, len(y), CHUNK):
-            xc, yc = x[begin : begin + CHUNK], y[begin : begin + CHUNK]
+        x_attacked, y_attacked = (x, y) if only is None else (x[only], y[only])
+        for begin in range(0, len(y_attacked), CHUNK):
+            xc, yc = x_attacked[begin : begin + CHUNK], y_attacked[begin : begin + CHUNK]
             x_adv = attack.generate(x=xc, y=yc, mask=self.domain.mask(xc))
             # integer counts are snapped here, once, for the gradient attacks; Square's output is
             # already feasible and the projection leaves it unchanged
             chunks.append(self.domain.project(x_adv, xc, setup.eps))
             if on_progress:
                 on_progress(len(yc))
-        return self._result(setup, crafted_on, time.perf_counter() - start, np.concatenate(chunks), y)
+        seconds = time.perf_counter() - start
+        if only is None:
+            return self._result(setup, crafted_on, seconds, np.concatenate(chunks), y)
+        evaluated = x.copy()  # the clean input where nothing was attacked
+        if chunks:
+            evaluated[only] = np.concatenate(chunks)
+        return self._result(setup, crafted_on, seconds, evaluated, y, only)
 
-    def _result(self, setup: AttackSetup | None, crafted_on: str, seconds: float, x: np.ndarray, y: np.ndarray) -> AttackResult:
-        labels = self.predict(x)
-        metrics = {rule: classification_metrics(y, predicted, self.classes) for rule, predicted in labels.items()}
-        return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()}, x)
+    def _result(
+        self,
+        setup: AttackSetup | None,
+        crafted_on: str,
+        seconds: float,
+        x: np.ndarray,
+        y: np.ndarray,
+        attacked: np.ndarray | None = None,
+    ) -> AttackResult:
+        if attacked is None:
+            labels = self.predict(x)
+            metrics = {rule: classification_metrics(y, predicted, self.classes) for rule, predicted in labels.items()}
+            return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()}, x)
+        # a cascaded run: only the attacked examples are predicted (one call on them alone, so a
+        # re-evaluation of the same examples draws the same noise); the others count as broken
+        y_attacked = y[attacked]
+        predicted = self.predict(x[attacked]) if attacked.any() else None
+        correct, metrics = {}, {}
+        for rule in RULES:
+            correct[rule] = np.zeros(len(y), dtype=bool)
+            on_attacked = None
+            if predicted is not None:
+                correct[rule][attacked] = predicted[rule] == y_attacked
+                on_attacked = classification_metrics(y_attacked, predicted[rule], self.classes)
+            metrics[rule] = {"accuracy": float(correct[rule].mean()), "samples": int(len(y)), "on_attacked": on_attacked}
+        return AttackResult(setup, crafted_on, seconds, metrics, correct, x, attacked.copy())
 
     def reevaluate(self, result: AttackResult, limit: int) -> AttackResult:
         """``result`` on its first ``limit`` examples, predicted exactly as :meth:`run` with ``limit`` would.
 
         The prediction rules draw their noise per call, so accuracies of runs over different numbers
         of examples are only comparable after re-predicting on the same examples with the same draws.
+        A cascaded ``result`` is re-predicted on the examples it attacked among the first ``limit``,
+        as :meth:`run` with ``limit`` and ``only`` = those examples would.
         """
-        return self._result(result.setup, result.crafted_on, result.seconds, result.x_adv[:limit], self.data.y_eval[:limit])
+        attacked = None if result.attacked is None else result.attacked[:limit]
+        x, y = result.x_adv[:limit], self.data.y_eval[:limit]
+        return self._result(result.setup, result.crafted_on, result.seconds, x, y, attacked)
 
 
 def survivors(clean: np.ndarray, attacks: Iterable[np.ndarray]) -> np.ndarray:

@@ -159,20 +159,37 @@ def reproduce(
     datasets: Annotated[
         str | None, typer.Option(show_default="mnist,socofing,ctu13", help="Comma-separated: mnist,socofing,ctu13")
     ] = None,
+    every_attack_on_all: Annotated[
+        bool | None,
+        typer.Option(
+            "--every-attack-on-all",
+            help="Run every adaptive attack and threat model on every example, for each one's standalone figure "
+            "(default: a cascade, each only on the examples the attacks before it left correct; the same worst case).",
+        ),
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
 ) -> None:
     """Train CNN, DiPSeN, FAT and smoothed CNNs on each data set, attack and certify them, write the report."""
+    from ..attack.study import StudySettings
     from ..report import reproduce as run_study
     from ..report.paper import DATASETS
 
     if resume is not None:
-        options = _resumed(resume, {"--out": out, "--quick": quick, "--datasets": datasets})
+        given: dict[str, object] = {"--out": out, "--quick": quick, "--datasets": datasets}
+        options = _resumed(resume, {**given, "--every-attack-on-all": every_attack_on_all})
         out, quick, chosen = resume, options["quick"], tuple(options["datasets"])
+        every_attack_on_all = options["settings"]["every_attack_on_all"]
     else:
         chosen = tuple(d.strip() for d in (datasets or ",".join(DATASETS)).split(",") if d.strip())
+    settings = replace(StudySettings.quick() if quick else StudySettings(), every_attack_on_all=bool(every_attack_on_all))
     with progress_bar(remaining=False) as progress:
         path = run_study(
-            out or Path("report"), quick=bool(quick), datasets=chosen, progress=_factory(progress), resume=resume is not None
+            out or Path("report"),
+            quick=bool(quick),
+            datasets=chosen,
+            settings=settings,
+            progress=_factory(progress),
+            resume=resume is not None,
         )
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 

@@ -9,7 +9,9 @@ Every table puts the paper's figure next to ours; our figures are only ever read
 ``certified`` (optional) feeds :func:`dipsen.report.certified.certified_section`; it, ``training_seconds``
 (optional, per run label) and ``defences`` (optional) feed :func:`dipsen.report.defences.defences_section`.
 A study saved before the worst case counted the clean prediction shows that figure marked, with the
-interval its saved accuracies allow (:mod:`dipsen.report.worst`).
+interval its saved accuracies allow (:mod:`dipsen.report.worst`). In a study run as a cascade, the
+details table marks each cascaded attack's figure as such ("cascade: k of n attacked"), never as a
+standalone figure.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ TITLE = "dipsen robustness report"
 
 SURVIVAL_MARGIN = 0.05
 """A paper-protocol accuracy 'survives' when adaptive attacks lower it by at most this much."""
+CASCADE_NOTE = (
+    "Cascade: an attack so marked ran only on the examples still correct (under either rule) after the clean "
+    "prediction and every attack above it, and counts the others as broken: its figure is what it left of what "
+    "those left, not its accuracy on its own (`dipsen reproduce --every-attack-on-all` measures each attack on "
+    "every example). The worst case is the same per-example minimum either way."
+)
+"""The caption of a details table with cascaded attacks (:func:`dipsen.attack.study.study_run`)."""
 
 
 def build_report(results: dict, out: Path) -> Path:
@@ -121,6 +130,13 @@ def _preamble(results: dict) -> str:
         f"Adaptive: PGD and APGD through the expectation over {s['eot_draws']} noise draws (EOT), PGD through frozen noise, "
         f"random starts, {s['adaptive_budget']['iterations']} iterations; worst case = examples classified correctly "
         "without attack and after every attack."
+        + (
+            " The attacks after the paper's ran as a cascade, each only on the examples still correct after the clean "
+            "prediction and every attack before it: the worst case is the same, and their own figures are not standalone "
+            "ones (see 'Every attack, every threat model')."
+            if any(study.get("cascade") for study in results["studies"].values())
+            else ""
+        )
     )
 
 
@@ -506,8 +522,7 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
                     cells.append("—")
                     continue
                 crafted[model] = result["crafted_on"]
-                limited = f" (n={result['samples']})" if result["samples"] != study["samples"] else ""
-                cells.append(f"{_pct(_acc(result))} / {_pct(_acc(result, 'mc'))}{limited}")
+                cells.append(f"{_pct(_acc(result))} / {_pct(_acc(result, 'mc'))}{_coverage(result, study['samples'])}")
             # the randomized model's setup names the gradient view; the CNNs' gradient is deterministic
             having = sorted((s for s in models.values() if name in s[section]), key=lambda s: not s.get("randomized"))
             shown = having[0][section][name]
@@ -523,27 +538,40 @@ def _details(studies: dict, datasets: list[str], n: int) -> list[Block]:
             )
         doubling = [
             f"{s['doubling']['mc']['base']:.3f} → {s['doubling']['mc']['doubled']:.3f} "
-            f"({'converged' if doubling_converged(s['doubling']) else 'NOT converged'})"
+            f"({'converged' if doubling_converged(s['doubling']) else 'NOT converged'}"
+            + (f"; cascade: {s['doubling']['attacked']} attacked" if "attacked" in s["doubling"] else "")
+            + ")"
             for s in models.values()
         ]
         first = next(iter(models.values()))
+        cascaded = any(s.get("cascade") for s in models.values())
         rows.append(
             [
                 "check",
-                f"adaptive PGD, iterations doubled (mean rule, the same {first['doubling']['samples']} examples and draws)",
+                f"adaptive PGD, iterations doubled (mean rule, the same {first['doubling']['samples']} examples and draws"
+                + ("; cascade: both runs on the examples base PGD attacked, the others broken in both" if cascaded else "")
+                + ")",
                 *doubling,
                 "",
             ]
         )
+        caption = " ".join(text for text in (CASCADE_NOTE if cascaded else "", note(list(models.values()))) if text)
         blocks += [
             Heading(DATASET_NAMES[dataset], 3),
             Paragraph(
                 f"What the attacker may change: {first['domain']}. Worst case: "
                 f"{first['worst_case'].get('all_covers', 'every attack')}."
             ),
-            Table(headers, rows, note(list(models.values()))),
+            Table(headers, rows, caption),
         ]
     return blocks
+
+
+def _coverage(result: dict, samples: int) -> str:
+    """What an attack's figure covers, beside it: '' for every example of the study, else how many it ran on or attacked."""
+    if "attacked" in result:  # a cascaded run: not the attack's standalone figure
+        return f" (cascade: {result['attacked'].count('1')} of {result['samples']} attacked)"
+    return f" (n={result['samples']})" if result["samples"] != samples else ""
 
 
 def _variants(studies: dict, datasets: list[str]) -> list[Block]:

@@ -74,6 +74,9 @@ SMOOTHING_SIGMAS = {"mnist": (0.25, 0.5, 1.0), "socofing": (0.25,), "ctu13": (0.
 CERTIFY = CertifySettings(n0=100, n=2000, samples=100, radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5))
 """n = 2,000 draws certify radii up to 2.7 sigma at alpha 0.001: enough for the report's r = 0.5 and 1."""
 QUICK_CERTIFY = CertifySettings(n0=10, n=100, samples=10, radii=(0.0, 0.25, 0.5))
+SETTINGS_BEFORE = {"every_attack_on_all": True}
+"""Study settings added since options.json was first written, with the value that does what earlier versions did
+(they ran every attack on every example)."""
 STUDY_EVAL_EVERY = 10
 """The study's runs evaluate every 10th round and the last (``eval_every``): the report reads only the final
 model and the rounds' time, and a full test-set pass every round was up to a fifth of a round's time."""
@@ -163,14 +166,21 @@ def open_output(out: Path, options: dict[str, Any], resume: bool) -> None:
 
 
 def recorded_options(out: Path) -> dict[str, Any]:
-    """The options ``out`` was started with: what ``--resume OUT`` reads back."""
+    """The options ``out`` was started with: what ``--resume OUT`` reads back.
+
+    Study settings recorded before a setting existed read as the value that does what that version
+    did (:data:`SETTINGS_BEFORE`), so such a folder resumes as it began.
+    """
     file = out / OPTIONS_FILE
     try:
-        return json.loads(file.read_text())
+        options = json.loads(file.read_text())
     except FileNotFoundError:
         raise DipsenError(f"{out}: nothing to resume (no {OPTIONS_FILE})") from None
     except json.JSONDecodeError as exc:
         raise DipsenError(f"{file}: corrupt: {exc}") from None
+    if isinstance(options.get("settings"), dict):
+        options["settings"] = {**SETTINGS_BEFORE, **options["settings"]}
+    return options
 
 
 def train_run(folder: Path, config: TrainConfig, data: Dataset, progress: ProgressFactory | None, label: str) -> None:

@@ -61,7 +61,8 @@ def sweep_sigma(
     if not sigmas or any(s < 0 for s in sigmas):
         raise DipsenError(f"--sigmas must be a non-empty list of numbers >= 0, got {sigmas}")
     sigmas = sorted(sigmas)
-    settings = StudySettings.quick() if quick else StudySettings()
+    # the sweep's attacks each run on every example, with no cascade (recorded so, as by earlier versions)
+    settings = replace(StudySettings.quick() if quick else StudySettings(), every_attack_on_all=True)
     certify = replace(
         QUICK_CERTIFY if quick else CERTIFY,
         method="pixeldp",
