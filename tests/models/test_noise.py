@@ -291,3 +291,39 @@ def test_dipsen_predictions_are_random_under_eval():
     assert not torch.equal(model(x), model(x))
     cnn = build_model("cnn", (1, 28, 28), 10, calibrate_noise()).eval()
     assert not cnn.is_randomized and torch.equal(cnn(x), cnn(x))
+
+
+# ---- the noise layer's draw order ------------------------------------------------------------------------------------
+
+
+def test_noise_is_drawn_in_channels_last_order():
+    """By design since the layer draws in the convolutions' layout: element (n, c, h, w) takes draw
+    ((n H + h) W + w) C + c of the generator, the draw (n C + c) H W + h W + w took before (the same numbers,
+    the same count taken from the generator, in another order)."""
+    shape, std, gain = (3, 4, 5, 6), 0.7, 1.9
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    out = GaussianNoiseLayer(std, gain, generator=torch.Generator().manual_seed(3))(x)
+    draws = torch.randn(3 * 4 * 5 * 6, generator=torch.Generator().manual_seed(3))
+    noise = draws.reshape(3, 5, 6, 4).permute(0, 3, 1, 2)  # (N, H, W, C) order, viewed as (N, C, H, W)
+    torch.testing.assert_close(out, gain * (x + std * noise), rtol=1e-6, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # the former order, for the record: the same draws, element (n, c, h, w) took draws[n, c, h, w]
+    former = gain * (x + std * draws.reshape(shape))
+    assert not torch.allclose(out, former)
+    torch.testing.assert_close(torch.sort((out / gain - x).flatten())[0], torch.sort((former / gain - x).flatten())[0])
+    # the layout of the input changes nothing; the gradient is the gain
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_(True)
+    out_cl = GaussianNoiseLayer(std, gain, generator=torch.Generator().manual_seed(3))(x_cl)
+    torch.testing.assert_close(out_cl, out, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out_cl, x_cl, torch.ones_like(out_cl))
+    torch.testing.assert_close(grad, torch.full(shape, gain))
+
+
+def test_noise_generator_state_after_a_draw_is_the_same_as_before():
+    # the layer takes as many numbers from the generator as torch.randn of its shape: later draws (AlphaDropout's,
+    # the next batch's) are unchanged
+    generator = torch.Generator().manual_seed(4)
+    GaussianNoiseLayer(1.0, generator=generator)(torch.zeros(2, 3, 4, 5))
+    expected = torch.Generator().manual_seed(4)
+    torch.randn(2, 3, 4, 5, generator=expected)
+    assert torch.equal(generator.get_state(), expected.get_state())

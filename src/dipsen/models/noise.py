@@ -313,6 +313,12 @@ class GaussianNoiseLayer(nn.Module):
     constant applied after the noise (post-processing: it changes neither S_f nor the guarantee).
     ``generator`` may be set to a ``torch.Generator`` for reproducible draws; by default the global
     torch RNG is used (which the federated engine seeds per client update).
+
+    The draws fill a 4-D input's noise in channels-last order (NHWC: draw ``((n H + h) W + w) C + c``
+    goes to element ``(n, c, h, w)``), the layout the models' convolutions run in: the output is then
+    channels-last, and block 2's convolution takes it without a layout conversion, forward or
+    backward. The order is fixed, whatever the input's layout, so a model gives the same draws in
+    either layout; other inputs are filled in their logical order.
     """
 
     def __init__(self, std: float, gain: float = 1.0, generator: torch.Generator | None = None) -> None:
@@ -324,9 +330,17 @@ class GaussianNoiseLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.std == 0.0:
             return x * self.gain
-        noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
-        # one fused pass: gain * x + gain * std * noise
-        return torch.add(noise.mul_(self.gain * self.std), x, alpha=self.gain)
+        # gain * std * N(0, 1) in one pass (normal_ scales as it draws), then gain * x added in place: into
+        # the drawn tensor itself (added into its permuted view, autograd would copy it in the backward pass)
+        if x.dim() != 4:
+            return self._draw(x.shape, x).add_(x, alpha=self.gain)
+        n, c, h, w = x.shape
+        return self._draw((n, h, w, c), x).add_(x.permute(0, 2, 3, 1), alpha=self.gain).permute(0, 3, 1, 2)
+
+    def _draw(self, shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """``gain * std * N(0, 1)`` noise of ``shape``, filled in memory order."""
+        noise = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return noise.normal_(0.0, self.gain * self.std, generator=self.generator)
 
     def extra_repr(self) -> str:
         return f"std={self.std:.4g}, gain={self.gain:g}, always_on=True"
