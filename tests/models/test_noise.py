@@ -293,7 +293,59 @@ def test_dipsen_predictions_are_random_under_eval():
     assert not cnn.is_randomized and torch.equal(cnn(x), cnn(x))
 
 
-# ---- the noise layer's draw order ------------------------------------------------------------------------------------
+# ---- the fast paths of the training step: same function as the straightforward implementation ------------------------
+
+
+def _reference_effective_weight(layer: BoundedConv2d) -> torch.Tensor:
+    """The rescaled kernel written out as the layer documents it, through its public bounds (autograd records the
+    whole computation): W * bound / max(bound, min(frequency bound, unfolded bound))."""
+    return layer.weight * (layer.bound / torch.clamp(layer.lipschitz_upper_bound(), min=layer.bound))
+
+
+RANK_ONE_KERNELS = {
+    "init": lambda: _kernel("init"),
+    "smooth_positive": lambda: _kernel("smooth_positive"),
+    "zero_mean": lambda: _kernel("zero_mean"),
+    "one_output_channel": lambda: torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2)),
+    "all_ones": lambda: torch.ones(32, 1, 3, 3),  # the unfolded bound is the smaller: the SVD path
+    "below_the_bound": lambda: 0.01 * _kernel("zero_mean"),  # ub < S_f: no rescaling, no gradient through it
+    "zero": lambda: torch.zeros(32, 1, 3, 3),
+}
+
+
+@pytest.mark.parametrize("kind", list(RANK_ONE_KERNELS))
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_rank_one_kernel_rescaling_matches_the_recorded_graph(kind, scale):
+    weight = scale * RANK_ONE_KERNELS[kind]()
+    layer = BoundedConv2d(weight.shape[1], weight.shape[0], 3, padding=1).to(memory_format=torch.channels_last)
+    assert layer._rank_one and layer.frequency_bound_applies  # the fast path
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    for step in range(3):  # the first call computes the SVD; later ones may skip it with the cached direction
+        with torch.no_grad():
+            layer.weight.copy_(weight * (1 + 0.01 * step))
+        layer.weight.grad = None
+        fast = layer.effective_weight()
+        (fast * upstream).sum().backward()
+        fast_grad = layer.weight.grad.clone()
+        layer.weight.grad = None
+        reference = _reference_effective_weight(layer)
+        (reference * upstream).sum().backward()
+        torch.testing.assert_close(fast, reference, rtol=1e-6, atol=0)
+        torch.testing.assert_close(fast_grad, layer.weight.grad, rtol=1e-5, atol=1e-7)
+        with torch.no_grad():  # and without a gradient to compute
+            torch.testing.assert_close(layer.effective_weight(), reference, rtol=1e-6, atol=0)
+
+
+def test_a_stale_cached_direction_never_changes_the_bound():
+    # the cached singular vector only proves the unfolded bound is the larger; any unit vector is a valid proof
+    weight = 20 * _kernel("smooth_positive")
+    layer = BoundedConv2d(1, 32, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    for seed in range(5):
+        direction = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        layer._unfolded_direction = direction / direction.norm()
+        torch.testing.assert_close(layer.effective_weight(), _reference_effective_weight(layer), rtol=1e-6, atol=0)
 
 
 def test_noise_is_drawn_in_channels_last_order():
