@@ -322,7 +322,7 @@ class BoundedConv2d(nn.Conv2d):
         # = W * min(1, bound / ub), written so that an all-zero kernel (ub = 0) gets finite gradients
         return self.weight * (self.bound / torch.clamp(self.lipschitz_upper_bound(), min=self.bound))
 
-    def _rank_one_scale(self, weight: torch.Tensor, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _rank_one_scale(self, weight: torch.Tensor, needs_grad: bool) -> tuple[float, torch.Tensor | None]:
         """``s = bound / max(bound, min(frequency bound, unfolded bound))`` and ``ds/dW`` (None when zero).
 
         The value :meth:`effective_weight`'s general path computes and the gradient autograd takes
@@ -351,7 +351,8 @@ class BoundedConv2d(nn.Conv2d):
             flat = w64.reshape(-1, self.kernel_size[0] * self.kernel_size[1])  # F
             gram = flat.mT @ flat
             cos_sin = grid.cos_sin_taps[int(self._grid_argmax(w64, grid, gram))]  # (2, k_h k_w): [c; s]
-            peak = float(torch.linalg.vector_norm(flat @ cos_sin.mT))
+            symbol = flat @ cos_sin.mT  # [re, im] of W^ at the maximiser
+            peak = float(torch.linalg.vector_norm(symbol))
             tap_norms = torch.linalg.vector_norm(flat, dim=0)
             lipschitz = peak + float(tap_norms @ grid.lipschitz_weights)
             bernstein = math.inf if self._bernstein_factor is None else peak * self._bernstein_factor
@@ -371,7 +372,7 @@ class BoundedConv2d(nn.Conv2d):
             bound = _float32(self.bound)  # torch compares and divides a float32 tensor with a float32 bound
             clamped = max(upper, bound)
             # bound / c as torch computes it: bound * (1 / c), each rounded to float32 (as the division is)
-            scale = torch.tensor(_float32(_float32(1.0 / clamped) * bound), dtype=weight.dtype, device=weight.device)
+            scale = _float32(_float32(1.0 / clamped) * bound)
             if not needs_grad or upper < bound:  # no gradient, or ub < bound: s = 1 whatever W
                 return scale, None
 
@@ -380,7 +381,8 @@ class BoundedConv2d(nn.Conv2d):
             to_lipschitz = _minimum_share(lipschitz, bernstein)
             to_peak = 0.0 if peak == 0 else to_frequency * (to_lipschitz + (1 - to_lipschitz) * (self._bernstein_factor or 0.0)) / peak
             tap_terms = torch.where(tap_norms > 0, grid.lipschitz_weights / tap_norms, 0.0) * (to_frequency * to_lipschitz)
-            d_scale = (flat @ torch.addmm(torch.diag(tap_terms), cos_sin.mT, cos_sin, alpha=to_peak)).reshape(weight.shape)
+            # F M = to_peak (F [c, s]) [c; s] + F diag(tap_terms)
+            d_scale = torch.addmm(flat * tap_terms, symbol, cos_sin, alpha=to_peak).reshape(weight.shape)
             if unfolded is not None and to_frequency != chain:
                 d_scale += (chain - to_frequency) * self._overlap_factor * torch.outer(left, right).reshape(weight.shape)
             return scale, d_scale.to(weight.dtype)
@@ -412,14 +414,15 @@ class _RescaledKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, layer: BoundedConv2d, needs_grad: bool) -> torch.Tensor:
         scale, d_scale = layer._rank_one_scale(weight, needs_grad)
-        ctx.save_for_backward(weight, scale, d_scale)
-        return weight * scale
+        ctx.save_for_backward(weight, d_scale)
+        ctx.scale = scale
+        return weight * scale  # a float32 number: the same product as with the general path's 0-dim tensor
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        weight, scale, d_scale = ctx.saved_tensors
-        grad_weight = grad * scale
+        weight, d_scale = ctx.saved_tensors
+        grad_weight = grad * ctx.scale
         if d_scale is not None:  # + (dL/ds) ds/dW, dL/ds = <grad, W>
             grad_weight = torch.addcmul(grad_weight, d_scale, (grad * weight).sum())
         return grad_weight, None, None
