@@ -21,7 +21,8 @@ backward seed, the autograd engine's own time between nodes).
 The profiler adds a fixed cost to every op, so the profiled totals exceed the plain step times and
 parts made of many small ops look larger than they are: the plain ratio is the figure to quote.
 
-Usage: python benchmarks/step_profile.py [--threads 1,2] [--blocks 15] [--block-steps 20] [--profile-steps 100] [--json out.json] [--smoke]
+Usage: python benchmarks/step_profile.py [--threads 1,2] [--blocks 15] [--block-steps 20] [--profile-steps 100]
+       [--json out.json] [--smoke]
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from torch.profiler import ProfilerActivity, profile
 from dipsen.config import TrainConfig
 from dipsen.data import load_dataset
 from dipsen.federated.engine import local_training
-from dipsen.models import build_model, calibrate_noise
+from dipsen.models import FederatedNet, build_model, calibrate_noise
+from dipsen.models.selu import SeluLayer
 
 SHAPE, CLASSES, BATCH = (1, 28, 28), 10, 32
 MODELS = ("cnn", "dipsen")
@@ -86,7 +88,7 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return local_training(DEFAULTS).make_optimizer(model.parameters())
 
 
-def layer_labels(model: nn.Module) -> dict[nn.Module, str]:
+def layer_labels(model: FederatedNet) -> dict[nn.Module, str]:
     """The part label of each layer of ``model`` (a FederatedNet), by position."""
     labels = {
         model.block1[0]: "conv1",
@@ -102,13 +104,14 @@ def layer_labels(model: nn.Module) -> dict[nn.Module, str]:
     hidden = model.hidden
     if isinstance(hidden, nn.Sequential):  # the CNN's Linear + ReLU
         labels[hidden[0]], labels[hidden[1]] = "hidden: linear", "hidden: ReLU"
-    else:  # SeluLayer
+    else:
+        assert isinstance(hidden, SeluLayer)
         labels[hidden.linear], labels[hidden.activation] = "hidden: linear", "hidden: SELU"
         labels[hidden.dropout] = "hidden: AlphaDropout"
     return labels
 
 
-def instrument(model: nn.Module) -> None:
+def instrument(model: FederatedNet) -> None:
     """Open a profiler range around each layer's forward (hooks), and around the bound's methods."""
     for module, label in layer_labels(model).items():
         stack: list[record_function] = []
@@ -201,7 +204,9 @@ def attribute(events) -> dict[str, dict[tuple[str, str], float]]:
     return totals
 
 
-def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def training_step(
+    model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
         with record_function("optimizer"):
             opt.zero_grad()
@@ -277,7 +282,8 @@ def print_table(result: dict) -> None:
         f"\n{result['threads']} thread(s): plain step time (no profiler, interleaved, median block) "
         f"CNN {plain['cnn']:.2f} ms, DiPSeN {plain['dipsen']:.2f} ms, DiPSeN/CNN {result['ratio']:.3f}"
     )
-    header = f"{'part (profiled ms per step)':<38} {'CNN fwd':>8} {'CNN bwd':>8} {'DiPSeN fwd':>10} {'DiPSeN bwd':>10} {'extra':>7}"
+    columns = f"{'CNN fwd':>8} {'CNN bwd':>8} {'DiPSeN fwd':>10} {'DiPSeN bwd':>10} {'extra':>7}"
+    header = f"{'part (profiled ms per step)':<38} {columns}"
     print(header)
     print("-" * len(header))
     sums = {name: [0.0, 0.0] for name in MODELS}

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dipsen.models import build_model, calibrate_noise
+from dipsen.models.net import post_noise_gain
 
 
 @pytest.mark.parametrize("name", ["cnn", "dipsen"])
@@ -26,12 +27,13 @@ def test_channels_last_layout_is_the_same_function_and_survives_loading(name):
 
 def _reference_dipsen_logits(model, x: torch.Tensor) -> torch.Tensor:
     """DiPSeN's forward pass written out with functional ops from the definitions (the bound through the layer's
-    public methods, the noise from the global generator in channels-last order, the gain, SELU, AlphaDropout)."""
+    public methods, the noise from the global generator in channels-last order, the post-noise gain on block 1's
+    noisy output, SELU, AlphaDropout)."""
     conv1, conv2, noise = model.block1[0], model.block2[0], model.noise
     kernel = conv1.weight * (conv1.bound / torch.clamp(conv1.lipschitz_upper_bound(), min=conv1.bound))
     h = F.max_pool2d(F.relu(F.conv2d(x, kernel, conv1.bias, padding=1)), 2)
     n, c, height, width = h.shape
-    h = noise.gain * (h + noise.std * torch.randn(n, height, width, c).permute(0, 3, 1, 2))
+    h = post_noise_gain(noise.std) * (h + noise.std * torch.randn(n, height, width, c).permute(0, 3, 1, 2))
     h = F.max_pool2d(F.relu(F.conv2d(h, conv2.weight, conv2.bias, padding=1)), 2).flatten(1)
     linear = model.hidden.linear
     h = F.alpha_dropout(F.selu(F.linear(h, linear.weight, linear.bias)), model.hidden.dropout.p, training=model.training)

@@ -358,12 +358,16 @@ class BoundedConv2d(nn.Conv2d):
             bernstein = math.inf if self._bernstein_factor is None else peak * self._bernstein_factor
             frequency = _float32(min(lipschitz, bernstein))
 
-            unfolded = left = right = None
+            unfolded: float | None = None
+            left = right = torch.empty(0)  # the unfolded kernel's top singular vectors, when computed
             direction = self._unfolded_direction
-            # skip the SVD only with room for its rounding (1e-4 relative, far above float32's)
-            if direction is None or direction.device != weight.device or not (
-                self._overlap_factor * float(torch.linalg.vector_norm(w64.flatten(1) @ direction)) > frequency * (1 + 1e-4)
-            ):
+            # r ||W v|| <= the unfolded bound; skip its SVD only with room for the SVD's rounding (1e-4 relative)
+            unfolded_is_larger = (
+                direction is not None
+                and direction.device == weight.device
+                and self._overlap_factor * float(torch.linalg.vector_norm(w64.flatten(1) @ direction)) > frequency * (1 + 1e-4)
+            )
+            if not unfolded_is_larger:
                 u, singular, vh = torch.linalg.svd(weight.flatten(1), full_matrices=False)
                 unfolded = _float32(self._overlap_factor * float(singular[0]))
                 left, right = u[:, 0].to(f64), vh[0].to(f64)
@@ -379,7 +383,8 @@ class BoundedConv2d(nn.Conv2d):
             chain = -self.bound / clamped**2  # ds / d ub
             to_frequency = chain * (1.0 if unfolded is None else _minimum_share(frequency, unfolded))
             to_lipschitz = _minimum_share(lipschitz, bernstein)
-            to_peak = 0.0 if peak == 0 else to_frequency * (to_lipschitz + (1 - to_lipschitz) * (self._bernstein_factor or 0.0)) / peak
+            peak_factor = to_lipschitz + (1 - to_lipschitz) * (self._bernstein_factor or 0.0)  # d frequency / d peak
+            to_peak = 0.0 if peak == 0 else to_frequency * peak_factor / peak
             tap_terms = torch.where(tap_norms > 0, grid.lipschitz_weights / tap_norms, 0.0) * (to_frequency * to_lipschitz)
             # F M = to_peak (F [c, s]) [c; s] + F diag(tap_terms)
             d_scale = torch.addmm(flat * tap_terms, symbol, cos_sin, alpha=to_peak).reshape(weight.shape)
@@ -452,7 +457,7 @@ class GaussianNoiseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.std == 0.0:
-            return x * self.gain
+            return x if self.gain == 1.0 else x * self.gain
         # gain * std * N(0, 1) in one pass (normal_ scales as it draws), then gain * x added in place: into
         # the drawn tensor itself (added into its permuted view, autograd would copy it in the backward pass)
         if x.dim() != 4:
