@@ -385,9 +385,11 @@ class BoundedConv2d(nn.Conv2d):
             to_lipschitz = _minimum_share(lipschitz, bernstein)
             peak_factor = to_lipschitz + (1 - to_lipschitz) * (self._bernstein_factor or 0.0)  # d frequency / d peak
             to_peak = 0.0 if peak == 0 else to_frequency * peak_factor / peak
-            tap_terms = torch.where(tap_norms > 0, grid.lipschitz_weights / tap_norms, 0.0) * (to_frequency * to_lipschitz)
-            # F M = to_peak (F [c, s]) [c; s] + F diag(tap_terms)
-            d_scale = torch.addmm(flat * tap_terms, symbol, cos_sin, alpha=to_peak).reshape(weight.shape)
+            # F M = to_peak (F [c, s]) [c; s] + to_taps F diag(L / ||F[:, t]||); a zero tap's column of F is zero
+            # (float32 weights: a nonzero one has a norm far above 1e-300), so its term is 0, as torch's norm gives
+            tap_terms = flat * (grid.lipschitz_weights / tap_norms.clamp_min(1e-300))
+            to_taps = to_frequency * to_lipschitz
+            d_scale = torch.addmm(tap_terms, symbol, cos_sin, beta=to_taps, alpha=to_peak).reshape(weight.shape)
             if unfolded is not None and to_frequency != chain:
                 d_scale += (chain - to_frequency) * self._overlap_factor * torch.outer(left, right).reshape(weight.shape)
             return scale, d_scale.to(weight.dtype)
