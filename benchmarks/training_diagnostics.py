@@ -37,7 +37,7 @@ def make(name: str, gain: float | None, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(name, (1, 28, 28), 10, calibrate_noise(SIGMA))
     if gain is not None and model.noise is not None:
-        model.noise.gain = gain
+        model.block2[0].input_gain = gain  # the post-noise gain, applied by block 2's convolution
     return model
 
 
@@ -106,7 +106,7 @@ def main() -> None:
         if model.noise is not None:
             with torch.no_grad():
                 signal = model.block1(x[:256])
-            gain = model.noise.gain
+            gain = model.block2[0].input_gain
             rms = gain * signal.pow(2).mean().sqrt()
             line += f"  | block-1 RMS after gain: signal {rms:.3f}, noise {gain * model.noise.std:.3f}"
         print(f"  {name:<10} {line}")
@@ -124,7 +124,7 @@ def main() -> None:
                     model.eval()
                     accuracy = float((model(xt).argmax(1) == yt).float().mean())
                 block2, hidden = alive(model, xt[:500])
-                label = "" if model.noise is None else f"gain {model.noise.gain:.2f}"
+                label = "" if model.noise is None else f"gain {model.block2[0].input_gain:.2f}"
                 hidden_text = "-" if hidden is None else f"{hidden:.2f}"
                 print(
                     f"  {name:<10} {optimizer:<4} {label:<10} accuracy {accuracy:.3f}  block 2 alive {block2:.2f}  "

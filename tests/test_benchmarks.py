@@ -31,6 +31,7 @@ SCRIPTS = (
     "sensitivity_bound",
     "sigma_sweep",
     "socofing_input_size",
+    "step_profile",
     "study_cascade",
     "train_throughput",
     "training_diagnostics",

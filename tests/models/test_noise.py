@@ -291,3 +291,91 @@ def test_dipsen_predictions_are_random_under_eval():
     assert not torch.equal(model(x), model(x))
     cnn = build_model("cnn", (1, 28, 28), 10, calibrate_noise()).eval()
     assert not cnn.is_randomized and torch.equal(cnn(x), cnn(x))
+
+
+# ---- the fast paths of the training step: same function as the straightforward implementation ------------------------
+
+
+def _reference_effective_weight(layer: BoundedConv2d) -> torch.Tensor:
+    """The rescaled kernel written out as the layer documents it, through its public bounds (autograd records the
+    whole computation): W * bound / max(bound, min(frequency bound, unfolded bound))."""
+    return layer.weight * (layer.bound / torch.clamp(layer.lipschitz_upper_bound(), min=layer.bound))
+
+
+RANK_ONE_KERNELS = {
+    "init": lambda: _kernel("init"),
+    "smooth_positive": lambda: _kernel("smooth_positive"),
+    "zero_mean": lambda: _kernel("zero_mean"),
+    "one_output_channel": lambda: torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2)),
+    "all_ones": lambda: torch.ones(32, 1, 3, 3),  # the unfolded bound is the smaller: the SVD path
+    "below_the_bound": lambda: 0.01 * _kernel("zero_mean"),  # ub < S_f: no rescaling, no gradient through it
+    "zero": lambda: torch.zeros(32, 1, 3, 3),
+}
+
+
+@pytest.mark.parametrize("kind", list(RANK_ONE_KERNELS))
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_rank_one_kernel_rescaling_matches_the_recorded_graph(kind, scale):
+    weight = scale * RANK_ONE_KERNELS[kind]()
+    layer = BoundedConv2d(weight.shape[1], weight.shape[0], 3, padding=1).to(memory_format=torch.channels_last)
+    assert layer._rank_one and layer.frequency_bound_applies  # the fast path
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    for step in range(3):  # the first call computes the SVD; later ones may skip it with the cached direction
+        with torch.no_grad():
+            layer.weight.copy_(weight * (1 + 0.01 * step))
+        layer.weight.grad = None
+        fast = layer.effective_weight()
+        (fast * upstream).sum().backward()
+        fast_grad = layer.weight.grad.clone()
+        layer.weight.grad = None
+        reference = _reference_effective_weight(layer)
+        (reference * upstream).sum().backward()
+        torch.testing.assert_close(fast, reference, rtol=1e-6, atol=0)
+        torch.testing.assert_close(fast_grad, layer.weight.grad, rtol=1e-5, atol=1e-7)
+        with torch.no_grad():  # and without a gradient to compute
+            torch.testing.assert_close(layer.effective_weight(), reference, rtol=1e-6, atol=0)
+
+
+def test_a_stale_cached_direction_never_changes_the_bound():
+    # the cached singular vector only proves the unfolded bound is the larger; any unit vector is a valid proof
+    weight = 20 * _kernel("smooth_positive")
+    layer = BoundedConv2d(1, 32, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    for seed in range(5):
+        direction = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        layer._unfolded_direction = direction / direction.norm()
+        torch.testing.assert_close(layer.effective_weight(), _reference_effective_weight(layer), rtol=1e-6, atol=0)
+
+
+def test_noise_is_drawn_in_channels_last_order():
+    """By design since the layer draws in the convolutions' layout: element (n, c, h, w) takes draw
+    ((n H + h) W + w) C + c of the generator, the draw (n C + c) H W + h W + w took before (the same numbers,
+    the same count taken from the generator, in another order)."""
+    shape, std, gain = (3, 4, 5, 6), 0.7, 1.9
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    out = GaussianNoiseLayer(std, gain, generator=torch.Generator().manual_seed(3))(x)
+    draws = torch.randn(3 * 4 * 5 * 6, generator=torch.Generator().manual_seed(3))
+    noise = draws.reshape(3, 5, 6, 4).permute(0, 3, 1, 2)  # (N, H, W, C) order, viewed as (N, C, H, W)
+    torch.testing.assert_close(out, gain * (x + std * noise), rtol=1e-6, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # the former order, for the record: the same draws, element (n, c, h, w) took draws[n, c, h, w]
+    former = gain * (x + std * draws.reshape(shape))
+    assert not torch.allclose(out, former)
+    torch.testing.assert_close(torch.sort((out / gain - x).flatten())[0], torch.sort((former / gain - x).flatten())[0])
+    # the layout of the input changes nothing; the gradient is the gain
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_(True)
+    out_cl = GaussianNoiseLayer(std, gain, generator=torch.Generator().manual_seed(3))(x_cl)
+    torch.testing.assert_close(out_cl, out, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out_cl, x_cl, torch.ones_like(out_cl))
+    torch.testing.assert_close(grad, torch.full(shape, gain))
+
+
+def test_noise_generator_state_after_a_draw_is_the_same_as_before():
+    # the layer takes as many numbers from the generator as torch.randn of its shape: later draws (AlphaDropout's,
+    # the next batch's) are unchanged
+    generator = torch.Generator().manual_seed(4)
+    GaussianNoiseLayer(1.0, generator=generator)(torch.zeros(2, 3, 4, 5))
+    expected = torch.Generator().manual_seed(4)
+    torch.randn(2, 3, 4, 5, generator=expected)
+    assert torch.equal(generator.get_state(), expected.get_state())

@@ -53,16 +53,20 @@ is the smaller of two, each valid for every input size:
 
 The bound is computed in float64 and is differentiable: the rescaling is trained through like the rest
 of the forward pass (the grid maximum is located without autograd, then re-evaluated differentiably at
-its frequency, which gives the same value and gradient at a fraction of the backward cost).
+its frequency, which gives the same value and gradient at a fraction of the backward cost). For a
+kernel with one input or one output channel (block 1 here) the layer computes the same value and its
+gradient in closed form, without recording a graph (:meth:`BoundedConv2d._rank_one_scale`).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from ..errors import ConfigError
@@ -134,13 +138,15 @@ def _overlap_count(kernel: int, stride: int, dilation: int) -> int:
 class _FrequencyGrid:
     """Float64 tables for evaluating a kernel's symbol on the grid ``2 pi (k, l) / N``, ``k < N``, ``l <= N/2``.
 
-    ``cos_sin_rows`` (2, N, 2k_h - 1) holds ``[cos, sin](w_1 d_1)`` and ``cos_sin_cols``
-    (2 (2k_w - 1), N//2 + 1) holds ``[cos; -sin](w_2 d_2)``, so ``[C_r R, S_r R] @ cols`` is
-    ``sum_d R[d] cos(<d, w>)``; ``phase_rows``/``phase_cols`` hold ``exp(-i w d)`` likewise;
+    ``cos_sin_rows`` (2N, 2k_h - 1) holds ``cos(w_1 d_1)`` in row ``2k`` and ``sin(w_1 d_1)`` in row
+    ``2k + 1``, and ``cos_sin_cols`` (2 (2k_w - 1), N//2 + 1) holds ``[cos; -sin](w_2 d_2)``, so
+    ``(rows @ R).reshape(N, -1) @ cols`` is ``sum_d R[d] cos(<d, w>)`` on the grid;
+    ``phase_rows``/``phase_cols`` hold ``exp(-i w d)`` likewise;
     ``lag_map`` (k_h k_w k_h k_w, (2k_h - 1)(2k_w - 1)) sends a tap-by-tap Gram matrix ``A[t, t']`` to
     the autocorrelation ``R[d] = sum_{t' - t = d} A[t, t']``; ``tap_rows``/``tap_cols`` (k_h k_w) are
     the taps' positions ``p``, ``q`` times ``2 pi / N``; ``lipschitz_weights`` (k_h k_w) is
-    ``(pi/N) (|p - c_1| + |q - c_2|)``.
+    ``(pi/N) (|p - c_1| + |q - c_2|)``; ``cos_sin_taps`` (N (N//2 + 1), 2, k_h k_w) holds
+    ``[cos, sin](<t, w>)`` for each tap ``t`` at each grid frequency, in the grid's flat order.
     """
 
     cos_sin_rows: torch.Tensor
@@ -151,6 +157,7 @@ class _FrequencyGrid:
     tap_rows: torch.Tensor
     tap_cols: torch.Tensor
     lipschitz_weights: torch.Tensor
+    cos_sin_taps: torch.Tensor
 
     @classmethod
     def build(cls, kernel_size: tuple[int, int], n: int, device: torch.device) -> _FrequencyGrid:
@@ -166,15 +173,20 @@ class _FrequencyGrid:
         lag_map = torch.zeros(kh * kw * kh * kw, (2 * kh - 1) * (2 * kw - 1), dtype=f64)
         lag_map[torch.arange(lag.numel()), lag.flatten()] = 1.0
         offsets = (tap_p - (kh - 1) / 2).abs() + (tap_q - (kw - 1) / 2).abs()
+        tap_rows, tap_cols = tap_p.to(f64) * (2 * math.pi / n), tap_q.to(f64) * (2 * math.pi / n)
+        grid_rows = torch.arange(n, dtype=f64).repeat_interleave(n // 2 + 1)
+        grid_cols = torch.arange(n // 2 + 1, dtype=f64).repeat(n)
+        tap_phases = tap_rows * grid_rows[:, None] + tap_cols * grid_cols[:, None]
         tables = {
-            "cos_sin_rows": torch.stack([torch.cos(arg_rows), torch.sin(arg_rows)]),
+            "cos_sin_rows": torch.stack([torch.cos(arg_rows), torch.sin(arg_rows)], dim=1).reshape(2 * n, -1),
             "cos_sin_cols": torch.cat([torch.cos(arg_cols), -torch.sin(arg_cols)], dim=1).T.contiguous(),
             "phase_rows": torch.polar(torch.ones_like(arg_rows), -arg_rows),
             "phase_cols": torch.polar(torch.ones_like(arg_cols), -arg_cols),
             "lag_map": lag_map,
-            "tap_rows": tap_p.to(f64) * (2 * math.pi / n),
-            "tap_cols": tap_q.to(f64) * (2 * math.pi / n),
+            "tap_rows": tap_rows,
+            "tap_cols": tap_cols,
             "lipschitz_weights": (math.pi / n) * offsets.to(f64),
+            "cos_sin_taps": torch.stack([torch.cos(tap_phases), torch.sin(tap_phases)], dim=1),
         }
         return cls(**{name: table.to(device) for name, table in tables.items()})
 
@@ -215,6 +227,10 @@ class BoundedConv2d(nn.Conv2d):
         tau = (kh - 1 + kw - 1) * math.pi / frequency_grid
         self._bernstein_factor = 1.0 / math.sqrt(1.0 - tau**2 / 2) if tau**2 < 2 else None
         self._grids: dict[torch.device, _FrequencyGrid] = {}
+        # the unfolded kernel's top right singular vector, as last computed: W's next values are close, so
+        # ||W v|| (a lower bound on ||W||_2 for any unit v) usually shows that the unfolded bound is not
+        # the smaller one without computing it; a stale v only makes that check fail, never wrong
+        self._unfolded_direction: torch.Tensor | None = None
 
     def unfolded_bound(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """sqrt(n_overlap) * spectral norm of the unfolded kernel: an upper bound on ||conv||_2 for any stride."""
@@ -232,22 +248,25 @@ class BoundedConv2d(nn.Conv2d):
             self._grids[device] = grid
         return grid
 
-    def _grid_argmax(self, w64: torch.Tensor, grid: _FrequencyGrid) -> torch.Tensor:
+    def _grid_argmax(self, w64: torch.Tensor, grid: _FrequencyGrid, gram: torch.Tensor | None = None) -> torch.Tensor:
         """Flat index into the (N, N//2 + 1) grid of the frequency where sigma_max(W^(w)) is largest.
 
         ``sigma_max(W^(w))^2`` is the top eigenvalue of the Gram matrix ``W^(w)^H W^(w)`` (or
         ``W^(w) W^(w)^H``, whichever is smaller), ``sum_d R[d] exp(-i <d, w>)`` with ``R[d]`` the
         kernel's autocorrelation at lag ``d`` (a ``c x c`` matrix per lag), so the grid costs one small
         transform of ``R``. When ``C_in`` or ``C_out`` is 1 the Gram matrix is the scalar
-        ``||W^(w)||^2 = sum_d R[d] cos(<d, w>)``, with ``R`` summed over all channel pairs.
+        ``||W^(w)||^2 = sum_d R[d] cos(<d, w>)``, with ``R`` summed over all channel pairs (``gram``,
+        the tap-by-tap Gram matrix of ``w64`` reshaped to ``(C_out C_in, k_h k_w)``, if already computed).
         """
         kh, kw = self.kernel_size
         with torch.no_grad():
             if self._rank_one:
-                flat = w64.reshape(-1, kh * kw)
-                lags = ((flat.mT @ flat).reshape(1, -1) @ grid.lag_map).reshape(2 * kh - 1, 2 * kw - 1)
+                if gram is None:
+                    flat = w64.reshape(-1, kh * kw)
+                    gram = flat.mT @ flat
+                lags = (gram.reshape(1, -1) @ grid.lag_map).reshape(2 * kh - 1, 2 * kw - 1)
                 # [C_r R, S_r R] @ [C_c; -S_c] = C_r R C_c^T - S_r R S_c^T, an (N, N//2 + 1) array
-                power = (grid.cos_sin_rows @ lags).transpose(0, 1).reshape(self.frequency_grid, -1) @ grid.cos_sin_cols
+                power = (grid.cos_sin_rows @ lags).reshape(self.frequency_grid, -1) @ grid.cos_sin_cols
             else:
                 side = w64.transpose(0, 1) if self.in_channels <= self.out_channels else w64
                 lags = F.conv2d(side, side, padding=(kh - 1, kw - 1)).to(torch.complex128)  # (c, c, 2k_h-1, 2k_w-1)
@@ -298,11 +317,122 @@ class BoundedConv2d(nn.Conv2d):
     def effective_weight(self) -> torch.Tensor:
         if not math.isfinite(self.bound):
             return self.weight
+        if self._rank_one and self.frequency_bound_applies and self.weight.dtype == torch.float32:  # block 1 here
+            return _RescaledKernel.apply(self.weight, self, torch.is_grad_enabled() and self.weight.requires_grad)
         # = W * min(1, bound / ub), written so that an all-zero kernel (ub = 0) gets finite gradients
         return self.weight * (self.bound / torch.clamp(self.lipschitz_upper_bound(), min=self.bound))
 
+    def _rank_one_scale(self, weight: torch.Tensor, needs_grad: bool) -> tuple[float, torch.Tensor | None]:
+        """``s = bound / max(bound, min(frequency bound, unfolded bound))`` and ``ds/dW`` (None when zero).
+
+        The value :meth:`effective_weight`'s general path computes and the gradient autograd takes
+        through it, in the rank-one case (``C_in`` or ``C_out`` is 1) with the frequency bound, worked
+        out here without recording a graph. With ``F`` the kernel reshaped to ``(C_out C_in, k_h k_w)``,
+        ``G = F^T F`` and ``c``, ``s`` the taps' ``cos``, ``sin`` at the grid maximiser:
+
+        - ``peak = ||F [c, s]||``, so ``d peak / dF = F (c c^T + s s^T) / peak``;
+        - the tap norms ``||F[:, t]||`` have gradient ``F e_t e_t^T / ||F[:, t]||`` (0 for a zero tap, as
+          torch's norm gives), so the Lipschitz form ``peak + sum_t L_t ||F[:, t]||`` has
+          ``d peak + F diag(L / ||F[:, t]||)`` and the Bernstein form ``b peak`` has ``b d peak``: the
+          frequency bound's gradient is ``F M`` for a ``k_h k_w``-square ``M``;
+        - the unfolded bound ``r ||W||_2`` (``W`` reshaped to ``(C_out, C_in k_h k_w)``) has
+          ``r u v^T`` (top singular vectors); it is computed only when ``r ||W v_last||`` does not
+          already exceed the frequency bound;
+        - a minimum passes the smaller term's gradient (half of each on a tie), the clamp passes it
+          where ``ub >= bound``, and ``d (bound / c) = -bound / c^2``.
+
+        ``weight`` is float32; the value is rounded to float32 where the general path rounds it, so it
+        is the same number.
+        """
+        f64 = torch.float64
+        with torch.no_grad():
+            grid = self._grid(weight.device)
+            w64 = weight.to(f64)
+            flat = w64.reshape(-1, self.kernel_size[0] * self.kernel_size[1])  # F
+            gram = flat.mT @ flat
+            cos_sin = grid.cos_sin_taps[int(self._grid_argmax(w64, grid, gram))]  # (2, k_h k_w): [c; s]
+            symbol = flat @ cos_sin.mT  # [re, im] of W^ at the maximiser
+            peak = float(torch.linalg.vector_norm(symbol))
+            tap_norms = torch.linalg.vector_norm(flat, dim=0)
+            lipschitz = peak + float(tap_norms @ grid.lipschitz_weights)
+            bernstein = math.inf if self._bernstein_factor is None else peak * self._bernstein_factor
+            frequency = _float32(min(lipschitz, bernstein))
+
+            unfolded: float | None = None
+            left = right = torch.empty(0)  # the unfolded kernel's top singular vectors, when computed
+            direction = self._unfolded_direction
+            # r ||W v|| <= the unfolded bound; skip its SVD only with room for the SVD's rounding (1e-4 relative)
+            unfolded_is_larger = (
+                direction is not None
+                and direction.device == weight.device
+                and self._overlap_factor * float(torch.linalg.vector_norm(w64.flatten(1) @ direction)) > frequency * (1 + 1e-4)
+            )
+            if not unfolded_is_larger:
+                u, singular, vh = torch.linalg.svd(weight.flatten(1), full_matrices=False)
+                unfolded = _float32(self._overlap_factor * float(singular[0]))
+                left, right = u[:, 0].to(f64), vh[0].to(f64)
+                self._unfolded_direction = right / torch.linalg.vector_norm(right)
+            upper = frequency if unfolded is None else min(frequency, unfolded)
+            bound = _float32(self.bound)  # torch compares and divides a float32 tensor with a float32 bound
+            clamped = max(upper, bound)
+            # bound / c as torch computes it: bound * (1 / c), each rounded to float32 (as the division is)
+            scale = _float32(_float32(1.0 / clamped) * bound)
+            if not needs_grad or upper < bound:  # no gradient, or ub < bound: s = 1 whatever W
+                return scale, None
+
+            chain = -self.bound / clamped**2  # ds / d ub
+            to_frequency = chain * (1.0 if unfolded is None else _minimum_share(frequency, unfolded))
+            to_lipschitz = _minimum_share(lipschitz, bernstein)
+            peak_factor = to_lipschitz + (1 - to_lipschitz) * (self._bernstein_factor or 0.0)  # d frequency / d peak
+            to_peak = 0.0 if peak == 0 else to_frequency * peak_factor / peak
+            # F M = to_peak (F [c, s]) [c; s] + to_taps F diag(L / ||F[:, t]||); a zero tap's column of F is zero
+            # (float32 weights: a nonzero one has a norm far above 1e-300), so its term is 0, as torch's norm gives
+            tap_terms = flat * (grid.lipschitz_weights / tap_norms.clamp_min(1e-300))
+            to_taps = to_frequency * to_lipschitz
+            d_scale = torch.addmm(tap_terms, symbol, cos_sin, beta=to_taps, alpha=to_peak).reshape(weight.shape)
+            if unfolded is not None and to_frequency != chain:
+                d_scale += (chain - to_frequency) * self._overlap_factor * torch.outer(left, right).reshape(weight.shape)
+            return scale, d_scale.to(weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+def _minimum_share(a: float, b: float) -> float:
+    """The share of ``torch.minimum(a, b)``'s gradient that goes to ``a``: 1, 0, or half on a tie."""
+    return 1.0 if a < b else 0.0 if a > b else 0.5
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as ``tensor.to(torch.float32)`` rounds it."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+class _RescaledKernel(torch.autograd.Function):
+    """``W * s(W)``, the bounded kernel, with ``ds/dW`` computed in the forward pass.
+
+    The same value and gradient as :meth:`BoundedConv2d.effective_weight`'s general path, with one
+    autograd node and a few operations backward, where the general path records some 25 small
+    operations (the frequency bound's evaluation at the grid maximiser, the unfolded bound's SVD, the
+    minimum and the rescaling), each with its backward node: most of the bound's cost per training
+    step was that overhead, not the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, layer: BoundedConv2d, needs_grad: bool) -> torch.Tensor:
+        scale, d_scale = layer._rank_one_scale(weight, needs_grad)
+        ctx.save_for_backward(weight, d_scale)
+        ctx.scale = scale
+        return weight * scale  # a float32 number: the same product as with the general path's 0-dim tensor
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight, d_scale = ctx.saved_tensors
+        grad_weight = grad * ctx.scale
+        if d_scale is not None:  # + (dL/ds) ds/dW, dL/ds = <grad, W>
+            grad_weight = torch.addcmul(grad_weight, d_scale, (grad * weight).sum())
+        return grad_weight, None, None
 
 
 class GaussianNoiseLayer(nn.Module):
@@ -313,6 +443,12 @@ class GaussianNoiseLayer(nn.Module):
     constant applied after the noise (post-processing: it changes neither S_f nor the guarantee).
     ``generator`` may be set to a ``torch.Generator`` for reproducible draws; by default the global
     torch RNG is used (which the federated engine seeds per client update).
+
+    The draws fill a 4-D input's noise in channels-last order (NHWC: draw ``((n H + h) W + w) C + c``
+    goes to element ``(n, c, h, w)``), the layout the models' convolutions run in: the output is then
+    channels-last, and block 2's convolution takes it without a layout conversion, forward or
+    backward. The order is fixed, whatever the input's layout, so a model gives the same draws in
+    either layout; other inputs are filled in their logical order.
     """
 
     def __init__(self, std: float, gain: float = 1.0, generator: torch.Generator | None = None) -> None:
@@ -323,10 +459,18 @@ class GaussianNoiseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.std == 0.0:
-            return x * self.gain
-        noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
-        # one fused pass: gain * x + gain * std * noise
-        return torch.add(noise.mul_(self.gain * self.std), x, alpha=self.gain)
+            return x if self.gain == 1.0 else x * self.gain
+        # gain * std * N(0, 1) in one pass (normal_ scales as it draws), then gain * x added in place: into
+        # the drawn tensor itself (added into its permuted view, autograd would copy it in the backward pass)
+        if x.dim() != 4:
+            return self._draw(x.shape, x).add_(x, alpha=self.gain)
+        n, c, h, w = x.shape
+        return self._draw((n, h, w, c), x).add_(x.permute(0, 2, 3, 1), alpha=self.gain).permute(0, 3, 1, 2)
+
+    def _draw(self, shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """``gain * std * N(0, 1)`` noise of ``shape``, filled in memory order."""
+        noise = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return noise.normal_(0.0, self.gain * self.std, generator=self.generator)
 
     def extra_repr(self) -> str:
         return f"std={self.std:.4g}, gain={self.gain:g}, always_on=True"
