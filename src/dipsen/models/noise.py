@@ -312,7 +312,8 @@ class GaussianNoiseLayer(nn.Module):
     GaussianNoise is) would silently evaluate a different, deterministic model. ``gain`` is a
     constant applied after the noise (post-processing: it changes neither S_f nor the guarantee).
     ``generator`` may be set to a ``torch.Generator`` for reproducible draws; by default the global
-    torch RNG is used (which the federated engine seeds per client update).
+    torch RNG is used (which the federated engine seeds per client update). The noise is drawn on the
+    input's device, so a generator must live there too.
     """
 
     def __init__(self, std: float, gain: float = 1.0, generator: torch.Generator | None = None) -> None:
