@@ -15,7 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import DipsenError
-from .app import app, console, progress_bar
+from .app import DEVICE_HELP, app, console, device_option, progress_bar
 
 
 def _factory(progress: Progress):
@@ -54,12 +54,14 @@ def attack(
     mc_samples: Annotated[int, typer.Option(help="Draws of the Monte-Carlo prediction rule.")] = 16,
     eps_sweep: Annotated[str | None, typer.Option(help="Comma-separated eps values: plot accuracy against eps.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Attack a run's final global model; prints and saves clean and adversarial metrics."""
     from ..attack import ADAPTIVE_BUDGET, PAPER_BUDGET, AttackSetup, RobustnessEvaluation, TrainedRun
     from ..data._io import write_atomic
     from ..report import plots
 
+    where = device_option(device)
     if protocol not in ("paper", "adaptive"):
         raise DipsenError(f"--protocol must be paper or adaptive, got {protocol!r}")
     budget = PAPER_BUDGET if protocol == "paper" else ADAPTIVE_BUDGET
@@ -69,7 +71,7 @@ def attack(
     default_gradient = "eot" if protocol == "adaptive" else "draw"
     setup = AttackSetup(attack, eps, threat, gradient or default_gradient, eot_draws, budget)
     sweep = _floats(eps_sweep, "--eps-sweep") if eps_sweep else None
-    trained = TrainedRun(run_dir)
+    trained = TrainedRun(run_dir, device=where)
     evaluation = RobustnessEvaluation(trained, samples, mc_samples=mc_samples, stale_rounds=stale_rounds, seed=seed)
     out = trained.path / "attacks"  # created only once there are results: a failed attack leaves nothing behind
     with progress_bar(remaining=False) as progress:
@@ -160,11 +162,13 @@ def reproduce(
         str | None, typer.Option(show_default="mnist,socofing,ctu13", help="Comma-separated: mnist,socofing,ctu13")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP + " Not an option of the study: it may change on --resume.")] = "auto",
 ) -> None:
     """Train CNN, DiPSeN, FAT and smoothed CNNs on each data set, attack and certify them, write the report."""
     from ..report import reproduce as run_study
     from ..report.paper import DATASETS
 
+    device_option(device)  # before any work
     if resume is not None:
         options = _resumed(resume, {"--out": out, "--quick": quick, "--datasets": datasets})
         out, quick, chosen = resume, options["quick"], tuple(options["datasets"])
@@ -172,7 +176,12 @@ def reproduce(
         chosen = tuple(d.strip() for d in (datasets or ",".join(DATASETS)).split(",") if d.strip())
     with progress_bar(remaining=False) as progress:
         path = run_study(
-            out or Path("report"), quick=bool(quick), datasets=chosen, progress=_factory(progress), resume=resume is not None
+            out or Path("report"),
+            quick=bool(quick),
+            datasets=chosen,
+            progress=_factory(progress),
+            resume=resume is not None,
+            device=device,
         )
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 
@@ -186,10 +195,12 @@ def sweep_sigma_cmd(
     out: Annotated[Path | None, typer.Option(show_default="sigma-sweep", help="Output folder (must be new or empty).")] = None,
     quick: Annotated[bool | None, typer.Option("--quick", help="Small subsets and budgets: a smoke test.")] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("sweep"))] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP + " Not an option of the sweep: it may change on --resume.")] = "auto",
 ) -> None:
     """Train DiPSeN at several noise levels; plot clean, attacked and certified accuracy against sigma."""
     from ..report.sigma import sweep_sigma
 
+    device_option(device)  # before any work
     if resume is not None:
         options = _resumed(resume, {"--dataset": dataset, "--sigmas": sigmas, "--out": out, "--quick": quick})
         out, dataset, values, quick = resume, options["dataset"], options["sigmas"], options["quick"]
@@ -203,5 +214,6 @@ def sweep_sigma_cmd(
             quick=bool(quick),
             progress=_factory(progress),
             resume=resume is not None,
+            device=device,
         )
     console.print(f"saved: {path}")
