@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -207,7 +206,10 @@ class TrainConfig:
     backdoor_rounds: str | None = None
     # reproducibility and layout
     seed: int = 0
-    workers: int | None = None  # client-training processes; None: one per CPU core, up to m
+    # where models compute (see dipsen.device): auto (CUDA if available, else the CPU) | cpu | cuda
+    device: str = "auto"
+    # client-training processes; None: one per CPU core, or with CUDA one per GPU, up to m
+    workers: int | None = None
     # seconds a round waits for its clients' updates from the worker processes; a client without one
     # by then has failed (see dipsen.federated.workers). 600: 30 times the slowest round measured
     # (about 20 s, adversarial training). In-process engine only: the Flower engine waits for its
@@ -264,14 +266,17 @@ class TrainConfig:
         ConfigError names the field (``error.key``), so that :func:`load_config` can say whether
         the value came from a flag or from the TOML file. The resolved worker count is saved with
         the run: float results can depend on the thread/process layout, so a resumed run must use
-        the same one.
+        the same one. ``device`` is checked by name only: whether this machine has CUDA is asked where
+        models are placed (:func:`dipsen.device.resolve_device`), so a run trained on a GPU reads back anywhere.
         """
         from .models import calibrate_noise
 
         for name, rule in SCHEMA.items():
             setattr(self, name, rule.check(name, getattr(self, name)))
         if self.workers is None:
-            self.workers = max(1, min(os.cpu_count() or 1, self.clients_per_round))
+            from .device import training_processes
+
+            self.workers = max(1, min(training_processes(self.device), self.clients_per_round))
         if self.min_clients is not None and self.min_clients > self.clients_per_round:
             raise ConfigError(f"min_clients must be in [0, m = {self.clients_per_round}], got {self.min_clients}", "min_clients")
         # without a target nothing stops on it: holding rows out would only take them from the clients
@@ -592,6 +597,7 @@ SCHEMA: dict[str, Rule] = {
     "backdoor_rounds": Rule(str, optional=True),
     # numpy's SeedSequence hashes it (any size) into every seed; it takes non-negative integers only
     "seed": Rule(int, low=0),
+    "device": Rule(str, choices=_registry(".device", "DEVICES")),
     "workers": _OPTIONAL_COUNT,
     "round_timeout": Rule(float, low=0, low_open=True),
     "engine": Rule(str, choices=lambda: ENGINES),

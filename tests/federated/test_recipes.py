@@ -207,7 +207,7 @@ def _before_recipes(model: nn.Module, global_state, x, y, training: LocalTrainin
         for batch in order.split(training.batch_size):
             optimizer.zero_grad(set_to_none=True)
             inputs, labels = x[batch], y[batch]
-            with training.autocast():
+            with training.autocast("cpu"):
                 if training.adv_train == "none":
                     loss = loss_fn(model(training.noisy(inputs)), labels)
                 else:

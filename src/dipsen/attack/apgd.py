@@ -86,8 +86,8 @@ class Apgd(TorchAttack):
 
     def attack(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         free = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool().expand_as(x)
-        best, best_loss = x.clone(), torch.full((len(y),), -math.inf)
-        success = torch.zeros(len(y), dtype=torch.bool)
+        best, best_loss = x.clone(), torch.full((len(y),), -math.inf, device=x.device)
+        success = torch.zeros(len(y), dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
             idx = (~success).nonzero().squeeze(1)
             if not len(idx):

@@ -43,6 +43,7 @@ from art.attacks.evasion import BasicIterativeMethod, FastGradientMethod, HopSki
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
+from ..device import model_device
 from ..errors import DipsenError
 from .apgd import Apgd
 from .square import P_INIT, Square
@@ -91,14 +92,17 @@ ADAPTIVE_BUDGET = Budget(iterations=100, step_fraction=1 / 10, restarts=2)
 def art_classifier(
     model: nn.Module, input_shape: tuple[int, ...], num_classes: int, loss: nn.Module | None = None
 ) -> PyTorchClassifier:
-    """``model`` (returning logits or log-probabilities) as an ART classifier on inputs in [0, 1]."""
+    """``model`` (returning logits or log-probabilities) as an ART classifier on inputs in [0, 1], on the model's device.
+
+    ART's ``device_type`` "gpu" means its current CUDA device, which is where a model placed on ``cuda`` is.
+    """
     return PyTorchClassifier(
         model,
         loss=loss if loss is not None else nn.CrossEntropyLoss(),
         input_shape=tuple(input_shape),
         nb_classes=num_classes,
         clip_values=(0.0, 1.0),
-        device_type="cpu",
+        device_type="gpu" if model_device(model).type == "cuda" else "cpu",
     )
 
 
@@ -163,4 +167,4 @@ def build_attack(
 def _on_tensors(project: FeasibleProjection | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     if project is None:
         return None
-    return lambda candidate, x: torch.from_numpy(project(candidate.numpy(), x.numpy()))
+    return lambda candidate, x: torch.from_numpy(project(candidate.cpu().numpy(), x.cpu().numpy())).to(candidate.device)

@@ -57,9 +57,10 @@ class FeasibleDomain:
         return out
 
     def project_tensor(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-        """:meth:`project` on CPU tensors (adversarial training): the same projection, no gradient.
+        """:meth:`project` on tensors (adversarial training): the same projection, no gradient, on ``x``'s device.
 
-        The numpy arrays share the tensors' memory, so on the CPU this costs no copy.
+        It runs in numpy on the host: the numpy arrays share CPU tensors' memory, so on the CPU this
+        costs no copy; a GPU's tensors go to the host and back.
         """
         projected = self.project(x_adv.detach().cpu().numpy(), x.detach().cpu().numpy(), eps)
         return torch.from_numpy(projected).to(x.device)

@@ -176,7 +176,12 @@ class RobustnessEvaluation:
                 self._sources[threat] = (self._deployed(self.trained.model(round_)), f"stale global model (round {round_})")
             else:
                 surrogate = train_surrogate(
-                    self.data.x_attacker, self.data.y_attacker, len(self.classes), self.seed, self.surrogate_epochs
+                    self.data.x_attacker,
+                    self.data.y_attacker,
+                    len(self.classes),
+                    self.seed,
+                    self.surrogate_epochs,
+                    self.trained.device,
                 )
                 self._sources[threat] = (surrogate, f"surrogate CNN trained on {len(self.data.y_attacker)} attacker examples")
         return self._sources[threat]

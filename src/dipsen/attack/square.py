@@ -105,7 +105,7 @@ class Square(TorchAttack):
         # every candidate is projected before its query: what the model scores is what is returned
         idx = unfooled()
         if len(idx):
-            stripes = _signs((len(idx), x.shape[1], 1, x.shape[3]), x.dtype)
+            stripes = _signs((len(idx), x.shape[1], 1, x.shape[3]), x)
             search(idx, self.project(torch.where(free[idx], x[idx] + self.eps * stripes, x[idx]), x[idx]))
         for i in range(self.queries - 1):
             idx = unfooled()
@@ -115,7 +115,7 @@ class Square(TorchAttack):
             window = free[idx] & _window(
                 window_fraction(self.p_init, i, self.queries), top[idx], box_h[idx], left[idx], box_w[idx], x.shape[2], x.shape[3]
             )
-            signs = _signs((len(idx), x.shape[1], 1, 1), x.dtype)
+            signs = _signs((len(idx), x.shape[1], 1, 1), x)
             candidate = self.project(torch.where(window, x_i + self.eps * signs, best_i), x_i)
             # a window already at those values would waste the query; the paper draws new signs until
             # the candidate differs, which for one channel means the opposite sign
@@ -135,8 +135,9 @@ def _span(occupied: Tensor) -> tuple[Tensor, Tensor]:
     return first, (last - first + 1) * occupied.any(dim=1)
 
 
-def _signs(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    return (torch.randint(0, 2, shape) * 2 - 1).to(dtype)
+def _signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Random signs of ``shape``, ``like``'s dtype and device."""
+    return (torch.randint(0, 2, shape, device=like.device) * 2 - 1).to(like.dtype)
 
 
 def _window(p: float, top: Tensor, box_h: Tensor, left: Tensor, box_w: Tensor, height: int, width: int) -> Tensor:
@@ -146,9 +147,9 @@ def _window(p: float, top: Tensor, box_h: Tensor, left: Tensor, box_w: Tensor, h
     side = area.sqrt().round().clamp(min=1)
     win_h = torch.where(side > w, (area / w).round(), side).clamp(min=1).minimum(h).long()
     win_w = torch.where(side > h, (area / h).round(), side).clamp(min=1).minimum(w).long()
-    row0 = top + (torch.rand(len(top)) * (box_h - win_h + 1)).long()
-    col0 = left + (torch.rand(len(left)) * (box_w - win_w + 1)).long()
-    r, c = torch.arange(height), torch.arange(width)
+    row0 = top + (torch.rand(len(top), device=top.device) * (box_h - win_h + 1)).long()
+    col0 = left + (torch.rand(len(left), device=left.device) * (box_w - win_w + 1)).long()
+    r, c = torch.arange(height, device=top.device), torch.arange(width, device=top.device)
     in_rows = (r >= row0[:, None]) & (r < (row0 + win_h)[:, None])
     in_cols = (c >= col0[:, None]) & (c < (col0 + win_w)[:, None])
     return in_rows[:, None, :, None] & in_cols[:, None, None, :]

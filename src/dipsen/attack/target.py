@@ -17,6 +17,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import Dataset
+from ..device import CPU
 from ..errors import DipsenError
 from ..federated import RunDir
 from ..models import FederatedNet, build_model, calibrate_noise
@@ -43,9 +44,11 @@ class TrainedRun:
     Its final model is the one the run ends with: the last finished round's, or, where the collapse
     guard stopped training (final_metrics.json's ``collapse``, see :mod:`dipsen.federated.engine`),
     ``best_robust.pt``'s, of round ``final_round`` = the best-robust round; ``collapse`` says so.
+    Its models are placed on ``device``, where whatever attacks or certifies them computes.
     """
 
-    def __init__(self, path: Path, dataset: Dataset | None = None) -> None:
+    def __init__(self, path: Path, dataset: Dataset | None = None, device: torch.device = CPU) -> None:
+        self.device = device
         self.run = RunDir.open(Path(path))
         self.config: TrainConfig = self.run.config()
         rounds = self.run.finished_rounds()
@@ -69,7 +72,7 @@ class TrainedRun:
         return self.run.path
 
     def model(self, round_: int | None = None) -> FederatedNet:
-        """The global model after ``round_`` (default: the final model, see the class), in eval mode."""
+        """The global model after ``round_`` (default: the final model, see the class), in eval mode, on the run's device."""
         round_ = self.final_round if round_ is None else round_
         if self.collapse is not None and round_ == self.final_round:
             state = self._best_robust_state()
@@ -82,7 +85,7 @@ class TrainedRun:
         shape = tuple(self.dataset.x_test.shape[1:])
         model = build_model(cfg.model, shape, len(self.dataset.classes), noise, cfg.alpha_dropout)
         model.load_state_dict(state)
-        return model.eval()
+        return model.to(self.device).eval()
 
     def _best_robust_state(self) -> dict:
         """The weights of ``best_robust.pt``, the model a collapsed run ends with; DipsenError if it is not that round's."""

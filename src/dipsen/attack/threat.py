@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device import CPU
 from ..errors import DipsenError
 from ..models import FederatedNet, build_model, calibrate_noise
 from .target import TrainedRun
@@ -57,13 +58,18 @@ def stale_round(run: TrainedRun, stale_rounds: int) -> int:
 
 
 def train_surrogate(
-    x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0, epochs: int = SURROGATE_EPOCHS
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    seed: int = 0,
+    epochs: int = SURROGATE_EPOCHS,
+    device: torch.device = CPU,
 ) -> FederatedNet:
-    """The attacker's own undefended CNN, trained centrally on its data (SGD, momentum 0.9, batch 64)."""
+    """The attacker's own undefended CNN, trained centrally on its data (SGD, momentum 0.9, batch 64) on ``device``."""
     if len(y) < 2:
         raise DipsenError("the attacker's data slice is empty: lower --samples so part of the test set is left over")
     torch.manual_seed(seed)
-    model = build_model("cnn", tuple(x.shape[1:]), num_classes, calibrate_noise(0.0, 1.0, 0.05, 0.1))
+    model = build_model("cnn", tuple(x.shape[1:]), num_classes, calibrate_noise(0.0, 1.0, 0.05, 0.1)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -72,6 +78,6 @@ def train_surrogate(
     for _ in range(epochs):
         for batch in torch.randperm(len(yt), generator=generator).split(64):
             optimizer.zero_grad()
-            loss_fn(model(xt[batch]), yt[batch]).backward()
+            loss_fn(model(xt[batch].to(device)), yt[batch].to(device)).backward()
             optimizer.step()
     return model.eval()

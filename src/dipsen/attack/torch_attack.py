@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..device import model_device
 from ..errors import DipsenError
 
 
@@ -35,17 +36,18 @@ class TorchAttack(ABC):
         """Adversarial examples for ``x`` (labels ``y``) and, per example, whether the attack fooled the model."""
 
     def generate(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """:meth:`attack` on numpy arrays (integer labels), ``batch_size`` examples at a time."""
+        """:meth:`attack` on numpy arrays (integer labels), ``batch_size`` examples at a time, on the model's device."""
         if y is None or np.ndim(y) != 1:
             raise DipsenError("our attacks need the true labels as one integer per example")
+        device = model_device(self.model)
         chunks = []
         for begin in range(0, len(y), self.batch_size):
             part = slice(begin, begin + self.batch_size)
-            mask_part = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask[part]))
+            mask_part = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask[part])).to(device)
             x_adv, _ = self.attack(
-                torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)),
-                torch.from_numpy(np.asarray(y[part])).long(),
+                torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)).to(device),
+                torch.from_numpy(np.asarray(y[part])).long().to(device),
                 mask_part,
             )
-            chunks.append(x_adv.numpy())
+            chunks.append(x_adv.cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros_like(x, dtype=np.float32)

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..device import model_device
 from ..errors import DipsenError
 from ..models import FederatedNet
 from ..models.predict import draw_logits
@@ -52,14 +53,14 @@ class ExpectedSoftmax(nn.Module):
 
 
 class FrozenNoise(nn.Module):
-    """The model with its noise generator re-seeded before every forward pass: one fixed draw."""
+    """The model with its noise generator re-seeded before every forward pass: one fixed draw (on the model's device)."""
 
     def __init__(self, model: FederatedNet, seed: int) -> None:
         super().__init__()
         if model.noise is None:
             raise DipsenError("frozen noise needs a model with a noise layer")
         self.model, self.seed = model, seed
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=model_device(model))
         model.noise.generator = self.generator
 
     def forward(self, x: Tensor) -> Tensor:

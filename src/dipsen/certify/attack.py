@@ -27,17 +27,20 @@ def smoothed_pgd_l2(
     draws: int = 16,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Adversarial examples for the batch ``x`` (labels ``y``) within L2 ``radius``, against the smoothed ``base``."""
+    """Adversarial examples for the batch ``x`` (labels ``y``) within L2 ``radius``, against the smoothed ``base``.
+
+    Computed on ``x``'s device, which must be the model's; every draw is made there, so ``generator`` must live there too.
+    """
     base = base.eval()
     flat = x.flatten(1)
-    direction = torch.randn(flat.shape, generator=generator)
-    start = direction / direction.norm(dim=1, keepdim=True) * radius * torch.rand(len(x), 1, generator=generator)
+    direction = torch.randn(flat.shape, generator=generator, device=x.device)
+    start = direction / direction.norm(dim=1, keepdim=True) * radius * torch.rand(len(x), 1, generator=generator, device=x.device)
     delta = start.view_as(x)
     step = 2.5 * radius / steps  # Madry et al.'s rule: enough steps to cross the ball twice
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
         repeated = (x + delta).repeat(draws, *([1] * (x.dim() - 1)))
-        noisy = repeated + sigma * torch.randn(repeated.shape, generator=generator)
+        noisy = repeated + sigma * torch.randn(repeated.shape, generator=generator, device=x.device)
         log_probs = torch.log_softmax(base(noisy), dim=1).view(draws, len(x), -1)
         expected = torch.logsumexp(log_probs, dim=0) - math.log(draws)
         loss = nn.functional.nll_loss(expected, y)

@@ -75,12 +75,12 @@ class CertifySettings:
 
 
 def certify_run(trained: TrainedRun, settings: CertifySettings, progress: Callable[[int], None] | None = None) -> dict:
-    """Certify ``settings.samples`` test examples of ``trained``; the record ``dipsen certify`` saves."""
+    """Certify ``settings.samples`` test examples of ``trained`` on its device; the record ``dipsen certify`` saves."""
     settings = settings.resolve(trained)
     data = trained.attack_data(settings.samples)
     model = trained.model()
     torch.manual_seed(settings.seed)  # a noise layer draws from the global generator
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator(device=trained.device).manual_seed(settings.seed)
     cfg = trained.config
     noise = calibrate_noise(cfg.sigma, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_attack_bound)
     if settings.method == "smoothing" and settings.sigma is not None:  # resolve() gave smoothing its sigma
@@ -98,7 +98,7 @@ def certify_run(trained: TrainedRun, settings: CertifySettings, progress: Callab
     labels, radii = [], []
     start = time.perf_counter()
     for x in torch.as_tensor(data.x_eval):
-        label, radius = certify_one(x)
+        label, radius = certify_one(x.to(trained.device))
         labels.append(label)
         radii.append(radius)
         if progress is not None:
@@ -144,10 +144,10 @@ def attacked_accuracy(
     if settings.method != "smoothing" or settings.sigma is None:
         raise DipsenError("the L2 attack check is for smoothing certificates")
     data = trained.attack_data(settings.samples)
-    x, y = torch.as_tensor(data.x_eval), torch.as_tensor(data.y_eval).long()
+    x, y = torch.as_tensor(data.x_eval).to(trained.device), torch.as_tensor(data.y_eval).long().to(trained.device)
     model = trained.model()
     smooth = Smooth(model, len(trained.dataset.classes), settings.sigma, settings.batch_size)
-    generator = torch.Generator().manual_seed(settings.seed + 1)
+    generator = torch.Generator(device=trained.device).manual_seed(settings.seed + 1)
     accuracy = {}
     for radius in radii:
         adversarial = smoothed_pgd_l2(model, x, y, radius, settings.sigma, generator=generator) if radius > 0 else x

@@ -87,14 +87,17 @@ def class_counts(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Predicted-class counts of ``model`` over ``draws`` copies of ``x``, each with fresh input noise of ``input_std``
-    (and, for a model with a noise layer, a fresh draw of it). Batches of 128 keep activations in cache on a CPU."""
-    counts = torch.zeros(num_classes, dtype=torch.long)
+    (and, for a model with a noise layer, a fresh draw of it). Batches of 128 keep activations in cache on a CPU.
+
+    Computed on ``x``'s device, which must be the model's; the input noise is drawn there, so ``generator`` must live there too.
+    """
+    counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
     model.eval()
     for start in range(0, draws, batch_size):
         size = min(batch_size, draws - start)
         if input_std > 0:
             batch = x.unsqueeze(0).expand(size, *x.shape)
-            logits = model(batch + torch.randn(batch.shape, generator=generator) * input_std)
+            logits = model(batch + torch.randn(batch.shape, generator=generator, device=x.device) * input_std)
         else:  # only a noise layer's draws: block 1 computed once
             logits = draw_logits(model, x.unsqueeze(0), size)
         counts += torch.bincount(logits.argmax(dim=1), minlength=num_classes)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import DipsenError
-from .app import app, console, progress_bar
+from .app import DEVICE_HELP, app, console, device_option, progress_bar
 
 
 @app.command()
@@ -26,6 +26,7 @@ def certify(
     samples: Annotated[int, typer.Option(help="Seeded test examples (the ones dipsen attack uses).")] = 500,
     radii: Annotated[str, typer.Option(help="Comma-separated L2 radii of the table.")] = "0,0.25,0.5,0.75,1,1.5,2",
     seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Certify a run's final global model: certified accuracy per L2 radius, JSON and PNG in the run folder."""
     from ..attack import TrainedRun
@@ -33,12 +34,13 @@ def certify(
     from ..data._io import write_atomic
     from ..report import plots
 
+    where = device_option(device)
     try:
         radius_values = tuple(float(r) for r in radii.split(",") if r.strip())
     except ValueError:
         raise DipsenError(f"--radii must be comma-separated numbers, got {radii!r}") from None
     settings = CertifySettings(method, sigma, n0, n, alpha, samples, radius_values, seed).validate()
-    trained = TrainedRun(run_dir)
+    trained = TrainedRun(run_dir, device=where)
     settings.resolve(trained)  # the values that depend on the run, before any work
     with progress_bar() as progress:
         task = progress.add_task(f"certifying ({method})", total=samples)

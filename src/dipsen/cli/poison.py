@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DipsenError
-from .app import app, console, progress_bar
+from .app import DEVICE_HELP, app, console, progress_bar
 from .robustness import _RESUME_HELP, _floats, _resumed
 
 
@@ -55,6 +55,9 @@ def poison_study_cmd(
         float | None, typer.Option(show_default="the TOML's (0.1)", help="C, fraction of clients per round.")
     ] = None,
     local_epochs: Annotated[int | None, typer.Option(show_default="the TOML's", help="E, local epochs per round.")] = None,
+    device: Annotated[
+        str | None, typer.Option(show_default="auto, or the --config file's", help=DEVICE_HELP + " Recorded with the study.")
+    ] = None,
     train_subset: Annotated[
         int | None, typer.Option(show_default="mnist 20000, ctu13 all", help="Use a seeded random subset of the training set.")
     ] = None,
@@ -102,6 +105,7 @@ def poison_study_cmd(
         "--clients": clients,
         "--fraction": fraction,
         "--local-epochs": local_epochs,
+        "--device": device,
         "--train-subset": train_subset,
         "--test-subset": test_subset,
         "--partition": partition,
@@ -136,6 +140,7 @@ def poison_study_cmd(
                 "clients": clients,
                 "fraction": fraction,
                 "local_epochs": local_epochs,
+                "device": device,
                 "train_subset": train_subset,
                 "test_subset": test_subset,
                 "partition": partition,

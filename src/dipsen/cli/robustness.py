@@ -15,7 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import DipsenError
-from .app import app, console, progress_bar
+from .app import DEVICE_HELP, app, console, device_option, progress_bar
 
 
 def _factory(progress: Progress):
@@ -54,12 +54,14 @@ def attack(
     mc_samples: Annotated[int, typer.Option(help="Draws of the Monte-Carlo prediction rule.")] = 16,
     eps_sweep: Annotated[str | None, typer.Option(help="Comma-separated eps values: plot accuracy against eps.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Attack a run's final global model; prints and saves clean and adversarial metrics."""
     from ..attack import ADAPTIVE_BUDGET, PAPER_BUDGET, AttackSetup, RobustnessEvaluation, TrainedRun
     from ..data._io import write_atomic
     from ..report import plots
 
+    where = device_option(device)
     if protocol not in ("paper", "adaptive"):
         raise DipsenError(f"--protocol must be paper or adaptive, got {protocol!r}")
     budget = PAPER_BUDGET if protocol == "paper" else ADAPTIVE_BUDGET
@@ -69,7 +71,7 @@ def attack(
     default_gradient = "eot" if protocol == "adaptive" else "draw"
     setup = AttackSetup(attack, eps, threat, gradient or default_gradient, eot_draws, budget)
     sweep = _floats(eps_sweep, "--eps-sweep") if eps_sweep else None
-    trained = TrainedRun(run_dir)
+    trained = TrainedRun(run_dir, device=where)
     evaluation = RobustnessEvaluation(trained, samples, mc_samples=mc_samples, stale_rounds=stale_rounds, seed=seed)
     out = trained.path / "attacks"  # created only once there are results: a failed attack leaves nothing behind
     with progress_bar(remaining=False) as progress:
@@ -168,12 +170,14 @@ def reproduce(
         ),
     ] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP + " Not an option of the study: it may change on --resume.")] = "auto",
 ) -> None:
     """Train CNN, DiPSeN, FAT and smoothed CNNs on each data set, attack and certify them, write the report."""
     from ..attack.study import StudySettings
     from ..report import reproduce as run_study
     from ..report.paper import DATASETS
 
+    device_option(device)  # before any work
     if resume is not None:
         given: dict[str, object] = {"--out": out, "--quick": quick, "--datasets": datasets}
         options = _resumed(resume, {**given, "--every-attack-on-all": every_attack_on_all})
@@ -190,6 +194,7 @@ def reproduce(
             settings=settings,
             progress=_factory(progress),
             resume=resume is not None,
+            device=device,
         )
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 
@@ -203,10 +208,12 @@ def sweep_sigma_cmd(
     out: Annotated[Path | None, typer.Option(show_default="sigma-sweep", help="Output folder (must be new or empty).")] = None,
     quick: Annotated[bool | None, typer.Option("--quick", help="Small subsets and budgets: a smoke test.")] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("sweep"))] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP + " Not an option of the sweep: it may change on --resume.")] = "auto",
 ) -> None:
     """Train DiPSeN at several noise levels; plot clean, attacked and certified accuracy against sigma."""
     from ..report.sigma import sweep_sigma
 
+    device_option(device)  # before any work
     if resume is not None:
         options = _resumed(resume, {"--dataset": dataset, "--sigmas": sigmas, "--out": out, "--quick": quick})
         out, dataset, values, quick = resume, options["dataset"], options["sigmas"], options["quick"]
@@ -220,5 +227,6 @@ def sweep_sigma_cmd(
             quick=bool(quick),
             progress=_factory(progress),
             resume=resume is not None,
+            device=device,
         )
     console.print(f"saved: {path}")

@@ -447,8 +447,20 @@ def train(
             show_default=_default("seed"),
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            show_default=_default("device"),
+            help="auto | cpu | cuda: where models train and are evaluated (auto: CUDA if torch sees a GPU, else the CPU; "
+            "cuda without one is an error). May change on --resume. The CUDA path is untested on a GPU.",
+        ),
+    ] = None,
     workers: Annotated[
-        int | None, typer.Option(show_default=_default("workers"), help="Client-training processes (default: one per CPU core).")
+        int | None,
+        typer.Option(
+            show_default=_default("workers"),
+            help="Client-training processes (default: one per CPU core; with CUDA, one per GPU).",
+        ),
     ] = None,
     round_timeout: Annotated[
         float | None,
@@ -525,12 +537,13 @@ def train(
         Path | None,
         typer.Option(
             help="Resume the run in this folder from its last finished round; with --rounds N, finished or not, "
-            "extend it to N rounds (--keep-checkpoints and --round-timeout may change too; other options come from "
-            "its config.json)."
+            "extend it to N rounds (--keep-checkpoints, --round-timeout and --device may change too; other options "
+            "come from its config.json)."
         ),
     ] = None,
 ) -> None:
     """Train a model by federated averaging and write a run folder."""
+    from ..device import resolve_device
     from ..federated import FederatedTraining, RunDir
     from ..federated import train as run_training
     from ..federated.tracking import require as require_tracker
@@ -539,21 +552,24 @@ def train(
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_OPTIONS}
     if resume is not None:
         # only these change no finished round's weights: see RunDir.reconfigure
-        changeable = ("rounds", "keep_checkpoints", "round_timeout")
+        changeable = ("rounds", "keep_checkpoints", "round_timeout", "device")
         given = sorted("--" + k.replace("_", "-") for k, v in overrides.items() if v is not None and k not in changeable)
         if config is not None or given:
             raise DipsenError(
                 f"--resume reads its options from {resume}/config.json "
-                "(only --rounds, --keep-checkpoints and --round-timeout may change); "
+                "(only --rounds, --keep-checkpoints, --round-timeout and --device may change); "
                 f"drop {', '.join(given) or '--config'}"
             )
         run = RunDir.open(resume)
         require_tracker(run.config().log_to)  # before reconfigure rewrites config.json
-        cfg = run.reconfigure(rounds=rounds, keep_checkpoints=keep_checkpoints, round_timeout=round_timeout)
+        if device is not None:
+            resolve_device(device)  # before reconfigure rewrites config.json too
+        cfg = run.reconfigure(rounds=rounds, keep_checkpoints=keep_checkpoints, round_timeout=round_timeout, device=device)
     else:
         cfg = load_config(config, overrides)
         require_tracker(cfg.log_to)
         run = None
+    resolve_device(cfg.device)  # a device this machine lacks fails here, before the data load and any file
     data = cfg.load_dataset()
     stop = StopFlag()
     with ExitStack() as signals:

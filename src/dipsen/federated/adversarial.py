@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..device import model_device
 from ..metrics import predict_labels
 
 if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated: import it where it is used, not here
@@ -178,19 +179,21 @@ class RobustMonitor:
     ) -> float:
         """Accuracy of ``model`` on this attack's examples of (x, y), at ``steps`` (default: the monitor's).
 
-        Crafted in eval mode on single noise draws, feasible in ``domain``, labelled by the run's
-        prediction rule (``mc_samples``); every draw comes from ``seed``.
+        Crafted in eval mode on single noise draws, on the model's device, feasible in ``domain``, labelled by the
+        run's prediction rule (``mc_samples``); every draw comes from ``seed``.
         """
         steps = steps or self.steps
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         model.eval()
+        device = model_device(model)
         correct = 0
         for begin in range(0, len(y), ROBUST_BATCH):
             xb = torch.from_numpy(np.ascontiguousarray(x[begin : begin + ROBUST_BATCH]))
             yb = torch.as_tensor(y[begin : begin + ROBUST_BATCH]).long()
             if self.attack == "pgd":
-                x_adv = perturb(model, xb, yb, eps, steps, default_step_size("pgd", eps, steps), domain, generator).numpy()
+                step = default_step_size("pgd", eps, steps)
+                x_adv = perturb(model, xb.to(device), yb.to(device), eps, steps, step, domain, generator).cpu().numpy()
             else:
                 from ..attack.apgd import Apgd  # not at the top: dipsen.attack imports dipsen.federated
 

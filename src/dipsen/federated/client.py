@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..device import host_state, model_device
 from .adversarial import attack_steps, default_step_size, perturb, perturb_kl, trades_loss
 from .smoothing import consistency_batch_loss
 
@@ -117,9 +119,12 @@ class LocalTraining:
             loss = loss + (1 - self.adv_mix) * nn.functional.cross_entropy(model(self.noisy(inputs)), labels)
         return loss
 
-    def autocast(self) -> torch.autocast:
-        """The arithmetic of a step's forward passes: bfloat16 autocast when ``train_dtype`` is bfloat16, else float32."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.train_dtype == "bfloat16")
+    def autocast(self, device_type: str) -> AbstractContextManager:
+        """The arithmetic of a step's forward passes on a ``device_type`` device: bfloat16 autocast when ``train_dtype``
+        is bfloat16, else float32 (no autocast context at all: it would refuse a device type it has no rules for)."""
+        if self.train_dtype != "bfloat16":
+            return nullcontext()
+        return torch.autocast(device_type, dtype=torch.bfloat16)
 
     def steps_for(self, samples: int) -> int:
         """The optimizer steps :func:`client_update` takes on ``samples`` rows: ``epochs`` passes of ceil(samples / B)."""
@@ -140,9 +145,9 @@ def proximal_term(model: nn.Module, anchor: StateDict, mu: float) -> Tensor:
     """FedProx's proximal term (Li et al. 2020, "Federated optimization in heterogeneous networks"): (mu / 2) ||w - w_0||^2.
 
     Summed over ``model``'s trainable parameters (buffers and frozen weights have no gradient to
-    pull), ``anchor`` the round's global weights by state-dict name. Its gradient is mu (w - w_0).
+    pull), ``anchor`` the round's global weights by state-dict name, on the model's device. Its gradient is mu (w - w_0).
     """
-    squares = [((p - anchor[name].to(p)) ** 2).sum() for name, p in model.named_parameters() if p.requires_grad]
+    squares = [((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters() if p.requires_grad]
     return (mu / 2) * torch.stack(squares).sum()
 
 
@@ -165,9 +170,13 @@ def client_update(
 ) -> ClientUpdate:
     """Train ``model`` from ``global_state`` on (x, y) and return the updated weights.
 
-    ``model`` is a reusable worker: its weights are overwritten by ``global_state`` first.
+    ``model`` is a reusable worker: its weights are overwritten by ``global_state`` first. It trains on
+    its own device, (x, y) staying where they are and each mini-batch moving there; the update's
+    weights are host copies (:func:`~dipsen.device.host_state`). The random draws that pick batches
+    and adversarial starts are made on the CPU whatever the device, so they are the same on any.
     """
     start = time.perf_counter()
+    device = model_device(model)
     torch.manual_seed(seed)  # noise layer and AlphaDropout draw from the global generator
     shuffle = torch.Generator().manual_seed(seed)
     # the random starts of adversarial examples: a stream of their own, so shuffling stays as without them
@@ -175,22 +184,24 @@ def client_update(
     model.load_state_dict(global_state)
     model.train()
     optimizer = training.make_optimizer(model.parameters())
-    # the proximal term's w_global, copied: a caller may pass the worker model's own state_dict(), whose
-    # tensors share memory with the weights being trained and would move with them
-    anchor = {k: v.detach().clone() for k, v in global_state.items()} if training.proximal_mu > 0 else {}
-    total_loss, steps = 0.0, 0
+    # the proximal term's w_global, copied to the device: a caller may pass the worker model's own state_dict(),
+    # whose tensors share memory with the weights being trained and would move with them
+    anchor = {k: v.detach().to(device, copy=True) for k, v in global_state.items()} if training.proximal_mu > 0 else {}
+    # summed on the device in float64 (each float32 loss exactly, as Python floats would), read once at the end:
+    # a GPU then waits for no step's loss
+    total_loss, steps = torch.zeros((), dtype=torch.float64, device=device), 0
     for _ in range(training.epochs):
         order = torch.randperm(len(x), generator=shuffle)
         for batch in order.split(training.batch_size):
             optimizer.zero_grad(set_to_none=True)
-            inputs, labels = x[batch], y[batch]
-            with training.autocast():
+            inputs, labels = x[batch].to(device), y[batch].to(device)
+            with training.autocast(device.type):
                 loss = training.loss(model, inputs, labels, starts)
             if training.proximal_mu > 0:  # in float32 outside autocast: it is a difference of weights, not a forward pass
                 loss = loss + proximal_term(model, anchor, training.proximal_mu)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item()
+            total_loss += loss.detach()
             steps += 1
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return ClientUpdate(state, len(x), total_loss / max(steps, 1), steps, time.perf_counter() - start)
+    state = host_state(model)
+    return ClientUpdate(state, len(x), total_loss.item() / max(steps, 1), steps, time.perf_counter() - start)

@@ -98,6 +98,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import Dataset
+from ..device import host_state, resolve_device
 from ..errors import ConfigError, DipsenError
 from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
@@ -331,8 +332,9 @@ class FederatedTraining:
                 self.aggregation,
                 server_update=lambda state, seed: client_update(self.model, state, x_root, y_root, self.training, seed).state,
             )
+        self.device = resolve_device(config.device)
         torch.manual_seed(derive_seed(config.seed, _INIT))
-        self.model = build_model(*self.model_args)
+        self.model = build_model(*self.model_args).to(self.device)  # initialised on the CPU: the same weights on any device
         self.domain = training_domain(config, dataset)
         self.monitor = (
             RobustMonitor(config.robust_monitor, config.robust_monitor_steps, config.robust_monitor_samples)
@@ -349,6 +351,7 @@ class FederatedTraining:
             config.workers or 1,
             self.stop,  # validate() set it
             config.round_timeout,
+            self.device,
         )
 
     def close(self, abort: bool = False) -> None:
@@ -386,6 +389,7 @@ class FederatedTraining:
             "validation": validation,
             "test_samples_used": int(len(self.y_test)),
             "model": self.config.model,
+            "device": str(self.device),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "noise": {**asdict(self.noise), "std": self.noise.std} if self.model.is_randomized else None,
             "prediction_rule": prediction_rule(self.model, self.config.mc_samples),
@@ -609,7 +613,7 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round, tracker:
     if last is None:
         run.write_json("run_info.json", job.describe())
         run.write_json("partition.json", summarize(job.parts, job.y_train.numpy(), len(job.dataset.classes)))
-        state = {k: v.clone() for k, v in job.model.state_dict().items()}
+        state = host_state(job.model)
         run.save_checkpoint(0, state)
         start_round = 0
     else:

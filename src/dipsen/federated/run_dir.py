@@ -15,6 +15,9 @@ Layout::
                              ``collapse`` says so (round, best_round, best, at, drop, model)
     RUN/.lock                held by the process training the run, or launching it on Flower (see RunDir.lock); names its PID
 
+Checkpoints hold CPU tensors (the engines save host copies of the weights, see :mod:`dipsen.device`)
+and are read back onto the CPU, so a run trained on a GPU loads on a machine without one.
+
 Every file is written to a temporary name and renamed into place, so a run killed at any moment
 leaves only complete files; a round counts as finished once its checkpoint exists. A write that
 fails (a full disk, a read-only folder) removes its temporary file and raises a one-line
@@ -190,9 +193,13 @@ class RunDir:
             raise ConfigError(f"{file}: {exc}", exc.key) from None
 
     def reconfigure(
-        self, rounds: int | None = None, keep_checkpoints: str | None = None, round_timeout: float | None = None
+        self,
+        rounds: int | None = None,
+        keep_checkpoints: str | None = None,
+        round_timeout: float | None = None,
+        device: str | None = None,
     ) -> TrainConfig:
-        """The run's config with a new round limit, checkpoint rule and/or deadline, saved to config.json (``--resume``).
+        """The run's config with a new round limit, checkpoint rule, deadline and/or device, saved to config.json (``--resume``).
 
         None of them changes the weights of any round, so a run extended from t to N rounds ends with
         exactly the weights of a run of N rounds from the start; every other option would. ``rounds``
@@ -203,7 +210,9 @@ class RunDir:
         rewritten, so a kill in between leaves an unfinished run rather than one whose final metrics
         belie its config; training writes the new one. A new checkpoint rule prunes at once.
         ``round_timeout`` only decides when a stuck worker's clients count as failed: a run stopped
-        by a deadline too short for its rounds goes on with a longer one.
+        by a deadline too short for its rounds goes on with a longer one. ``device`` is where the
+        rounds still to come train (a run begun on a GPU goes on where there is none); CPU and GPU
+        arithmetic differ in the last bits, so the weights equal an uninterrupted run's only on the same device.
         """
         config = self.config()
         updated = dataclasses.replace(
@@ -211,6 +220,7 @@ class RunDir:
             rounds=config.rounds if rounds is None else rounds,
             keep_checkpoints=config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
             round_timeout=config.round_timeout if round_timeout is None else round_timeout,
+            device=config.device if device is None else device,
         ).validate()
         if updated == config:
             return config
@@ -306,7 +316,7 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            return int(torch.load(path, weights_only=True, mmap=True)["round"])
+            return int(torch.load(path, weights_only=True, mmap=True, map_location="cpu")["round"])
         except Exception as exc:  # torch raises several types for damaged files
             raise DipsenError(f"{path}: unreadable: {exc}") from None
 
@@ -316,14 +326,14 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, weights_only=True)
+            return torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:  # torch raises several types for damaged files
             raise DipsenError(f"{path}: unreadable: {exc}") from None
 
     def load_checkpoint(self, round_: int) -> StateDict:
         path = self.checkpoint_path(round_)
         try:
-            return torch.load(path, weights_only=True)["model_state"]
+            return torch.load(path, weights_only=True, map_location="cpu")["model_state"]
         except FileNotFoundError:
             raise DipsenError(f"{path}: checkpoint not found") from None
         except Exception as exc:  # torch raises several types for damaged files

@@ -24,6 +24,11 @@ torch: seconds on a busy machine) is waited for before a round's clock starts, f
 ``START_SECONDS``. Chunks are sent from a thread of their own, because a worker that
 has stopped reading would block a large send, and with it the deadline. With one worker the
 updates run in this process: there is nothing to wait for, and no deadline.
+
+On CUDA (``device``) each worker trains on one GPU, the workers taking the GPUs in turn
+(:func:`~dipsen.device.worker_device`; a replaced worker keeps its predecessor's), and the default
+worker count is one per GPU (:func:`~dipsen.device.training_processes`). The training rows stay in
+shared host memory; each worker moves its mini-batches to its GPU. Untested on a GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as tmp
 
+from ..device import CPU, worker_device
 from ..models import build_model
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
 from .poisoning import DataPoison
@@ -150,15 +156,22 @@ def _torch_state(state: dict[str, np.ndarray]) -> StateDict:
     return {k: torch.from_numpy(v) for k, v in state.items()}
 
 
-def _serve(conn: connection.Connection, model_args: tuple, x: torch.Tensor, y: torch.Tensor, training: LocalTraining) -> None:
-    """A worker: run each chunk of clients it receives and send back their updates, until EOF."""
+def _serve(
+    conn: connection.Connection,
+    device: torch.device,
+    model_args: tuple,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    training: LocalTraining,
+) -> None:
+    """A worker: run each chunk of clients it receives on ``device`` and send back their updates, until EOF."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     # blocked by the parent since the spawn, so that one sent to the group during start-up cannot
     # kill this worker; ignored now, so the pending ones are dropped
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     torch.set_num_threads(1)
-    model = build_model(*model_args)
+    model = build_model(*model_args).to(device)
     num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...)
     conn.send(None)  # started: see ClientRunner._await_start
     while True:
@@ -190,6 +203,7 @@ def _send(conn: connection.Connection, message: object) -> None:
 class _Worker:
     process: BaseProcess
     conn: connection.Connection
+    device: torch.device  # where it trains
     started: bool = False  # it has sent its start message (see _serve)
     sending: threading.Thread | None = None
 
@@ -225,7 +239,7 @@ def _stop_workers(workers: list[_Worker], abort: bool) -> None:
 
 
 class ClientRunner:
-    """Runs a round's client updates; ``workers`` > 1 uses that many single-threaded processes.
+    """Runs a round's client updates on ``device``; ``workers`` > 1 uses that many single-threaded processes.
 
     Results are returned in task order, so FedAvg sums them in the same order whatever the layout.
     A round's clients go to the workers in ``CHUNKS_PER_WORKER`` chunks each: few enough that the
@@ -246,6 +260,7 @@ class ClientRunner:
         workers: int = 1,
         stop: StopFlag | None = None,
         round_timeout: float = math.inf,
+        device: torch.device = CPU,
     ) -> None:
         self.x, self.y, self.training = x, y, training
         self.num_classes = model_args[2]  # build_model's (name, input_shape, num_classes, ...): for DataPoison
@@ -253,7 +268,7 @@ class ClientRunner:
         self.round_timeout = round_timeout
         self._workers: list[_Worker] = []
         if workers == 1:
-            self._model = build_model(*model_args)
+            self._model = build_model(*model_args).to(device)
             return
         x.share_memory_()
         y.share_memory_()
@@ -262,22 +277,22 @@ class ClientRunner:
         # The first spawn would start multiprocessing's resource tracker, which unblocks SIGINT and
         # SIGTERM when it is started: see _spawn
         resource_tracker.ensure_running()
-        self._workers.extend(self._spawn() for _ in range(workers))
+        self._workers.extend(self._spawn(worker_device(device, k)) for k in range(workers))
         # so that neither garbage collection nor interpreter exit leaves workers running: at exit
         # this kills them before multiprocessing's own handler joins them (its SIGTERM they ignore)
         self._finalizer = util.Finalize(self, _stop_workers, args=(self._workers, True), exitpriority=10)
 
-    def _spawn(self) -> _Worker:
-        """Start a worker process; it inherits the stop signals blocked (see _serve)."""
+    def _spawn(self, device: torch.device) -> _Worker:
+        """Start a worker process training on ``device``; it inherits the stop signals blocked (see _serve)."""
         ours, theirs = self._context.Pipe()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            process = self._context.Process(target=_serve, args=(theirs, *self._serve_args), daemon=True)
+            process = self._context.Process(target=_serve, args=(theirs, device, *self._serve_args), daemon=True)
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         theirs.close()  # only the worker holds its end: its death shows as EOF here
-        return _Worker(process, ours)
+        return _Worker(process, ours, device)
 
     def _replace(self, worker: _Worker) -> None:
         """Kill ``worker`` (busy past the deadline) and start a fresh one in its place."""
@@ -285,7 +300,7 @@ class ClientRunner:
         worker.close()
         worker.process.join()
         # in place: the finalizer holds this list
-        self._workers[self._workers.index(worker)] = self._spawn()
+        self._workers[self._workers.index(worker)] = self._spawn(worker.device)
 
     def run(self, state: StateDict, tasks: Sequence[ClientTask]) -> list[ClientUpdate | ClientFailure]:
         """One update per task, all starting from ``state``; a ClientFailure for each client past ``round_timeout``.

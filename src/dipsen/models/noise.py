@@ -442,7 +442,8 @@ class GaussianNoiseLayer(nn.Module):
     GaussianNoise is) would silently evaluate a different, deterministic model. ``gain`` is a
     constant applied after the noise (post-processing: it changes neither S_f nor the guarantee).
     ``generator`` may be set to a ``torch.Generator`` for reproducible draws; by default the global
-    torch RNG is used (which the federated engine seeds per client update).
+    torch RNG is used (which the federated engine seeds per client update). The noise is drawn on the
+    input's device, so a generator must live there too.
 
     The draws fill a 4-D input's noise in channels-last order (NHWC: draw ``((n H + h) W + w) C + c``
     goes to element ``(n, c, h, w)``), the layout the models' convolutions run in: the output is then

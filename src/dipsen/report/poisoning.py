@@ -54,6 +54,7 @@ import numpy as np
 
 from ..config import TrainConfig, load_config
 from ..data._io import write_atomic
+from ..device import resolve_device
 from ..errors import ConfigError, DipsenError
 from ..federated import RunDir
 from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, PRE_AGGREGATIONS, min_updates, trim_count
@@ -74,7 +75,8 @@ HEATMAP_FILE = "poisoning-heatmap.png"
 SUCCESS_PLOT_FILE = "poisoning-success.png"  # only where the study ran a backdoor
 # the study's flags that set training options (each a TrainConfig field)
 TRAIN_FLAGS = (
-    "model", "rounds", "clients", "fraction", "local_epochs", "train_subset", "test_subset", "partition", "dirichlet_alpha"
+    "model", "rounds", "clients", "fraction", "local_epochs", "train_subset", "test_subset", "partition", "dirichlet_alpha",
+    "device",
 )  # fmt: skip
 DEFAULT_MODEL = "cnn"  # the study is about the federation, not the defence: the packaged TOML's model is not used
 # what the study changes in the packaged TOML besides the model, to keep a grid of ~100 runs in hours on 2 cores:
@@ -196,6 +198,7 @@ def study_options(
             base = load_config(path, {"model": DEFAULT_MODEL, **STUDY_SETTINGS[dataset], **overrides, "dataset": dataset})
     else:
         base = load_config(config_file, {**overrides, "dataset": dataset})
+    resolve_device(base.device)  # a device this machine lacks fails here, before anything is written
     options = {
         "dataset": dataset,
         "attacks": attacks,

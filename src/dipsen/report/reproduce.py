@@ -58,6 +58,7 @@ from ..certify.evaluate import CertifySettings, attacked_accuracy, certify_run
 from ..config import TrainConfig, load_config
 from ..data import Dataset
 from ..data._io import write_atomic
+from ..device import resolve_device
 from ..errors import DipsenError
 from ..federated import FederatedTraining, RunDir, train
 from .build import build_report
@@ -103,27 +104,28 @@ def study_runs(datasets: tuple[str, ...]) -> dict[str, tuple[str, dict]]:
 
 
 def study_configs(
-    datasets: tuple[str, ...], quick: bool, settings: StudySettings
+    datasets: tuple[str, ...], quick: bool, settings: StudySettings, device: str = "auto"
 ) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
     """The study's runs, label -> training config: those it attacks, and the smoothed CNNs it certifies.
 
     Attacked: CNN and DiPSeN on each data set and task variant (:func:`study_runs`), each data set's
     defences of :data:`DEFENCES` after them; all keep the final and the orange-box attack's stale
     checkpoint. Certified: a CNN trained with input noise for each sigma of :data:`SMOOTHING_SIGMAS`.
+    Every run trains on ``device``.
     """
     keep = f"last-{settings.stale_rounds + 1}"  # the final model and the orange-box attack's stale one
     attacked: dict[str, TrainConfig] = {}
     for key, (dataset, overrides) in study_runs(datasets).items():
         for model in MODELS:
-            attacked[f"{key}/{model}"] = paper_config(dataset, model, quick, keep_checkpoints=keep, **overrides)
+            attacked[f"{key}/{model}"] = paper_config(dataset, model, quick, keep_checkpoints=keep, device=device, **overrides)
         # SOCOFing has no defence: its CNN's clean accuracy (~45%) leaves robustness out of the question
         for name, defence in DEFENCES.items():
             if key == dataset and dataset in defence.datasets:
                 attacked[f"{key}/{name}"] = paper_config(
-                    dataset, defence.model, quick, keep_checkpoints=keep, **defence.config(settings.eps, dataset)
+                    dataset, defence.model, quick, keep_checkpoints=keep, device=device, **defence.config(settings.eps, dataset)
                 )
     smoothed = {
-        f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", input_noise=sigma)
+        f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", device=device, input_noise=sigma)
         for d in datasets
         for sigma in SMOOTHING_SIGMAS[d][: 1 if quick else None]  # quick: the first sigma only
     }
@@ -139,7 +141,11 @@ def round_progress(progress: ProgressFactory | None, label: str, rounds: int):
 
 
 def machine_description() -> str:
-    return f"{platform.machine()} Linux, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    """The machine in a few words, its CUDA GPUs too where torch sees any (the runs used them if their device was CUDA)."""
+    gpus = ""
+    if torch.cuda.is_available():
+        gpus = f", {torch.cuda.device_count()} CUDA GPU(s) ({torch.cuda.get_device_name(0)})"
+    return f"{platform.machine()} Linux, {os.cpu_count()} CPUs{gpus}, torch {torch.__version__}"
 
 
 def open_output(out: Path, options: dict[str, Any], resume: bool) -> None:
@@ -184,10 +190,13 @@ def recorded_options(out: Path) -> dict[str, Any]:
 
 
 def train_run(folder: Path, config: TrainConfig, data: Dataset, progress: ProgressFactory | None, label: str) -> None:
-    """Train the run in ``folder`` to its end: resumed from its last checkpoint if begun, else from the start with ``config``."""
+    """Train the run in ``folder`` to its end: resumed from its last checkpoint if begun, else from the start with ``config``.
+
+    A begun run goes on with the options it was started with, but on ``config``'s device (:meth:`RunDir.reconfigure`).
+    """
     if (folder / "config.json").is_file():
         run, resume = RunDir.open(folder), True
-        config = run.config()  # a begun run goes on with the options it was started with
+        config = run.reconfigure(device=config.device)
     else:
         run, resume = RunDir.create(folder.parent, config, folder.name), False
     train(FederatedTraining(config, data), run, resume=resume, on_round=round_progress(progress, label, config.rounds))
@@ -198,17 +207,19 @@ def training_seconds(folder: Path) -> float:
     return sum(r["train_seconds"] + r["eval_seconds"] for r in RunDir(folder).metrics())
 
 
-def saved_result(folder: Path, name: str, data: Dataset | None, measure: Callable[[TrainedRun], dict]) -> dict:
+def saved_result(
+    folder: Path, name: str, data: Dataset | None, measure: Callable[[TrainedRun], dict], device: torch.device
+) -> dict:
     """``{"seconds", "result"}`` of ``measure`` on the finished run in ``folder``, saved as ``folder/name`` once done.
 
     Measured only if not saved before (a resumed study), on the run with ``data`` (None: loaded
-    from its config), and always returned as read back from the file, so a resumed study reports
-    exactly what an uninterrupted one would.
+    from its config) and its models on ``device``, and always returned as read back from the file,
+    so a resumed study reports exactly what an uninterrupted one would.
     """
     run = RunDir.open(folder)
     if not (folder / name).is_file():
         start = time.perf_counter()
-        result = measure(TrainedRun(folder, data))
+        result = measure(TrainedRun(folder, data, device))
         run.write_json(name, {"seconds": time.perf_counter() - start, "result": result})
     return run.read_json(name)
 
@@ -221,10 +232,16 @@ def reproduce(
     settings: StudySettings | None = None,
     progress: ProgressFactory | None = None,
     resume: bool = False,
+    device: str = "auto",
 ) -> Path:
-    """Train, attack and report into ``out`` (with ``resume``: finish the study begun there); returns report.md's path."""
+    """Train, attack and report into ``out`` (with ``resume``: finish the study begun there); returns report.md's path.
+
+    Everything computes on ``device`` (:mod:`dipsen.device`), which is not one of the study's recorded
+    options: a resume may use another.
+    """
     settings = settings or (StudySettings.quick() if quick else StudySettings())
-    configs, smoothed = study_configs(datasets, quick, settings)  # all errors before any work
+    where = resolve_device(device)
+    configs, smoothed = study_configs(datasets, quick, settings, device)  # all errors before any work
     certify = QUICK_CERTIFY if quick else CERTIFY
     defences = defences_record(settings.eps)
     options = {
@@ -243,12 +260,14 @@ def reproduce(
             loaded[label] = config.load_dataset()
             train_run(folders[label], config, loaded[label], progress, label)
     records = {
-        label: saved_result(folder, STUDY_FILE, loaded.get(label), lambda trained: study_run(trained, settings, progress))
+        label: saved_result(folder, STUDY_FILE, loaded.get(label), lambda trained: study_run(trained, settings, progress), where)
         for label, folder in folders.items()
         if label not in smoothed
     }
     certified = {
-        label: saved_result(folders[label], CERTIFY_FILE, loaded.get(label), lambda trained: _certify(trained, certify, progress))
+        label: saved_result(
+            folders[label], CERTIFY_FILE, loaded.get(label), lambda trained: _certify(trained, certify, progress), where
+        )
         for label in [*smoothed, *(f"{d}/dipsen" for d in datasets)]
     }
     run_seconds = {label: training_seconds(folder) for label, folder in folders.items()}

@@ -27,6 +27,7 @@ from ..attack.target import TrainedRun
 from ..certify.evaluate import CertifySettings, certify_run
 from ..certify.pixeldp import l2_size
 from ..data import load_dataset
+from ..device import resolve_device
 from ..errors import DipsenError
 from ..federated import RunDir
 from ..models import calibrate_noise
@@ -56,11 +57,16 @@ def sweep_sigma(
     quick: bool = False,
     progress: ProgressFactory | None = None,
     resume: bool = False,
+    device: str = "auto",
 ) -> Path:
-    """Train and attack DiPSeN at each sigma (``resume``: finish the sweep begun in ``out``); returns sigma_sweep.md's path."""
+    """Train and attack DiPSeN at each sigma (``resume``: finish the sweep begun in ``out``); returns sigma_sweep.md's path.
+
+    Everything computes on ``device`` (:mod:`dipsen.device`), not one of the sweep's recorded options.
+    """
     if not sigmas or any(s < 0 for s in sigmas):
         raise DipsenError(f"--sigmas must be a non-empty list of numbers >= 0, got {sigmas}")
     sigmas = sorted(sigmas)
+    where = resolve_device(device)
     # the sweep's attacks each run on every example, with no cascade (recorded so, as by earlier versions)
     settings = replace(StudySettings.quick() if quick else StudySettings(), every_attack_on_all=True)
     certify = replace(
@@ -71,7 +77,9 @@ def sweep_sigma(
         radii=tuple(map(float, RADII)),
     )
     points = [("cnn", "cnn", {}), *[(f"sigma={s:g}", "dipsen", {"sigma": s}) for s in sigmas]]
-    configs = {label: paper_config(dataset, model, quick, keep_checkpoints="last", **kw) for label, model, kw in points}
+    configs = {
+        label: paper_config(dataset, model, quick, keep_checkpoints="last", device=device, **kw) for label, model, kw in points
+    }
     options = {"dataset": dataset, "sigmas": sigmas, "quick": quick, "settings": settings.to_dict(), "certify": asdict(certify)}
     open_output(out, options, resume)
     data = load_dataset(dataset, seed=0)
@@ -81,7 +89,7 @@ def sweep_sigma(
         if not RunDir(folders[label]).finished():
             train_run(folders[label], config, data, progress, label)
         measure = partial(_measure, settings=settings, certify=certify, progress=progress, label=label)
-        records[label] = saved_result(folders[label], POINT_FILE, data, measure)
+        records[label] = saved_result(folders[label], POINT_FILE, data, measure, where)
     seconds = sum(training_seconds(folder) for folder in folders.values()) + sum(r["seconds"] for r in records.values())
     measured = {label: record["result"] for label, record in records.items()}
     results = {

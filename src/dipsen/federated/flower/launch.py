@@ -46,6 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import torch
+
+from ...device import resolve_device
 from ...errors import DipsenError
 from ..run_dir import RunDir
 from ..workers import StopFlag
@@ -628,7 +631,8 @@ def simulate(
     """Train ``run`` (a run folder with its config.json) on a Flower simulation; returns the final metrics.
 
     A SuperLink with the simulation runtime runs K virtual SuperNodes on Ray, ``workers`` of them
-    at a time, each on one CPU thread as the in-process engine's workers. It serves TLS with a
+    at a time, each on one CPU thread as the in-process engine's workers; on CUDA (the run's
+    ``device``) each ClientApp also holds one whole GPU, so at most one trains per GPU (untested on a GPU). It serves TLS with a
     throw-away certificate valid for ``timeout`` plus a day, and it and Ray listen on loopback
     only. Flower's log of the run is saved as ``flower.log`` in the run folder. Once ``stop`` is
     set (by a signal handler) every process is stopped and
@@ -646,10 +650,19 @@ def simulate(
                     "num-supernodes": config.clients,
                     "client-resources-num-cpus": 1,
                     "init-args-num-cpus": config.workers,
+                    **_gpu_resources(config.device),
                 },
             )
             _wait_for_completion(federation, run_id, run, timeout, on_poll)
     return run.read_json("final_metrics.json")
+
+
+def _gpu_resources(device: str) -> dict[str, float | int]:
+    """The simulation's GPU settings for the run's ``device``: none on the CPU; on CUDA one GPU per ClientApp of all
+    the GPUs torch sees (Ray then gives each ClientApp its own GPU as its only visible one)."""
+    if resolve_device(device).type != "cuda":
+        return {}
+    return {"client-resources-num-gpus": 1.0, "init-args-num-gpus": torch.cuda.device_count()}
 
 
 @dataclass(frozen=True)

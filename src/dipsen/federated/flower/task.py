@@ -39,6 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ...config import TrainConfig
 from ...data import Dataset
+from ...device import resolve_device
 from ...errors import DipsenError
 from ...models import build_model
 from ..client import StateDict
@@ -217,5 +218,9 @@ def _partition_file(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lru_cache(maxsize=2)
 def client_model(config_json: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
-    """A model to train in, reused across rounds: :func:`client_update` overwrites its weights."""
-    return build_model(*model_args(config_from_json(config_json), input_shape, num_classes))
+    """A model to train in, reused across rounds: :func:`client_update` overwrites its weights.
+
+    It sits on the run's ``device`` as this node resolves it (``auto``: CUDA where this node has it).
+    """
+    config = config_from_json(config_json)
+    return build_model(*model_args(config, input_shape, num_classes)).to(resolve_device(config.device))
