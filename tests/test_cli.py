@@ -37,6 +37,7 @@ def test_train_writes_a_complete_run_folder(tmp_path):
         (["train", "--resume", "."], "not a dipsen run folder"),
         (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
         (["train", "--dp-epsilon", "3"], "--dp-epsilon must be in (0, 1]"),
+        (["train", "--round-eval-size", "-1"], "--round-eval-size must be an integer >= 0, got -1"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
@@ -89,7 +90,7 @@ def test_train_help_shows_the_built_in_defaults(dipsen_cli):
     code, out, _ = dipsen_cli("train", "--help")
     assert code == 0
     text = " ".join(out.split())
-    for shown in ("[default: (200)]", "[default: (0.1)]", "[default: (adam)]", "[default: (0.001)]"):
+    for shown in ("[default: (200)]", "[default: (0.1)]", "[default: (adam)]", "[default: (0.001)]", "[default: (1000)]"):
         assert shown in text
 
 

@@ -10,8 +10,10 @@ from dipsen.config import TrainConfig
 from dipsen.errors import ConfigError
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.client import ClientUpdate, LocalTraining
+from dipsen.federated.engine import round_eval_rows
 from dipsen.federated.poisoning import BACKDOOR_ATTACKS, LABEL_FLIP, NAIVE_ATTACKS, Adversary, AttackOptions, DataPoison, Trigger
 from dipsen.federated.poisoning.backdoor import FLOW_TRIGGER_COUNTS, attack_success_rate, backdoor_trigger, triggered_test_rows
+from dipsen.metrics import predict_labels
 
 TINY = dict(dataset="mnist", model="cnn", clients=10, fraction=1.0, train_subset=500, test_subset=200, seed=3, workers=1)
 
@@ -176,6 +178,24 @@ def test_a_backdoor_run_records_its_success_rate_every_round_and_poisons_only_in
     per_round = [seen[i * 10 : (i + 1) * 10] for i in range(3)]
     assert [sum(p is not None for p in r) for r in per_round] == [3, 3, 0]
     assert all(p.target == 1 and p.trigger == Trigger() for r in per_round[:2] for p in r if p is not None)
+
+
+def test_a_rounds_success_rate_is_of_the_round_slice_and_the_last_rounds_of_the_whole_test_set(mnist, tmp_path):
+    cfg = TrainConfig(
+        **TINY, rounds=2, round_eval_size=50, malicious_fraction=0.3, malicious_attack="backdoor-data", backdoor_target=1
+    ).validate()
+    run = RunDir.create(tmp_path, cfg)
+    job = FederatedTraining(cfg, mnist)
+    final = train(job, run)
+    history = run.metrics()
+    assert [r["eval_rows"] for r in history] == [50, 200]
+    rows = round_eval_rows(cfg, 200)
+    x, y = torch.from_numpy(job.x_test), torch.from_numpy(job.y_test)
+    for record, (xs, ys) in zip(history, [(x[rows], y[rows]), (x, y)], strict=True):
+        job.model.load_state_dict(run.load_checkpoint(record["round"]))
+        predictions = predict_labels(job.model, triggered_test_rows(xs, ys, Trigger(), 1).numpy())
+        assert record["attack_success_rate"] == attack_success_rate(predictions, 1)
+    assert final["attack_success_rate"] == history[-1]["attack_success_rate"]
 
 
 def test_a_backdoor_trains_its_own_epochs_on_poisoned_rows_and_reports_an_honest_step_count(mnist, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from dipsen.config import TrainConfig, load_config
 from dipsen.errors import ConfigError
 from dipsen.federated import FederatedTraining, RunDir, train
 from dipsen.federated.engine import COLLAPSE_MIN_BEST, detect_collapse
+from dipsen.metrics import predict_labels
 
 TINY = dict(
     dataset="mnist",
@@ -106,6 +107,17 @@ def test_a_collapse_stops_the_run_and_it_ends_with_the_best_robust_model(mnist, 
     # the final model is best_robust.pt's: it needs no round checkpoint
     run.checkpoint_path(2).unlink()
     assert _same(TrainedRun(run.path, mnist).model().state_dict(), saved["model_state"])
+
+
+def test_the_round_a_collapse_stops_at_is_measured_on_the_whole_test_set(mnist, tmp_path, figures):
+    figures.update({1: 0.5, 2: 0.6, 3: 0.1, 4: 0.7})
+    cfg = TrainConfig(rounds=4, round_eval_size=20, **TINY).validate()
+    run = RunDir.create(tmp_path, cfg)
+    job = FederatedTraining(cfg, mnist)
+    metrics = train(job, run)
+    assert [r["eval_rows"] for r in run.metrics()] == [20, 20, 50] and metrics["collapse"]["round"] == 3
+    job.model.load_state_dict(run.best_robust()["model_state"])  # the final model: round 2's, on the whole test set
+    assert metrics["samples"] == 50 and metrics["accuracy"] == float((predict_labels(job.model, job.x_test) == job.y_test).mean())
 
 
 def test_without_a_collapse_the_run_ends_as_before(mnist, tmp_path, figures):

@@ -17,8 +17,17 @@ import torch
 from dipsen.config import TrainConfig
 from dipsen.errors import ConfigError, DipsenError
 from dipsen.federated import FederatedTraining, RunDir, train
-from dipsen.federated.engine import _PARTITION, _SUBSET, _subset, derive_seed, federated_data, sample_clients
+from dipsen.federated.engine import (
+    _PARTITION,
+    _SUBSET,
+    _subset,
+    derive_seed,
+    federated_data,
+    round_eval_rows,
+    sample_clients,
+)
 from dipsen.federated.workers import ClientFailure
+from dipsen.metrics import predict_labels
 from dipsen.partition import partition
 
 SMALL = dict(dataset="mnist", clients=10, fraction=0.5, train_subset=1000, test_subset=200, seed=3, workers=1)
@@ -100,6 +109,76 @@ def test_a_target_is_checked_on_the_rounds_eval_every_evaluates(mnist, tmp_path)
     assert run.metrics()[1]["validation_accuracy"] >= 0.05
 
 
+def _accuracy(job: FederatedTraining, run: RunDir, round_: int, x: np.ndarray, y: np.ndarray) -> float:
+    """The accuracy on (x, y) of the CNN that ``run`` saved for ``round_``, evaluated here, outside the round loop."""
+    job.model.load_state_dict(run.load_checkpoint(round_))
+    return float((predict_labels(job.model, x) == y).mean())
+
+
+def test_the_round_slice_is_seeded_and_clamped_to_the_test_set():
+    cfg = TrainConfig(round_eval_size=50, seed=3).validate()
+    rows = round_eval_rows(cfg, 200)
+    assert rows is not None and len(rows) == len(set(rows.tolist())) == 50 and np.all(np.diff(rows) > 0) and rows.max() < 200
+    assert np.array_equal(rows, round_eval_rows(TrainConfig(round_eval_size=50, seed=3).validate(), 200))
+    assert not np.array_equal(rows, round_eval_rows(TrainConfig(round_eval_size=50, seed=4).validate(), 200))
+    # 0, the test set's size or more: the whole test set every round
+    for size in (0, 200, 201):
+        assert round_eval_rows(TrainConfig(round_eval_size=size).validate(), 200) is None
+
+
+def test_rounds_are_evaluated_on_the_round_slice_and_the_last_on_the_whole_test_set(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=3, round_eval_size=50, keep_checkpoints="all", **SMALL).validate()
+    job = FederatedTraining(cfg, mnist)
+    run = RunDir.create(tmp_path, cfg)
+    metrics = train(job, run)
+    history = run.metrics()
+    assert [r["eval_rows"] for r in history] == [50, 50, 200]
+    info = run.read_json("run_info.json")["round_evaluation"]
+    assert (info["rows"], info["of"]) == (50, 200)
+    # the same rows every round: each record is its round's model on the seeded slice
+    slice_ = round_eval_rows(cfg, 200)
+    for record in history[:2]:
+        accuracy = _accuracy(job, run, record["round"], job.x_test[slice_], job.y_test[slice_])
+        assert record["test_accuracy"] == accuracy
+    # the last round, and final_metrics.json, on the whole test set
+    whole = _accuracy(job, run, 3, job.x_test, job.y_test)
+    assert history[-1]["test_accuracy"] == metrics["accuracy"] == whole
+    assert metrics["samples"] == 200
+
+
+def test_a_run_a_target_stops_ends_with_a_round_on_the_whole_test_set(mnist, tmp_path):
+    cfg = TrainConfig(model="cnn", rounds=10, target_accuracy=0.05, round_eval_size=50, **SMALL).validate()
+    run = RunDir.create(tmp_path, cfg)
+    metrics = train(FederatedTraining(cfg, mnist), run)
+    (record,) = run.metrics()  # the target is decided on the validation slice, then the round measured in full
+    assert metrics["rounds"] == 1 and record["eval_rows"] == 200 and record["test_accuracy"] == metrics["accuracy"]
+
+
+def test_a_resumed_run_records_the_metrics_of_the_uninterrupted_one(mnist, tmp_path):
+    cfg = TrainConfig(model="dipsen", rounds=3, round_eval_size=50, keep_checkpoints="all", **SMALL).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    timing = ("train_seconds", "eval_seconds", "step_seconds")
+
+    def figures(records: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+    before, final = figures(run.metrics()), run.read_json("final_metrics.json")
+    for round_ in (3, 2):
+        run.checkpoint_path(round_).unlink()  # as if killed during round 2: metrics.jsonl is cut back on resume
+    train(FederatedTraining(run.config(), mnist), run, resume=True)
+    assert figures(run.metrics()) == before and [r["eval_rows"] for r in before] == [50, 50, 200]
+    assert run.read_json("final_metrics.json") | {"cost": None} == final | {"cost": None}
+
+
+def test_a_run_from_before_the_round_slice_goes_on_with_the_whole_test_set(tmp_path):
+    run = RunDir.create(tmp_path, TrainConfig(**SMALL).validate())
+    values = json.loads((run.path / "config.json").read_text())
+    del values["round_eval_size"]
+    (run.path / "config.json").write_text(json.dumps(values))
+    assert run.config().round_eval_size == 0 and TrainConfig().round_eval_size == 1000
+
+
 def _fingerprint(parts: list[np.ndarray]) -> str:
     return hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest()
 
@@ -107,7 +186,7 @@ def _fingerprint(parts: list[np.ndarray]) -> str:
 def test_target_is_checked_on_validation_accuracy_not_test_accuracy(mnist, tmp_path):
     cfg = TrainConfig(model="cnn", rounds=2, target_accuracy=0.99, **SMALL).validate()
     job = FederatedTraining(cfg, mnist)
-    job.test_accuracy = lambda round_: 1.0  # the test set "reaches" the target at once: must not stop the run
+    job.test_accuracy = lambda round_, whole=True: 1.0  # the test set "reaches" the target at once: must not stop the run
     run = RunDir.create(tmp_path / "test-reached", cfg)
     assert train(job, run)["rounds"] == 2
     assert all(r["test_accuracy"] == 1.0 and r["validation_accuracy"] < 0.99 for r in run.metrics())

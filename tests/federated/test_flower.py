@@ -42,6 +42,7 @@ AGREEMENT = dict(
     rounds=40,
     train_subset=2000,
     test_subset=500,
+    round_eval_size=100,  # a round slice smaller than the test set: both engines evaluate the same rows
     optimizer="adam",
     lr=0.002,
     seed=5,
@@ -115,6 +116,10 @@ def test_a_flower_run_stops_on_sigterm_resumes_and_ends_with_the_in_process_weig
     }
     history = run.metrics()
     assert [r["round"] for r in history] == list(range(1, rounds + 1))
+    # the rounds' figures are the in-process engine's: the same round slice, the last round on the whole test set
+    figures = [(r["test_accuracy"], r["eval_rows"]) for r in history]
+    assert figures == [(r["test_accuracy"], r["eval_rows"]) for r in reference.metrics()]
+    assert [r["eval_rows"] for r in history] == [100] * (rounds - 1) + [500]
     m = reference_cfg.clients_per_round
     for record in history:  # the first round too: exactly the m clients that sample_clients picks
         assert record["clients"] == sample_clients(reference_cfg, record["round"]) and len(record["clients"]) == m

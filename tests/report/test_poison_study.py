@@ -44,6 +44,7 @@ def test_poison_study_writes_its_files_and_resume_skips_finished_runs(dipsen_cli
     assert [(r["attack"], r["fraction"], r["aggregator"]) for r in runs] == [(None, 0.0, "median"), ("sign-flip", 0.2, "median")]
     assert all(0 <= r["final_accuracy"] <= 1 and r["best_accuracy"] >= r["final_accuracy"] for r in runs)
     assert all(r["rounds_to_target"] == 1 and r["rounds"] == 1 and len(r["test_accuracy"]) == 1 for r in runs)
+    assert all(r["eval_rows"] == [100] for r in runs)  # every round on the whole test set, not a round slice
     assert runs[1]["malicious_clients"] == 2 and runs[0]["malicious_clients"] == 0
     worst = results["worst_case"]
     assert len(worst) == 1 and worst[0]["aggregator"] == "median" and worst[0]["fraction"] == 0.2
@@ -139,7 +140,17 @@ def test_the_study_grid_runs_f_zero_once_per_aggregator_and_tells_krum_its_bound
     assert byzantine[(None, 0.0, "multi-krum")] == 8  # configured for the worst threat, attacked or not
     assert {r.config.local_epochs for r in runs} == {3}  # the packaged mnist.toml's
     assert {r.config.model for r in runs} == {"cnn"}  # not the TOML's dipsen: the study is about aggregation
+    assert {r.config.round_eval_size for r in runs} == {0}  # every round's figures on the whole test set
     assert all(dataclasses.asdict(r.config)["malicious_attack"] == r.attack for r in runs)
+
+
+def test_the_accuracy_plot_names_the_test_rows_its_rounds_were_measured_on():
+    from dipsen.report.poisoning import accuracy_label
+
+    assert accuracy_label([{"eval_rows": [2000, 2000]}, {"eval_rows": [2000]}]) == "test accuracy (2,000 test rows)"
+    assert accuracy_label([{"eval_rows": [None, 2000]}]) == "test accuracy (2,000 test rows)"  # a round eval_every skips
+    assert accuracy_label([{"eval_rows": [1000, 2000]}]) == "test accuracy (1,000 or 2,000 test rows)"
+    assert accuracy_label([{"test_accuracy": [0.9]}]) == "test accuracy"  # a study from before eval_rows says nothing
 
 
 def test_the_rules_are_told_a_bound_that_a_round_rarely_exceeds():

@@ -523,6 +523,16 @@ def train(
             "after every N-th round and the last only: saves time in long runs; weights are unchanged.",
         ),
     ] = None,
+    round_eval_size: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("round_eval_size"),
+            help="Test rows an evaluated round's test accuracy is measured on: a seeded slice, the same every round; "
+            "the run's last round (also where a target or the collapse guard stops it) and final_metrics.json use the "
+            "whole test set. 0 (or a value at least the test set's size): the whole test set every round. "
+            "metrics.jsonl's eval_rows says which.",
+        ),
+    ] = None,
     log_to: Annotated[
         str | None,
         typer.Option(
@@ -599,7 +609,7 @@ def train(
                 progress.update(task, completed=start_round)
                 return
             loss = "-" if result.train_loss is None else f"{result.train_loss:.3f}"
-            accuracy = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+            accuracy = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f} ({result.eval_rows} rows)"
             val = "" if result.validation_accuracy is None else f" val {result.validation_accuracy:.4f}"
             if result.robust_accuracy is not None:
                 monitor = (result.robust_monitor or "robust").split(",")[0]  # "apgd-ce-40": what measured it

@@ -5,8 +5,8 @@ sampled client runs :func:`client_update` from the global weights on its own par
 :func:`~dipsen.federated.aggregate.aggregate` combines the results: by default :func:`fedavg`
 weighted by the server's sample counts (each capped at the size of the partition the server
 assigned, see :mod:`dipsen.federated.aggregate`), or the robust rule the config names. The global model is evaluated on
-the held-out test set after every round; training stops after ``rounds`` rounds or as soon as the
-accuracy on a validation slice reaches ``target_accuracy``. The slice is held out of the training
+the held-out test set after every round (on the round slice, see below); training stops after ``rounds`` rounds or as
+soon as the accuracy on a validation slice reaches ``target_accuracy``. The slice is held out of the training
 rows (``validation_size`` of them, seeded) before they are partitioned, so no client trains on it
 and the stop never looks at the test set; nothing is held out unless a target, the robust monitor
 or FLTrust's root set (a seeded part of the slice) needs it. An update that
@@ -55,6 +55,16 @@ one), and with the guard on :meth:`RunDir.save_checkpoint` keeps around round b 
 ``keep_checkpoints`` rule keeps around the newest round (the orange-box attack's stale model of b).
 The decision is a function of metrics.jsonl alone, so a resumed run finds the same collapse and trains
 no further, whatever its round limit.
+
+The round slice (``round_eval_size`` n, see :func:`round_eval_rows`): a round's ``test_accuracy`` (and a
+backdoor's ``attack_success_rate``) is measured on a seeded sample of n test rows, the same rows in every round
+and in both engines, so that evaluation stays a small share of a round; the round a run ends with is measured on
+the whole test set instead: the ``rounds``-th, and the round a target or the collapse guard stops the run at
+(:meth:`FederatedTraining.evaluate_in_full`, once the stop is decided). Each metrics.jsonl record says which in
+``eval_rows``. No decision looks at the test set, slice or whole: a target is decided on the validation slice,
+and only then is the round measured in full. final_metrics.json is always of the whole test set (:func:`_finish`).
+A run extended after it finished (``--resume --rounds``) keeps its former last round's whole-set record, where a
+run as long from the start has a slice's: the weights and final metrics are the same.
 
 ``eval_every`` N > 1 thins all three evaluations to every N-th round and the run's last
 (:meth:`FederatedTraining.evaluates`): the other rounds record null, and the targets and
@@ -124,6 +134,7 @@ _ROBUST = 7
 _CLIENT_DP = 8  # the noise of client-level DP (see dipsen.federated.privacy)
 _MALICIOUS = 9  # simulated malicious clients: which ones, and their attacks' draws (see dipsen.federated.poisoning)
 _BACKDOOR = 10  # the noise draws of a randomized model's predictions on the triggered test rows
+_ROUND_EVAL = 11  # the round slice of the test set (round_eval_size)
 
 # default validation slice: this share of the training rows, at most VALIDATION_CAP of them
 VALIDATION_SHARE, VALIDATION_CAP = 0.1, 5000
@@ -150,6 +161,9 @@ class Runner(Protocol):
 class RoundResult:
     round: int
     test_accuracy: float | None  # None in a round that eval_every skips
+    # the test rows test_accuracy and attack_success_rate are of: the round slice's, or the whole test set's in the
+    # round the run ends with (FederatedTraining.evaluate_in_full); None in a round that eval_every skips
+    eval_rows: int | None
     validation_accuracy: float | None  # None where no slice is held out (holds_out_validation) or in a skipped round
     robust_accuracy: float | None  # the monitor's accuracy on the validation slice; None unless robust_evaluation, or skipped
     train_loss: float | None  # None when every update of the round was rejected
@@ -158,7 +172,7 @@ class RoundResult:
     samples: int
     steps: int
     train_seconds: float
-    eval_seconds: float  # evaluation of the new global model: test set, and validation slice if any
+    eval_seconds: float  # evaluation of the new global model: test set (or round slice), and validation slice if any
     step_seconds: float
     rejected: list[dict] = field(default_factory=list)  # {"client": id (None in a client-DP run), "reason": why}
     # client-level DP: the epsilon (at the run's client_dp_delta) of the models of rounds 1..round; None without it
@@ -237,6 +251,20 @@ def _subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[
         return x, y
     keep = np.sort(np.random.default_rng(seed).choice(len(y), size=size, replace=False))
     return x[keep], y[keep]
+
+
+def round_eval_rows(config: TrainConfig, test_rows: int) -> np.ndarray | None:
+    """The round slice: the indices (sorted) of the ``round_eval_size`` test rows every round but the last is evaluated on.
+
+    A seeded sample drawn once, so the same rows in every round, after a resume and on either engine (both
+    evaluate through :class:`FederatedTraining`). None, the whole test set, where ``round_eval_size`` is 0 or at
+    least the ``test_rows`` (after ``test_subset``): a larger slice is clamped to the test set.
+    """
+    size = config.round_eval_size
+    if size == 0 or size >= test_rows:
+        return None
+    rng = np.random.default_rng(derive_seed(config.seed, _ROUND_EVAL))
+    return np.sort(rng.choice(test_rows, size=size, replace=False))
 
 
 @dataclass(frozen=True)
@@ -322,7 +350,15 @@ class FederatedTraining:
         self.client_dp = client_dp(config)  # client-level DP (z calibrated here if a target epsilon is set), or None
         # simulated malicious clients, or None; a backdoor's trigger depends on the data (CTU-13's scaler)
         self.adversary = adversary(config, derive_seed(config.seed, _MALICIOUS), backdoor_trigger(config, dataset))
-        self.triggered = self._triggered_test_rows(len(dataset.classes))  # a backdoor's ASR rows, or None
+        # the round slice's rows, which every round but the run's last is evaluated on (the whole test set if no slice)
+        rows = round_eval_rows(config, len(self.y_test))
+        self.x_round: np.ndarray = self.x_test if rows is None else self.x_test[rows]
+        self.y_round: np.ndarray = self.y_test if rows is None else self.y_test[rows]
+        # a backdoor's ASR rows (None without one): of the whole test set, and of the round slice
+        self.triggered = self._triggered_test_rows(len(dataset.classes), self.x_test, self.y_test)
+        self.round_triggered = self.triggered
+        if rows is not None:
+            self.round_triggered = self._triggered_test_rows(len(dataset.classes), self.x_round, self.y_round)
         self.aggregation = aggregation(config, self.client_dp)
         if config.aggregator == "fltrust":  # the server trains its own update on root rows of the validation slice
             # drawn with the validation key of round 0, which no evaluation uses (they start at round 1)
@@ -388,6 +424,7 @@ class FederatedTraining:
             "train_samples_used": int(len(self.y_train)),
             "validation": validation,
             "test_samples_used": int(len(self.y_test)),
+            "round_evaluation": self.round_evaluation(),
             "model": self.config.model,
             "device": str(self.device),
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -398,38 +435,66 @@ class FederatedTraining:
             "malicious": None if self.adversary is None else self.adversary.describe(),
         }
 
-    def _triggered_test_rows(self, classes: int) -> np.ndarray | None:
-        """The test rows a backdoor's success is measured on (see dipsen.federated.poisoning.backdoor); None without one."""
+    def round_evaluation(self) -> dict:
+        """What run_info.json records of the round slice (:func:`round_eval_rows`): its rows, of how many, and its seed."""
+        rows, of = self.test_rows(whole=False), self.test_rows()
+        return {"rows": rows, "of": of, "seed": None if rows == of else derive_seed(self.config.seed, _ROUND_EVAL)}
+
+    def _triggered_test_rows(self, classes: int, x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+        """The rows of (x, y) a backdoor's success is measured on (see dipsen.federated.poisoning.backdoor); None without one."""
         poison = None if self.adversary is None else self.adversary.backdoor
         if poison is None or poison.trigger is None:
             return None
         if poison.target >= classes:
             raise ConfigError(f"backdoor_target {poison.target} is no class of {self.config.dataset} (0 to {classes - 1})")
         try:
-            rows = triggered_test_rows(
-                torch.from_numpy(self.x_test), torch.from_numpy(self.y_test), poison.trigger, poison.target
-            )
+            rows = triggered_test_rows(torch.from_numpy(x), torch.from_numpy(y), poison.trigger, poison.target)
         except ValueError as exc:  # the trigger does not fit the inputs
             raise ConfigError(f"trigger_size {poison.trigger.size}: {exc}") from None
         return rows.numpy()
 
-    def attack_success_rate(self, round_: int) -> float | None:
-        """The backdoor's success rate on the global model (None without a backdoor attack)."""
-        if self.triggered is None:
+    def attack_success_rate(self, round_: int, whole: bool = True) -> float | None:
+        """The backdoor's success rate on the global model (None without a backdoor attack): on the triggered rows of
+        the whole test set, or (``whole`` False) of the round slice."""
+        triggered = self.triggered if whole else self.round_triggered
+        if triggered is None:
             return None
         assert self.adversary is not None and self.adversary.backdoor is not None
         torch.manual_seed(derive_seed(self.config.seed, _BACKDOOR, round_))
-        predictions = predict_labels(self.model, self.triggered, self.config.mc_samples)
+        predictions = predict_labels(self.model, triggered, self.config.mc_samples)
         return attack_success_rate(predictions, self.adversary.backdoor.target)
 
     def evaluates(self, round_: int) -> bool:
         """Whether the global model of ``round_`` is evaluated: every ``eval_every``-th round and the last."""
         return round_ % self.config.eval_every == 0 or round_ == self.config.rounds
 
-    def test_accuracy(self, round_: int) -> float:
+    def test_rows(self, whole: bool = True) -> int:
+        """How many rows :meth:`test_accuracy` evaluates on: the whole test set's, or (``whole`` False) the round slice's."""
+        return len(self.y_test) if whole else len(self.y_round)
+
+    def test_accuracy(self, round_: int, whole: bool = True) -> float:
+        """The global model's accuracy on the whole test set, or (``whole`` False) on the round slice (``round_eval_rows``)."""
+        x, y = (self.x_test, self.y_test) if whole else (self.x_round, self.y_round)
         torch.manual_seed(derive_seed(self.config.seed, _EVAL, round_))
-        predictions = predict_labels(self.model, self.x_test, self.config.mc_samples)
-        return float((predictions == self.y_test).mean())
+        predictions = predict_labels(self.model, x, self.config.mc_samples)
+        return float((predictions == y).mean())
+
+    def evaluate_in_full(self, result: RoundResult) -> RoundResult:
+        """``result`` with its test-set figures of the whole test set: for the round the run ends with (see :func:`train`).
+
+        The global model must still be ``result``'s round's. Unchanged if it was measured on the whole set already
+        (the ``rounds``-th round, or no round slice); the time it takes is added to ``eval_seconds``.
+        """
+        if result.eval_rows == len(self.y_test):
+            return result
+        start = time.perf_counter()
+        return replace(
+            result,
+            test_accuracy=self.test_accuracy(result.round),
+            eval_rows=len(self.y_test),
+            attack_success_rate=self.attack_success_rate(result.round),
+            eval_seconds=result.eval_seconds + time.perf_counter() - start,
+        )
 
     def validation_accuracy(self, round_: int) -> float | None:
         """Accuracy on the held-out validation slice; None when there is none (see TrainConfig.holds_out_validation)."""
@@ -547,16 +612,18 @@ class FederatedTraining:
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
         evaluated = self.evaluates(round_)
-        accuracy = self.test_accuracy(round_) if evaluated else None
+        whole = round_ == self.config.rounds  # the last round: the whole test set; the others the round slice
+        accuracy = self.test_accuracy(round_, whole) if evaluated else None
         validation_accuracy = self.validation_accuracy(round_) if evaluated else None
         robust_accuracy = self.robust_accuracy(round_) if evaluated else None
-        success = self.attack_success_rate(round_) if evaluated else None
+        success = self.attack_success_rate(round_, whole) if evaluated else None
         # at the server's capped counts, not the steps a client reports for the count it claims
         steps = sum(self.training.steps_for(c) for c in counts)
         samples = sum(counts) * self.config.local_epochs
         result = RoundResult(
             round=round_,
             test_accuracy=accuracy,
+            eval_rows=self.test_rows(whole) if evaluated else None,
             validation_accuracy=validation_accuracy,
             robust_accuracy=robust_accuracy,
             robust_monitor=self.monitor_name if robust_accuracy is not None else None,
@@ -626,7 +693,7 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round, tracker:
             tracker.log_round(history[-1])  # the log dropped round `last` and later: see dipsen.federated.tracking
     if on_round:
         on_round(None, start_round)
-    done = _target_reached(config, history) or _collapsed(config, history) is not None
+    done = _stops(config, history)
     if resume and (collapse := _collapsed(config, history)) is not None:
         log.warning(
             "%s stopped at round %d by the collapse guard (robust accuracy %.3f, best %.3f at round %d): nothing to train",
@@ -650,6 +717,9 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round, tracker:
                 f"round {round_}: {valid} of {result.sampled} clients sent a valid update, "
                 f"min_clients is {config.required_updates}; resume with: dipsen train --resume {run.path}"
             )
+        done = _stops(config, [*history, result.to_dict()])
+        if done:  # a target or the collapse guard ends the run here: its last round is measured on the whole test set
+            result = job.evaluate_in_full(result)
         run.append_metrics(result.to_dict())  # before the checkpoint: see RunDir.keep_metrics_through
         if tracker:
             tracker.log_round(result.to_dict())
@@ -659,7 +729,6 @@ def _train(job: FederatedTraining, run: RunDir, resume: bool, on_round, tracker:
             run.save_best_robust(round_, result.robust_accuracy, state)  # after the checkpoint: see _restore_best_robust
         if on_round:
             on_round(result, start_round)
-        done = _target_reached(config, history) or _collapsed(config, history) is not None
     job.stop.check()
     metrics = _finish(job, run, history)
     if tracker:
@@ -678,6 +747,11 @@ def training_cost(history: list[dict]) -> dict | None:
         "mean_eval_seconds": float(np.mean([r["eval_seconds"] for r in history])),
         "train_samples_per_second": float(sum(r["samples"] for r in history) / train_seconds),
     }
+
+
+def _stops(config: TrainConfig, history: list[dict]) -> bool:
+    """Whether the run ends after the last round of ``history`` before its round limit: a target or the collapse guard."""
+    return _target_reached(config, history) or _collapsed(config, history) is not None
 
 
 def _target_reached(config: TrainConfig, history: list[dict]) -> bool:
@@ -755,7 +829,7 @@ def _restore_best_robust(run: RunDir, history: list[dict], last: int, state: Sta
 
 
 def _finish(job: FederatedTraining, run: RunDir, history: list[dict]) -> dict:
-    """Evaluate the run's final model and write final_metrics.json.
+    """Evaluate the run's final model on the whole test set (never the round slice) and write final_metrics.json.
 
     The final model is the last round's, or after a collapse (:func:`detect_collapse`) the model of
     ``best_robust.pt``: it is loaded into ``job.model``, and its evaluation and monitor check use its

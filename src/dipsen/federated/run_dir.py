@@ -4,9 +4,10 @@ Layout::
 
     RUN/config.json          resolved TrainConfig (what --resume reads back), validation_size included
     RUN/run_info.json        dataset description and counts, samples used (train, validation slice, test),
-                             noise calibration (S_f, L, epsilon, delta, sigma)
+                             the round slice of the test set, noise calibration (S_f, L, epsilon, delta, sigma)
     RUN/partition.json       samples and classes per client
-    RUN/metrics.jsonl        one JSON line per finished round (test and, with a target, validation accuracy)
+    RUN/metrics.jsonl        one JSON line per finished round (test accuracy on eval_rows test rows: the round
+                             slice, or the whole test set in the run's last round; with a target, validation accuracy)
     RUN/checkpoints/round_0000.pt ...   global model after a round (0 = initialisation); which are kept: below
     RUN/best_robust.pt       with adversarial training or --target-robust-accuracy: the global model of
                              the round with the highest robust_accuracy (round, robust_accuracy, model_state)
@@ -185,6 +186,8 @@ class RunDir:
         # a run saved before the robust monitor could be chosen was watched by PGD-10: it keeps it on --resume
         if "robust_monitor" not in values:
             values.update(robust_monitor="pgd", robust_monitor_steps=10)
+        # one saved before the round slice evaluated every round on the whole test set: it goes on doing so
+        values.setdefault("round_eval_size", 0)
         try:
             return TrainConfig.from_dict(values, source=str(file)).validate()
         except ConfigError as exc:

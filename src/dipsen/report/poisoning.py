@@ -24,7 +24,7 @@ against) and the adaptive attacks' worst (those built against them).
 Writes into ``out``: ``options.json`` (what the study was started with), ``runs/NAME`` (one run
 folder per grid point, NAME = ``ATTACK-fF-DEFENCE``, ``none-f0-DEFENCE`` for f = 0),
 ``poisoning.json`` (per run: final and best test accuracy, the rounds to reach
-``target_accuracy`` if one is given, every round's test accuracy, the run folder; the worst case
+``target_accuracy`` if one is given, every round's test accuracy and its test rows, the run folder; the worst case
 per defence and f), ``poisoning.md`` (the worst-case table, then final test accuracy: rows
 attack x f, the attack-free row first; columns defences), ``poisoning-heatmap.png`` (defence x
 attack, one panel per f, each defence's worst boxed), ``poisoning.png`` (test accuracy against
@@ -34,8 +34,9 @@ round, the attack window shaded: a window ending before the last round shows how
 backdoor persists; :func:`backdoor_worst_cases` records the rate at the window's end).
 
 ``target_accuracy`` is a reading of the test accuracy after the fact: the runs do not stop on it
-and hold nothing out, so every run trains its full ``rounds``. ``resume=True`` (``dipsen
-poison-study --resume OUT``) finishes a study begun in ``out`` as ``dipsen reproduce --resume``
+and hold nothing out, so every run trains its full ``rounds``. Every round of every run is evaluated on
+the whole test set (``round_eval_size`` 0, not the round slice of ``dipsen train``): its figures are the
+study's. ``resume=True`` (``dipsen poison-study --resume OUT``) finishes a study begun in ``out`` as ``dipsen reproduce --resume``
 does: the recorded options, finished runs kept, unfinished ones resumed from their last checkpoint.
 """
 
@@ -287,6 +288,9 @@ def plan(options: dict[str, Any]) -> list[PoisonRun]:
                 malicious_fraction=fraction,
                 malicious_attack=None if attack is None else attack_variant(attack)[0],
                 keep_checkpoints="last",  # the study reads metrics.jsonl and final_metrics.json only
+                # every round's test accuracy and success rate are the study's figures (rounds to the target, a
+                # window's end, the curves), so on the whole test set, as in the studies before the round slice
+                round_eval_size=0,
                 **variant,
             )
             name = f"{attack or 'none'}-f{fraction:g}-{defence}"
@@ -327,6 +331,7 @@ def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, 
         "rounds_to_target": rounds_to(history, target),
         "rounds": final["rounds"],
         "test_accuracy": [r["test_accuracy"] for r in history],
+        "eval_rows": [r.get("eval_rows") for r in history],  # the test rows of each; None in runs older than the field
         # a backdoor's success rate (None for the other attacks and runs from before it was recorded)
         "attack_success_rate": final.get("attack_success_rate"),
         "success_rates": [r.get("attack_success_rate") for r in history],
@@ -756,6 +761,12 @@ def heatmap(records: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+def accuracy_label(records: list[dict]) -> str:
+    """The accuracy plot's axis label: the test rows every round was measured on, where the records say (eval_rows)."""
+    counts = sorted({n for r in records for n in r.get("eval_rows") or [] if n is not None})
+    return f"test accuracy ({' or '.join(f'{n:,}' for n in counts)} test rows)" if counts else "test accuracy"
+
+
 def accuracy_plot(records: list[dict], path: Path, title: str) -> Path:
     """Test accuracy against round: a panel per attack at the largest f, a line per aggregator, f = 0 dashed."""
     from matplotlib.ticker import MaxNLocator
@@ -781,7 +792,7 @@ def accuracy_plot(records: list[dict], path: Path, title: str) -> Path:
         ax.set(title=_row_label(attack, largest), xlabel="round", ylim=(0, 1.02))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].set_ylabel(accuracy_label(records))
     axes[0][0].legend(
         fontsize=7, title="dashed: no attack" if len(attacks) > 1 or attacks[0] is not None else None, title_fontsize=7
     )
