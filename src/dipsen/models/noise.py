@@ -317,7 +317,8 @@ class BoundedConv2d(nn.Conv2d):
     def effective_weight(self) -> torch.Tensor:
         if not math.isfinite(self.bound):
             return self.weight
-        if self._rank_one and self.frequency_bound_applies and self.weight.dtype == torch.float32:  # block 1 here
+        # block 1 here; on the CPU only: the closed form works in host numbers, a sync per step on a GPU
+        if self._rank_one and self.frequency_bound_applies and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
             return _RescaledKernel.apply(self.weight, self, torch.is_grad_enabled() and self.weight.requires_grad)
         # = W * min(1, bound / ub), written so that an all-zero kernel (ub = 0) gets finite gradients
         return self.weight * (self.bound / torch.clamp(self.lipschitz_upper_bound(), min=self.bound))
