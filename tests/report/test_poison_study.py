@@ -343,7 +343,10 @@ def test_a_backdoor_study_reports_accuracy_and_success_rate_per_run_and_persiste
     assert "| fedavg | 0.1 | 0.300 (dba:rounds=1-2) | 0.200 (backdoor-data) | 0.940 | 0.950 | 0.900 (round 2) |" in backdoors
     # every run's accuracy (the bug this guards against: the backdoor table printed a second time), then its success rate
     assert "| alie, f = 0.1 | 0.910 |" in every and "| dba:rounds=1-2, f = 0.1 | 0.940 |" in every
-    assert "| dba:rounds=1-2, f = 0.1 | 0.300 (0.900 at round 2) |" in every and "| backdoor-data, f = 0.1 | 0.200; mean 0.200 |" in every
+    assert (
+        "| dba:rounds=1-2, f = 0.1 | 0.300 (0.900 at round 2) |" in every
+        and "| backdoor-data, f = 0.1 | 0.200; mean 0.200 |" in every
+    )
     assert every.count("| alie, f = 0.1 |") == 1  # no success rate for an untargeted attack
     assert success_plot(records, tmp_path / "success.png", "t").stat().st_size > 1000
 

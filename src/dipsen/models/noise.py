@@ -318,7 +318,8 @@ class BoundedConv2d(nn.Conv2d):
         if not math.isfinite(self.bound):
             return self.weight
         # block 1 here; on the CPU only: the closed form works in host numbers, a sync per step on a GPU
-        if self._rank_one and self.frequency_bound_applies and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+        on_cpu = self.weight.device.type == "cpu"
+        if self._rank_one and self.frequency_bound_applies and self.weight.dtype == torch.float32 and on_cpu:
             return _RescaledKernel.apply(self.weight, self, torch.is_grad_enabled() and self.weight.requires_grad)
         # = W * min(1, bound / ub), written so that an all-zero kernel (ub = 0) gets finite gradients
         return self.weight * (self.bound / torch.clamp(self.lipschitz_upper_bound(), min=self.bound))

@@ -417,7 +417,9 @@ def backdoor_worst_cases(records: list[dict]) -> list[dict]:
                     "accuracy": worst["final_accuracy"],
                     "attack_free": free.get(defence),
                     "window_end": window_end(worst),
-                    "window_mean": None if not averaged else dict(zip(("attack_success_rate", "attack"), max(averaged))),
+                    "window_mean": None
+                    if not averaged
+                    else dict(zip(("attack_success_rate", "attack"), max(averaged), strict=True)),
                     **triggered_recall(worst, max(averaged, default=(0.0,))[0]),
                 }
             )
@@ -488,7 +490,9 @@ def backdoor_table(summary: list[dict]) -> Table:
             b["aggregator"],
             f"{b['fraction']:g}",
             f"{b['attack_success_rate']:.3f} ({b['attack']})",
-            "–" if b.get("window_mean") is None else f"{b['window_mean']['attack_success_rate']:.3f} ({b['window_mean']['attack']})",
+            "–"
+            if b.get("window_mean") is None
+            else f"{b['window_mean']['attack_success_rate']:.3f} ({b['window_mean']['attack']})",
             f"{b['accuracy']:.3f}",
             "–" if b["attack_free"] is None else f"{b['attack_free']:.3f}",
         ]
@@ -498,7 +502,14 @@ def backdoor_table(summary: list[dict]) -> Table:
         if victims:
             row += ["–", "–"] if "victim" not in b else [f"{b['triggered_recall']:.3f}", f"{b['clean_recall']:.3f}"]
         rows.append(row)
-    headers = ["defence", "f", "worst attack success rate", "worst mean over the window", "main-task accuracy, same run", "no attack"]
+    headers = [
+        "defence",
+        "f",
+        "worst attack success rate",
+        "worst mean over the window",
+        "main-task accuracy, same run",
+        "no attack",
+    ]
     caption = (
         "final models; attack success rate = share of triggered test inputs not of the target class that the model "
         "assigns to the target, the highest over the study's backdoor attacks; beside it the highest mean rate over "
