@@ -77,8 +77,9 @@ SENSITIVITY_BOUND = 1.0
 FREQUENCY_GRID = 128
 """Frequencies per axis at which :class:`BoundedConv2d` evaluates its frequency bound when ``C_in`` or
 ``C_out`` is 1 (block 1 on our data sets): margin (b) is then 0.24% for a 3x3 kernel, and the bound
-costs about 0.26 ms more than the unfolded one per forward+backward on one CPU thread, about 1% of a
-DiPSeN training step on a batch of 32 (``benchmarks/sensitivity_bound.py``)."""
+costs about 0.26 ms more than the unfolded one per forward+backward through autograd on one CPU thread,
+about 1% of a DiPSeN training step on a batch of 32 (``benchmarks/sensitivity_bound.py``); block 1's
+closed-form path (:meth:`BoundedConv2d._rank_one_scale`) costs less (``docs/results/benchmarks.md``)."""
 FREQUENCY_GRID_MATRIX = 40
 """The same when ``C_in`` and ``C_out`` both exceed 1: each grid point then takes a ``min(C_in, C_out)``
 Hermitian eigenvalue problem, so the grid is coarser (margin (b) 2.6% for a 3x3 kernel; about 1.7 ms
