@@ -572,14 +572,13 @@ def train(
             )
         run = RunDir.open(resume)
         require_tracker(run.config().log_to)  # before reconfigure rewrites config.json
-        if device is not None:
-            resolve_device(device)  # before reconfigure rewrites config.json too
+        resolve_device(device or run.config().device)  # likewise: a device this machine lacks changes nothing
         cfg = run.reconfigure(rounds=rounds, keep_checkpoints=keep_checkpoints, round_timeout=round_timeout, device=device)
     else:
         cfg = load_config(config, overrides)
         require_tracker(cfg.log_to)
+        resolve_device(cfg.device)  # a device this machine lacks fails here, before the data load and any file
         run = None
-    resolve_device(cfg.device)  # a device this machine lacks fails here, before the data load and any file
     data = cfg.load_dataset()
     stop = StopFlag()
     with ExitStack() as signals:

@@ -632,9 +632,9 @@ def simulate(
 
     A SuperLink with the simulation runtime runs K virtual SuperNodes on Ray, ``workers`` of them
     at a time, each on one CPU thread as the in-process engine's workers; on CUDA (the run's
-    ``device``) each ClientApp also holds one whole GPU, so at most one trains per GPU (untested on a GPU). It serves TLS with a
-    throw-away certificate valid for ``timeout`` plus a day, and it and Ray listen on loopback
-    only. Flower's log of the run is saved as ``flower.log`` in the run folder. Once ``stop`` is
+    ``device``) each ClientApp also holds one whole GPU, so at most one trains per GPU (untested on
+    a GPU). It serves TLS with a throw-away certificate valid for ``timeout`` plus a day, and it
+    and Ray listen on loopback only. Flower's log of the run is saved as ``flower.log`` in the run folder. Once ``stop`` is
     set (by a signal handler) every process is stopped and
     :class:`~dipsen.federated.workers.Interrupted` raised. The run folder's lock is held throughout.
     """
