@@ -186,6 +186,17 @@ def test_a_run_on_a_subset_counts_the_rest_as_broken_and_reevaluates_as_a_shorte
     assert not nothing.correct["mc"].any() and nothing.metrics["mc"]["on_attacked"] is None
 
 
+def test_an_attacked_example_is_judged_with_the_draws_a_run_on_every_example_gives_it(dipsen_run):
+    evaluation = RobustnessEvaluation(dipsen_run, samples=40, mc_samples=4)
+    setup = AttackSetup("pgd", eps=0.1, gradient="frozen", budget=Budget(3, 1 / 3, 0))
+    every = evaluation.run(setup, limit=30)
+    # the first 20 attacked: the same adversarial examples (a prefix), predicted with the same noise draws
+    cascaded = evaluation.run(setup, limit=30, only=np.arange(30) < 20)
+    np.testing.assert_array_equal(cascaded.x_adv[:20], every.x_adv[:20])
+    for rule in RULES:
+        np.testing.assert_array_equal(cascaded.correct[rule][:20], every.correct[rule][:20])
+
+
 TINY = StudySettings(
     samples=12,
     mc_samples=2,

@@ -8,14 +8,17 @@ with both prediction rules:
 - ``single``: one noise draw per input, the paper's rule;
 - ``mc``:     the mean softmax over ``mc_samples`` draws (PixelDP's rule).
 
-For a deterministic model both rules give the same labels. Every result keeps, per example,
+For a deterministic model both rules give the same labels. The prediction draws are seeded per
+call, so two calls on the same number of examples give each position the same draws: every attack
+of a study is judged with the same noise per example as the clean prediction. Every result keeps, per example,
 whether the prediction stayed correct (saved in its dict as a bit string), so
 :func:`worst_case_accuracy` can report the fraction of examples classified correctly without attack
 and after every attack (Carlini et al. 2019: mean over x of the min over clean and every attack).
 
 :meth:`RobustnessEvaluation.run` with ``only`` attacks a subset of the examples (the study's attack
 cascade, :mod:`.study`): the result still covers every example, the ones left out counted as broken
-and marked in its ``attacked`` mask.
+and marked in its ``attacked`` mask. It is predicted on every example it covers, so each attacked
+example is judged with the same draws as in a run on all of them.
 """
 
 from __future__ import annotations
@@ -218,9 +221,11 @@ class RobustnessEvaluation:
         ``limit`` attacks only the first ``limit`` evaluation examples (for costly attacks). ``only``, a
         boolean mask over those examples, attacks the ones it marks and no other: the result covers
         all of them, with ``attacked = only`` and the others counted as broken (see
-        :attr:`AttackResult.attacked`). The attack's random draws (starts, EOT noise, queries) and the
-        prediction draws are taken per call, so on a subset they differ from those of a run on every
-        example: each marked example gets the same attack, not the same sample of its randomness.
+        :attr:`AttackResult.attacked`). The prediction is made on all of them (the others on their
+        clean input), so an attacked example is judged with the same prediction draws as in a run
+        on every example. The attack's own random draws (random starts, EOT noise, queries) are
+        taken per call, so on a subset they are other draws: each marked example gets the same
+        attack, not the same sample of its randomness.
         """
         source, crafted_on = self.source(setup.threat)
         view = attacker_view(source, setup.gradient, setup.eot_draws, self.seed)
@@ -271,17 +276,13 @@ class RobustnessEvaluation:
             labels = self.predict(x)
             metrics = {rule: classification_metrics(y, predicted, self.classes) for rule, predicted in labels.items()}
             return AttackResult(setup, crafted_on, seconds, metrics, {rule: p == y for rule, p in labels.items()}, x)
-        # a cascaded run: only the attacked examples are predicted (one call on them alone, so a
-        # re-evaluation of the same examples draws the same noise); the others count as broken
-        y_attacked = y[attacked]
-        predicted = self.predict(x[attacked]) if attacked.any() else None
+        # a cascaded run: predicted on every example, as a run on all of them would be (the same
+        # draws per example); the examples not attacked count as broken
+        labels = self.predict(x)
         correct, metrics = {}, {}
-        for rule in RULES:
-            correct[rule] = np.zeros(len(y), dtype=bool)
-            on_attacked = None
-            if predicted is not None:
-                correct[rule][attacked] = predicted[rule] == y_attacked
-                on_attacked = classification_metrics(y_attacked, predicted[rule], self.classes)
+        for rule, predicted in labels.items():
+            correct[rule] = (predicted == y) & attacked
+            on_attacked = classification_metrics(y[attacked], predicted[attacked], self.classes) if attacked.any() else None
             metrics[rule] = {"accuracy": float(correct[rule].mean()), "samples": int(len(y)), "on_attacked": on_attacked}
         return AttackResult(setup, crafted_on, seconds, metrics, correct, x, attacked.copy())
 
@@ -290,8 +291,8 @@ class RobustnessEvaluation:
 
         The prediction rules draw their noise per call, so accuracies of runs over different numbers
         of examples are only comparable after re-predicting on the same examples with the same draws.
-        A cascaded ``result`` is re-predicted on the examples it attacked among the first ``limit``,
-        as :meth:`run` with ``limit`` and ``only`` = those examples would.
+        A cascaded ``result`` keeps its mask: as :meth:`run` with ``limit`` and ``only`` = the examples
+        it attacked among the first ``limit`` would.
         """
         attacked = None if result.attacked is None else result.attacked[:limit]
         x, y = result.x_adv[:limit], self.data.y_eval[:limit]

@@ -131,14 +131,16 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
     attack ran on every example that rule still counted as surviving, and each rule's worst case is
     the per-example minimum over the clean prediction and every attack, exactly as with every attack
     on all examples. An example left out of an attack counts as broken in that attack's result
-    (it was broken before; the minimum is unchanged). Figures differ from such a run only through
-    the attacks' randomness: random starts, EOT and prediction noise and queries are drawn per call,
-    so on fewer examples they are other draws of the same attacks.
+    (it was broken before; the minimum is unchanged). Each attack is still predicted on every
+    example, so an example is judged with the same prediction draws as without the cascade
+    (:meth:`~.evaluate.RobustnessEvaluation.run`); figures differ from such a run only through the
+    attacks' own randomness (random starts, EOT noise, queries), drawn per call: on fewer examples,
+    other draws of the same attacks.
 
     The doubling check in the cascade: the doubled run attacks exactly the examples adaptive PGD
-    attacked among the first ``doubling_samples`` (not the fewer still correct when it runs), and
-    both runs are predicted on those examples with the same draws; the examples neither attacked
-    count as broken in both. Base and doubled are thus compared on the same examples, and their
+    attacked among the first ``doubling_samples`` (not the fewer still correct when it runs), both
+    runs are judged with the same prediction draws, and the examples neither attacked count as
+    broken in both. Base and doubled are thus compared on the same examples, and their
     difference is counted over the same ``doubling_samples`` examples as without the cascade.
     """
     evaluation = RobustnessEvaluation(
