@@ -150,6 +150,10 @@ _RESUME_HELP = (
     "Finish the {} begun in this folder, with the options it was started with: finished runs and "
     "measurements are kept, an unfinished run resumes from its last checkpoint."
 )
+_RAY_HELP = (
+    "Run the {} as Ray tasks: local (a Ray started here), auto or HOST:PORT (a running cluster; the output "
+    "folder must be on storage every node sees). Progress is then per finished {}."
+)
 
 
 @app.command()
@@ -160,6 +164,10 @@ def reproduce(
         str | None, typer.Option(show_default="mnist,socofing,ctu13", help="Comma-separated: mnist,socofing,ctu13")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(metavar="local|auto|HOST:PORT", help=_RAY_HELP.format("models (each trained, then studied)", "model")),
+    ] = None,
 ) -> None:
     """Train CNN, DiPSeN, FAT and smoothed CNNs on each data set, attack and certify them, write the report."""
     from ..report import reproduce as run_study
@@ -172,7 +180,12 @@ def reproduce(
         chosen = tuple(d.strip() for d in (datasets or ",".join(DATASETS)).split(",") if d.strip())
     with progress_bar(remaining=False) as progress:
         path = run_study(
-            out or Path("report"), quick=bool(quick), datasets=chosen, progress=_factory(progress), resume=resume is not None
+            out or Path("report"),
+            quick=bool(quick),
+            datasets=chosen,
+            progress=_factory(progress),
+            resume=resume is not None,
+            ray_address=ray_address,
         )
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 
@@ -186,6 +199,10 @@ def sweep_sigma_cmd(
     out: Annotated[Path | None, typer.Option(show_default="sigma-sweep", help="Output folder (must be new or empty).")] = None,
     quick: Annotated[bool | None, typer.Option("--quick", help="Small subsets and budgets: a smoke test.")] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("sweep"))] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(metavar="local|auto|HOST:PORT", help=_RAY_HELP.format("points (each trained, then measured)", "point")),
+    ] = None,
 ) -> None:
     """Train DiPSeN at several noise levels; plot clean, attacked and certified accuracy against sigma."""
     from ..report.sigma import sweep_sigma
@@ -203,5 +220,6 @@ def sweep_sigma_cmd(
             quick=bool(quick),
             progress=_factory(progress),
             resume=resume is not None,
+            ray_address=ray_address,
         )
     console.print(f"saved: {path}")

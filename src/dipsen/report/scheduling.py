@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,10 +107,12 @@ def _connect(address: str) -> None:
     import ray
 
     try:
-        if address == LOCAL:  # without its dashboard: a process less on a small machine (`ray start --head` has one)
-            ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
+        with warnings.catch_warnings():  # Ray's advice on its next version's GPU defaults: nothing a dipsen user can act on
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+            if address == LOCAL:  # without its dashboard: a process less on a small machine (`ray start --head` has one)
+                ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+            else:
+                ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise ConfigError(f"--ray-address {address}: {exc}") from None
 
