@@ -76,6 +76,10 @@ def test_readme_shows_the_main_commands():
 def _validate(name: str, values: dict) -> None:
     """Check the values as the command does before it runs anything (a DipsenError or ConfigError if it would refuse)."""
     from dipsen.errors import DipsenError
+    from dipsen.report.scheduling import check_address
+
+    if values.get("ray_address") is not None:
+        check_address(values["ray_address"])
 
     if name == "train" and values["resume"] is None:
         options = {k: v for k, v in values.items() if k not in ("config", "out", "resume")}

@@ -115,6 +115,8 @@ def test_merge_reports_finished_studies_of_one_setting_as_one(dipsen_cli, tmp_pa
         (["--attacks", "backdoor"], "--attacks: unknown 'backdoor'"),
         (["--fractions", "0,1.5"], "--fractions must be numbers in [0, 1)"),
         (["--dataset", "socofing"], "--dataset must be one of mnist, ctu13"),
+        (["--ray-address", "cluster"], "--ray-address must be local, auto or HOST:PORT, got 'cluster'"),
+        (["--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: no Ray cluster answers there (Connection refused)"),
     ],
 )
 def test_poison_study_bad_input_is_one_line_exit_2_and_writes_nothing(dipsen_cli, tmp_path, flags, message):
@@ -125,6 +127,46 @@ def test_poison_study_bad_input_is_one_line_exit_2_and_writes_nothing(dipsen_cli
     code, _, err = dipsen_cli(*args)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def _figures(out) -> dict:
+    """poisoning.json without what depends on when and where it ran: times, the machine, the run folders' paths."""
+    results = json.loads((out / "poisoning.json").read_text())
+    del results["machine"], results["seconds"]
+    for run in results["runs"]:
+        del run["seconds"], run["run"]
+    return results
+
+
+def test_on_a_two_node_ray_cluster_the_study_and_its_resume_are_the_serial_ones(dipsen_cli, tmp_path):
+    import torch
+    from ray.cluster_utils import Cluster
+
+    from dipsen.federated import RunDir
+
+    serial, spread = tmp_path / "serial", tmp_path / "ray"
+    code, _, err = dipsen_cli(*_study_args(tmp_path, "--fractions", "0,0.2", "--out", str(serial)))
+    assert code == 0, err
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # a node of one CPU, then a second
+    try:
+        cluster.add_node(num_cpus=1)
+        args = _study_args(tmp_path, "--fractions", "0,0.2", "--out", str(spread), "--ray-address", cluster.address)
+        code, _, err = dipsen_cli(*args)
+        assert code == 0, err
+        assert _figures(spread) == _figures(serial)
+        for name in ("none-f0-median", "sign-flip-f0.2-median"):
+            weights = [RunDir.open(out / "runs" / name).load_checkpoint(1) for out in (serial, spread)]
+            assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+        finished, cut = spread / "runs" / "none-f0-median", spread / "runs" / "sign-flip-f0.2-median"
+        stamps = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()}
+        (cut / "final_metrics.json").unlink()  # as if killed before the end
+        code, _, err = dipsen_cli("poison-study", "--resume", str(spread), "--ray-address", cluster.address)
+        assert code == 0, err
+        assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == stamps  # not run again
+        assert (cut / "final_metrics.json").is_file() and _figures(spread) == _figures(serial)
+    finally:
+        cluster.shutdown()
 
 
 def test_the_study_grid_runs_f_zero_once_per_aggregator_and_tells_krum_its_bound_on_the_attackers():

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
@@ -77,6 +76,7 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     cnn, dipsen = out / "runs" / "mnist-cnn", out / "runs" / "mnist-dipsen"
     assert trained == [("mnist-cnn", False), ("mnist-dipsen", False)]
     assert RunDir.open(cnn).finished() and RunDir.open(cnn).config().keep_checkpoints == "last-2"
+    assert (cnn / REPRODUCE.STUDY_FILE).is_file()  # a model is attacked once trained, before the next one trains
     assert not RunDir.open(dipsen).finished() and RunDir.open(dipsen).last_round() == 1
     with pytest.raises(DipsenError, match="exists and is not empty; choose a new --out folder, or continue it with --resume"):
         REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY)
@@ -84,27 +84,23 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
         REPRODUCE.reproduce(out, quick=True, datasets=("mnist", "ctu13"), settings=TINY, resume=True)
     cnn_files = _stamps(cnn)
 
-    studied = _counting(monkeypatch, REPRODUCE, "study_run", kill_at=2)  # killed while attacking the second run
+    studied = _counting(monkeypatch, REPRODUCE, "study_run", kill_at=2)  # killed while attacking the FAT run
     with pytest.raises(Killed):
         REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    # resumed from round 1, the finished run left alone; then FAT and the smoothed CNN the certification section needs
-    assert trained[2:] == [
-        ("mnist-dipsen", True),
-        ("mnist-cnn-fat", False),
-        ("mnist-cnn-fat-dirichlet", False),
-        ("mnist-cnn-smooth-0.25", False),
-    ]
+    # resumed from round 1, the finished run and its study left alone; then the FAT run the defences section needs
+    assert trained[2:] == [("mnist-dipsen", True), ("mnist-cnn-fat", False)]
     fat = out / "runs" / "mnist-cnn-fat"
     assert RunDir.open(fat).finished() and RunDir.open(fat).config().adv_train == "pgd"
     assert RunDir.open(dipsen).read_json("final_metrics.json")["rounds"] == 3
     assert [r["round"] for r in RunDir.open(dipsen).metrics()] == [1, 2, 3]
-    assert _stamps(cnn).items() > cnn_files.items() and set(_stamps(cnn)) - set(cnn_files) == {Path(REPRODUCE.STUDY_FILE)}
-    assert [args[0].path.name for args, _ in studied] == ["mnist-cnn", "mnist-dipsen"]
-    cnn_files = _stamps(cnn)
+    assert (dipsen / REPRODUCE.CERTIFY_FILE).is_file() and not (fat / REPRODUCE.STUDY_FILE).exists()
+    assert _stamps(cnn) == cnn_files
+    assert [args[0].path.name for args, _ in studied] == ["mnist-dipsen", "mnist-cnn-fat"]
 
     path = REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    assert len(trained) == 6
-    assert [args[0].path.name for args, _ in studied[2:]] == ["mnist-dipsen", "mnist-cnn-fat", "mnist-cnn-fat-dirichlet"]
+    # the FAT run attacked again, its training kept; then the label-skew FAT run and the smoothed CNN
+    assert trained[4:] == [("mnist-cnn-fat-dirichlet", False), ("mnist-cnn-smooth-0.25", False)]
+    assert [args[0].path.name for args, _ in studied[2:]] == ["mnist-cnn-fat", "mnist-cnn-fat-dirichlet"]
     assert _stamps(cnn) == cnn_files
     results = json.loads((out / "results.json").read_text())
     assert set(results["studies"]) == {"mnist/cnn", "mnist/dipsen", "mnist/cnn-fat", "mnist/cnn-fat-dirichlet"}
@@ -152,7 +148,7 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
     # a finished study resumed again: nothing trained or attacked, FAT included
     fat_files = _stamps(fat)
     REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)
-    assert len(trained) == 6 and len(studied) == 5 and _stamps(fat) == fat_files
+    assert len(trained) == 6 and len(studied) == 4 and _stamps(fat) == fat_files
     assert json.loads((out / "results.json").read_text()) == results
 
 

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import DipsenError
 from .app import DEVICE_HELP, app, console, progress_bar
-from .robustness import _RESUME_HELP, _floats, _resumed
+from .robustness import _RAY_HELP, _RESUME_HELP, _floats, _resumed
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -84,6 +84,9 @@ def poison_study_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option(show_default="poison-study", help="Output folder (must be new or empty).")] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(metavar="local|auto|HOST:PORT", help=_RAY_HELP.format("grid's runs", "run"))
+    ] = None,
     merge: Annotated[
         list[Path] | None,
         typer.Option(
@@ -117,9 +120,9 @@ def poison_study_cmd(
     if merge:
         from ..report.poisoning import merge_studies
 
-        if extra := [flag for flag, value in given.items() if value is not None and flag != "--out"] + (
-            ["--resume"] if resume is not None else []
-        ):
+        if extra := [flag for flag, value in given.items() if value is not None and flag != "--out"] + [
+            flag for flag, value in (("--resume", resume), ("--ray-address", ray_address)) if value is not None
+        ]:
             raise DipsenError(f"--merge takes only --out, not {', '.join(extra)}")
         path = merge_studies(out or Path("poison-study"), merge)
         console.print(f"saved: {path} and {path.with_name('poisoning.json')}")
@@ -154,5 +157,5 @@ def poison_study_cmd(
         def on_progress(description: str, done: float, total: int) -> None:
             progress.update(task, description=description, completed=done, total=total)
 
-        path = poison_study(folder, options, resume=resume is not None, on_progress=on_progress)
+        path = poison_study(folder, options, resume=resume is not None, on_progress=on_progress, ray_address=ray_address)
     console.print(f"saved: {path}, {path.with_name('poisoning.json')} and {path.with_name('poisoning.png')}")

@@ -152,6 +152,10 @@ _RESUME_HELP = (
     "Finish the {} begun in this folder, with the options it was started with: finished runs and "
     "measurements are kept, an unfinished run resumes from its last checkpoint."
 )
+_RAY_HELP = (
+    "Run the {} as Ray tasks: local (a Ray started here), auto or HOST:PORT (a running cluster; the output "
+    "folder must be on storage every node sees). Progress is then per finished {}."
+)
 
 
 @app.command()
@@ -171,6 +175,10 @@ def reproduce(
     ] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP + " Not an option of the study: it may change on --resume.")] = "auto",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(metavar="local|auto|HOST:PORT", help=_RAY_HELP.format("models (each trained, then studied)", "model")),
+    ] = None,
 ) -> None:
     """Train CNN, DiPSeN, FAT and smoothed CNNs on each data set, attack and certify them, write the report."""
     from ..attack.study import StudySettings
@@ -195,6 +203,7 @@ def reproduce(
             progress=_factory(progress),
             resume=resume is not None,
             device=device,
+            ray_address=ray_address,
         )
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 
@@ -209,6 +218,10 @@ def sweep_sigma_cmd(
     quick: Annotated[bool | None, typer.Option("--quick", help="Small subsets and budgets: a smoke test.")] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("sweep"))] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP + " Not an option of the sweep: it may change on --resume.")] = "auto",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(metavar="local|auto|HOST:PORT", help=_RAY_HELP.format("points (each trained, then measured)", "point")),
+    ] = None,
 ) -> None:
     """Train DiPSeN at several noise levels; plot clean, attacked and certified accuracy against sigma."""
     from ..report.sigma import sweep_sigma
@@ -228,5 +241,6 @@ def sweep_sigma_cmd(
             progress=_factory(progress),
             resume=resume is not None,
             device=device,
+            ray_address=ray_address,
         )
     console.print(f"saved: {path}")

@@ -47,12 +47,14 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..attack.study import ProgressFactory
 from ..config import TrainConfig, load_config
 from ..data._io import write_atomic
 from ..device import resolve_device
@@ -61,7 +63,8 @@ from ..federated import RunDir
 from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, PRE_AGGREGATIONS, min_updates, trim_count
 from ..federated.poisoning import ATTACKS, BACKDOOR_ATTACKS, NAIVE_ATTACKS, malicious_count
 from .render import Block, Heading, Paragraph, Table, to_markdown
-from .reproduce import machine_description, open_output, recorded_options, train_run, training_seconds
+from .reproduce import dataset_for, machine_description, open_output, recorded_options, train_run, training_seconds
+from .scheduling import Unit, scheduler
 
 DATASETS = ("mnist", "ctu13")
 # the naive attacks every robust rule was designed against, then those built against the rules
@@ -529,24 +532,50 @@ def backdoor_table(summary: list[dict]) -> Table:
     return Table(headers, rows, caption=caption)
 
 
-def poison_study(out: Path, options: dict[str, Any], *, resume: bool = False, on_progress: OnProgress | None = None) -> Path:
+def poison_study(
+    out: Path,
+    options: dict[str, Any],
+    *,
+    resume: bool = False,
+    on_progress: OnProgress | None = None,
+    ray_address: str | None = None,
+) -> Path:
     """Run the grid of ``options`` (:func:`study_options`) into ``out``; returns poisoning.md's path.
 
-    ``resume``: finish the study begun in ``out`` (its options.json must record ``options``).
+    ``resume``: finish the study begun in ``out`` (its options.json must record ``options``). Each run is
+    one unit (:mod:`dipsen.report.scheduling`), run here in order or, with ``ray_address``, as a Ray task;
+    the report reads the finished run folders.
     """
     runs = plan(options)
-    open_output(out, options, resume)
-    data = runs[0].config.load_dataset()  # the runs differ in aggregation and attack only
-    start = time.perf_counter()
-    records = []
-    for i, run in enumerate(runs):
-        folder = out / "runs" / run.name
-        if not RunDir(folder).finished():
-            train_run(folder, run.config, data, _round_progress(on_progress, run.label, i, len(runs)), run.label)
-        records.append(run_record(run, folder, options["target_accuracy"]))
+    here = on_progress if ray_address is None else None  # a Ray task's rounds would be counted in another process
+    units = [
+        Unit(
+            run.label,
+            partial(_grid_run, out / "runs" / run.name, run, runs[0].config, _round_progress(here, run.label, i, len(runs))),
+            cpus=run.config.workers or 1,
+        )
+        for i, run in enumerate(runs)
+    ]
+    done: list[Unit] = []
+
+    def on_done(unit: Unit) -> None:
+        done.append(unit)
         if on_progress:
-            on_progress(f"done {run.label}", i + 1, len(runs))
+            on_progress(f"done {unit.label}", len(done), len(units))
+
+    start = time.perf_counter()
+    with scheduler(ray_address) as run_units:
+        open_output(out, options, resume)
+        run_units(units, on_done)
+    records = [run_record(run, out / "runs" / run.name, options["target_accuracy"]) for run in runs]
     return _write_report(out, options, records, time.perf_counter() - start)
+
+
+def _grid_run(folder: Path, run: PoisonRun, data: TrainConfig, progress: ProgressFactory | None) -> None:
+    """``run`` trained to its end in ``folder`` (resumed if begun) unless finished, on the data set ``data`` (a config)
+    loads: every run's, as the runs differ in aggregation and attack only."""
+    if not RunDir(folder).finished():
+        train_run(folder, run.config, dataset_for(data), progress, run.label)
 
 
 def _write_report(out: Path, options: dict[str, Any], records: list[dict], seconds: float, **extra: Any) -> Path:

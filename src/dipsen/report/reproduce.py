@@ -23,6 +23,10 @@
 4. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json`` (with each run's
    training time, ``training_seconds[LABEL]``, and what the defences were trained with, ``defences``).
 
+Steps 1-3 run per model, one unit each (:mod:`dipsen.report.scheduling`): a model is trained, then
+attacked and certified, before the next one; with ``ray_address`` (``--ray-address``) the units are
+Ray tasks that run at once. Step 4 reads the saved files only, whichever way the units ran.
+
 ``quick=True`` trains on 2,000-example subsets for 3 rounds and attacks 40 examples with tiny
 budgets: it exercises every step in a few minutes and measures nothing worth reporting.
 
@@ -46,6 +50,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import lru_cache, partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -64,6 +69,7 @@ from ..federated import FederatedTraining, RunDir, train
 from .build import build_report
 from .defences import DEFENCES, defences_record
 from .paper import DATASETS, TASK_VARIANTS
+from .scheduling import OnDone, Unit, scheduler
 
 MODELS = ("cnn", "dipsen")
 QUICK_TRAINING = {"rounds": 3, "clients": 20, "fraction": 0.25, "local_epochs": 1, "train_subset": 2000, "test_subset": 500}
@@ -233,14 +239,17 @@ def reproduce(
     progress: ProgressFactory | None = None,
     resume: bool = False,
     device: str = "auto",
+    ray_address: str | None = None,
 ) -> Path:
     """Train, attack and report into ``out`` (with ``resume``: finish the study begun there); returns report.md's path.
 
+    Each model is one unit (:mod:`dipsen.report.scheduling`): its training, then its study and its
+    certificate, run here in order or, with ``ray_address``, as Ray tasks; the report reads the saved files.
     Everything computes on ``device`` (:mod:`dipsen.device`), which is not one of the study's recorded
     options: a resume may use another.
     """
     settings = settings or (StudySettings.quick() if quick else StudySettings())
-    where = resolve_device(device)
+    resolve_device(device)  # refused here, before any work, where it is not available
     configs, smoothed = study_configs(datasets, quick, settings, device)  # all errors before any work
     certify = QUICK_CERTIFY if quick else CERTIFY
     defences = defences_record(settings.eps)
@@ -251,40 +260,91 @@ def reproduce(
         "certify": asdict(certify),
         "defences": defences,
     }
-    open_output(out, options, resume)
+    studied = list(configs)
+    certified = [*smoothed, *(f"{d}/dipsen" for d in datasets)]
     configs |= smoothed
     folders = {label: out / "runs" / label.replace("/", "-") for label in configs}
-    loaded: dict[str, Dataset] = {}  # data sets loaded for training, kept for the study
-    for label, config in configs.items():
-        if not RunDir(folders[label]).finished():
-            loaded[label] = config.load_dataset()
-            train_run(folders[label], config, loaded[label], progress, label)
-    records = {
-        label: saved_result(folder, STUDY_FILE, loaded.get(label), lambda trained: study_run(trained, settings, progress), where)
-        for label, folder in folders.items()
-        if label not in smoothed
-    }
-    certified = {
-        label: saved_result(
-            folders[label], CERTIFY_FILE, loaded.get(label), lambda trained: _certify(trained, certify, progress), where
+    here = progress if ray_address is None else None  # a Ray task's bars would be drawn in another process
+    units = [
+        Unit(
+            label,
+            partial(
+                _model_unit,
+                folders[label],
+                config,
+                label,
+                settings=settings if label in studied else None,
+                certify=certify if label in certified else None,
+                progress=here,
+                device=device,
+            ),
+            cpus=config.workers or 1,
         )
-        for label in [*smoothed, *(f"{d}/dipsen" for d in datasets)]
-    }
+        for label, config in configs.items()
+    ]
+    with scheduler(ray_address) as run_units:
+        open_output(out, options, resume)
+        run_units(units, units_done(progress, "models", len(units)))
+    records = {label: RunDir.open(folders[label]).read_json(STUDY_FILE) for label in studied}
+    certificates = {label: RunDir.open(folders[label]).read_json(CERTIFY_FILE) for label in certified}
     run_seconds = {label: training_seconds(folder) for label, folder in folders.items()}
     training = sum(run_seconds.values())
     attacks = sum(record["seconds"] for record in records.values())
-    certifying = sum(record["seconds"] for record in certified.values())
+    certifying = sum(record["seconds"] for record in certificates.values())
     results = {
         "quick": quick,
         "machine": machine_description(),
         "settings": settings.to_dict(),
         "seconds": {"total": training + attacks + certifying, "training": training, "attacks": attacks, "certify": certifying},
         "studies": {label: record["result"] for label, record in records.items()},
-        "certified": {label: record["result"] for label, record in certified.items()},
+        "certified": {label: record["result"] for label, record in certificates.items()},
         "training_seconds": run_seconds,
         "defences": defences,
     }
     return build_report(results, out)
+
+
+def _model_unit(
+    folder: Path,
+    config: TrainConfig,
+    label: str,
+    *,
+    settings: StudySettings | None,
+    certify: CertifySettings | None,
+    progress: ProgressFactory | None,
+    device: str,
+) -> None:
+    """One model of the study: trained to its end (resumed if begun), then studied with ``settings`` and certified
+    with ``certify`` where given, on ``device`` as the process running the unit resolves it; each step only if its
+    file is not saved yet."""
+    where = resolve_device(device)
+    data = None
+    if not RunDir(folder).finished():
+        data = config.load_dataset()
+        train_run(folder, config, data, progress, label)
+    if settings is not None:
+        saved_result(folder, STUDY_FILE, data, lambda trained: study_run(trained, settings, progress), where)
+    if certify is not None:
+        saved_result(folder, CERTIFY_FILE, data, lambda trained: _certify(trained, certify, progress), where)
+
+
+def units_done(progress: ProgressFactory | None, what: str, total: int) -> OnDone | None:
+    """An ``on_done`` for :func:`~dipsen.report.scheduling.scheduler`'s units: one bar, "WHAT done", advanced per unit."""
+    if progress is None:
+        return None
+    advance = progress(f"{what} done", total)
+    return lambda unit: advance(1)
+
+
+def dataset_for(config: TrainConfig) -> Dataset:
+    """``config.load_dataset()``, kept for the next call with an equal config: a process that runs a study's units one
+    after another (this one, or a Ray worker) loads the data set they share once. Only the last one is kept."""
+    return _dataset(json.dumps(config.to_dict(), sort_keys=True))
+
+
+@lru_cache(maxsize=1)
+def _dataset(config: str) -> Dataset:
+    return TrainConfig.from_dict(json.loads(config)).load_dataset()
 
 
 def _certify(trained: TrainedRun, settings: CertifySettings, progress: ProgressFactory | None) -> dict:

@@ -26,7 +26,7 @@ from ..attack.study import ProgressFactory, StudySettings
 from ..attack.target import TrainedRun
 from ..certify.evaluate import CertifySettings, certify_run
 from ..certify.pixeldp import l2_size
-from ..data import load_dataset
+from ..config import TrainConfig
 from ..device import resolve_device
 from ..errors import DipsenError
 from ..federated import RunDir
@@ -36,13 +36,16 @@ from .render import Block, Heading, Paragraph, Table, to_markdown
 from .reproduce import (
     CERTIFY,
     QUICK_CERTIFY,
+    dataset_for,
     machine_description,
     open_output,
     paper_config,
     saved_result,
     train_run,
     training_seconds,
+    units_done,
 )
+from .scheduling import Unit, scheduler
 
 POINT_FILE = "sigma_sweep_point.json"  # in each run folder: its measurements
 RADII = ("0.5", "1")
@@ -58,15 +61,18 @@ def sweep_sigma(
     progress: ProgressFactory | None = None,
     resume: bool = False,
     device: str = "auto",
+    ray_address: str | None = None,
 ) -> Path:
     """Train and attack DiPSeN at each sigma (``resume``: finish the sweep begun in ``out``); returns sigma_sweep.md's path.
 
+    Each point (a run and its measurements) is one unit (:mod:`dipsen.report.scheduling`), run here in
+    order or, with ``ray_address``, as a Ray task; the table and plot read the saved measurements.
     Everything computes on ``device`` (:mod:`dipsen.device`), not one of the sweep's recorded options.
     """
     if not sigmas or any(s < 0 for s in sigmas):
         raise DipsenError(f"--sigmas must be a non-empty list of numbers >= 0, got {sigmas}")
     sigmas = sorted(sigmas)
-    where = resolve_device(device)
+    resolve_device(device)  # refused here, before any work, where it is not available
     # the sweep's attacks each run on every example, with no cascade (recorded so, as by earlier versions)
     settings = replace(StudySettings.quick() if quick else StudySettings(), every_attack_on_all=True)
     certify = replace(
@@ -81,15 +87,20 @@ def sweep_sigma(
         label: paper_config(dataset, model, quick, keep_checkpoints="last", device=device, **kw) for label, model, kw in points
     }
     options = {"dataset": dataset, "sigmas": sigmas, "quick": quick, "settings": settings.to_dict(), "certify": asdict(certify)}
-    open_output(out, options, resume)
-    data = load_dataset(dataset, seed=0)
     folders = {label: out / "runs" / label.replace("=", "-") for label in configs}
-    records: dict[str, dict] = {}
-    for label, config in configs.items():
-        if not RunDir(folders[label]).finished():
-            train_run(folders[label], config, data, progress, label)
-        measure = partial(_measure, settings=settings, certify=certify, progress=progress, label=label)
-        records[label] = saved_result(folders[label], POINT_FILE, data, measure, where)
+    here = progress if ray_address is None else None  # a Ray task's bars would be drawn in another process
+    units = [
+        Unit(
+            label,
+            partial(_point, folders[label], config, configs["cnn"], label, settings, certify, here, device),
+            cpus=config.workers or 1,
+        )
+        for label, config in configs.items()
+    ]
+    with scheduler(ray_address) as run_units:
+        open_output(out, options, resume)
+        run_units(units, units_done(progress, "points", len(units)))
+    records = {label: RunDir.open(folder).read_json(POINT_FILE) for label, folder in folders.items()}
     seconds = sum(training_seconds(folder) for folder in folders.values()) + sum(r["seconds"] for r in records.values())
     measured = {label: record["result"] for label, record in records.items()}
     results = {
@@ -154,6 +165,25 @@ def sweep_sigma(
     ]
     (out / "sigma_sweep.md").write_text(to_markdown(blocks))
     return out / "sigma_sweep.md"
+
+
+def _point(
+    folder: Path,
+    config: TrainConfig,
+    data: TrainConfig,
+    label: str,
+    settings: StudySettings,
+    certify: CertifySettings,
+    progress: ProgressFactory | None,
+    device: str,
+) -> None:
+    """One point of the sweep: its run trained to its end (resumed if begun) unless finished, then measured unless
+    saved on ``device``, on the data set ``data`` (a config) loads: every point's, as they differ in model and sigma only."""
+    dataset = dataset_for(data)
+    if not RunDir(folder).finished():
+        train_run(folder, config, dataset, progress, label)
+    measure = partial(_measure, settings=settings, certify=certify, progress=progress, label=label)
+    saved_result(folder, POINT_FILE, dataset, measure, resolve_device(device))
 
 
 def _measure(
