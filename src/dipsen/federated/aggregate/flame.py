@@ -33,9 +33,9 @@ def flame_admitted(weights: np.ndarray) -> np.ndarray:
     unit = weights / np.where(norms > 0, norms, 1.0)[:, None]
     distances = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
     np.fill_diagonal(distances, 0.0)
-    labels = HDBSCAN(metric="precomputed", min_cluster_size=n // 2 + 1, min_samples=1, allow_single_cluster=True).fit_predict(
-        distances
-    )
+    # copy=False: the distance matrix is this call's own, HDBSCAN may overwrite it (and saying so silences sklearn's warning)
+    clustering = HDBSCAN(metric="precomputed", min_cluster_size=n // 2 + 1, min_samples=1, allow_single_cluster=True, copy=False)
+    labels = clustering.fit_predict(distances)
     clusters = labels[labels >= 0]
     if not len(clusters):
         return np.arange(n)
