@@ -197,8 +197,8 @@ def calfat_loss(model: nn.Module, x_adv: Tensor, y: Tensor, log_prior: Tensor) -
     softmax ignores), and its KL search calibrates by ``0.1 log n`` only. Here both use z + log pi_k
     unscaled, so that a uniform prior gives back the uncalibrated losses above. Its search runs in eval
     mode with its own steps (40 of 0.01 at eps 0.3 on MNIST); here, as every ``adv_train`` search, in the
-    mode the model is in with ``adv_train``'s steps, step size and eps. The paper's own text was not at
-    hand when this was written: its equation numbers are not cited here.
+    mode the model is in with ``adv_train``'s steps, step size and eps. The paper's equations are not
+    cited by number: only its abstract and the authors' code were checked against.
     """
     return nn.functional.cross_entropy(CalibratedLogits(model, log_prior)(x_adv), y)
 
