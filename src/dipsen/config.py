@@ -156,6 +156,9 @@ class TrainConfig:
     # CE(clean) + trades_beta * KL(clean || adversarial), the examples maximising that KL with the adv_*
     # steps; adv_mix does not apply). 6: the paper's setting (its 1/lambda) for its MNIST and CIFAR-10 models; the
     # reference's MNIST script defaults to 1, and its README to [1, 10], larger more robust and less accurate
+    # | calfat (Chen et al. 2022, for label skew: CE(f(x_adv) + log pi_k, y), x_adv maximising the KL between the
+    # calibrated clean and adversarial predictions, pi_k the class frequencies of client k's own rows; adv_mix and
+    # trades_beta do not apply; the calibration is training-only, the global model predicts uncalibrated)
     adv_loss: str = "ce"
     trades_beta: float = 6.0
     # FedProx (Li et al. 2020): (mu / 2) ||w - w_global||^2 added to every local step's loss, any training
@@ -317,15 +320,18 @@ class TrainConfig:
         A recipe's parameter given without its recipe is refused rather than ignored: it would change nothing.
         """
         defaults = TrainConfig.__dataclass_fields__
-        if self.adv_loss == "trades":
+        if self.adv_loss in ("trades", "calfat"):
             if self.adv_train == "none":
-                raise ConfigError("adv_loss trades needs adv_train fgsm-rs or pgd (the steps of its KL search)", "adv_loss")
-            # TRADES weighs its two terms with trades_beta; a blend of cross-entropies has no place in it
-            if self.adv_mix != defaults["adv_mix"].default:
                 raise ConfigError(
-                    f"adv_mix {self.adv_mix} does not apply to adv_loss trades (its terms are weighed by trades_beta)", "adv_mix"
+                    f"adv_loss {self.adv_loss} needs adv_train fgsm-rs or pgd (the steps of its KL search)", "adv_loss"
                 )
-        elif self.trades_beta != defaults["trades_beta"].default:
+            # TRADES weighs its two terms with trades_beta, CalFAT has one term: a blend of cross-entropies has no place
+            if self.adv_mix != defaults["adv_mix"].default:
+                why = {"trades": "its terms are weighed by trades_beta", "calfat": "its loss is on adversarial examples alone"}
+                raise ConfigError(
+                    f"adv_mix {self.adv_mix} does not apply to adv_loss {self.adv_loss} ({why[self.adv_loss]})", "adv_mix"
+                )
+        if self.adv_loss != "trades" and self.trades_beta != defaults["trades_beta"].default:
             raise ConfigError(f"trades_beta {self.trades_beta} applies to adv_loss trades only", "trades_beta")
         if self.smoothing_loss == "consistency":
             if self.input_noise <= 0:

@@ -1,4 +1,4 @@
-"""Client-side training recipes: TRADES, FedProx's proximal term, consistency regularisation for smoothing.
+"""Client-side training recipes: TRADES, CalFAT, FedProx's proximal term, consistency regularisation for smoothing.
 
 Each loss against a hand computation, TRADES' search inside the feasible domain, the defaults
 bit-identical to the training loop before the recipes, the ConfigErrors, and a one-round federated
@@ -17,7 +17,7 @@ from dipsen.attack.domain import FeasibleDomain, feasible_domain
 from dipsen.config import TrainConfig, load_config
 from dipsen.errors import ConfigError
 from dipsen.federated import FederatedTraining, LocalTraining, RunDir, client_update, train
-from dipsen.federated.adversarial import kl_divergence, perturb_kl, trades_loss
+from dipsen.federated.adversarial import CalibratedLogits, calfat_loss, kl_divergence, label_log_prior, perturb_kl, trades_loss
 from dipsen.federated.client import proximal_term
 from dipsen.federated.engine import federated_data, local_training
 from dipsen.federated.smoothing import consistency_batch_loss, consistency_loss, noisy_copies
@@ -105,6 +105,82 @@ def test_trades_examples_of_local_training_are_the_kl_search_and_stay_feasible_o
     assert np.array_equal(an[..., 4:], xn[..., 4:])  # protocol and port class unchanged, as for the CE attack
     assert np.array_equal(domain.project(an, xn, 0.1), an)  # feasible: counts are integers
     assert not np.array_equal(an, xn)
+
+
+# --- CalFAT -----------------------------------------------------------------------------------------
+
+
+def test_calfat_loss_is_the_cross_entropy_of_the_prior_weighted_softmax_by_hand():
+    weight, bias = [[1.0, -2.0, 0.5], [0.0, 1.5, -1.0], [-0.5, 0.25, 2.0]], [0.1, -0.2, 0.3]
+    model = _linear(weight, bias)
+    x_adv = np.array([[0.5, 0.1, 0.6], [0.7, 0.3, 0.0], [0.2, 0.9, 0.4]])
+    y = np.array([2, 0, 1])
+    prior = np.array([0.7, 0.2, 0.1])  # a client that mostly holds class 0
+    z = x_adv @ np.array(weight).T + np.array(bias)
+    # p_c = pi_c e^{z_c} / sum_c' pi_c' e^{z_c'}: the softmax of z + log pi
+    calibrated = prior * np.exp(z) / (prior * np.exp(z)).sum(axis=1, keepdims=True)
+    expected = -np.mean(np.log(calibrated[np.arange(3), y]))
+    xt, yt = torch.from_numpy(x_adv), torch.from_numpy(y)
+    got = calfat_loss(model, xt, yt, torch.from_numpy(np.log(prior))).item()
+    assert got == pytest.approx(expected, rel=1e-12)
+    uncalibrated = nn.functional.cross_entropy(model(xt), yt).item()
+    assert abs(got - uncalibrated) > 0.05  # the prior matters here
+    # a uniform prior (log pi = -log 3 for every class) leaves the softmax as it is: the plain CE on the examples
+    uniform = torch.full((3,), -np.log(3.0), dtype=torch.float64)
+    assert calfat_loss(model, xt, yt, uniform).item() == pytest.approx(uncalibrated, rel=1e-12)
+
+
+def test_calfat_search_with_a_uniform_prior_is_the_trades_search_and_a_skewed_prior_moves_it():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 6, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    eps, steps = 0.3, 3
+
+    def search(net: nn.Module) -> torch.Tensor:
+        return perturb_kl(net, x, eps, steps, 2.5 * eps / steps, IMAGES, torch.Generator().manual_seed(1))
+
+    trades = search(model)
+    assert torch.allclose(search(CalibratedLogits(model, torch.full((4,), -float(np.log(4.0))))), trades, atol=1e-6)
+    skewed = torch.log(torch.tensor([0.91, 0.03, 0.03, 0.03]))
+    assert not torch.allclose(search(CalibratedLogits(model, skewed)), trades, atol=1e-3)
+
+
+def test_the_label_prior_is_the_class_frequencies_a_missing_class_counted_once():
+    y = torch.tensor([0, 0, 0, 2, 2, 1, 0, 0])  # counts 5, 1, 2 and none of class 3
+    prior = label_log_prior(y, 4).exp()
+    assert torch.allclose(prior, torch.tensor([5.0, 1.0, 2.0, 1.0]) / 9)
+    assert label_log_prior(torch.tensor([1, 1]), 3).isfinite().all()
+
+
+def test_client_update_calibrates_by_the_prior_of_its_own_rows_only(mnist, one_thread, monkeypatch):
+    """Under label skew (Dirichlet 0.5) every client's prior is its own rows' class frequencies, and only they reach it."""
+    from dipsen.federated import client as client_module
+
+    cfg = TrainConfig(**TINY, partition="dirichlet", adv_train="fgsm-rs", adv_loss="calfat").validate()
+    data = federated_data(cfg, mnist)
+    training = local_training(cfg, feasible_domain(mnist), 10)
+    seen: list[torch.Tensor] = []
+
+    def spy(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        seen.append(y.clone())
+        return label_log_prior(y, num_classes)
+
+    monkeypatch.setattr(client_module, "label_log_prior", spy)
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 28, 28), 10, calibrate_noise(None, 1.0, 0.05, 0.1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    priors = []
+    for part in data.parts[:2]:
+        x, y = torch.from_numpy(data.x_train[part]), torch.from_numpy(data.y_train[part])
+        update = client_update(model, state, x, y, training, seed=5)
+        assert torch.equal(seen[-1], y)  # its own labels, all of them, once
+        assert update.state.keys() == state.keys()  # the calibration adds nothing to the model it sends
+        counts = np.bincount(y.numpy(), minlength=10)
+        priors.append(np.maximum(counts, 1) / np.maximum(counts, 1).sum())
+        assert np.allclose(label_log_prior(y, 10).exp().numpy(), priors[-1])
+    assert len(seen) == 2
+    assert np.abs(priors[0] - priors[1]).max() > 0.1  # skewed: the two clients calibrate differently
 
 
 # --- proximal term ----------------------------------------------------------------------------------
@@ -252,7 +328,14 @@ def test_default_recipes_give_the_weights_of_the_loop_before_them(settings, mode
     ("overrides", "key", "message"),
     [
         ({"adv_loss": "trades"}, "adv_loss", "--adv-loss trades needs adv_train fgsm-rs or pgd"),
-        ({"adv_loss": "mart"}, "adv_loss", "--adv-loss must be one of ce, trades"),
+        ({"adv_loss": "mart"}, "adv_loss", "--adv-loss must be one of ce, trades, calfat"),
+        ({"adv_loss": "calfat"}, "adv_loss", "--adv-loss calfat needs adv_train fgsm-rs or pgd"),
+        (
+            {"adv_train": "pgd", "adv_loss": "calfat", "adv_mix": 1.0},
+            "adv_mix",
+            "--adv-mix 1.0 does not apply to adv_loss calfat (its loss is on adversarial examples alone)",
+        ),
+        ({"adv_train": "pgd", "adv_loss": "calfat", "trades_beta": 1.0}, "trades_beta", "applies to adv_loss trades only"),
         ({"adv_train": "pgd", "adv_loss": "trades", "adv_mix": 0.7}, "adv_mix", "--adv-mix 0.7 does not apply to adv_loss"),
         ({"trades_beta": 3.0}, "trades_beta", "--trades-beta 3.0 applies to adv_loss trades only"),
         ({"adv_train": "pgd", "adv_loss": "trades", "trades_beta": 0.0}, "trades_beta", "--trades-beta must be a number > 0"),
@@ -292,6 +375,11 @@ def test_recipes_reach_local_training_and_it_refuses_what_the_config_refuses():
     assert training.consistency_eta == 0.1
     with pytest.raises(ValueError, match="TRADES loss needs adversarial training"):
         LocalTraining(adv_loss="trades")
+    calfat = TrainConfig(adv_train="fgsm-rs", adv_loss="calfat").validate()
+    assert (local_training(calfat, IMAGES, 10).adv_loss, local_training(calfat, IMAGES, 10).num_classes) == ("calfat", 10)
+    for refused in (dict(adv_loss="calfat", num_classes=10), dict(adv_train="pgd", adv_loss="calfat", domain=IMAGES)):
+        with pytest.raises(ValueError, match="CalFAT loss needs adversarial training .* and num_classes"):
+            LocalTraining(**refused)
     with pytest.raises(ValueError, match="consistency loss needs input_noise > 0"):
         LocalTraining(smoothing_loss="consistency")
 
@@ -302,6 +390,7 @@ QUICK_MONITOR = dict(robust_monitor_steps=3, robust_monitor_samples=50)  # the r
 RECIPES = {
     "trades": dict(adv_train="pgd", adv_steps=2, adv_loss="trades", **QUICK_MONITOR),
     "trades-proximal": dict(adv_train="fgsm-rs", adv_loss="trades", trades_beta=1.0, proximal_mu=0.1, **QUICK_MONITOR),
+    "calfat": dict(partition="dirichlet", adv_train="pgd", adv_steps=2, adv_loss="calfat", **QUICK_MONITOR),
     "proximal": dict(proximal_mu=0.01),
     "consistency": dict(input_noise=0.25, smoothing_loss="consistency", consistency_copies=3),
     "consistency-proximal": dict(input_noise=0.5, smoothing_loss="consistency", proximal_mu=0.01),
@@ -320,7 +409,7 @@ def test_one_federated_round_trains_with_each_recipe(recipe, mnist, tmp_path, on
         assert 0 <= record["robust_accuracy"] <= 1
 
 
-@pytest.mark.parametrize("recipe", ["trades", "proximal", "consistency"])
+@pytest.mark.parametrize("recipe", ["trades", "calfat", "proximal", "consistency"])
 def test_the_flower_client_app_trains_each_recipe_as_the_in_process_engine_does(recipe, mnist, one_thread, monkeypatch):
     """The Flower engine's train step (its ClientApp, called here without a Flower process) on the task of client 0."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -349,7 +438,7 @@ def test_the_flower_client_app_trains_each_recipe_as_the_in_process_engine_does(
 
     data = federated_data(cfg, mnist)
     x, y = torch.from_numpy(data.x_train[data.parts[0]]), torch.from_numpy(data.y_train[data.parts[0]])
-    in_process = client_update(model, state, x, y, local_training(cfg, domain), seed=11).state
+    in_process = client_update(model, state, x, y, local_training(cfg, domain, 10), seed=11).state
     recipe_keys = {"adv_loss", "trades_beta", "proximal_mu", "smoothing_loss", "consistency_copies"}
     without = TrainConfig(**TINY, **{k: v for k, v in RECIPES[recipe].items() if k not in recipe_keys}).validate()
     plain = client_update(model, state, x, y, local_training(without, domain), seed=11).state

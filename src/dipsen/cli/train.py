@@ -349,9 +349,11 @@ def train(
         str | None,
         typer.Option(
             show_default=_default("adv_loss"),
-            help="ce | trades: the loss of adversarial training. trades (Zhang et al. 2019): cross-entropy on the "
+            help="ce | trades | calfat: the loss of adversarial training. trades (Zhang et al. 2019): cross-entropy on the "
             "clean batch plus --trades-beta times the KL divergence from its prediction to the prediction on "
-            "examples that maximise that KL (--adv-train's steps, --adv-step-size and --adv-eps).",
+            "examples that maximise that KL (--adv-train's steps, --adv-step-size and --adv-eps). calfat (Chen et al. "
+            "2022, for label skew): cross-entropy on such examples, the logits of both the search and the loss plus "
+            "log of the client's own class frequencies (training only).",
         ),
     ] = None,
     trades_beta: Annotated[

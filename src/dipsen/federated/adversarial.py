@@ -12,7 +12,9 @@ eps-ball, every iterate projected by the data set's
 The loss on those examples is the cross-entropy (``adv_loss`` ``ce``), or TRADES (``adv_loss``
 ``trades``, Zhang et al. 2019, :func:`trades_loss`): the clean cross-entropy plus beta times the KL
 divergence from the clean prediction to the prediction on an example crafted by :func:`perturb_kl`,
-which maximises that KL instead of the cross-entropy (same steps, step size, eps and projection).
+which maximises that KL instead of the cross-entropy (same steps, step size, eps and projection);
+or CalFAT (``adv_loss`` ``calfat``, Chen et al. 2022, :func:`calfat_loss`): TRADES' KL search and a
+cross-entropy on its examples, both on logits calibrated by the client's own label prior.
 
 Catastrophic overfitting (FGSM training whose PGD accuracy collapses to ~0 within an epoch) is
 watched by the :class:`RobustMonitor`: the aggregator attacks the global model after every
@@ -47,7 +49,7 @@ PGD_STEP = 2.5  # x eps / steps (Madry et al.)
 ROBUST_BATCH = 250
 MONITOR_ATTACKS = ("apgd-ce", "pgd")
 MONITOR_TOLERANCE = 0.03  # doubling the monitor's steps may lower its accuracy by this much on the final model
-ADV_LOSSES = ("ce", "trades")
+ADV_LOSSES = ("ce", "trades", "calfat")
 # TRADES' start: x plus Gaussian noise of this std (Zhang et al.'s trades.py), not a uniform draw over the
 # eps-ball: the KL term is 0 with a zero gradient at x itself, so the search needs a nudge, and starting
 # near x keeps it a search for the nearest disagreement rather than a random point in the ball
@@ -148,6 +150,57 @@ def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: flo
     """
     natural = model(x)
     return nn.functional.cross_entropy(natural, y) + beta * kl_divergence(natural, model(x_adv))
+
+
+def label_log_prior(y: Tensor, num_classes: int) -> Tensor:
+    """log pi_k: the log class frequencies of one client's labels ``y`` (all its rows), over ``num_classes`` classes.
+
+    pi_k,c = max(n_c, 1) / sum_c' max(n_c', 1), n_c the client's rows of class c: a class the client
+    lacks counts as one row, so that its log is finite (the floor of the authors' code, which counts
+    such a class once). In the default float dtype, on ``y``'s device.
+    """
+    counts = torch.bincount(y.long(), minlength=num_classes).clamp(min=1).to(torch.get_default_dtype())
+    return torch.log(counts / counts.sum())
+
+
+class CalibratedLogits(nn.Module):
+    """``model`` with a client's log label prior added to its logits: CalFAT's z + log pi_k (training only).
+
+    softmax(z + log pi_k)_c = pi_k,c e^{z_c} / sum_c' pi_k,c' e^{z_c'}: the model's scores reweighted by the
+    client's class frequencies, so the local loss no longer pays the model to learn the client's skew.
+    The calibration exists inside the local loss only; the model that is sent, evaluated and attacked is ``model``.
+    """
+
+    def __init__(self, model: nn.Module, log_prior: Tensor) -> None:
+        super().__init__()
+        self.model, self.log_prior = model, log_prior
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x) + self.log_prior
+
+
+def calfat_loss(model: nn.Module, x_adv: Tensor, y: Tensor, log_prior: Tensor) -> Tensor:
+    """CalFAT's local loss (Chen, Liu, Ma, Lyu 2022, "CalFAT: Calibrated federated adversarial training with label skewness").
+
+    ``CE(f(x_adv) + log pi_k, y)``, averaged over the batch: the calibrated cross-entropy on the
+    adversarial examples alone, no clean term. ``x_adv`` maximises the calibrated KL
+    ``KL(softmax(f(x) + log pi_k) || softmax(f(x_adv) + log pi_k))`` (:func:`perturb_kl` on
+    :class:`CalibratedLogits`), ``log_prior`` is :func:`label_log_prior` of the client's own labels.
+    With a uniform prior (log pi_k constant) both softmaxes are the uncalibrated ones: the loss is
+    ``CE(f(x_adv), y)`` on TRADES' KL-maximising examples (the inner problem of ``adv_loss`` trades,
+    the outer loss of ``adv_loss`` ce at ``adv_mix`` 1).
+
+    Read from the authors' code (github.com/cc233/CalFAT, ``fat.py`` ``pgd_train`` and ``utils.py``
+    ``kl_adv``, ``maxMarginLoss``, ``maxMarginLoss_kl``), not copied; it differs in two constants that
+    are tied to its own networks: its cross-entropy is on ``10 (z + 0.1 log n)`` = ``10 z + log n``
+    (logits scaled by 10, n the class counts, the same calibration as log pi up to a constant that the
+    softmax ignores), and its KL search calibrates by ``0.1 log n`` only. Here both use z + log pi_k
+    unscaled, so that a uniform prior gives back the uncalibrated losses above. Its search runs in eval
+    mode with its own steps (40 of 0.01 at eps 0.3 on MNIST); here, as every ``adv_train`` search, in the
+    mode the model is in with ``adv_train``'s steps, step size and eps. The paper's equations are not
+    cited by number: only its abstract and the authors' code were checked against.
+    """
+    return nn.functional.cross_entropy(CalibratedLogits(model, log_prior)(x_adv), y)
 
 
 @dataclass(frozen=True)

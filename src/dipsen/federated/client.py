@@ -13,7 +13,10 @@ Each mini-batch's loss is :meth:`LocalTraining.loss`:
 - with ``adv_train`` (see :mod:`dipsen.federated.adversarial`) and ``adv_loss`` ``ce``:
   ``(1 - adv_mix) * CE(clean) + adv_mix * CE(adversarial)``, the adversarial examples crafted from
   the clean batch against the current local weights; ``input_noise``, if any, is then added to both;
-- with ``adv_loss`` ``trades``: TRADES on the clean batch and its KL-maximising examples (noise as above).
+- with ``adv_loss`` ``trades``: TRADES on the clean batch and its KL-maximising examples (noise as above);
+- with ``adv_loss`` ``calfat``: CalFAT, the cross-entropy on the examples that maximise the KL, both
+  on logits calibrated by log pi_k, the class frequencies of the client's own rows (computed in
+  :func:`client_update` from the (x, y) it trains on, so the prior never leaves the client).
 
 ``proximal_mu`` > 0 adds FedProx's proximal term (Li et al. 2020, :func:`proximal_term`) to any of
 them: (mu / 2) ||w - w_global||^2 over the trainable weights, which keeps a client's local steps near
@@ -34,7 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from ..device import host_state, model_device
-from .adversarial import attack_steps, default_step_size, perturb, perturb_kl, trades_loss
+from .adversarial import (
+    CalibratedLogits,
+    attack_steps,
+    calfat_loss,
+    default_step_size,
+    label_log_prior,
+    perturb,
+    perturb_kl,
+    trades_loss,
+)
 from .smoothing import consistency_batch_loss
 
 if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated
@@ -63,8 +75,11 @@ class LocalTraining:
     domain: FeasibleDomain | None = None
     train_dtype: str = "float32"  # float32 | bfloat16 (see autocast)
     # the adversarial examples' loss: ce (the adv_mix blend of cross-entropies) | trades (CE + trades_beta * KL)
+    # | calfat (CE on the KL-maximising examples, both calibrated by the client's label prior)
     adv_loss: str = "ce"
     trades_beta: float = 6.0
+    # the model's classes: the length of calfat's label prior (a client need not hold every class); calfat only
+    num_classes: int | None = None
     # FedProx's mu: (mu / 2) ||w - w_global||^2 added to every step's loss; 0: off
     proximal_mu: float = 0.0
     # randomized smoothing's training loss: gaussian (CE under input_noise) | consistency (Jeong & Shin 2020:
@@ -81,6 +96,8 @@ class LocalTraining:
             raise ValueError("the consistency loss needs input_noise > 0 and no adversarial training")
         if self.adv_loss == "trades" and self.adv_train == "none":
             raise ValueError("the TRADES loss needs adversarial training (adv_train fgsm-rs or pgd)")
+        if self.adv_loss == "calfat" and (self.adv_train == "none" or self.num_classes is None):
+            raise ValueError("the CalFAT loss needs adversarial training (adv_train fgsm-rs or pgd) and num_classes")
 
     def noisy(self, inputs: Tensor) -> Tensor:
         """``inputs`` with the training noise added (``input_noise``), if any."""
@@ -88,32 +105,52 @@ class LocalTraining:
             return inputs + self.input_noise * torch.randn_like(inputs)
         return inputs
 
-    def adversarial_examples(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+    def log_prior(self, y: Tensor) -> Tensor | None:
+        """calfat: log pi_k of a client's labels ``y`` (:func:`~dipsen.federated.adversarial.label_log_prior`); else None."""
+        if self.adv_loss != "calfat":
+            return None
+        assert self.num_classes is not None  # __post_init__
+        return label_log_prior(y, self.num_classes)
+
+    def adversarial_examples(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, log_prior: Tensor | None = None
+    ) -> Tensor:
         """The ``adv_train`` examples of (x, y) against ``model`` as it is now (random starts from ``generator``).
 
         With ``adv_loss`` trades they maximise the KL term (:func:`~dipsen.federated.adversarial.perturb_kl`)
-        with the same steps, step size and eps; else the cross-entropy (:func:`~dipsen.federated.adversarial.perturb`).
+        with the same steps, step size and eps; with calfat the same KL between the logits calibrated by
+        ``log_prior`` (:class:`~dipsen.federated.adversarial.CalibratedLogits`); else the cross-entropy
+        (:func:`~dipsen.federated.adversarial.perturb`).
         """
         assert self.domain is not None  # __post_init__
         steps = attack_steps(self.adv_train, self.adv_steps)
         step = self.adv_step_size if self.adv_step_size is not None else default_step_size(self.adv_train, self.adv_eps, steps)
         if self.adv_loss == "trades":
             return perturb_kl(model, x, self.adv_eps, steps, step, self.domain, generator)
+        if self.adv_loss == "calfat":
+            assert log_prior is not None, "calfat's search needs the client's label prior"
+            return perturb_kl(CalibratedLogits(model, log_prior), x, self.adv_eps, steps, step, self.domain, generator)
         return perturb(model, x, y, self.adv_eps, steps, step, self.domain, generator)
 
-    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor, starts: torch.Generator) -> Tensor:
+    def loss(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor, starts: torch.Generator, log_prior: Tensor | None = None
+    ) -> Tensor:
         """One mini-batch's training loss (the module docstring lists them), without the proximal term.
 
         ``starts`` draws the adversarial examples' random starts; every noise draw comes from torch's global generator.
+        ``log_prior``: calfat's log pi_k of the client's labels (:meth:`log_prior`), on the model's device.
         """
         if self.adv_train == "none":
             if self.smoothing_loss == "consistency":
                 lam, eta = self.consistency_lambda, self.consistency_eta
                 return consistency_batch_loss(model, inputs, labels, self.input_noise, self.consistency_copies, lam, eta)
             return nn.functional.cross_entropy(model(self.noisy(inputs)), labels)
-        adversarial = self.adversarial_examples(model, inputs, labels, starts)
+        adversarial = self.adversarial_examples(model, inputs, labels, starts, log_prior)
         if self.adv_loss == "trades":
             return trades_loss(model, self.noisy(inputs), self.noisy(adversarial), labels, self.trades_beta)
+        if self.adv_loss == "calfat":
+            assert log_prior is not None  # adversarial_examples checked it
+            return calfat_loss(model, self.noisy(adversarial), labels, log_prior)
         loss = self.adv_mix * nn.functional.cross_entropy(model(self.noisy(adversarial)), labels)
         if self.adv_mix < 1:
             loss = loss + (1 - self.adv_mix) * nn.functional.cross_entropy(model(self.noisy(inputs)), labels)
@@ -187,6 +224,10 @@ def client_update(
     # the proximal term's w_global, copied to the device: a caller may pass the worker model's own state_dict(),
     # whose tensors share memory with the weights being trained and would move with them
     anchor = {k: v.detach().to(device, copy=True) for k, v in global_state.items()} if training.proximal_mu > 0 else {}
+    # calfat's label prior, of all the rows this client trains on (not a batch's): computed here from its own labels only
+    log_prior = training.log_prior(y)
+    if log_prior is not None:
+        log_prior = log_prior.to(device)
     # summed on the device in float64 (each float32 loss exactly, as Python floats would), read once at the end:
     # a GPU then waits for no step's loss
     total_loss, steps = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -196,7 +237,7 @@ def client_update(
             optimizer.zero_grad(set_to_none=True)
             inputs, labels = x[batch].to(device), y[batch].to(device)
             with training.autocast(device.type):
-                loss = training.loss(model, inputs, labels, starts)
+                loss = training.loss(model, inputs, labels, starts, log_prior)
             if training.proximal_mu > 0:  # in float32 outside autocast: it is a difference of weights, not a forward pass
                 loss = loss + proximal_term(model, anchor, training.proximal_mu)
             loss.backward()

@@ -206,8 +206,9 @@ def aggregation(config: TrainConfig, dp: ClientDP | None) -> Aggregation:
     )
 
 
-def local_training(config: TrainConfig, domain: FeasibleDomain | None = None) -> LocalTraining:
-    """The client-side settings of ``config``; ``domain`` (:func:`training_domain`) is needed with ``adv_train``."""
+def local_training(config: TrainConfig, domain: FeasibleDomain | None = None, num_classes: int | None = None) -> LocalTraining:
+    """The client-side settings of ``config``; ``domain`` (:func:`training_domain`) is needed with ``adv_train``,
+    the data set's ``num_classes`` with ``adv_loss`` calfat (the length of each client's label prior)."""
     return LocalTraining(
         config.local_epochs,
         config.batch_size,
@@ -224,6 +225,7 @@ def local_training(config: TrainConfig, domain: FeasibleDomain | None = None) ->
         config.train_dtype,
         adv_loss=config.adv_loss,
         trades_beta=config.trades_beta,
+        num_classes=num_classes,
         proximal_mu=config.proximal_mu,
         smoothing_loss=config.smoothing_loss,
         consistency_lambda=config.consistency_lambda,
@@ -377,7 +379,7 @@ class FederatedTraining:
             if config.robust_evaluation
             else None
         )
-        self.training = local_training(config, self.domain)
+        self.training = local_training(config, self.domain, len(dataset.classes))
         self.stop = stop or StopFlag()
         self.clients = runner or ClientRunner(
             self.model_args,

@@ -62,13 +62,15 @@ def train(msg: Message, context: Context) -> Message:
     settings = message_record(msg.content, "config", ConfigRecord)
     config_json = str_value(settings, "train-config")
     x, y = client_data(config_json, context.node_config)
-    model = client_model(config_json, tuple(x.shape[1:]), int_value(settings, "num-classes"))
+    num_classes = int_value(settings, "num-classes")
+    model = client_model(config_json, tuple(x.shape[1:]), num_classes)
+    training = local_training(config_from_json(config_json), _domain(settings), num_classes)
     update = client_update(
         model,
         arrays_to_state(message_record(msg.content, "arrays", ArrayRecord)),
         x,
         y,
-        _at_round_rate(local_training(config_from_json(config_json), _domain(settings)), settings),
+        _at_round_rate(training, settings),
         int_value(settings, "seed"),
     )
     metrics = MetricRecord(
