@@ -45,6 +45,7 @@ def test_eps_sweep_writes_a_plot_and_its_data(cnn_run, tmp_path):
         (["attack", "RUN", "--eps", "2"], "eps must be in (0, 1]"),
         (["attack", "RUN", "--protocol", "strong"], "--protocol"),
         (["reproduce", "--datasets", "cifar", "--quick"], "unknown data set 'cifar'"),
+        (["reproduce", "--train-dtype", "fp16", "--quick"], "--train-dtype must be one of float32, bfloat16, got 'fp16'"),
         (["sweep-sigma", "--sigmas", "0.1,x"], "--sigmas"),
     ],
 )
@@ -103,3 +104,26 @@ def test_a_resumed_study_keeps_its_cascade_setting_and_one_from_before_the_casca
         open_output(tmp_path / "old", {**as_before, "settings": StudySettings.quick().to_dict()}, resume=True)
     code, _, err = dipsen_cli("reproduce", "--resume", str(tmp_path / "new"), "--every-attack-on-all")
     assert code == 2 and "drop --every-attack-on-all" in err
+
+
+def test_reproduce_trains_in_the_dtype_asked_float32_by_default_and_a_resume_keeps_the_recorded_one(
+    dipsen_cli, monkeypatch, tmp_path
+):
+    import dipsen.report
+    from dipsen.report.reproduce import open_output
+
+    called: list[dict] = []
+    monkeypatch.setattr(dipsen.report, "reproduce", lambda out, **options: called.append(options) or out / "report.md")
+    for flag in ((), ("--train-dtype", "bfloat16")):
+        code, _, err = dipsen_cli("reproduce", "--quick", "--out", str(tmp_path / "out"), *flag)
+        assert code == 0, err
+    base = {"quick": True, "datasets": ["mnist"], "settings": {"every_attack_on_all": False}}
+    open_output(tmp_path / "old", base, resume=False)  # as recorded before --train-dtype: trained in float32
+    open_output(tmp_path / "bf16", {**base, "train_dtype": "bfloat16"}, resume=False)
+    for folder in ("old", "bf16"):
+        code, _, err = dipsen_cli("reproduce", "--resume", str(tmp_path / folder))
+        assert code == 0, err
+    assert [options["train_dtype"] for options in called] == ["float32", "bfloat16", "float32", "bfloat16"]
+    code, _, err = dipsen_cli("reproduce", "--resume", str(tmp_path / "old"), "--train-dtype", "bfloat16")
+    assert code == 2
+    assert err.strip() == f"error: --resume reads its options from {tmp_path / 'old' / 'options.json'}; drop --train-dtype"

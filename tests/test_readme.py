@@ -110,10 +110,11 @@ def _validate(name: str, values: dict) -> None:
         attacks = split(values["attacks"]) or DEFAULT_ATTACKS
         dataset = values["dataset"] or "mnist"
         study_options(dataset, attacks, aggregators, fractions, target_accuracy=values["target_accuracy"], train=train)
-    elif name == "reproduce" and values["datasets"]:
+    elif name == "reproduce":
         from dipsen.report.paper import DATASETS
 
-        assert set(values["datasets"].split(",")) <= set(DATASETS), values["datasets"]
+        assert set((values["datasets"] or ",".join(DATASETS)).split(",")) <= set(DATASETS), values["datasets"]
+        load_config(None, {"train_dtype": values["train_dtype"]})  # the dtype every run of the study trains with
     elif name == "sweep-sigma" and values["resume"] is None:
         if values["dataset"] not in (None, "mnist", "socofing", "ctu13"):
             raise DipsenError(f"unknown data set {values['dataset']}")

@@ -154,6 +154,20 @@ def test_every_number_is_also_json(report):
     assert set(dipsen["variants"]) == {"clipped-probabilities", "noise-off-at-inference"}
 
 
+def test_a_study_trained_in_bfloat16_says_so_and_a_float32_one_says_nothing_of_it(report, tmp_path):
+    path, _ = report
+    results = json.loads((path.parent / "results.json").read_text())
+    float32 = path.read_text()
+    assert "train_dtype" not in results and "autocast" not in float32  # a study from before the option: float32
+    text = build_report({**results, "train_dtype": "bfloat16"}, tmp_path).read_text()
+    said = ", every model trained in bfloat16 autocast (evaluation, attacks and certificates in float32),"
+    caption = " Every step under bfloat16 autocast (`--train-dtype`)."
+    assert f"on test machine{said} in 1.0 min" in text and caption in text
+    assert text.replace(said, "").replace(caption, "") == float32  # and nothing else changes
+    assert json.loads((tmp_path / "results.json").read_text())["train_dtype"] == "bfloat16"
+    assert build_report({**results, "train_dtype": "float32"}, tmp_path).read_text() == float32
+
+
 def test_plots_carry_the_papers_figures_beside_ours(report, tmp_path, monkeypatch):
     from dipsen.report import build
 

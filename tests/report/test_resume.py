@@ -4,6 +4,7 @@ import importlib
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import pytest
@@ -12,6 +13,7 @@ from dipsen.attack import Budget
 from dipsen.attack.study import StudySettings
 from dipsen.errors import DipsenError
 from dipsen.federated import RunDir
+from dipsen.report.defences import defences_record
 from dipsen.report.sigma import sweep_sigma
 
 REPRODUCE = importlib.import_module("dipsen.report.reproduce")  # dipsen.report.reproduce is also the function
@@ -162,6 +164,55 @@ def test_a_folder_of_the_study_before_its_defences_is_refused(tmp_path):
     ):
         REPRODUCE.reproduce(tmp_path, quick=True, datasets=("mnist",), settings=TINY, resume=True)
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_dtype_reaches_every_runs_config_and_a_resume_with_another_is_refused(tmp_path, monkeypatch):
+    out, begun = tmp_path / "study", {}
+
+    def train(job, run, *, resume=False, on_round=None):
+        # what the run folder records and what its clients' steps get; killed before any round: no training here
+        begun[run.path.name] = (run.config().train_dtype, job.training.train_dtype)
+        raise Killed
+
+    @contextmanager
+    def serial(address):
+        def run_units(units, on_done):
+            for unit in units:
+                with pytest.raises(Killed):
+                    unit.work()
+            raise Killed  # every unit begun, none trained: nothing for the report
+
+        yield run_units
+
+    monkeypatch.setattr(REPRODUCE, "train", train)
+    monkeypatch.setattr(REPRODUCE, "scheduler", serial)
+    with pytest.raises(Killed):
+        REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, train_dtype="bfloat16")
+    names = ["mnist-cnn", "mnist-dipsen", "mnist-cnn-fat", "mnist-cnn-fat-dirichlet", "mnist-cnn-smooth-0.25"]
+    assert begun == {name: ("bfloat16", "bfloat16") for name in names}
+    assert json.loads((out / "runs" / "mnist-cnn" / "config.json").read_text())["train_dtype"] == "bfloat16"
+    assert REPRODUCE.recorded_options(out)["train_dtype"] == "bfloat16"
+    with pytest.raises(DipsenError) as refused:
+        REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True)  # float32
+    assert str(refused.value) == f"{out} was started with other train_dtype (see {out / 'options.json'}); resume with those"
+    with pytest.raises(Killed):  # the same dtype resumes
+        REPRODUCE.reproduce(out, quick=True, datasets=("mnist",), settings=TINY, resume=True, train_dtype="bfloat16")
+
+
+def test_a_study_from_before_train_dtype_resumes_in_float32_and_refuses_bfloat16(tmp_path):
+    options = {
+        "quick": True,
+        "datasets": ["mnist"],
+        "settings": TINY.to_dict(),
+        "certify": asdict(REPRODUCE.QUICK_CERTIFY),
+        "defences": defences_record(TINY.eps),
+    }
+    REPRODUCE.open_output(tmp_path, options, resume=False)  # as the version before --train-dtype recorded them
+    before = REPRODUCE.OPTIONS_BEFORE
+    REPRODUCE.open_output(tmp_path, {**options, "train_dtype": "float32"}, resume=True, before=before)
+    with pytest.raises(DipsenError, match="was started with other train_dtype"):
+        REPRODUCE.open_output(tmp_path, {**options, "train_dtype": "bfloat16"}, resume=True, before=before)
+    assert "train_dtype" not in REPRODUCE.recorded_options(tmp_path)  # only where asked: a sweep has no such option
 
 
 def test_a_resumed_sigma_sweep_measures_only_what_is_missing(tmp_path, monkeypatch):

@@ -138,14 +138,15 @@ def _print_attack(evaluation, clean, results, mc_samples: int) -> None:
     console.print(f"support: {support}  (precision/recall/F1 are macro averages; per class in the JSON)")
 
 
-def _resumed(resume: Path, given: dict[str, object]) -> dict[str, Any]:
-    """The options the study or sweep in ``resume`` was started with; refused beside options of its own."""
+def _resumed(resume: Path, given: dict[str, object], before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options the study or sweep in ``resume`` was started with, refused beside options of its own; an option of
+    ``before`` that an older folder lacks reads as its value there (:func:`~dipsen.report.reproduce.recorded_options`)."""
     from ..report.reproduce import OPTIONS_FILE, recorded_options
 
     flags = [flag for flag, value in given.items() if value is not None]
     if flags:
         raise DipsenError(f"--resume reads its options from {resume / OPTIONS_FILE}; drop {', '.join(flags)}")
-    return recorded_options(resume)
+    return recorded_options(resume, before)
 
 
 _RESUME_HELP = (
@@ -173,6 +174,15 @@ def reproduce(
             "(default: a cascade, each only on the examples the attacks before it left correct; the same worst case).",
         ),
     ] = None,
+    train_dtype: Annotated[
+        str | None,
+        typer.Option(
+            show_default="float32",
+            help="float32 | bfloat16: train every model of the study with its local steps' forward passes under bfloat16 "
+            "autocast (as dipsen train --train-dtype; weights, optimizer and loss stay float32). Evaluation, attacks "
+            "and certificates run in float32 either way. Recorded with the study and stated in its report.",
+        ),
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help=_RESUME_HELP.format("study"))] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP + " Not an option of the study: it may change on --resume.")] = "auto",
     ray_address: Annotated[
@@ -184,12 +194,13 @@ def reproduce(
     from ..attack.study import StudySettings
     from ..report import reproduce as run_study
     from ..report.paper import DATASETS
+    from ..report.reproduce import OPTIONS_BEFORE
 
     device_option(device)  # before any work
     if resume is not None:
-        given: dict[str, object] = {"--out": out, "--quick": quick, "--datasets": datasets}
-        options = _resumed(resume, {**given, "--every-attack-on-all": every_attack_on_all})
-        out, quick, chosen = resume, options["quick"], tuple(options["datasets"])
+        given: dict[str, object] = {"--out": out, "--quick": quick, "--datasets": datasets, "--train-dtype": train_dtype}
+        options = _resumed(resume, {**given, "--every-attack-on-all": every_attack_on_all}, OPTIONS_BEFORE)
+        out, quick, chosen, train_dtype = resume, options["quick"], tuple(options["datasets"]), options["train_dtype"]
         every_attack_on_all = options["settings"]["every_attack_on_all"]
     else:
         chosen = tuple(d.strip() for d in (datasets or ",".join(DATASETS)).split(",") if d.strip())
@@ -204,6 +215,7 @@ def reproduce(
             resume=resume is not None,
             device=device,
             ray_address=ray_address,
+            train_dtype=train_dtype or "float32",
         )
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 

@@ -8,6 +8,8 @@ the defences the study adds (``cnn-fat``), which have no paper figure ("—").
 Every table puts the paper's figure next to ours; our figures are only ever read from ``results``.
 ``certified`` (optional) feeds :func:`dipsen.report.certified.certified_section`; it, ``training_seconds``
 (optional, per run label) and ``defences`` (optional) feed :func:`dipsen.report.defences.defences_section`.
+``train_dtype`` (optional; absent: float32) is the arithmetic the runs trained in: other than float32, the
+preamble and the training-overhead table say so; a float32 study's report has no word of it.
 A study saved before the worst case counted the clean prediction shows that figure marked, with the
 interval its saved accuracies allow (:mod:`dipsen.report.worst`). In a study run as a cascade, the
 details table marks each cascaded attack's figure as such ("cascade: k of n attacked"), never as a
@@ -54,7 +56,7 @@ def build_report(results: dict, out: Path) -> Path:
     blocks += defences_section(results, datasets, out)
     blocks += _baseline(studies, datasets, n, out)
     blocks += _task_difficulty(studies, datasets, n)
-    blocks += _overhead(studies, datasets, out)
+    blocks += _overhead(studies, datasets, out, results.get("train_dtype", "float32"))
     blocks += _curves(studies, datasets, out)
     blocks += _details(studies, datasets, n)
     blocks += _variants(studies, datasets)
@@ -116,11 +118,20 @@ def _ours(study: dict, row: str, rule: str = "single") -> float:
     return _acc(study["clean"] if row == "clean" else study["paper"][row], rule)
 
 
+def _trained_in(train_dtype: str) -> str:
+    """What a report says of the runs' training arithmetic: nothing for float32 (the default, and every study before
+    the option), else the autocast dtype and that the measurements are float32."""
+    if train_dtype == "float32":
+        return ""
+    return f", every model trained in {train_dtype} autocast (evaluation, attacks and certificates in float32),"
+
+
 def _preamble(results: dict) -> str:
     s, seconds = results["settings"], results["seconds"]
     mode = "**quick mode** (small subsets and budgets: a smoke test, not a result)" if results.get("quick") else "full study"
+    trained_in = _trained_in(results.get("train_dtype", "float32"))
     return (
-        f"{mode}. Every figure below was measured by `dipsen reproduce` on {results['machine']} in "
+        f"{mode}. Every figure below was measured by `dipsen reproduce` on {results['machine']}{trained_in} in "
         f"{seconds['total'] / 60:.1f} min ({seconds['training'] / 60:.1f} min training, "
         f"{seconds['attacks'] / 60:.1f} min attacks). "
         f"Attacks: L-inf, untargeted, eps {s['eps']}, on {s['samples']} seeded test examples per model. "
@@ -408,8 +419,9 @@ def _task_difficulty(studies: dict, datasets: list[str], n: int) -> list[Block]:
     return blocks
 
 
-def _overhead(studies: dict, datasets: list[str], out: Path) -> list[Block]:
-    """DiPSeN's time per step against the CNN's (the paper's claim), and each defence's beside it."""
+def _overhead(studies: dict, datasets: list[str], out: Path, train_dtype: str) -> list[Block]:
+    """DiPSeN's time per step against the CNN's (the paper's claim), and each defence's beside it; steps in
+    ``train_dtype``, which the caption names when it is not float32."""
     rows, groups = [], []
     # the defences of this study only: a run set without one (--datasets ctu13 has no label-skew FAT) shows no column of it
     defences = [m for m in DEFENCES if any(label.split("/", 1)[1] == m for label in studies)]
@@ -451,7 +463,8 @@ def _overhead(studies: dict, datasets: list[str], out: Path) -> list[Block]:
             ],
             rows,
             "Mean time per local SGD step inside the federated runs (one worker thread per client). "
-            "The paper's overhead is DiPSeN's; a defence's step includes crafting its adversarial examples.",
+            "The paper's overhead is DiPSeN's; a defence's step includes crafting its adversarial examples."
+            + ("" if train_dtype == "float32" else f" Every step under {train_dtype} autocast (`--train-dtype`)."),
         ),
         Image("fig4_overhead.png", "Each model's time per training step relative to the CNN's"),
     ]

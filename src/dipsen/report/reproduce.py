@@ -23,6 +23,11 @@
 4. Write ``OUT/report.md``, ``OUT/report.html``, the PNG plots and ``OUT/results.json`` (with each run's
    training time, ``training_seconds[LABEL]``, and what the defences were trained with, ``defences``).
 
+``train_dtype="bfloat16"`` (``--train-dtype``) trains every run (steps 1 and 3) under bfloat16 autocast
+(:meth:`dipsen.federated.client.LocalTraining.autocast`: each local step's forward passes; weights, optimizer
+and loss stay float32); the attacks of step 2, the certificates of step 3 and every evaluation run in float32
+whatever it is. It is one of the study's recorded options, and the report states it when it is not float32.
+
 Steps 1-3 run per model, one unit each (:mod:`dipsen.report.scheduling`): a model is trained, then
 attacked and certified, before the next one; with ``ray_address`` (``--ray-address``) the units are
 Ray tasks that run at once. Step 4 reads the saved files only, whichever way the units ran.
@@ -36,7 +41,8 @@ is taken as it is, one without is resumed from its last checkpoint (the engine's
 weights of an uninterrupted run), and a run with its study.json is not attacked again, so an
 interrupted study loses at most one round of training or one run's attacks. A folder begun by an
 earlier version whose options.json lacks an option this one records (``defences``: it had no FAT
-runs) is refused: its run set differs.
+runs) is refused: its run set differs; one that lacks only ``train_dtype`` trained in float32 and
+resumes as such (:data:`OPTIONS_BEFORE`).
 
 Time: the report's minutes are sums that do not depend on interruptions: training is the rounds'
 time in each run's metrics.jsonl, attacks the wall time of each run's study, saved with it.
@@ -81,6 +87,9 @@ SMOOTHING_SIGMAS = {"mnist": (0.25, 0.5, 1.0), "socofing": (0.25,), "ctu13": (0.
 CERTIFY = CertifySettings(n0=100, n=2000, samples=100, radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5))
 """n = 2,000 draws certify radii up to 2.7 sigma at alpha 0.001: enough for the report's r = 0.5 and 1."""
 QUICK_CERTIFY = CertifySettings(n0=10, n=100, samples=10, radii=(0.0, 0.25, 0.5))
+OPTIONS_BEFORE = {"train_dtype": "float32"}
+"""Study options added since options.json was first written, with the value that does what earlier versions did
+(they trained in float32): :func:`reproduce` and ``dipsen reproduce --resume`` read an older folder with them."""
 SETTINGS_BEFORE = {"every_attack_on_all": True}
 """Study settings added since options.json was first written, with the value that does what earlier versions did
 (they ran every attack on every example)."""
@@ -110,28 +119,29 @@ def study_runs(datasets: tuple[str, ...]) -> dict[str, tuple[str, dict]]:
 
 
 def study_configs(
-    datasets: tuple[str, ...], quick: bool, settings: StudySettings, device: str = "auto"
+    datasets: tuple[str, ...], quick: bool, settings: StudySettings, device: str = "auto", train_dtype: str = "float32"
 ) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
     """The study's runs, label -> training config: those it attacks, and the smoothed CNNs it certifies.
 
     Attacked: CNN and DiPSeN on each data set and task variant (:func:`study_runs`), each data set's
     defences of :data:`DEFENCES` after them; all keep the final and the orange-box attack's stale
     checkpoint. Certified: a CNN trained with input noise for each sigma of :data:`SMOOTHING_SIGMAS`.
-    Every run trains on ``device``.
+    Every run trains on ``device`` with ``train_dtype`` (a bad value is a ConfigError naming ``--train-dtype``).
     """
     keep = f"last-{settings.stale_rounds + 1}"  # the final model and the orange-box attack's stale one
+    common = {"device": device, "train_dtype": train_dtype}
     attacked: dict[str, TrainConfig] = {}
     for key, (dataset, overrides) in study_runs(datasets).items():
         for model in MODELS:
-            attacked[f"{key}/{model}"] = paper_config(dataset, model, quick, keep_checkpoints=keep, device=device, **overrides)
+            attacked[f"{key}/{model}"] = paper_config(dataset, model, quick, keep_checkpoints=keep, **common, **overrides)
         # SOCOFing has no defence: its CNN's clean accuracy (~45%) leaves robustness out of the question
         for name, defence in DEFENCES.items():
             if key == dataset and dataset in defence.datasets:
                 attacked[f"{key}/{name}"] = paper_config(
-                    dataset, defence.model, quick, keep_checkpoints=keep, device=device, **defence.config(settings.eps, dataset)
+                    dataset, defence.model, quick, keep_checkpoints=keep, **common, **defence.config(settings.eps, dataset)
                 )
     smoothed = {
-        f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", device=device, input_noise=sigma)
+        f"{d}/cnn-smooth-{sigma:g}": paper_config(d, "cnn", quick, keep_checkpoints="last", input_noise=sigma, **common)
         for d in datasets
         for sigma in SMOOTHING_SIGMAS[d][: 1 if quick else None]  # quick: the first sigma only
     }
@@ -154,15 +164,16 @@ def machine_description() -> str:
     return f"{platform.machine()} Linux, {os.cpu_count()} CPUs{gpus}, torch {torch.__version__}"
 
 
-def open_output(out: Path, options: dict[str, Any], resume: bool) -> None:
+def open_output(out: Path, options: dict[str, Any], resume: bool, before: dict[str, Any] | None = None) -> None:
     """Start ``out`` as a new output folder recording ``options`` or, with ``resume``, check it records them.
 
     ``options`` are everything the results depend on besides the run folders' own config.json: a
-    resume with others would mix two studies in one report, so it is refused.
+    resume with others would mix two studies in one report, so it is refused. ``before``: options an
+    older folder may lack, with the value it then ran with (:func:`recorded_options`).
     """
     options = json.loads(json.dumps(options))  # as they are read back: tuples become lists
     if resume:
-        recorded = recorded_options(out)
+        recorded = recorded_options(out, before)
         if missing := sorted(options.keys() - recorded.keys()):
             raise DipsenError(
                 f"{out} was started by an earlier version of this command: {out / OPTIONS_FILE} records no "
@@ -177,11 +188,12 @@ def open_output(out: Path, options: dict[str, Any], resume: bool) -> None:
     write_atomic(out / OPTIONS_FILE, lambda f: f.write(json.dumps(options, indent=1).encode()))
 
 
-def recorded_options(out: Path) -> dict[str, Any]:
+def recorded_options(out: Path, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """The options ``out`` was started with: what ``--resume OUT`` reads back.
 
     Study settings recorded before a setting existed read as the value that does what that version
-    did (:data:`SETTINGS_BEFORE`), so such a folder resumes as it began.
+    did (:data:`SETTINGS_BEFORE`), and so do the options of ``before`` it lacks (:data:`OPTIONS_BEFORE`
+    for a study), so such a folder resumes as it began.
     """
     file = out / OPTIONS_FILE
     try:
@@ -192,7 +204,7 @@ def recorded_options(out: Path) -> dict[str, Any]:
         raise DipsenError(f"{file}: corrupt: {exc}") from None
     if isinstance(options.get("settings"), dict):
         options["settings"] = {**SETTINGS_BEFORE, **options["settings"]}
-    return options
+    return {**(before or {}), **options}
 
 
 def train_run(folder: Path, config: TrainConfig, data: Dataset, progress: ProgressFactory | None, label: str) -> None:
@@ -240,17 +252,19 @@ def reproduce(
     resume: bool = False,
     device: str = "auto",
     ray_address: str | None = None,
+    train_dtype: str = "float32",
 ) -> Path:
     """Train, attack and report into ``out`` (with ``resume``: finish the study begun there); returns report.md's path.
 
     Each model is one unit (:mod:`dipsen.report.scheduling`): its training, then its study and its
     certificate, run here in order or, with ``ray_address``, as Ray tasks; the report reads the saved files.
     Everything computes on ``device`` (:mod:`dipsen.device`), which is not one of the study's recorded
-    options: a resume may use another.
+    options: a resume may use another. Every run trains with ``train_dtype`` (float32 | bfloat16 autocast), which is
+    one (the attacks and certificates run in float32 either way).
     """
     settings = settings or (StudySettings.quick() if quick else StudySettings())
     resolve_device(device)  # refused here, before any work, where it is not available
-    configs, smoothed = study_configs(datasets, quick, settings, device)  # all errors before any work
+    configs, smoothed = study_configs(datasets, quick, settings, device, train_dtype)  # all errors before any work
     certify = QUICK_CERTIFY if quick else CERTIFY
     defences = defences_record(settings.eps)
     options = {
@@ -259,6 +273,7 @@ def reproduce(
         "settings": settings.to_dict(),
         "certify": asdict(certify),
         "defences": defences,
+        "train_dtype": train_dtype,
     }
     studied = list(configs)
     certified = [*smoothed, *(f"{d}/dipsen" for d in datasets)]
@@ -283,7 +298,7 @@ def reproduce(
         for label, config in configs.items()
     ]
     with scheduler(ray_address) as run_units:
-        open_output(out, options, resume)
+        open_output(out, options, resume, OPTIONS_BEFORE)
         run_units(units, units_done(progress, "models", len(units)))
     records = {label: RunDir.open(folders[label]).read_json(STUDY_FILE) for label in studied}
     certificates = {label: RunDir.open(folders[label]).read_json(CERTIFY_FILE) for label in certified}
@@ -300,6 +315,7 @@ def reproduce(
         "certified": {label: record["result"] for label, record in certificates.items()},
         "training_seconds": run_seconds,
         "defences": defences,
+        "train_dtype": train_dtype,
     }
     return build_report(results, out)
 
