@@ -393,6 +393,19 @@ def test_a_backdoor_study_reports_accuracy_and_success_rate_per_run_and_persiste
     assert success_plot(records, tmp_path / "success.png", "t").stat().st_size > 1000
 
 
+def test_the_preamble_states_client_level_dp_noise_when_the_runs_had_it():
+    from dipsen.report.poisoning import report_blocks
+    from dipsen.report.render import to_markdown
+
+    records = [{**_record(None, 0.0, "fedavg", 0.95), "success_rates": [None] * 4}]
+    plain = _backdoor_results(records)
+    noisy = {**plain, "options": {**plain["options"], "train": {**plain["options"]["train"], "clip_norm": 2.0}}}
+    noisy["options"]["train"]["client_dp_noise"] = 0.02
+    assert "DP" not in to_markdown(report_blocks({**plain, "worst_case": []})).split("## ")[0]
+    preamble = to_markdown(report_blocks({**noisy, "worst_case": []})).split("## ")[0]
+    assert "clip norm 2.0, client-level DP noise multiplier 0.02 (noise std z x clip norm on the sum), largest" in preamble
+
+
 def test_on_two_classes_the_backdoor_table_gives_the_victim_class_recall_with_and_without_the_trigger():
     from dipsen.report.poisoning import backdoor_table, backdoor_worst_cases
 

@@ -716,6 +716,15 @@ def worst_case_table(summary: list[dict]) -> Table:
     )
 
 
+def _client_dp(train: dict[str, Any]) -> str:
+    """The preamble's words for client-level DP noise: none without it (studies saved before the key, too)."""
+    if train.get("client_dp_noise") is not None:
+        return f"client-level DP noise multiplier {train['client_dp_noise']:g} (noise std z x clip norm on the sum), "
+    if train.get("client_dp_epsilon") is not None:
+        return f"client-level DP at epsilon {train['client_dp_epsilon']:g}, "
+    return ""
+
+
 def report_blocks(results: dict[str, Any]) -> list[Block]:
     options, records = results["options"], results["runs"]
     train = options["train"]
@@ -731,7 +740,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
             f"attackers' number (the Krum family, DnC, NNM) are told how many a round holds with probability "
             f"{BYZANTINE_COVERAGE:g} at the largest f (at most what the rule accepts at m); trimmed-mean cuts the larger "
             f"of {train['trim_fraction']:g} and that share at each end; "
-            f"clip norm {train['clip_norm'] or 'none'}, "
+            f"clip norm {train['clip_norm'] or 'none'}, {_client_dp(train)}"
             f"largest client weight {train['max_client_weight']:g}; colluding attacks with {train['attack_knowledge']} "
             f"knowledge. Measured on {results['machine']}: {results['seconds']['training'] / 60:.1f} min of training in all."
         ),
