@@ -147,3 +147,13 @@ def test_orange_box_names_a_pruned_checkpoint_and_what_is_left(cnn_run, mnist, t
     )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "no longer has the checkpoint of round 1" in result.stderr and not (run.path / "attacks").exists()
+
+
+def test_the_study_refuses_a_run_without_its_stale_checkpoint_before_attacking(cnn_run, monkeypatch):
+    from dipsen.attack import study
+
+    attacked = []
+    monkeypatch.setattr(study, "RobustnessEvaluation", lambda *args, **kwargs: attacked.append(args))
+    with pytest.raises(DipsenError, match="ends at round 3, so it has no round -2"):
+        study.study_run(cnn_run, study.StudySettings(stale_rounds=5))
+    assert attacked == []  # refused before the evaluation (and any attack) began

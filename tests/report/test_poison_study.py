@@ -82,8 +82,8 @@ def test_merge_reports_finished_studies_of_one_setting_as_one(dipsen_cli, tmp_pa
     assert code == 0, err
     results = json.loads((merged / "poisoning.json").read_text())
     assert [(r["attack"], r["fraction"]) for r in results["runs"]] == [(None, 0.0), ("sign-flip", 0.2), ("ipm", 0.2)]
-    assert results["runs"][2]["run"] == str(second / "runs" / "ipm-f0.2-median")  # the runs stay where they are
-    assert results["options"]["attacks"] == ["sign-flip", "ipm"] and results["studies"] == [str(first), str(second)]
+    assert results["runs"][2]["run"] == "../second/runs/ipm-f0.2-median"  # the runs stay where they are
+    assert results["options"]["attacks"] == ["sign-flip", "ipm"] and results["studies"] == ["../first", "../second"]
     worst = results["worst_case"][0]["worst"]["accuracy"]
     assert worst == min(r["final_accuracy"] for r in results["runs"])
     assert "| ipm, f = 0.2 | " in (merged / "poisoning.md").read_text()

@@ -56,6 +56,7 @@ from .attacks import Budget
 from .baselines import dataset_baselines
 from .evaluate import RULES, AttackResult, AttackSetup, RobustnessEvaluation, from_bits, survivors, worst_case_accuracy
 from .target import TrainedRun
+from .threat import stale_round
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 """``factory(description, total)`` returns a callback advanced by the number of examples done."""
@@ -143,6 +144,8 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
     broken in both. Base and doubled are thus compared on the same examples, and their
     difference is counted over the same ``doubling_samples`` examples as without the cascade.
     """
+    # the orange-box attack runs late in the study: a run that cannot serve its stale checkpoint fails now
+    stale_round(trained, settings.stale_rounds)
     evaluation = RobustnessEvaluation(
         trained,
         settings.samples,

@@ -24,7 +24,7 @@ against) and the adaptive attacks' worst (those built against them).
 Writes into ``out``: ``options.json`` (what the study was started with), ``runs/NAME`` (one run
 folder per grid point, NAME = ``ATTACK-fF-DEFENCE``, ``none-f0-DEFENCE`` for f = 0),
 ``poisoning.json`` (per run: final and best test accuracy, the rounds to reach
-``target_accuracy`` if one is given, every round's test accuracy and its test rows, the run folder; the worst case
+``target_accuracy`` if one is given, every round's test accuracy and its test rows, the run folder relative to ``out``; the worst case
 per defence and f), ``poisoning.md`` (the worst-case table, then final test accuracy: rows
 attack x f, the attack-free row first; columns defences), ``poisoning-heatmap.png`` (defence x
 attack, one panel per f, each defence's worst boxed), ``poisoning.png`` (test accuracy against
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -581,6 +582,8 @@ def _grid_run(folder: Path, run: PoisonRun, data: TrainConfig, progress: Progres
 def _write_report(out: Path, options: dict[str, Any], records: list[dict], seconds: float, **extra: Any) -> Path:
     """poisoning.json, its plots and poisoning.md in ``out`` from the finished runs' ``records``; poisoning.md's path."""
     base = plan(options)[0].config
+    # paths relative to the report, so that a report moved with its runs (or committed without them) still reads
+    records = [{**r, "run": os.path.relpath(r["run"], out)} for r in records]
     results = {
         "dataset": options["dataset"],
         "machine": machine_description(),
@@ -619,7 +622,7 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     variant or a defence added later. The studies must share the data set and every base training
     setting; their attacks, defences and f are the union, in the order first met, and a run of the
     same name in two studies is taken from the first. The runs stay in their studies' folders
-    (``poisoning.json`` records each one's path). Refused, before anything is written, if ``out``
+    (``poisoning.json`` records each one's path, relative to ``out``). Refused, before anything is written, if ``out``
     is not new or empty, or a study is unfinished (resume it first).
     """
     if out.exists() and any(out.iterdir()):
@@ -647,7 +650,7 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     order = {name: i for i, name in enumerate(run.name for run in plan(merged))}
     ordered = sorted(records.items(), key=lambda item: order.get(item[0], len(order)))
     out.mkdir(parents=True, exist_ok=True)
-    return _write_report(out, merged, [r for _, r in ordered], 0.0, studies=[str(s) for s in studies])
+    return _write_report(out, merged, [r for _, r in ordered], 0.0, studies=[os.path.relpath(s, out) for s in studies])
 
 
 def _round_progress(on_progress: OnProgress | None, label: str, index: int, total: int):
