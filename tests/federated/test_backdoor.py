@@ -123,6 +123,28 @@ def test_backdoor_replacement_boosts_by_m_over_the_rounds_attackers_or_scales_to
     assert all(s is u for s, u in zip(outside.send_round(clients, updates, g, LocalTraining(), [0] * 4, 1), updates, strict=True))
 
 
+def test_alie_backdoor_sends_the_mean_poisoned_step_clipped_to_the_honest_spread():
+    rng = np.random.default_rng(0)
+    g = {"w": torch.zeros(200, dtype=torch.float64)}
+    honest = [torch.tensor(0.1 + rng.normal(size=200)) for _ in range(6)]
+    poisoned = [torch.tensor(5.0 * rng.normal(size=200)) for _ in range(2)]  # far outside the honest spread
+    clients = [2, 5, 0, 1, 3, 4, 6, 8]  # the two malicious first
+    updates = [_step_update(g, s) for s in [*poisoned, *honest]]
+    poison = DataPoison(trigger=Trigger(), target=0, rate=0.5)
+    adversary = Adversary("alie-backdoor", 0.3, frozenset({2, 5, 7}), 8.0, AttackOptions(alie_z=1.0), poison)
+    sent = adversary.send_round(clients, updates, g, LocalTraining(), list(range(8)), 1)
+    known = torch.stack(honest)
+    mu, sigma = known.mean(0), known.std(0, correction=0)
+    mean = (poisoned[0] + poisoned[1]) / 2
+    expected = torch.where(mean > mu + sigma, mu + sigma, torch.where(mean < mu - sigma, mu - sigma, mean))
+    assert torch.equal(sent[0].state["w"], sent[1].state["w"])  # colluding copies
+    assert torch.allclose(sent[0].state["w"], expected, rtol=0, atol=1e-12)
+    assert ((sent[0].state["w"] - mu).abs() <= sigma + 1e-12).all()  # every coordinate within mu +- z sigma
+    assert ((mean - mu).abs() < sigma).any() and ((mean - mu).abs() > sigma).any()  # both cases were exercised
+    assert all(sent[i] is updates[i] for i in range(2, 8))  # the honest pass unchanged
+    assert adversary.data_poison(2, 1) is poison and adversary.data_poison(0, 1) is None  # trains on the trigger first
+
+
 @pytest.mark.parametrize(
     "settings, field, message",
     [

@@ -39,7 +39,8 @@ The attacks (:data:`ATTACKS`, in four families), with each one's knowledge:
   ``fltrust-adaptive`` (each full or partial).
 - :mod:`.backdoor`, targeted (:data:`BACKDOOR_ATTACKS`, judged by their attack success rate, in
   ``backdoor_rounds`` only): ``backdoor-data``, ``backdoor-replacement``, ``dba`` (each knows its
-  own data; backdoor-replacement also m and the server's clip bound).
+  own data; backdoor-replacement also m and the server's clip bound) and ``alie-backdoor`` (full:
+  the round's honest steps, to stay within their spread).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ ATTACKS: dict[str, Attack] = {
     "backdoor-data": Attack(None, _OWN, backdoor=True),
     "backdoor-replacement": Attack(backdoor.backdoor_replacement, _OWN, backdoor=True),
     "dba": Attack(None, _OWN, backdoor=True, pieces=True),
+    "alie-backdoor": Attack(backdoor.alie_backdoor, ("full",), backdoor=True),
 }
 BACKDOOR_ATTACKS = tuple(name for name, attack in ATTACKS.items() if attack.backdoor)  # targeted: judged by ASR
 # the naive untargeted family (each a transform of its client's own update): what the robust rules were designed against

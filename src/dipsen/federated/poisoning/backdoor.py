@@ -31,6 +31,14 @@ clients train and send honestly, so persistence after the window can be measured
   attacker knows the bound and scales its step to exactly that norm, since anything longer
   would be clipped anyway. The paper's other constraint (an anomaly-detection term in the
   training loss) is not implemented.
+- ``alie-backdoor`` (Baruch et al. 2019, "A little is enough", its backdooring attack): the
+  malicious clients train on the poisoned rows as ``backdoor-data`` does, then, knowing the round's
+  honest steps (full knowledge), send one vector, the mean of their poisoned steps with each
+  coordinate clipped to ``[mu - z sigma, mu + z sigma]`` of the honest steps (z = ``alie_z``, else
+  the paper's formula for the round's n and f, which is 0 at n = 20, f = 2: set it). Built
+  against the robust rules: every coordinate stays within the honest spread, as ALIE's do, and the
+  colluding copies sit at distance 0 from each other. The paper's distance term in the training
+  loss is not implemented; the clip is its last step.
 - ``dba`` (Xie et al. 2020, "DBA: distributed backdoor attacks against federated learning"):
   the trigger's rows (pixel rows; flows on CTU-13) are split into ``trigger_size`` pieces of one
   row each; the i-th malicious client (in id order) stamps piece i mod ``trigger_size`` only; the
@@ -49,6 +57,7 @@ from torch import Tensor
 
 from .base import Round
 from .naive import boost
+from .statistical import round_z
 
 if TYPE_CHECKING:
     from ...config import TrainConfig
@@ -190,3 +199,10 @@ def backdoor_replacement(view: Round) -> Tensor:
         else:
             rows.append(boost(norm, view.global_norm, gamma) * step)
     return torch.stack(rows)
+
+
+def alie_backdoor(view: Round) -> Tensor:
+    """The malicious clients' mean poisoned step, each coordinate clipped to the honest ``mu +- z sigma``."""
+    z = round_z(view)
+    mu, sigma = view.known.mean(0), view.known.std(0, correction=0)
+    return view.copies(torch.clamp(view.own.mean(0), mu - z * sigma, mu + z * sigma))

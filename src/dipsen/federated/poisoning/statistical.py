@@ -66,13 +66,19 @@ def _warn_void_z(n: int, f: int) -> None:
     log.warning("alie: the paper's z is 0 at n = %d, f = %d: the malicious clients send the honest mean (set alie_z)", n, f)
 
 
-def alie(view: Round) -> Tensor:
-    """``mu - z sigma`` per coordinate, z = ``alie_z`` or :func:`alie_z` (n, f) of the round."""
+def round_z(view: Round) -> float:
+    """ALIE's z for the round: ``alie_z`` if set, else :func:`alie_z` (n, f) (warned once where it is 0)."""
     z = view.options.alie_z
     if z is None:
         z = alie_z(view.n, view.f)
         if z == 0:
             _warn_void_z(view.n, view.f)
+    return z
+
+
+def alie(view: Round) -> Tensor:
+    """``mu - z sigma`` per coordinate, z = :func:`round_z`."""
+    z = round_z(view)
     known = view.known
     return view.copies(known.mean(0) - z * known.std(0, correction=0))
 
