@@ -183,7 +183,7 @@ def train(
             show_default=_default("malicious_attack"),
             help="What the malicious clients send: model-replacement | sign-flip | gaussian | label-flip | scaled-count "
             "| alie | ipm | min-max | min-sum | mimic | fang-krum | fang-trim | fltrust-adaptive | backdoor-data "
-            "| backdoor-replacement | dba (see README, Poisoning study, Backdoors).",
+            "| backdoor-replacement | dba | alie-backdoor (see README, Poisoning study, Backdoors).",
         ),
     ] = None,
     attack_knowledge: Annotated[
@@ -198,8 +198,8 @@ def train(
         float | None,
         typer.Option(
             show_default=_default("alie_z"),
-            help="alie: send mean - z * std of the benign updates (default: z from the paper's formula for each "
-            "round's n and f, which is 0 at n = 10, f = 2).",
+            help="alie: send mean - z * std of the benign updates; alie-backdoor: clip to mean +- z * std (default: z "
+            "from the paper's formula for each round's n and f, which is 0 at n = 10, f = 2 and n = 20, f = 2).",
         ),
     ] = None,
     ipm_eps: Annotated[
