@@ -87,6 +87,7 @@ def test_merge_reports_finished_studies_of_one_setting_as_one(dipsen_cli, tmp_pa
     worst = results["worst_case"][0]["worst"]["accuracy"]
     assert worst == min(r["final_accuracy"] for r in results["runs"])
     assert "| ipm, f = 0.2 | " in (merged / "poisoning.md").read_text()
+    assert results["told_at"] == [0.2] and "probability 0.99 at the largest f (" in (merged / "poisoning.md").read_text()
 
     code, _, err = dipsen_cli("poison-study", "--merge", str(first), "--out", str(merged))
     assert code == 2 and "exists and is not empty" in err
@@ -448,3 +449,10 @@ def test_the_triggered_recall_counts_a_backdoor_that_held_through_the_window_but
     (worst,) = backdoor_worst_cases([faded])
     assert worst["window_mean"] == {"attack_success_rate": pytest.approx(0.7), "attack": "backdoor-replacement"}
     assert worst["triggered_recall"] == pytest.approx(0.3)  # 1 - the mean over rounds 3-6, not 1 - the final 0.1
+
+
+def test_a_merge_of_studies_told_at_different_f_says_so():
+    from dipsen.report.poisoning import _told_at
+
+    assert _told_at({}) == "the largest f" and _told_at({"told_at": [0.2]}) == "the largest f"
+    assert "merged studies': 0.1, 0.2;" in _told_at({"told_at": [0.1, 0.2]})

@@ -631,8 +631,10 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
         raise DipsenError("--merge needs at least one study folder")
     records: dict[str, dict] = {}
     merged: dict[str, Any] | None = None
+    told_at: set[float] = set()  # each study's largest f, at which its rules were told the attackers' number
     for study in studies:
         options = recorded_options(study)
+        told_at.add(max(options["fractions"]))
         if merged is None:
             merged = {**options, "attacks": [], "aggregators": [], "fractions": []}
         first, this = _settings(merged), _settings(options)
@@ -650,7 +652,8 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     order = {name: i for i, name in enumerate(run.name for run in plan(merged))}
     ordered = sorted(records.items(), key=lambda item: order.get(item[0], len(order)))
     out.mkdir(parents=True, exist_ok=True)
-    return _write_report(out, merged, [r for _, r in ordered], 0.0, studies=[os.path.relpath(s, out) for s in studies])
+    studied = [os.path.relpath(s, out) for s in studies]
+    return _write_report(out, merged, [r for _, r in ordered], 0.0, studies=studied, told_at=sorted(told_at))
 
 
 def _round_progress(on_progress: OnProgress | None, label: str, index: int, total: int):
@@ -728,6 +731,15 @@ def _client_dp(train: dict[str, Any]) -> str:
     return ""
 
 
+def _told_at(results: dict[str, Any]) -> str:
+    """The f at which the rules were told the attackers' number: the largest, or each merged study's largest."""
+    told_at = results.get("told_at") or []
+    if len(told_at) < 2:
+        return "the largest f"
+    shown = ", ".join(f"{f:g}" for f in told_at)
+    return f"the largest f of the study each run comes from (these merged studies': {shown}; see poisoning.json's byzantine)"
+
+
 def report_blocks(results: dict[str, Any]) -> list[Block]:
     options, records = results["options"], results["runs"]
     train = options["train"]
@@ -741,7 +753,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
             f"{results['rounds']} rounds of {results['local_epochs']} local epoch(s); f of the K clients malicious "
             f"(round(f K), seeded), so about f m per round. In every run, the attack-free ones too, the rules told the "
             f"attackers' number (the Krum family, DnC, NNM) are told how many a round holds with probability "
-            f"{BYZANTINE_COVERAGE:g} at the largest f (at most what the rule accepts at m); trimmed-mean cuts the larger "
+            f"{BYZANTINE_COVERAGE:g} at {_told_at(results)} (at most what the rule accepts at m); trimmed-mean cuts the larger "
             f"of {train['trim_fraction']:g} and that share at each end; "
             f"clip norm {train['clip_norm'] or 'none'}, {_client_dp(train)}"
             f"largest client weight {train['max_client_weight']:g}; colluding attacks with {train['attack_knowledge']} "
