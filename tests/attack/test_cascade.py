@@ -69,6 +69,9 @@ class _FakeEvaluation:
         self.data = SimpleNamespace(y_eval=np.arange(samples) % 3)
         self.domain = SimpleNamespace(description="the whole input", perturbable_columns=None)
 
+    def source(self, threat: str) -> tuple[None, str]:
+        return None, threat
+
     def clean(self) -> AttackResult:
         return _result({rule: c.copy() for rule, c in self.outcomes["clean"].items()}, None)
 

@@ -48,6 +48,9 @@ class _FakeEvaluation:
         self.data = SimpleNamespace(y_eval=np.array([0, 1, 0, 1]))
         self.domain = SimpleNamespace(description="the whole input", perturbable_columns=None)
 
+    def source(self, threat: str) -> tuple[None, str]:
+        return None, threat
+
     def clean(self) -> AttackResult:
         return _result(CLEAN)
 

@@ -153,7 +153,8 @@ def test_the_study_refuses_a_run_without_its_stale_checkpoint_before_attacking(c
     from dipsen.attack import study
 
     attacked = []
-    monkeypatch.setattr(study, "RobustnessEvaluation", lambda *args, **kwargs: attacked.append(args))
+    monkeypatch.setattr(RobustnessEvaluation, "clean", lambda *args, **kwargs: attacked.append("clean"))
+    monkeypatch.setattr(RobustnessEvaluation, "run", lambda *args, **kwargs: attacked.append(args))
     with pytest.raises(DipsenError, match="ends at round 3, so it has no round -2"):
         study.study_run(cnn_run, study.StudySettings(stale_rounds=5))
-    assert attacked == []  # refused before the evaluation (and any attack) began
+    assert attacked == []  # refused before any prediction or attack

@@ -56,7 +56,6 @@ from .attacks import Budget
 from .baselines import dataset_baselines
 from .evaluate import RULES, AttackResult, AttackSetup, RobustnessEvaluation, from_bits, survivors, worst_case_accuracy
 from .target import TrainedRun
-from .threat import stale_round
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 """``factory(description, total)`` returns a callback advanced by the number of examples done."""
@@ -144,8 +143,6 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
     broken in both. Base and doubled are thus compared on the same examples, and their
     difference is counted over the same ``doubling_samples`` examples as without the cascade.
     """
-    # the orange-box attack runs late in the study: a run that cannot serve its stale checkpoint fails now
-    stale_round(trained, settings.stale_rounds)
     evaluation = RobustnessEvaluation(
         trained,
         settings.samples,
@@ -155,6 +152,8 @@ def study_run(trained: TrainedRun, settings: StudySettings, progress: ProgressFa
         attacker_samples=settings.attacker_samples,
         surrogate_epochs=settings.surrogate_epochs,
     )
+    # the orange-box attack runs late in the study: a run that cannot serve its stale checkpoint fails now
+    evaluation.source("orange-box")
     randomized = evaluation.randomized
     eps, paper, adaptive = settings.eps, settings.paper_budget, settings.adaptive_budget
     strong_view: dict[str, Any] = {"gradient": "eot", "eot_draws": settings.eot_draws} if randomized else {}
