@@ -57,7 +57,7 @@ from torch import Tensor
 
 from .base import Round
 from .naive import boost
-from .statistical import round_z
+from .statistical import round_z, spread
 
 if TYPE_CHECKING:
     from ...config import TrainConfig
@@ -204,5 +204,5 @@ def backdoor_replacement(view: Round) -> Tensor:
 def alie_backdoor(view: Round) -> Tensor:
     """The malicious clients' mean poisoned step, each coordinate clipped to the honest ``mu +- z sigma``."""
     z = round_z(view)
-    mu, sigma = view.known.mean(0), view.known.std(0, correction=0)
+    mu, sigma = spread(view.known)
     return view.copies(torch.clamp(view.own.mean(0), mu - z * sigma, mu + z * sigma))

@@ -66,6 +66,11 @@ def _warn_void_z(n: int, f: int) -> None:
     log.warning("alie: the paper's z is 0 at n = %d, f = %d: the malicious clients send the honest mean (set alie_z)", n, f)
 
 
+def spread(known: Tensor) -> tuple[Tensor, Tensor]:
+    """mu and sigma: the coordinate-wise mean and population (ddof 0) standard deviation of the ``known`` steps."""
+    return known.mean(0), known.std(0, correction=0)
+
+
 def round_z(view: Round) -> float:
     """ALIE's z for the round: ``alie_z`` if set, else :func:`alie_z` (n, f) (warned once where it is 0)."""
     z = view.options.alie_z
@@ -78,9 +83,8 @@ def round_z(view: Round) -> float:
 
 def alie(view: Round) -> Tensor:
     """``mu - z sigma`` per coordinate, z = :func:`round_z`."""
-    z = round_z(view)
-    known = view.known
-    return view.copies(known.mean(0) - z * known.std(0, correction=0))
+    mu, sigma = spread(view.known)
+    return view.copies(mu - round_z(view) * sigma)
 
 
 def ipm(view: Round) -> Tensor:
