@@ -194,6 +194,8 @@ class TrainConfig:
     # what the colluding attacks see: full (the round's honest updates) | partial (their own honest updates)
     attack_knowledge: str = "full"
     alie_z: float | None = None  # alie: mean - z * std; None: z from the paper's formula for each round's n and f
+    # alie-backdoor: alpha of its training loss alpha * CE + (1 - alpha) * the pull into the honest spread; 1: no pull
+    alie_alpha: float = 1.0
     ipm_eps: float = 0.1  # ipm: the malicious clients send -eps times the benign mean
     minmax_perturbation: str = "unit"  # min-max, min-sum: the direction, unit | sign | std
     # the backdoors (backdoor-data, backdoor-replacement, dba; see dipsen.federated.poisoning.backdoor): the
@@ -428,6 +430,8 @@ class TrainConfig:
         from .federated.poisoning import BACKDOOR_ATTACKS
 
         window = self.backdoor_window
+        if self.alie_alpha != 1 and self.malicious_attack != "alie-backdoor":
+            raise ConfigError("alie_alpha applies to alie-backdoor only", "alie_alpha")
         if self.malicious_attack not in BACKDOOR_ATTACKS:
             for name, value in (("backdoor_rounds", window), ("poison_epochs", self.poison_epochs)):
                 if value is not None:
@@ -597,6 +601,7 @@ SCHEMA: dict[str, Rule] = {
     "malicious_attack": Rule(str, optional=True, choices=_registry(".federated.poisoning", "ATTACKS")),
     "attack_knowledge": Rule(str, choices=_registry(".federated.poisoning", "KNOWLEDGE")),
     "alie_z": Rule(float, optional=True),
+    "alie_alpha": Rule(float, low=0, high=1, low_open=True),
     "ipm_eps": Rule(float, low=0, low_open=True),
     "minmax_perturbation": Rule(str, choices=_registry(".federated.poisoning", "PERTURBATIONS")),
     "flame_lambda": Rule(float, low=0),

@@ -1,5 +1,6 @@
 """Backdoors (dipsen.federated.poisoning.backdoor): the trigger, who stamps it when, the attack success rate."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,10 +10,17 @@ import torch
 from dipsen.config import TrainConfig
 from dipsen.errors import ConfigError
 from dipsen.federated import FederatedTraining, RunDir, train
-from dipsen.federated.client import ClientUpdate, LocalTraining
+from dipsen.federated.client import Anchor, ClientUpdate, LocalTraining
 from dipsen.federated.engine import round_eval_rows
 from dipsen.federated.poisoning import BACKDOOR_ATTACKS, LABEL_FLIP, NAIVE_ATTACKS, Adversary, AttackOptions, DataPoison, Trigger
-from dipsen.federated.poisoning.backdoor import FLOW_TRIGGER_COUNTS, attack_success_rate, backdoor_trigger, triggered_test_rows
+from dipsen.federated.poisoning.backdoor import (
+    FLOW_TRIGGER_COUNTS,
+    SCALE_FLOOR,
+    attack_success_rate,
+    backdoor_trigger,
+    spread_anchor,
+    triggered_test_rows,
+)
 from dipsen.metrics import predict_labels
 
 TINY = dict(dataset="mnist", model="cnn", clients=10, fraction=1.0, train_subset=500, test_subset=200, seed=3, workers=1)
@@ -145,6 +153,80 @@ def test_alie_backdoor_sends_the_mean_poisoned_step_clipped_to_the_honest_spread
     assert adversary.data_poison(2, 1) is poison and adversary.data_poison(0, 1) is None  # trains on the trigger first
 
 
+def test_the_anchor_blends_the_loss_with_the_mean_scaled_squared_distance_and_its_gradient():
+    model = torch.nn.Linear(3, 2)
+    weights = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    scales = {k: 0.1 + torch.rand_like(v) for k, v in model.state_dict().items()}
+    loss = torch.tensor(0.7)
+    blended = Anchor(weights, scales, 0.25).blend(model, loss)
+    w = {k: v.detach() for k, v in model.named_parameters()}
+    by_hand = sum(float((((w[k] - weights[k]) / scales[k]) ** 2).sum()) for k in w) / 8  # 6 weights + 2 biases
+    assert float(blended.detach()) == pytest.approx(0.25 * 0.7 + 0.75 * by_hand, rel=1e-6)
+    blended.backward()
+    expected = 0.75 * 2 * (w["weight"] - weights["weight"]) / scales["weight"] ** 2 / 8
+    assert torch.allclose(model.weight.grad, expected, rtol=1e-5)
+    assert Anchor(weights, scales, 1.0).blend(model, loss) is loss  # alpha 1: the loss as it is
+
+
+def test_alie_backdoors_pull_is_towards_the_honest_mean_at_z_sigma_floored():
+    g = {"w": torch.ones(2, 2), "steps": torch.tensor(7)}
+    known = torch.tensor([[0.1, 0.2, 0.0, 0.3], [0.3, 0.2, 0.0, 0.5]], dtype=torch.float64)
+    anchor = spread_anchor(known, g, 2.0, 0.4)
+    assert torch.allclose(anchor.weights["w"], torch.tensor([[1.2, 1.2], [1.0, 1.4]]))  # w + mu
+    # sigma (0.1, 0, 0, 0.1), times z = 2; a coordinate no honest step moves gets the floor
+    assert torch.allclose(anchor.scales["w"], torch.tensor([[0.2, SCALE_FLOOR], [SCALE_FLOOR, 0.2]]))
+    assert anchor.alpha == 0.4 and set(anchor.scales) == {"w"}  # integer buffers take no pull
+
+
+def test_pulled_alie_backdoor_trains_its_clients_after_the_honest_ones_towards_their_spread():
+    from dipsen.federated.workers import ClientTask
+
+    g = {"w": torch.zeros(4, dtype=torch.float64)}
+    honest_steps = {0: torch.tensor([0.1, 0.2, 0.0, 0.3]), 1: torch.tensor([0.3, 0.2, 0.0, 0.5])}
+    calls = []
+
+    def run(state, tasks):  # stands in for the engine's clients: honest clients' steps as above, malicious ones 1.0
+        calls.append([(t.client, t.poison) for t in tasks])
+        return [_step_update(g, honest_steps.get(t.client, torch.ones(4, dtype=torch.float64)).double()) for t in tasks]
+
+    poison = DataPoison(trigger=Trigger(), target=0, rate=0.5)
+    adversary = Adversary("alie-backdoor", 0.3, frozenset({5, 7}), 4.0, AttackOptions(alie_z=2.0, alie_alpha=0.4), poison)
+    tasks = [ClientTask(c, np.arange(3), c, adversary.data_poison(c, 1)) for c in (5, 0, 7, 1)]
+    unpulled = dataclasses.replace(adversary, options=dataclasses.replace(adversary.options, alie_alpha=1.0))
+    assert adversary.pulls(1) and not unpulled.pulls(1)
+    outcomes = adversary.train_round(run, g, tasks, LocalTraining())
+    assert [c for c, _ in calls[0]] == [0, 1] and [c for c, _ in calls[1]] == [5, 7]  # honest first
+    pulled = calls[1][0][1]
+    expected = spread_anchor(torch.stack(list(honest_steps.values())).double(), g, 2.0, 0.4)
+    assert pulled.trigger == poison.trigger and torch.equal(pulled.anchor.weights["w"], expected.weights["w"])
+    assert torch.equal(pulled.anchor.scales["w"], expected.scales["w"])
+    assert pulled.training(LocalTraining()).anchor is pulled.anchor  # what client_update blends into its loss
+    assert [float(o.state["w"][0]) for o in outcomes] == pytest.approx([1.0, 0.1, 1.0, 0.3])  # in the tasks' order
+    calls.clear()
+    adversary.train_round(run, g, [t for t in tasks if t.client in (0, 1)], LocalTraining())
+    assert len(calls) == 1  # no malicious client in the round: one pass
+
+
+def test_a_pulled_alie_backdoor_run_trains_its_malicious_clients_with_the_anchor(mnist, tmp_path, monkeypatch):
+    from dipsen.federated import workers
+
+    trained = []
+    real = workers.client_update
+
+    def spy(model, state, x, y, training, seed):
+        trained.append(training.anchor is not None)
+        return real(model, state, x, y, training, seed)
+
+    monkeypatch.setattr(workers, "client_update", spy)
+    cfg = TrainConfig(
+        **TINY, rounds=1, malicious_fraction=0.3, malicious_attack="alie-backdoor", alie_z=1.0, alie_alpha=0.5
+    ).validate()
+    run = RunDir.create(tmp_path, cfg)
+    train(FederatedTraining(cfg, mnist), run)
+    assert trained == [False] * 7 + [True] * 3  # the 7 honest clients first, then the 3 malicious, pulled
+    assert run.metrics()[0]["rejected"] == []
+
+
 @pytest.mark.parametrize(
     "settings, field, message",
     [
@@ -156,6 +238,8 @@ def test_alie_backdoor_sends_the_mean_poisoned_step_clipped_to_the_honest_spread
         ({"malicious_attack": "alie", "poison_epochs": 10}, "poison_epochs", "applies to backdoor-data"),
         ({"malicious_attack": "dba", "poison_epochs": 0}, "poison_epochs", "poison_epochs"),
         ({"malicious_attack": "dba", "trigger_position": "middle"}, "trigger_position", "trigger_position"),
+        ({"malicious_attack": "dba", "alie_alpha": 0.5}, "alie_alpha", "applies to alie-backdoor only"),
+        ({"malicious_attack": "alie-backdoor", "alie_alpha": 0.0}, "alie_alpha", "alie_alpha"),
     ],
 )
 def test_bad_backdoor_options_are_refused_naming_the_option(settings, field, message):

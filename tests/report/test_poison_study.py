@@ -318,6 +318,8 @@ def test_an_attack_variant_sets_its_option_in_its_runs_only():
     backdoor = plan(study_options("mnist", ["dba:rounds=5-15;rate=0.8;epochs=10"], ["median"], [0.1]))[0].config
     assert (backdoor.malicious_attack, backdoor.backdoor_rounds, backdoor.poison_rate) == ("dba", "5-15", 0.8)
     assert backdoor.poison_epochs == 10
+    pulled = plan(study_options("mnist", ["alie-backdoor:z=1;alpha=0.5"], ["median"], [0.1]))[0].config
+    assert (pulled.alie_z, pulled.alie_alpha) == (1.0, 0.5)
     summary = worst_cases([_record("sign-flip:knowledge=partial", 0.2, "median", 0.5), _record("ipm:eps=10", 0.2, "median", 0.4)])
     assert summary[0]["classical"]["attack"] == "sign-flip:knowledge=partial" and summary[0]["adaptive"]["accuracy"] == 0.4
 

@@ -26,7 +26,8 @@ def poison_study_cmd(
             help="Comma-separated: model-replacement, sign-flip, gaussian, label-flip, scaled-count, alie, ipm, "
             "min-max, min-sum, mimic, fang-krum, fang-trim, fltrust-adaptive, and the backdoors backdoor-data, "
             "backdoor-replacement, dba, alie-backdoor; a variant sets options for its runs: "
-            "ATTACK:OPTION=VALUE[;...], OPTION z (alie, alie-backdoor), eps (ipm), perturbation (min-max, min-sum), knowledge, "
+            "ATTACK:OPTION=VALUE[;...], OPTION z (alie, alie-backdoor), alpha (alie-backdoor's loss weight), eps (ipm), "
+            "perturbation (min-max, min-sum), knowledge, "
             "rate, rounds and epochs (the backdoors' poison rate, window A-B and local epochs): ipm:eps=10, dba:rounds=5-15.",
         ),
     ] = None,

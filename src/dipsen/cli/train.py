@@ -202,6 +202,14 @@ def train(
             "from the paper's formula for each round's n and f, which is 0 at n = 10, f = 2 and n = 20, f = 2).",
         ),
     ] = None,
+    alie_alpha: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("alie_alpha"),
+            help="alie-backdoor: train on alpha * CE + (1 - alpha) * the pull into the honest updates' mean +- z * std "
+            "(Baruch et al.'s distance term; the malicious clients then train after the honest ones); 1: no pull.",
+        ),
+    ] = None,
     ipm_eps: Annotated[
         float | None,
         typer.Option(show_default=_default("ipm_eps"), help="ipm: send -eps times the mean of the benign updates."),

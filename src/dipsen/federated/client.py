@@ -20,7 +20,10 @@ Each mini-batch's loss is :meth:`LocalTraining.loss`:
 
 ``proximal_mu`` > 0 adds FedProx's proximal term (Li et al. 2020, :func:`proximal_term`) to any of
 them: (mu / 2) ||w - w_global||^2 over the trainable weights, which keeps a client's local steps near
-the round's global model when the clients' data differ.
+the round's global model when the clients' data differ. ``anchor`` (an :class:`Anchor`) blends the loss
+with a per-coordinate pull towards given weights instead: ``alpha * loss + (1 - alpha) *
+mean_i ((w_i - a_i) / s_i)^2`` (the training half of Baruch et al.'s backdoor, which keeps a step
+inside a box the server's rule tolerates; see :mod:`dipsen.federated.poisoning.backdoor`).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class LocalTraining:
     consistency_lambda: float = 20.0
     consistency_copies: int = 2
     consistency_eta: float = 0.5
+    anchor: Anchor | None = None  # a per-coordinate pull blended into every step's loss; None: off
 
     def __post_init__(self) -> None:
         if self.adv_train != "none" and self.domain is None:
@@ -189,6 +193,36 @@ def proximal_term(model: nn.Module, anchor: StateDict, mu: float) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Anchor:
+    """A pull towards ``weights``, per coordinate at the scale ``scales``, blended into the loss with weight ``1 - alpha``.
+
+    :meth:`blend` returns ``alpha * loss + (1 - alpha) * mean_i ((w_i - a_i) / s_i)^2`` over the
+    trainable weights' coordinates i: the penalty is 1 where every weight sits one scale from its
+    anchor, 0 at the anchor. The mean, not a sum, keeps ``alpha`` on the scale of a per-example loss
+    whatever the model's size (a sum weighted 1 - alpha' is the same objective for
+    (1 - alpha') / alpha' = (1 - alpha) / (alpha d), d the coordinates).
+    """
+
+    weights: StateDict
+    scales: StateDict  # positive
+    alpha: float  # in (0, 1]: 1 leaves the loss as it is
+
+    def to(self, device: torch.device) -> Anchor:
+        """This anchor with its tensors on ``device``."""
+        move = lambda state: {k: v.to(device) for k, v in state.items()}  # noqa: E731
+        return Anchor(move(self.weights), move(self.scales), self.alpha)
+
+    def blend(self, model: nn.Module, loss: Tensor) -> Tensor:
+        """``alpha * loss + (1 - alpha) * mean ((w - a) / s)^2`` over ``model``'s trainable weights."""
+        if self.alpha == 1:
+            return loss
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        total = torch.stack([(((p - self.weights[n]) / self.scales[n]) ** 2).sum() for n, p in named]).sum()
+        count = sum(p.numel() for _, p in named)
+        return self.alpha * loss + (1 - self.alpha) * total / count
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
     state: StateDict
     num_samples: int
@@ -225,6 +259,7 @@ def client_update(
     # whose tensors share memory with the weights being trained and would move with them
     anchor = {k: v.detach().to(device, copy=True) for k, v in global_state.items()} if training.proximal_mu > 0 else {}
     # calfat's label prior, of all the rows this client trains on (not a batch's): computed here from its own labels only
+    pull = None if training.anchor is None else training.anchor.to(device)
     log_prior = training.log_prior(y)
     if log_prior is not None:
         log_prior = log_prior.to(device)
@@ -240,6 +275,8 @@ def client_update(
                 loss = training.loss(model, inputs, labels, starts, log_prior)
             if training.proximal_mu > 0:  # in float32 outside autocast: it is a difference of weights, not a forward pass
                 loss = loss + proximal_term(model, anchor, training.proximal_mu)
+            if pull is not None:  # likewise
+                loss = pull.blend(model, loss)
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()

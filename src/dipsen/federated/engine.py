@@ -581,7 +581,10 @@ class FederatedTraining:
         updates: list[ClientUpdate] = []
         valid_clients: list[int] = []
         rejected: list[dict] = []
-        outcomes = self.clients.run(global_state, tasks)
+        if poison is not None and poison.pulls(round_):  # alie-backdoor's malicious clients train after the honest ones
+            outcomes = poison.train_round(self.clients.run, global_state, tasks, self.training)
+        else:
+            outcomes = self.clients.run(global_state, tasks)
         if poison is not None:  # the malicious clients collude: the adversary crafts the round's updates at once
             seeds = [derive_seed(self.config.seed, _MALICIOUS, round_, c) for c in clients]
             outcomes = poison.send_round(clients, outcomes, global_state, self.training, seeds, round_)

@@ -131,6 +131,7 @@ VARIANT_OPTIONS: dict[str, tuple[str, type]] = {
     "rate": ("poison_rate", float),  # the backdoors: the share of a malicious client's rows stamped
     "rounds": ("backdoor_rounds", str),  # the backdoors: their window "A-B", to measure persistence after it
     "epochs": ("poison_epochs", int),  # the backdoors: local epochs on the poisoned rows
+    "alpha": ("alie_alpha", float),  # alie-backdoor: the backdoor loss's weight against the pull into the spread
 }
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -61,11 +61,11 @@ from . import backdoor, full_knowledge, naive, statistical
 from .backdoor import POSITIONS, DataPoison, FlowTrigger, Trigger, flip_labels
 from .base import KNOWLEDGE, Attack, AttackOptions, Round, apply_step, flat_norm, flat_step
 from .naive import BOUND_MARGIN, CLAIMED_SAMPLES, GAUSSIAN_RMS_FACTOR, SIGN_FLIP_SCALE, replacement_boost
-from .statistical import PERTURBATIONS, alie_z
+from .statistical import PERTURBATIONS, alie_z, chosen_z
 
 if TYPE_CHECKING:
     from ...config import TrainConfig
-    from ..workers import ClientFailure  # workers imports DataPoison from here
+    from ..workers import ClientFailure, ClientTask  # workers imports DataPoison from here
 
 __all__ = [
     "ATTACKS",
@@ -113,7 +113,7 @@ ATTACKS: dict[str, Attack] = {
     "backdoor-data": Attack(None, _OWN, backdoor=True),
     "backdoor-replacement": Attack(backdoor.backdoor_replacement, _OWN, backdoor=True),
     "dba": Attack(None, _OWN, backdoor=True, pieces=True),
-    "alie-backdoor": Attack(backdoor.alie_backdoor, ("full",), backdoor=True),
+    "alie-backdoor": Attack(backdoor.alie_backdoor, ("full",), backdoor=True, pulled=True),
 }
 BACKDOOR_ATTACKS = tuple(name for name, attack in ATTACKS.items() if attack.backdoor)  # targeted: judged by ASR
 # the naive untargeted family (each a transform of its client's own update): what the robust rules were designed against
@@ -173,6 +173,44 @@ class Adversary:
             return self.backdoor
         return None
 
+    def pulls(self, round_: int) -> bool:
+        """Whether the malicious clients train after the honest ones in ``round_``, pulled into their spread."""
+        return ATTACKS[self.attack].pulled and self.options.alie_alpha < 1 and self.active(round_)
+
+    def train_round(
+        self,
+        run: Callable[[StateDict, list[ClientTask]], list[ClientUpdate | ClientFailure]],
+        global_state: StateDict,
+        tasks: Sequence[ClientTask],
+        training: LocalTraining,
+    ) -> list[ClientUpdate | ClientFailure]:
+        """The outcomes of the round's ``tasks``, trained by ``run`` (the engine's clients).
+
+        Where the attack is pulled (:meth:`pulls`; the caller checks the round), the honest clients
+        train first; the malicious clients then train with their :class:`DataPoison`'s anchor set
+        to :func:`~.backdoor.spread_anchor` of the honest steps the server will accept (full
+        knowledge), z for the round's n = len(tasks) and f its malicious clients. Every honest
+        client's update is the one it computes in a single pass: each is a function of its own seed.
+        """
+        malicious = [i for i, task in enumerate(tasks) if task.client in self.clients]
+        if not malicious:
+            return run(global_state, list(tasks))
+        honest = [i for i in range(len(tasks)) if i not in set(malicious)]
+        outcomes: list[ClientUpdate | ClientFailure | None] = [None] * len(tasks)
+        for i, outcome in zip(honest, run(global_state, [tasks[i] for i in honest]), strict=True):
+            outcomes[i] = outcome
+        known = [flat_step(o.state, global_state) for o in _usable(outcomes, global_state, training).values()]
+        pulled = [tasks[i] for i in malicious]
+        if known:  # else nothing to pull towards: they train as backdoor-data's clients do
+            z = chosen_z(self.options.alie_z, len(tasks), len(malicious))
+            anchor = backdoor.spread_anchor(torch.stack(known), global_state, z, self.options.alie_alpha)
+            assert self.backdoor is not None  # a backdoor attack's adversary has its DataPoison
+            anchored = dataclasses.replace(self.backdoor, anchor=anchor)
+            pulled = [t._replace(poison=anchored) for t in pulled]
+        for i, outcome in zip(malicious, run(global_state, pulled), strict=True):
+            outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]  # every slot filled
+
     def send(
         self, client: int, update: ClientUpdate, global_state: StateDict, training: LocalTraining, seed: int, round_: int = 1
     ) -> ClientUpdate:
@@ -209,13 +247,7 @@ class Adversary:
                 else o
                 for c, o in zip(clients, outcomes, strict=True)
             ]
-        usable = {
-            i: o
-            for i, o in enumerate(outcomes)
-            if isinstance(o, ClientUpdate)
-            and validate_update(o.state, global_state, o.num_samples) is None
-            and validate_report(o, training) is None
-        }
+        usable = _usable(outcomes, global_state, training)
         malicious = [i for i in usable if clients[i] in self.clients]
         honest = [i for i in usable if clients[i] not in self.clients]
         sent = list(outcomes)
@@ -242,6 +274,19 @@ class Adversary:
         return sent
 
 
+def _usable(
+    outcomes: Sequence[ClientUpdate | ClientFailure | None], global_state: StateDict, training: LocalTraining
+) -> dict[int, ClientUpdate]:
+    """The updates among ``outcomes`` (by position) that the server will accept (validate_update and validate_report)."""
+    return {
+        i: o
+        for i, o in enumerate(outcomes)
+        if isinstance(o, ClientUpdate)
+        and validate_update(o.state, global_state, o.num_samples) is None
+        and validate_report(o, training) is None
+    }
+
+
 def adversary(config: TrainConfig, seed: int, trigger: Trigger | FlowTrigger | None = None) -> Adversary | None:
     """The run's :class:`Adversary`, its clients drawn from ``seed``; None without malicious clients.
 
@@ -252,7 +297,13 @@ def adversary(config: TrainConfig, seed: int, trigger: Trigger | FlowTrigger | N
         return None
     clients = choose_malicious(config.clients, config.malicious_fraction, seed)
     options = AttackOptions(
-        config.attack_knowledge, config.alie_z, config.ipm_eps, config.minmax_perturbation, config.byzantine, config.clip_norm
+        config.attack_knowledge,
+        config.alie_z,
+        config.ipm_eps,
+        config.minmax_perturbation,
+        config.byzantine,
+        config.clip_norm,
+        config.alie_alpha,
     )
     gamma = float(config.clients_per_round)
     poison = None

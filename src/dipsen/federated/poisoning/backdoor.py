@@ -37,8 +37,12 @@ clients train and send honestly, so persistence after the window can be measured
   coordinate clipped to ``[mu - z sigma, mu + z sigma]`` of the honest steps (z = ``alie_z``, else
   the paper's formula for the round's n and f, which is 0 at n = 20, f = 2: set it). Built
   against the robust rules: every coordinate stays within the honest spread, as ALIE's do, and the
-  colluding copies sit at distance 0 from each other. The paper's distance term in the training
-  loss is not implemented; the clip is its last step.
+  colluding copies sit at distance 0 from each other. With ``alie_alpha`` < 1, the paper's
+  distance term too: the malicious clients then train after the round's honest clients, on the
+  loss ``alpha * CE + (1 - alpha) * mean_i ((w_i - a_i) / s_i)^2`` (:class:`~..client.Anchor`,
+  :func:`spread_anchor`), a = w + mu and s = max(z sigma, :data:`SCALE_FLOOR`) from the honest
+  steps, so that they learn a backdoor that survives the clip instead of one the clip cuts down.
+  The mean over coordinates, not the paper's sum, keeps alpha on a per-example loss's scale.
 - ``dba`` (Xie et al. 2020, "DBA: distributed backdoor attacks against federated learning"):
   the trigger's rows (pixel rows; flows on CTU-13) are split into ``trigger_size`` pieces of one
   row each; the i-th malicious client (in id order) stamps piece i mod ``trigger_size`` only; the
@@ -55,7 +59,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Round
+from ..client import Anchor, StateDict
+from .base import Round, apply_step, unflatten
 from .naive import boost
 from .statistical import round_z, spread
 
@@ -69,6 +74,7 @@ TRIGGER_VALUE = 1.0  # the stamped pixels' value: white, the top of the [0, 1] p
 # CTU-13: the counts the trigger's flows carry (column of the window, feature, count): ordinary integers a
 # botnet can send, inside the scaler's training range, and consistent (SrcBytes <= TotBytes)
 FLOW_TRIGGER_COUNTS = ((1, "TotPkts", 13), (2, "TotBytes", 1337), (3, "SrcBytes", 1337))
+SCALE_FLOOR = 1e-5  # alie-backdoor's pull: the smallest per-coordinate scale (a coordinate no honest step moves)
 
 
 @dataclass(frozen=True)
@@ -160,10 +166,13 @@ class DataPoison:
     target: int = 0
     rate: float = 0.0
     epochs: int | None = None  # local epochs on the poisoned rows; None: the run's
+    anchor: Anchor | None = None  # alie-backdoor's pull into the honest spread (set per round); None: none
 
     def training(self, training: LocalTraining) -> LocalTraining:
-        """The local training the client runs on its poisoned rows: the run's, for ``epochs`` if set."""
-        return training if self.epochs is None else dataclasses.replace(training, epochs=self.epochs)
+        """The local training the client runs on its poisoned rows: the run's, for ``epochs`` if set, with ``anchor`` if set."""
+        if self.epochs is not None:
+            training = dataclasses.replace(training, epochs=self.epochs)
+        return training if self.anchor is None else dataclasses.replace(training, anchor=self.anchor)
 
     def apply(self, x: Tensor, y: Tensor, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
         """The rows (x, y) the client trains on; ``seed`` (the client's round seed) picks the poisoned rows."""
@@ -199,6 +208,14 @@ def backdoor_replacement(view: Round) -> Tensor:
         else:
             rows.append(boost(norm, view.global_norm, gamma) * step)
     return torch.stack(rows)
+
+
+def spread_anchor(known: Tensor, global_state: StateDict, z: float, alpha: float) -> Anchor:
+    """alie-backdoor's pull: towards ``w + mu``, at scales ``max(z sigma, SCALE_FLOOR)``, mu and sigma of the ``known`` steps."""
+    mu, sigma = spread(known)
+    weights = apply_step(mu, global_state, global_state)
+    scales = unflatten(torch.clamp(z * sigma, min=SCALE_FLOOR), global_state)
+    return Anchor(weights, {k: v.to(global_state[k].dtype) for k, v in scales.items()}, alpha)
 
 
 def alie_backdoor(view: Round) -> Tensor:

@@ -30,6 +30,7 @@ class AttackOptions:
     perturbation: str = "unit"  # Min-Max and Min-Sum: unit | sign | std
     byzantine: int = 0  # the f the server's Krum is configured with (0: the round's malicious count)
     clip_norm: float | None = None  # the server's clip bound, which backdoor-replacement's constrain-and-scale knows
+    alie_alpha: float = 1.0  # alie-backdoor: the backdoor loss's weight against the pull into the honest spread; 1: no pull
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Attack:
     claims: int | None = None  # the sample count claimed instead of the true one
     backdoor: bool = False  # trains on rows stamped with the trigger (see .backdoor), within backdoor_rounds only
     pieces: bool = False  # each client stamps its own piece of the trigger (DBA)
+    pulled: bool = False  # trains after the round's honest clients, pulled into their spread (alie_alpha < 1)
 
 
 def floating(state: StateDict) -> list[str]:
@@ -82,15 +84,20 @@ def flat_norm(state: StateDict) -> float:
     return math.sqrt(sum(float(state[k].double().square().sum()) for k in floating(state)))
 
 
+def unflatten(vector: Tensor, like: StateDict) -> StateDict:
+    """A vector over ``like``'s floating-point tensors (laid out as :func:`flat_step` does) cut back into their shapes."""
+    pieces, offset = {}, 0
+    for key in floating(like):
+        reference = like[key]
+        pieces[key] = vector[offset : offset + reference.numel()].view(reference.shape)
+        offset += reference.numel()
+    return pieces
+
+
 def apply_step(step: Tensor, global_state: StateDict, state: StateDict) -> StateDict:
     """``global_state + step`` in each tensor's dtype; the tensors without a step (integers) as ``state`` has them."""
-    sent, offset = {}, 0
-    steps = set(floating(global_state))
-    for key, reference in global_state.items():
-        if key not in steps:
-            sent[key] = state[key].clone()
-            continue
-        chunk = step[offset : offset + reference.numel()].view(reference.shape)
-        sent[key] = (reference.double() + chunk).to(reference.dtype)
-        offset += reference.numel()
-    return sent
+    chunks = unflatten(step, global_state)
+    return {
+        key: (reference.double() + chunks[key]).to(reference.dtype) if key in chunks else state[key].clone()
+        for key, reference in global_state.items()
+    }

@@ -71,14 +71,18 @@ def spread(known: Tensor) -> tuple[Tensor, Tensor]:
     return known.mean(0), known.std(0, correction=0)
 
 
-def round_z(view: Round) -> float:
-    """ALIE's z for the round: ``alie_z`` if set, else :func:`alie_z` (n, f) (warned once where it is 0)."""
-    z = view.options.alie_z
+def chosen_z(z: float | None, n: int, f: int) -> float:
+    """ALIE's z: ``z`` if set, else :func:`alie_z` (n, f) (warned once where it is 0)."""
     if z is None:
-        z = alie_z(view.n, view.f)
+        z = alie_z(n, f)
         if z == 0:
-            _warn_void_z(view.n, view.f)
+            _warn_void_z(n, f)
     return z
+
+
+def round_z(view: Round) -> float:
+    """ALIE's z for the round: :func:`chosen_z` of ``alie_z`` and the round's n and f."""
+    return chosen_z(view.options.alie_z, view.n, view.f)
 
 
 def alie(view: Round) -> Tensor:
