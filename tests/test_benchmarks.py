@@ -21,6 +21,7 @@ SCRIPTS = (
     "adv_train_cost",
     "aggregation_cost",
     "attack_throughput",
+    "centralised_reference",
     "certify_throughput",
     "engine_compare",
     "eot_gradient_variance",
