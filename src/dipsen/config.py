@@ -27,6 +27,11 @@ OPTIMIZERS = ("sgd", "adam")
 ADV_TRAIN = ("none", "fgsm-rs", "pgd")  # adversarial training (see dipsen.federated.adversarial)
 TRAIN_DTYPES = ("float32", "bfloat16")  # local training's arithmetic (see dipsen.federated.client.LocalTraining)
 ENGINES = ("inprocess", "flower")
+# each smoothing loss's own options: set to anything but their defaults, they need that loss
+SMOOTHING_OPTIONS = {
+    "consistency": ("consistency_lambda", "consistency_copies", "consistency_eta"),
+    "smoothadv": ("smoothadv_eps", "smoothadv_steps", "smoothadv_copies"),
+}
 
 
 def _registry(module: str, name: str) -> Callable[[], tuple[str, ...]]:
@@ -172,6 +177,12 @@ class TrainConfig:
     consistency_lambda: float = 20.0
     consistency_copies: int = 2
     consistency_eta: float = 0.5
+    # smoothadv (Salman et al. 2019: CE on smoothadv_copies noisy copies of the input moved by an L2 attack of
+    # smoothadv_steps steps within smoothadv_eps on the copies' mean softmax); image data sets only. m 2, T 2,
+    # eps 0.5: the middle of the paper's grid (m 1-8, T 1-10, eps 0.25-2), at a cost of (T + 1) m passes a step
+    smoothadv_eps: float = 0.5
+    smoothadv_steps: int = 2
+    smoothadv_copies: int = 2
     # local training's arithmetic: float32, or bfloat16 (torch.autocast: convolutions and matrix products in
     # bfloat16; weights, optimizer and loss in float32); evaluation, attacks and certificates stay float32
     train_dtype: str = "float32"
@@ -335,19 +346,20 @@ class TrainConfig:
                 )
         if self.adv_loss != "trades" and self.trades_beta != defaults["trades_beta"].default:
             raise ConfigError(f"trades_beta {self.trades_beta} applies to adv_loss trades only", "trades_beta")
-        if self.smoothing_loss == "consistency":
+        loss = self.smoothing_loss
+        if loss != "gaussian":
             if self.input_noise <= 0:
                 raise ConfigError(
-                    "smoothing_loss consistency needs input_noise > 0 (the sigma its noisy copies are drawn at)", "smoothing_loss"
+                    f"smoothing_loss {loss} needs input_noise > 0 (the sigma its noisy copies are drawn at)", "smoothing_loss"
                 )
             if self.adv_train != "none":
-                raise ConfigError(
-                    f"smoothing_loss consistency does not combine with adv_train {self.adv_train!r}", "smoothing_loss"
-                )
-        else:
-            for key in ("consistency_lambda", "consistency_copies", "consistency_eta"):
-                if getattr(self, key) != defaults[key].default:
-                    raise ConfigError(f"{key} {getattr(self, key)} applies to smoothing_loss consistency only", key)
+                raise ConfigError(f"smoothing_loss {loss} does not combine with adv_train {self.adv_train!r}", "smoothing_loss")
+        if loss == "smoothadv" and self.dataset == "ctu13":
+            raise ConfigError("smoothing_loss smoothadv attacks images in [0, 1]; ctu13's windows are not", "smoothing_loss")
+        for owner, keys in SMOOTHING_OPTIONS.items():
+            for key in keys:
+                if loss != owner and getattr(self, key) != defaults[key].default:
+                    raise ConfigError(f"{key} {getattr(self, key)} applies to smoothing_loss {owner} only", key)
 
     def _check_aggregation(self) -> None:
         """The aggregator's parameters fit it and m (see :mod:`dipsen.federated.aggregate`)."""
@@ -591,6 +603,9 @@ SCHEMA: dict[str, Rule] = {
     "consistency_lambda": Rule(float, low=0),
     "consistency_copies": Rule(int, low=2),  # one copy has nothing to be consistent with
     "consistency_eta": Rule(float, low=0),
+    "smoothadv_eps": Rule(float, low=0, low_open=True),
+    "smoothadv_steps": _COUNT,
+    "smoothadv_copies": _COUNT,
     "train_dtype": Rule(str, choices=lambda: TRAIN_DTYPES),
     "target_robust_accuracy": Rule(float, optional=True, low=0, high=1, low_open=True),
     "robust_monitor": Rule(str, choices=_registry(".federated.adversarial", "MONITOR_ATTACKS")),

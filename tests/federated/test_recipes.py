@@ -5,6 +5,7 @@ bit-identical to the training loop before the recipes, the ConfigErrors, and a o
 run of each recipe (in-process engine, and the Flower ClientApp's train step on the same task).
 """
 
+import dataclasses
 import json
 import re
 
@@ -20,7 +21,14 @@ from dipsen.federated import FederatedTraining, LocalTraining, RunDir, client_up
 from dipsen.federated.adversarial import CalibratedLogits, calfat_loss, kl_divergence, label_log_prior, perturb_kl, trades_loss
 from dipsen.federated.client import proximal_term
 from dipsen.federated.engine import federated_data, local_training
-from dipsen.federated.smoothing import consistency_batch_loss, consistency_loss, noisy_copies
+from dipsen.federated.smoothing import (
+    consistency_batch_loss,
+    consistency_loss,
+    noisy_copies,
+    smoothadv_batch_loss,
+    smoothadv_examples,
+    smoothed_cross_entropy,
+)
 from dipsen.models import build_model, calibrate_noise
 
 TINY = dict(dataset="mnist", model="cnn", clients=10, fraction=1.0, train_subset=500, test_subset=200, seed=3, workers=1)
@@ -266,6 +274,67 @@ def test_noisy_copies_lay_copy_i_of_row_b_at_i_times_b_and_the_loss_draws_from_t
     assert losses[0] == losses[1]
 
 
+# --- SmoothAdv ------------------------------------------------------------------------------------------
+
+
+def test_the_smoothed_cross_entropy_is_minus_the_log_of_the_copies_mean_softmax():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], [[0.0, 1.0, 0.0], [3.0, -1.0, 0.0]]], dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    p = _softmax(logits.numpy()).mean(axis=0)  # (B, C): the mean over the 2 copies
+    expected = -np.mean(np.log(p[np.arange(2), y.numpy()]))
+    assert float(smoothed_cross_entropy(logits, y)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_smoothadv_takes_normalised_gradient_steps_of_2_eps_over_t_then_clips_to_the_box_and_the_ball():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).double()
+    x = torch.rand(4, 1, 6, dtype=torch.float64) * 0.5 + 0.25  # away from the box's faces
+    y = torch.tensor([0, 1, 2, 0])
+    noise = 0.1 * torch.randn(3, 4, 1, 6, dtype=torch.float64)
+    # one step of 2 eps (eps 0.05): along the normalised gradient of the smoothed CE at delta = 0, then the ball (norm eps)
+    x0 = x.clone().requires_grad_(True)
+    logits = model((x0.unsqueeze(0) + noise).flatten(0, 1)).view(3, 4, -1)
+    (grad,) = torch.autograd.grad(smoothed_cross_entropy(logits, y), x0)
+    direction = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1)
+    one = smoothadv_examples(model, x, y, noise, eps=0.05, steps=1)
+    assert torch.allclose(one - x, 0.05 * direction, atol=1e-12)  # 2 eps along it, then renormed to eps
+    # many steps with a large eps: every row within the ball, inside [0, 1], and the smoothed loss higher than at x
+    far = smoothadv_examples(model, x, y, noise, eps=2.0, steps=10)
+    assert bool((far - x).flatten(1).norm(dim=1).le(2.0 + 1e-9).all()) and float(far.min()) >= 0 and float(far.max()) <= 1
+
+    def loss(z: torch.Tensor) -> float:
+        return float(smoothed_cross_entropy(model((z.unsqueeze(0) + noise).flatten(0, 1)).view(3, 4, -1), y))
+
+    assert loss(far) > loss(x) + 0.1
+
+
+def test_smoothadv_trains_on_the_noisy_copies_of_the_attacked_rows_with_one_noise_draw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    x, y = torch.rand(5, 1, 6), torch.tensor([0, 1, 2, 0, 1])
+    torch.manual_seed(3)
+    got = smoothadv_batch_loss(model, x, y, 0.25, 2, 0.5, 2)
+    torch.manual_seed(3)
+    noise = 0.25 * torch.randn(2, 5, 1, 6)  # drawn once, first: attacked through and trained on
+    attacked = smoothadv_examples(model, x, y, noise, 0.5, 2)
+    expected = nn.functional.cross_entropy(model((attacked.unsqueeze(0) + noise).flatten(0, 1)), y.repeat(2))
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert model[1].weight.grad is None  # the attack takes no gradient of the weights
+
+
+def test_a_smoothadv_client_update_trains_and_is_reproducible(one_thread):
+    cfg = TrainConfig(input_noise=0.25, smoothing_loss="smoothadv", smoothadv_steps=1, smoothadv_copies=2).validate()
+    training = dataclasses.replace(local_training(cfg), batch_size=16)
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 28, 28), 10, calibrate_noise(None, 1.0, 0.05, 0.1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+    first, second = (client_update(model, state, x, y, training, seed=5) for _ in range(2))
+    assert all(torch.equal(first.state[k], second.state[k]) for k in state) and first.steps == 2
+    assert any(not torch.equal(first.state[k], state[k]) for k in state)  # it trained
+
+
 # --- defaults: the loop as it was ---------------------------------------------------------------------
 
 
@@ -346,7 +415,15 @@ def test_default_recipes_give_the_weights_of_the_loop_before_them(settings, mode
             "smoothing_loss",
             "--smoothing-loss consistency does not combine with adv_train 'pgd'",
         ),
-        ({"smoothing_loss": "macer"}, "smoothing_loss", "--smoothing-loss must be one of gaussian, consistency"),
+        ({"smoothing_loss": "macer"}, "smoothing_loss", "--smoothing-loss must be one of gaussian, consistency, smoothadv"),
+        ({"smoothing_loss": "smoothadv"}, "smoothing_loss", "--smoothing-loss smoothadv needs input_noise > 0"),
+        (
+            {"smoothing_loss": "smoothadv", "input_noise": 0.25, "dataset": "ctu13"},
+            "smoothing_loss",
+            "smoothadv attacks images in [0, 1]",
+        ),
+        ({"input_noise": 0.25, "smoothadv_eps": 1.0}, "smoothadv_eps", "--smoothadv-eps 1.0 applies to smoothing_loss smoothadv"),
+        ({"smoothing_loss": "smoothadv", "input_noise": 0.25, "smoothadv_steps": 0}, "smoothadv_steps", "smoothadv-steps"),
         ({"input_noise": 0.25, "consistency_lambda": 5.0}, "consistency_lambda", "applies to smoothing_loss consistency only"),
         ({"consistency_copies": 4}, "consistency_copies", "--consistency-copies 4 applies to smoothing_loss consistency only"),
         ({"consistency_eta": 1.0}, "consistency_eta", "--consistency-eta 1.0 applies to smoothing_loss consistency only"),

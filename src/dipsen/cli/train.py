@@ -304,7 +304,9 @@ def train(
             help="Training loss under --input-noise: gaussian (cross-entropy on one noisy copy, Cohen et al.) | "
             "consistency (Jeong & Shin 2020: cross-entropy on --consistency-copies noisy copies, plus "
             "--consistency-lambda times their KL from the copies' mean prediction and --consistency-eta times "
-            "that mean's entropy). consistency needs --input-noise > 0 and no --adv-train.",
+            "that mean's entropy) | smoothadv (Salman et al. 2019: cross-entropy on --smoothadv-copies noisy copies of "
+            "each row moved by an L2 attack on the smoothed classifier, --smoothadv-steps steps within --smoothadv-eps; "
+            "images only). consistency and smoothadv need --input-noise > 0 and no --adv-train.",
         ),
     ] = None,
     consistency_lambda: Annotated[
@@ -324,6 +326,23 @@ def train(
     consistency_eta: Annotated[
         float | None,
         typer.Option(show_default=_default("consistency_eta"), help="consistency: weight of the entropy term."),
+    ] = None,
+    smoothadv_eps: Annotated[
+        float | None,
+        typer.Option(
+            show_default=_default("smoothadv_eps"), help="smoothadv: L2 radius of the attack on the smoothed classifier."
+        ),
+    ] = None,
+    smoothadv_steps: Annotated[
+        int | None,
+        typer.Option(show_default=_default("smoothadv_steps"), help="smoothadv: the attack's steps (step size 2 eps / steps)."),
+    ] = None,
+    smoothadv_copies: Annotated[
+        int | None,
+        typer.Option(
+            show_default=_default("smoothadv_copies"),
+            help="smoothadv: noise draws m per row, fixed through the attack; a step costs (steps + 1) m passes of the batch.",
+        ),
     ] = None,
     adv_train: Annotated[
         str | None,

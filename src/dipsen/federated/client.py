@@ -8,8 +8,9 @@ starts) comes from ``seed``, so an update is a pure function of (global weights,
 Each mini-batch's loss is :meth:`LocalTraining.loss`:
 
 - plain: CE on the batch, with Gaussian noise of std ``input_noise`` if any (``smoothing_loss``
-  ``gaussian``), or the consistency loss over ``consistency_copies`` noisy copies (``consistency``,
-  see :mod:`dipsen.federated.smoothing`);
+  ``gaussian``), or the consistency loss over ``consistency_copies`` noisy copies (``consistency``),
+  or SmoothAdv's CE on ``smoothadv_copies`` noisy copies of an input attacked through them
+  (``smoothadv``; both in :mod:`dipsen.federated.smoothing`);
 - with ``adv_train`` (see :mod:`dipsen.federated.adversarial`) and ``adv_loss`` ``ce``:
   ``(1 - adv_mix) * CE(clean) + adv_mix * CE(adversarial)``, the adversarial examples crafted from
   the clean batch against the current local weights; ``input_noise``, if any, is then added to both;
@@ -50,7 +51,7 @@ from .adversarial import (
     perturb_kl,
     trades_loss,
 )
-from .smoothing import consistency_batch_loss
+from .smoothing import consistency_batch_loss, smoothadv_batch_loss
 
 if TYPE_CHECKING:  # dipsen.attack imports dipsen.federated
     from ..attack.domain import FeasibleDomain
@@ -91,13 +92,17 @@ class LocalTraining:
     consistency_lambda: float = 20.0
     consistency_copies: int = 2
     consistency_eta: float = 0.5
+    # smoothadv (Salman et al. 2019): smoothadv_copies noisy copies, attacked by smoothadv_steps L2 steps within smoothadv_eps
+    smoothadv_eps: float = 0.5
+    smoothadv_steps: int = 2
+    smoothadv_copies: int = 2
     anchor: Anchor | None = None  # a per-coordinate pull blended into every step's loss; None: off
 
     def __post_init__(self) -> None:
         if self.adv_train != "none" and self.domain is None:
             raise ValueError("adversarial training needs the data set's feasible domain")
-        if self.smoothing_loss == "consistency" and (self.input_noise <= 0 or self.adv_train != "none"):
-            raise ValueError("the consistency loss needs input_noise > 0 and no adversarial training")
+        if self.smoothing_loss != "gaussian" and (self.input_noise <= 0 or self.adv_train != "none"):
+            raise ValueError(f"the {self.smoothing_loss} loss needs input_noise > 0 and no adversarial training")
         if self.adv_loss == "trades" and self.adv_train == "none":
             raise ValueError("the TRADES loss needs adversarial training (adv_train fgsm-rs or pgd)")
         if self.adv_loss == "calfat" and (self.adv_train == "none" or self.num_classes is None):
@@ -148,6 +153,9 @@ class LocalTraining:
             if self.smoothing_loss == "consistency":
                 lam, eta = self.consistency_lambda, self.consistency_eta
                 return consistency_batch_loss(model, inputs, labels, self.input_noise, self.consistency_copies, lam, eta)
+            if self.smoothing_loss == "smoothadv":
+                eps, steps, copies = self.smoothadv_eps, self.smoothadv_steps, self.smoothadv_copies
+                return smoothadv_batch_loss(model, inputs, labels, self.input_noise, copies, eps, steps)
             return nn.functional.cross_entropy(model(self.noisy(inputs)), labels)
         adversarial = self.adversarial_examples(model, inputs, labels, starts, log_prior)
         if self.adv_loss == "trades":

@@ -231,6 +231,9 @@ def local_training(config: TrainConfig, domain: FeasibleDomain | None = None, nu
         consistency_lambda=config.consistency_lambda,
         consistency_copies=config.consistency_copies,
         consistency_eta=config.consistency_eta,
+        smoothadv_eps=config.smoothadv_eps,
+        smoothadv_steps=config.smoothadv_steps,
+        smoothadv_copies=config.smoothadv_copies,
     )
 
 

@@ -11,6 +11,12 @@ trained for it is ``smoothing_loss``:
   makes that mean confident. A base model that answers the same under every noise draw has a
   large gap between its top two class probabilities under noise, which is what the certified
   radius grows with.
+- ``smoothadv`` (Salman et al. 2019, "Provably robust deep learning via adversarially trained
+  smoothed classifiers", :func:`smoothadv_examples`): adversarial training of the smoothed
+  classifier itself. m noise draws per input are fixed; an L2 attack of ``smoothadv_steps`` steps
+  within radius ``smoothadv_eps`` maximises the cross-entropy of the copies' mean softmax (the
+  smoothed classifier's soft prediction); the model then trains on the cross-entropy of the m noisy
+  copies of the attacked input. The attack works on the inputs' [0, 1] range (images).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-SMOOTHING_LOSSES = ("gaussian", "consistency")
+SMOOTHING_LOSSES = ("gaussian", "consistency", "smoothadv")
 
 
 def consistency_loss(logits: Tensor, y: Tensor, lam: float, eta: float) -> Tensor:
@@ -64,3 +70,52 @@ def consistency_batch_loss(model: nn.Module, x: Tensor, y: Tensor, sigma: float,
     """
     logits = model(noisy_copies(x, sigma, copies))
     return consistency_loss(logits.view(copies, len(x), -1), y, lam, eta)
+
+
+def smoothed_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """-log of the mean over copies of softmax(logits)[y]: ``logits`` (m, B, classes); the mean over the batch.
+
+    The soft smoothed classifier's loss, SmoothAdv's attack objective (probabilities floored at 1e-20, as the reference).
+    """
+    mean_softmax = nn.functional.softmax(logits, dim=-1).mean(dim=0)
+    return nn.functional.nll_loss(torch.log(mean_softmax.clamp(min=1e-20)), y)
+
+
+def smoothadv_examples(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, eps: float, steps: int) -> Tensor:
+    """SmoothAdv's multi-noise L2 PGD: ``x + delta``, ||delta||_2 <= ``eps`` per row, inside [0, 1].
+
+    ``noise`` (m, B, ...) is fixed through the attack. From delta = 0, each of ``steps`` steps moves
+    delta by 2 eps / steps along the per-row normalised gradient of :func:`smoothed_cross_entropy`
+    of ``model`` on ``x + delta + noise[i]`` (a row with a zero gradient moves in a random direction, from
+    torch's global generator), then clips x + delta to [0, 1] and delta's norm to eps, as the
+    reference's ``PGD_L2`` does. Gradients are taken with respect to delta only, in whatever mode
+    the model is in (the CNN has no dropout or batch statistics, so train and eval mode agree).
+    """
+    copies = noise.shape[0]
+    delta = torch.zeros_like(x)
+    rows = (-1,) + (1,) * (x.dim() - 1)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(((x + delta).unsqueeze(0) + noise).flatten(0, 1)).view(copies, len(x), -1)
+        (grad,) = torch.autograd.grad(smoothed_cross_entropy(logits, y), delta)
+        norms = grad.flatten(1).norm(dim=1)
+        zero = norms == 0
+        if zero.any():
+            grad[zero] = torch.randn_like(grad[zero])
+            norms = grad.flatten(1).norm(dim=1)
+        delta = delta.detach() + (2 * eps / steps) * grad / norms.view(rows)
+        delta = (x + delta).clamp(0, 1) - x
+        delta = delta.renorm(p=2, dim=0, maxnorm=eps)
+    return (x + delta).detach()
+
+
+def smoothadv_batch_loss(model: nn.Module, x: Tensor, y: Tensor, sigma: float, copies: int, eps: float, steps: int) -> Tensor:
+    """SmoothAdv's training loss on the batch (x, y): the mean cross-entropy of ``copies`` noisy copies of the attacked rows.
+
+    The noise (std ``sigma``, from torch's global generator) is drawn once, attacked through
+    (:func:`smoothadv_examples`) and trained on, as in the reference (``train_multi_noise``).
+    """
+    noise = sigma * torch.randn((copies, *x.shape), dtype=x.dtype, device=x.device)
+    attacked = smoothadv_examples(model, x, y, noise, eps, steps)
+    logits = model((attacked.unsqueeze(0) + noise).flatten(0, 1))
+    return nn.functional.cross_entropy(logits, y.repeat(copies))
