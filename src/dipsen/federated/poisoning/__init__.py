@@ -14,7 +14,8 @@ Where: every malicious client first trains honestly (on poisoned rows for the at
 so, flipped labels or a backdoor's trigger: the round's :class:`~dipsen.federated.workers.ClientTask`
 carries the client's :class:`DataPoison` from :meth:`Adversary.data_poison` and the client runner
 hands :func:`~dipsen.federated.client.client_update` the rows it makes, so the training code knows
-nothing of attacks). Once the round's outcomes
+nothing of attacks; ``alie-backdoor`` with ``alie_alpha`` < 1 trains them after the round's honest
+clients, its loss pulled into their spread: :meth:`Adversary.train_round`). Once the round's outcomes
 are in, the engine hands them all to :meth:`Adversary.send_round`, since the malicious clients
 collude: the adversary crafts the round's malicious updates at once, from what it knows, before
 :func:`~dipsen.federated.aggregate.validate_update`. The poisoned updates then take exactly the
