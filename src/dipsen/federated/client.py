@@ -217,8 +217,8 @@ class Anchor:
 
     def to(self, device: torch.device) -> Anchor:
         """This anchor with its tensors on ``device``."""
-        move = lambda state: {k: v.to(device) for k, v in state.items()}  # noqa: E731
-        return Anchor(move(self.weights), move(self.scales), self.alpha)
+        weights = {k: v.to(device) for k, v in self.weights.items()}
+        return Anchor(weights, {k: v.to(device) for k, v in self.scales.items()}, self.alpha)
 
     def blend(self, model: nn.Module, loss: Tensor) -> Tensor:
         """``alpha * loss + (1 - alpha) * mean ((w - a) / s)^2`` over ``model``'s trainable weights."""
@@ -266,8 +266,8 @@ def client_update(
     # the proximal term's w_global, copied to the device: a caller may pass the worker model's own state_dict(),
     # whose tensors share memory with the weights being trained and would move with them
     anchor = {k: v.detach().to(device, copy=True) for k, v in global_state.items()} if training.proximal_mu > 0 else {}
-    # calfat's label prior, of all the rows this client trains on (not a batch's): computed here from its own labels only
     pull = None if training.anchor is None else training.anchor.to(device)
+    # calfat's label prior, of all the rows this client trains on (not a batch's): computed here from its own labels only
     log_prior = training.log_prior(y)
     if log_prior is not None:
         log_prior = log_prior.to(device)
