@@ -102,3 +102,40 @@ def test_a_bad_run_folder_config_is_one_line_naming_the_file(dipsen_cli, tmp_pat
     (tmp_path / "config.json").write_text(text)
     code, _, err = dipsen_cli("train", "--resume", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_bar_off_a_terminal_logs_each_new_description_and_otherwise_every_few_seconds():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from dipsen.cli.app import LOG_SECONDS, LoggedProgress, progress_bar
+
+    # rich alone draws a bar off a terminal once, at the end: a log would show nothing until then
+    assert type(progress_bar(on=Console(file=io.StringIO(), force_terminal=True))) is Progress
+    assert type(progress_bar(on=Console(file=io.StringIO(), force_terminal=False))) is LoggedProgress
+    log = io.StringIO()
+    clock = [0.0]
+    bar = LoggedProgress(console=Console(file=log, force_terminal=False, width=200), get_time=lambda: clock[0])
+    with bar:
+        task = bar.add_task("certifying", total=100)
+        for _ in range(10):  # the same description, the clock still: one line
+            bar.advance(task)
+        clock[0] = LOG_SECONDS - 1
+        bar.advance(task)
+        clock[0] = LOG_SECONDS + 1  # a line once the interval has passed
+        bar.advance(task)
+        bar.update(task, description="round 2")  # a new description: a line at once
+        bar.update(task, completed=100)  # finished: a line
+        bar.update(task, completed=100)  # nothing new
+        runs = bar.add_task("grid", total=4)
+        bar.update(runs, description="run 2/4: sign-flip", completed=1.5)
+    logged = [line for line in log.getvalue().splitlines() if "━" not in line]  # the bars drawn at the end aside
+    assert logged == [
+        "certifying  1/100  00:00:00",
+        "certifying  12/100  00:00:31",
+        "round 2  12/100  00:00:31",
+        "round 2  100/100  00:00:31",
+        "run 2/4: sign-flip  38%  00:00:00",
+    ]
