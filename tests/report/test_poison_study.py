@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -88,6 +89,24 @@ def test_merge_reports_finished_studies_of_one_setting_as_one(dipsen_cli, tmp_pa
     assert worst == min(r["final_accuracy"] for r in results["runs"])
     assert "| ipm, f = 0.2 | " in (merged / "poisoning.md").read_text()
     assert results["told_at"] == [0.2] and "probability 0.99 at the largest f (" in (merged / "poisoning.md").read_text()
+
+    # a merged report grows by a merge with a new study, its own runs' folders gone: records taken as they stand
+    third, grown = tmp_path / "third", tmp_path / "reports" / "grown"
+    code, _, err = dipsen_cli(*_study_args(tmp_path, "--attacks", "alie", "--fractions", "0.2", "--out", str(third)))
+    assert code == 0, err
+    shutil.copytree(first, tmp_path / "first-kept")
+    shutil.rmtree(first / "runs")
+    code, _, err = dipsen_cli("poison-study", "--merge", str(merged), "--merge", str(third), "--out", str(grown))
+    assert code == 0, err
+    grew = json.loads((grown / "poisoning.json").read_text())
+    assert [(r["attack"], r["fraction"]) for r in grew["runs"]] == [(None, 0.0), ("sign-flip", 0.2), ("ipm", 0.2), ("alie", 0.2)]
+    assert grew["runs"][:3] == [{**r, "run": "../" + r["run"]} for r in results["runs"]]  # rebased on grown's folder
+    assert grew["runs"][3]["run"] == "../../third/runs/alie-f0.2-median"
+    assert grew["studies"] == ["../../first", "../../second", "../../third"] and grew["told_at"] == [0.2]
+    assert grew["options"]["attacks"] == ["sign-flip", "ipm", "alie"]
+    assert grew["worst_case"][0]["worst"]["accuracy"] == min(r["final_accuracy"] for r in grew["runs"])
+    shutil.rmtree(first)
+    shutil.move(tmp_path / "first-kept", first)
 
     code, _, err = dipsen_cli("poison-study", "--merge", str(first), "--out", str(merged))
     assert code == 2 and "exists and is not empty" in err

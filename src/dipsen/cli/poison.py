@@ -92,8 +92,9 @@ def poison_study_cmd(
     merge: Annotated[
         list[Path] | None,
         typer.Option(
-            help="A finished study folder, repeated: one report in --out of studies of the same settings "
-            "(attacks, defences and f their union; the runs stay where they are). Takes no other flag.",
+            help="A finished study folder, or a report an earlier --merge wrote, repeated: one report in --out of "
+            "studies of the same settings (attacks, defences and f their union; the runs stay where they are). "
+            "Takes no other flag.",
         ),
     ] = None,
 ) -> None:

@@ -64,7 +64,15 @@ from ..federated import RunDir
 from ..federated.aggregate import AGGREGATORS, BYZANTINE_AGGREGATORS, PRE_AGGREGATIONS, min_updates, trim_count
 from ..federated.poisoning import ATTACKS, BACKDOOR_ATTACKS, NAIVE_ATTACKS, malicious_count
 from .render import Block, Heading, Paragraph, Table, to_markdown
-from .reproduce import dataset_for, machine_description, open_output, recorded_options, train_run, training_seconds
+from .reproduce import (
+    OPTIONS_FILE,
+    dataset_for,
+    machine_description,
+    open_output,
+    recorded_options,
+    train_run,
+    training_seconds,
+)
 from .scheduling import Unit, scheduler
 
 DATASETS = ("mnist", "ctu13")
@@ -616,6 +624,18 @@ def _settings(options: dict[str, Any]) -> dict[str, Any]:
     return {**train, "dataset": options["dataset"], "target_accuracy": options["target_accuracy"]}
 
 
+def _merged_report(folder: Path) -> dict[str, Any] | None:
+    """The results of the report in ``folder`` if it is one written by ``--merge`` (no options.json of a
+    study, a poisoning.json of a report); None for a study folder."""
+    file = folder / RESULTS_FILE
+    if (folder / OPTIONS_FILE).exists() or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DipsenError(f"{file}: corrupt: {exc}") from None
+
+
 def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     """One report in ``out`` of the finished ``studies`` (``dipsen poison-study --merge``); poisoning.md's path.
 
@@ -623,8 +643,10 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     variant or a defence added later. The studies must share the data set and every base training
     setting; their attacks, defences and f are the union, in the order first met, and a run of the
     same name in two studies is taken from the first. The runs stay in their studies' folders
-    (``poisoning.json`` records each one's path, relative to ``out``). Refused, before anything is written, if ``out``
-    is not new or empty, or a study is unfinished (resume it first).
+    (``poisoning.json`` records each one's path, relative to ``out``). A source may also be a report
+    written by an earlier merge: its ``poisoning.json`` records are taken as they stand, so a report
+    grows by merging it with new studies after the runs it came from are gone. Refused, before
+    anything is written, if ``out`` is not new or empty, or a study is unfinished (resume it first).
     """
     if out.exists() and any(out.iterdir()):
         raise DipsenError(f"{out} exists and is not empty; choose a new --out folder")
@@ -633,9 +655,11 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     records: dict[str, dict] = {}
     merged: dict[str, Any] | None = None
     told_at: set[float] = set()  # each study's largest f, at which its rules were told the attackers' number
+    studied: list[str] = []
     for study in studies:
-        options = recorded_options(study)
-        told_at.add(max(options["fractions"]))
+        report = _merged_report(study)
+        options = recorded_options(study) if report is None else report["options"]
+        told_at.update([max(options["fractions"])] if report is None else report.get("told_at", [max(options["fractions"])]))
         if merged is None:
             merged = {**options, "attacks": [], "aggregators": [], "fractions": []}
         first, this = _settings(merged), _settings(options)
@@ -643,17 +667,23 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
             raise DipsenError(f"{study} differs from {studies[0]} in {', '.join(differ)}: only studies of one setting merge")
         for key in ("attacks", "aggregators", "fractions"):
             merged[key] = list(dict.fromkeys([*merged[key], *options[key]]))
+        if report is not None:  # its records' and studies' paths are relative to the report: made relative to out
+            for record in report["runs"]:
+                run = os.path.normpath(study / record["run"])
+                records.setdefault(Path(run).name, {**record, "run": run})
+            studied += [os.path.relpath(os.path.normpath(study / s), out) for s in report.get("studies") or [study]]
+            continue
         for run in plan(options):
             folder = study / "runs" / run.name
             if not RunDir(folder).finished():
                 raise DipsenError(f"{study}: run {run.name} is unfinished; finish it first with --resume {study}")
             records.setdefault(run.name, run_record(run, folder, options["target_accuracy"]))
+        studied.append(os.path.relpath(study, out))
     assert merged is not None
     merged["fractions"] = sorted(merged["fractions"])
     order = {name: i for i, name in enumerate(run.name for run in plan(merged))}
     ordered = sorted(records.items(), key=lambda item: order.get(item[0], len(order)))
     out.mkdir(parents=True, exist_ok=True)
-    studied = [os.path.relpath(s, out) for s in studies]
     return _write_report(out, merged, [r for _, r in ordered], 0.0, studies=studied, told_at=sorted(told_at))
 
 
