@@ -32,8 +32,9 @@ Steps 1-3 run per model, one unit each (:mod:`dipsen.report.scheduling`): a mode
 attacked and certified, before the next one; with ``ray_address`` (``--ray-address``) the units are
 Ray tasks that run at once. Step 4 reads the saved files only, whichever way the units ran.
 
-``quick=True`` trains on 2,000-example subsets for 3 rounds and attacks 40 examples with tiny
-budgets: it exercises every step in a few minutes and measures nothing worth reporting.
+``quick=True`` trains on 2,000-example subsets for 3 rounds, watches FAT's robustness on 100 rows,
+and attacks 40 examples with tiny budgets: it exercises every step in a few minutes and measures
+nothing worth reporting.
 
 Resuming (``resume=True``; ``dipsen reproduce --resume OUT``): ``OUT/options.json`` records what the
 study was started with, and a resume must ask for the same. A run folder with final_metrics.json
@@ -78,7 +79,17 @@ from .paper import DATASETS, TASK_VARIANTS
 from .scheduling import OnDone, Unit, scheduler
 
 MODELS = ("cnn", "dipsen")
-QUICK_TRAINING = {"rounds": 3, "clients": 20, "fraction": 0.25, "local_epochs": 1, "train_subset": 2000, "test_subset": 500}
+QUICK_TRAINING = {
+    "rounds": 3,
+    "clients": 20,
+    "fraction": 0.25,
+    "local_epochs": 1,
+    "train_subset": 2000,
+    "test_subset": 500,
+    # FAT's robust monitor at a tenth of its cost (APGD-CE, 10 steps on 100 rows, not 40 on 250), as quick's attacks are
+    "robust_monitor_steps": 10,
+    "robust_monitor_samples": 100,
+}
 OPTIONS_FILE = "options.json"  # in OUT: what the study was started with
 STUDY_FILE = "study.json"  # in each run folder: its study_run result
 CERTIFY_FILE = "certify.json"  # in each certified run folder: its certificate and attacked accuracy
