@@ -64,8 +64,9 @@ def test_a_full_disk_is_one_line_exit_2_and_the_run_resumes(dipsen_cli, monkeypa
     ],
 )
 def test_every_write_of_a_run_fails_in_one_line_and_leaves_no_partial_file(mnist, monkeypatch, tmp_path, name, what):
-    # a robust target makes the run keep best_robust.pt; 0.99 is never reached in 2 rounds
-    cfg = TrainConfig(rounds=2, target_robust_accuracy=0.99, adv_eps=0.1, **TINY).validate()
+    # a robust target makes the run keep best_robust.pt; 0.99 is never reached in 2 rounds; a small monitor suffices
+    monitor = dict(robust_monitor_steps=2, robust_monitor_samples=20)
+    cfg = TrainConfig(rounds=2, target_robust_accuracy=0.99, adv_eps=0.1, **monitor, **TINY).validate()
     run = RunDir.create(tmp_path, cfg)
     _full_disk(monkeypatch, name)
     with pytest.raises(DipsenError) as error:
