@@ -659,7 +659,8 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     for study in studies:
         report = _merged_report(study)
         options = recorded_options(study) if report is None else report["options"]
-        told_at.update([max(options["fractions"])] if report is None else report.get("told_at", [max(options["fractions"])]))
+        # a report lists the f of each study it merged; a study (or a report from before told_at) its largest f
+        told_at.update((report or {}).get("told_at") or [max(options["fractions"])])
         if merged is None:
             merged = {**options, "attacks": [], "aggregators": [], "fractions": []}
         first, this = _settings(merged), _settings(options)
@@ -671,7 +672,8 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
             for record in report["runs"]:
                 run = os.path.normpath(study / record["run"])
                 records.setdefault(Path(run).name, {**record, "run": run})
-            studied += [os.path.relpath(os.path.normpath(study / s), out) for s in report.get("studies") or [study]]
+            sources = [study / s for s in report["studies"]] if report.get("studies") else [study]
+            studied += [os.path.relpath(os.path.normpath(s), out) for s in sources]
             continue
         for run in plan(options):
             folder = study / "runs" / run.name
