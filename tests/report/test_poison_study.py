@@ -118,6 +118,8 @@ def test_merge_reports_finished_studies_of_one_setting_as_one(dipsen_cli, tmp_pa
     (second / "runs" / "ipm-f0.2-median" / "final_metrics.json").unlink()
     code, _, err = dipsen_cli("poison-study", "--merge", str(second), "--out", str(tmp_path / "m3"))
     assert code == 2 and "run ipm-f0.2-median is unfinished" in err and not (tmp_path / "m3").exists()
+    code, _, err = dipsen_cli("poison-study", "--merge", str(tmp_path / "none"), "--out", str(tmp_path / "m5"))
+    assert code == 2 and "none: not a poison-study folder or report" in err and not (tmp_path / "m5").exists()
     code, _, err = dipsen_cli("poison-study", "--merge", str(first), "--rounds", "3", "--out", str(tmp_path / "m4"))
     assert code == 2 and "--merge takes only --out, not --rounds" in err
 

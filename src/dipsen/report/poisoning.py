@@ -657,6 +657,8 @@ def merge_studies(out: Path, studies: Sequence[Path]) -> Path:
     told_at: set[float] = set()  # each study's largest f, at which its rules were told the attackers' number
     studied: list[str] = []
     for study in studies:
+        if not (study / OPTIONS_FILE).is_file() and not (study / RESULTS_FILE).is_file():
+            raise DipsenError(f"{study}: not a poison-study folder or report (no {OPTIONS_FILE} or {RESULTS_FILE})")
         report = _merged_report(study)
         options = recorded_options(study) if report is None else report["options"]
         # a report lists the f of each study it merged; a study (or a report from before told_at) its largest f
