@@ -9,7 +9,15 @@ import pytest
 
 from dipsen.attack import AttackResult, AttackSetup, Budget, RobustnessEvaluation, worst_case_accuracy
 from dipsen.attack import study as study_module
-from dipsen.attack.study import StudySettings, converged, doubling_converged, recorded_survivors, study_run, sweep_verdict
+from dipsen.attack.study import (
+    StudySettings,
+    at_chance,
+    converged,
+    doubling_converged,
+    recorded_survivors,
+    study_run,
+    sweep_verdict,
+)
 
 
 def _result(single: list[bool], setup: AttackSetup | None = None) -> AttackResult:
@@ -115,6 +123,18 @@ def test_reevaluating_a_prefix_predicts_exactly_as_a_run_limited_to_it(dipsen_ru
     for rule in ("single", "mc"):
         np.testing.assert_array_equal(again.correct[rule], limited.correct[rule])
         assert again.accuracy(rule) == limited.accuracy(rule)
+
+
+def test_at_chance_is_the_sweep_verdicts_majority_rule_on_the_best_clean_rule():
+    def study(single: float, mc: float | None = None, chance: float | None = 0.69) -> dict:
+        metrics = {"single": {"accuracy": single}} | ({} if mc is None else {"mc": {"accuracy": mc}})
+        return {"clean": {"metrics": metrics}} | ({} if chance is None else {"chance": chance})
+
+    assert at_chance(study(0.69)) and at_chance(study(0.78))  # within NEAR_ZERO (0.1) of the majority rate
+    assert not at_chance(study(0.80))
+    assert not at_chance(study(0.75, mc=0.85))  # the better rule decides: the mean of draws is above
+    assert not at_chance(study(0.5, chance=None))  # a study saved before the rate was recorded
+    assert sweep_verdict([0.78, 0.5], 0.5, chance=0.69).startswith("no verdict")  # the same rule
 
 
 def test_sweep_verdict_requires_accuracy_near_zero_not_near_chance():

@@ -536,3 +536,28 @@ def test_a_study_saved_before_the_clean_error_fix_shows_its_worst_case_as_an_upp
     assert f"| — / **0.902** | {cell} / {cell} |" in text  # summary: the old figure, marked, with its interval
     assert "| worst case | all attacks above (mean of 2) |" in text and f" | {cell} |  |" in text
     assert NOTE in text and "computed before the clean-error fix" in NOTE.lower()
+
+
+def test_a_model_at_the_majority_class_rate_is_named_and_left_out_of_the_comparison(tmp_path):
+    """The committed study's SOCOFing gender DiPSeN answers "male" for every image: its 0.695 is not robustness."""
+    from pathlib import Path
+
+    from dipsen.attack.study import at_chance
+
+    results = json.loads((Path(__file__).parents[2] / "docs" / "study-2026-12-07" / "results.json").read_text())
+    studies = results["studies"]
+    assert at_chance(studies["socofing-gender/dipsen"]) and at_chance(studies["socofing-gender/cnn"])
+    assert not any(at_chance(studies[f"{d}/dipsen"]) for d in ("mnist", "socofing", "ctu13"))
+    text = build_report(results, tmp_path).read_text()
+    survives = text.split("## What survives")[1].split("\n## ")[0]
+    (gender,) = [line for line in survives.splitlines() if line.startswith("- SOCOFing (gender):")]
+    assert "but DiPSeN is near the majority-class rate (0.69) before any attack" in gender
+    assert "measured advantage" not in gender
+    (mnist,) = [line for line in survives.splitlines() if line.startswith("- MNIST:")]
+    assert "measured advantage" in mnist and "majority-class rate" not in mnist
+    defences = text.split("## Defences compared")[1].split("\n## ")[0]
+    (reading,) = [line for line in defences.splitlines() if line.startswith("- SOCOFing (gender):")]
+    assert "CNN (no defence), DiPSeN are near the majority-class rate before any attack" in reading
+    assert "keeps the most" not in reading and "No defence keeps more" not in reading
+    (ctu,) = [line for line in defences.splitlines() if line.startswith("- CTU-13:")]
+    assert "majority-class rate" not in ctu and "keeps the most" in ctu

@@ -375,6 +375,18 @@ def _sweep(trained: TrainedRun, settings: StudySettings, progress: ProgressFacto
     return out
 
 
+def at_chance(study: dict) -> bool:
+    """True when a studied model is near the majority-class rate before any attack (its best clean rule).
+
+    Such a model (one that answers the majority class for nearly every input, say) keeps that rate
+    under any attack that cannot move its answer: a figure of the majority class, not robustness.
+    The same rule as :func:`sweep_verdict`'s "no verdict".
+    """
+    chance = study.get("chance")  # absent from studies saved before the majority-class rate was recorded
+    clean = study["clean"]["metrics"]
+    return chance is not None and max(rule["accuracy"] for rule in clean.values()) <= chance + NEAR_ZERO
+
+
 def sweep_verdict(accuracies: list[float], largest_eps: float, chance: float, domain_limit: float | None = None) -> str:
     """'working' when an untargeted attack leaves accuracy near 0 at the largest eps; otherwise failing.
 

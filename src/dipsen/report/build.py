@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..attack.study import doubling_converged
+from ..attack.study import at_chance, doubling_converged
 from . import plots
 from .certified import certified_section
 from .defences import DEFENCES, PAPER_MODELS, STUDIED_MODELS, defences_section
@@ -265,7 +265,12 @@ def _verdicts(studies: dict, datasets: list[str], n: int) -> list[Block]:
         else:
             verdict += "so the saved figures cannot tell whether adaptive attacks lower it by more than 0.05"
         cnn = _study(studies, dataset, "cnn")
-        if cnn:
+        if at_chance(study):
+            verdict += (
+                f"; but DiPSeN is near the majority-class rate ({study['chance']:.2f}) before any attack, so these "
+                "figures are the majority class's, not robustness"
+            )
+        elif cnn:
             verdict += (
                 f"; the undefended CNN under every attack: {worst_case(cnn, 'mc')}, so DiPSeN's "
                 f"measured advantage is {_difference(adaptive, worst_case(cnn, 'mc'))}"

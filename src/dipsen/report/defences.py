@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..attack.study import NEAR_ZERO, doubling_converged
+from ..attack.study import NEAR_ZERO, at_chance, doubling_converged
 from ..federated.engine import COLLAPSE_MIN_BEST
 from . import plots
 from .paper import DATASET_NAMES, DATASETS
@@ -348,25 +348,37 @@ def _reading(dataset: str, rows: list[_Row], seconds: dict, eps: float, n: int) 
     if not attacked:
         return f"{name}: no model attacked."
     worst = {row.label: worst_case(row.study, "mc") for row in attacked if row.study}
-    cnn = next((row for row in attacked if row.label == f"{dataset}/cnn"), None)
-    best = max(attacked, key=lambda row: worst[row.label].hi)  # the first of equals: the CNN before any defence
     listed = ", ".join(f"{row.name} {worst[row.label]}" for row in attacked)
     line = f"{name}: worst case at eps {eps:g} (mean of {n}): {listed}. "
-    # ordered by upper bounds: certain only where the best one's interval lies above every other's
-    certain = all(worst[best.label].lo >= worst[row.label].hi for row in attacked if row is not best)
-    hedge = "" if certain else f" by the upper bounds ({MARK}: the intervals overlap, so this is not certain)"
-    if cnn is not None and best is cnn:
-        line += f"No defence keeps more worst-case accuracy than the undefended CNN{hedge}."
-    else:
-        assert best.study is not None
-        line += f"{best.name} keeps the most{hedge}, at clean accuracy {_acc(best.study['clean'], 'mc'):.3f} (mean of {n})"
-        if cnn is not None and cnn.study is not None:
-            line += f" against the CNN's {_acc(cnn.study['clean'], 'mc'):.3f}"
-        if seconds.get(best.label) and seconds.get(f"{dataset}/cnn"):
-            line += f", for {seconds[best.label] / seconds[f'{dataset}/cnn']:.2f} times the CNN's training time"
-        line += "."
-        if sweep_check(best.study)[1]:
-            line += " Its attack checks fail (see the last column): this figure may be gradient masking, not robustness."
+    chance = [row for row in attacked if row.study and at_chance(row.study)]
+    if chance:
+        names = ", ".join(row.name for row in chance)
+        one = len(chance) == 1
+        line += (
+            f"{names} {'is' if one else 'are'} near the majority-class rate before any attack: "
+            f"{'its' if one else 'their'} figures say nothing of robustness, and {'it is' if one else 'they are'} "
+            "left out of the comparison."
+        )
+        attacked = [row for row in attacked if row not in chance]
+    if attacked:  # the comparison, among the models that are not at the majority-class rate
+        line += " " if chance else ""
+        cnn = next((row for row in attacked if row.label == f"{dataset}/cnn"), None)
+        best = max(attacked, key=lambda row: worst[row.label].hi)  # the first of equals: the CNN before any defence
+        # ordered by upper bounds: certain only where the best one's interval lies above every other's
+        certain = all(worst[best.label].lo >= worst[row.label].hi for row in attacked if row is not best)
+        hedge = "" if certain else f" by the upper bounds ({MARK}: the intervals overlap, so this is not certain)"
+        if cnn is not None and best is cnn:
+            line += f"No defence keeps more worst-case accuracy than the undefended CNN{hedge}."
+        else:
+            assert best.study is not None
+            line += f"{best.name} keeps the most{hedge}, at clean accuracy {_acc(best.study['clean'], 'mc'):.3f} (mean of {n})"
+            if cnn is not None and cnn.study is not None:
+                line += f" against the CNN's {_acc(cnn.study['clean'], 'mc'):.3f}"
+            if seconds.get(best.label) and seconds.get(f"{dataset}/cnn"):
+                line += f", for {seconds[best.label] / seconds[f'{dataset}/cnn']:.2f} times the CNN's training time"
+            line += "."
+            if sweep_check(best.study)[1]:
+                line += " Its attack checks fail (see the last column): this figure may be gradient masking, not robustness."
     smoothed = [row for row in rows if row.study is None and row.certificate]
     if smoothed:
         radius = CERTIFIED_RADII[0]
