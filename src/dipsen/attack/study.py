@@ -375,16 +375,21 @@ def _sweep(trained: TrainedRun, settings: StudySettings, progress: ProgressFacto
     return out
 
 
+def near_majority(accuracy: float, chance: float) -> bool:
+    """True when ``accuracy`` is within :data:`NEAR_ZERO` of (or below) the majority-class rate ``chance``."""
+    return accuracy <= chance + NEAR_ZERO
+
+
 def at_chance(study: dict) -> bool:
     """True when a studied model is near the majority-class rate before any attack (its best clean rule).
 
     Such a model (one that answers the majority class for nearly every input, say) keeps that rate
     under any attack that cannot move its answer: a figure of the majority class, not robustness.
-    The same rule as :func:`sweep_verdict`'s "no verdict".
+    The same rule (:func:`near_majority`) as :func:`sweep_verdict`'s "no verdict".
     """
     chance = study.get("chance")  # absent from studies saved before the majority-class rate was recorded
     clean = study["clean"]["metrics"]
-    return chance is not None and max(rule["accuracy"] for rule in clean.values()) <= chance + NEAR_ZERO
+    return chance is not None and near_majority(max(rule["accuracy"] for rule in clean.values()), chance)
 
 
 def sweep_verdict(accuracies: list[float], largest_eps: float, chance: float, domain_limit: float | None = None) -> str:
@@ -395,7 +400,7 @@ def sweep_verdict(accuracies: list[float], largest_eps: float, chance: float, do
     verdict, as what the feasible domain keeps out of the attack's reach; it never turns a high
     accuracy into a pass, since a weak attack would show the same.
     """
-    if accuracies[0] <= chance + NEAR_ZERO:
+    if near_majority(accuracies[0], chance):
         return f"no verdict: the model is near the majority-class rate ({chance:.2f}) before any attack"
     if accuracies[-1] <= NEAR_ZERO:
         return f"working: accuracy falls to {accuracies[-1]:.2f} at eps {largest_eps:g}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..attack.study import NEAR_ZERO, at_chance, doubling_converged
+from ..attack.study import NEAR_ZERO, at_chance, doubling_converged, near_majority
 from ..federated.engine import COLLAPSE_MIN_BEST
 from . import plots
 from .paper import DATASET_NAMES, DATASETS
@@ -121,7 +121,7 @@ def sweep_check(study: dict) -> tuple[str, bool]:
     sweep = study["sweep"]
     curve = sweep.get("adaptive", sweep["single-draw"])
     accuracies, largest = curve["mc"], sweep["eps"][-1]
-    if accuracies[0] <= sweep["chance"] + NEAR_ZERO:
+    if near_majority(accuracies[0], sweep["chance"]):
         words, failed = "eps sweep: no verdict (near the majority class before any attack)", False
     elif accuracies[-1] <= NEAR_ZERO:
         words, failed = f"eps sweep falls to {accuracies[-1]:.2f} at eps {largest:g}", False
