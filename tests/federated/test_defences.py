@@ -5,8 +5,17 @@ import pytest
 import torch
 from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum
 
-from dipsen.federated.aggregate import Aggregation, Updates, aggregate, krum_scores, multi_krum_selection, squared_distances
+from dipsen.federated.aggregate import (
+    Aggregation,
+    Updates,
+    aggregate,
+    aggregate_round,
+    krum_scores,
+    multi_krum_selection,
+    squared_distances,
+)
 from dipsen.federated.aggregate.dnc import dnc
+from dipsen.federated.aggregate.flame import flame_admitted
 from dipsen.federated.aggregate.pre import bucketing, nnm
 
 
@@ -169,3 +178,39 @@ def test_gram_krum_selects_what_flowers_aggregate_krum_selects(seed):
     assert np.allclose(rows[multi].mean(axis=0), aggregate_krum(results, num_malicious=f, to_keep=n - f)[0], rtol=1e-13)
     bulyan = _aggregate(rows, Aggregation("bulyan", byzantine=f))
     assert np.array_equal(bulyan, aggregate_bulyan(results, num_malicious=f, aggregation_rule=aggregate_krum, to_keep=0)[0])
+
+
+# --- what the filtering rules admit --------------------------------------------------------------
+
+
+def _admitted(rows, spec: Aggregation) -> list[int] | None:
+    rows = np.asarray(rows, dtype=np.float64)
+    return aggregate_round(_states(rows), [1] * len(rows), _origin(rows.shape[1]), spec, noise_seed=0)[1]
+
+
+def test_each_filtering_rule_says_which_updates_it_admitted_and_the_others_none():
+    rng = np.random.default_rng(3)
+    rows = np.vstack([rng.normal(1.0, 0.01, (8, 6)), np.full(6, -40.0), np.tile([40.0, -40.0], 3)])  # outliers 8, 9
+    honest = list(range(8))
+    for rule in ("multi-krum", "dnc"):
+        assert _admitted(rows, Aggregation(rule, byzantine=2)) == honest
+    assert _admitted(rows, Aggregation("krum", byzantine=2))[0] in honest
+    assert len(_admitted(rows, Aggregation("krum", byzantine=2))) == 1
+    assert _admitted(rows, Aggregation("bulyan", byzantine=1)) == honest  # n - 2f = 8 Krum picks, all honest
+    flame = _admitted(rows, Aggregation("flame", flame_lambda=0.0))  # HDBSCAN's largest cluster (test_flame.py)
+    assert flame == flame_admitted(rows).tolist() and set(flame) <= set(honest)
+    for rule in ("fedavg", "median", "trimmed-mean", "centered-clipping"):
+        assert _admitted(rows, Aggregation(rule)) is None
+    # a pre-aggregation's vectors are mixtures, not clients' updates: nothing to name
+    assert _admitted(rows, Aggregation("multi-krum", byzantine=1, pre_aggregation="bucketing")) is None
+
+
+def test_fltrust_admits_the_updates_of_positive_trust():
+    e1, e2 = np.eye(2)
+
+    def server_update(state, seed):
+        return {"w": state["w"] + torch.tensor(2 * e1, dtype=torch.float64)}
+
+    spec = Aggregation("fltrust", server_update=server_update)
+    assert _admitted([3 * e1, e1 + e2, e2, -7 * e1], spec) == [0, 1]  # orthogonal and opposite: trust 0
+    assert _admitted([-e1, e2], spec) == []

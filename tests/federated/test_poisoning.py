@@ -261,6 +261,15 @@ def test_the_engine_aggregates_what_the_malicious_clients_send(mnist, tmp_path, 
     assert run.metrics()[0]["steps"] == sum(epochs * math.ceil(n / batch) for n in counts)
 
 
+def test_the_engine_records_which_clients_a_filtering_rule_admitted(mnist, tmp_path):
+    """Multi-Krum told f = 2 against two sign-flippers: metrics.jsonl names the 8 honest clients; FedAvg names none."""
+    attack = {"malicious_fraction": 0.2, "malicious_attack": "sign-flip"}
+    job, run, _ = _captured_round(mnist, tmp_path / "krum", aggregator="multi-krum", byzantine=2, **attack)
+    assert run.metrics()[0]["admitted"] == sorted(set(range(10)) - job.adversary.clients)
+    _, run, _ = _captured_round(mnist, tmp_path / "avg", **attack)
+    assert run.metrics()[0]["admitted"] is None
+
+
 # --- the global step under attack ---------------------------------------------------------------
 
 

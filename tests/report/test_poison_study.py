@@ -479,3 +479,30 @@ def test_a_merge_of_studies_told_at_different_f_says_so():
 
     assert _told_at({}) == "the largest f" and _told_at({"told_at": [0.2]}) == "the largest f"
     assert "merged studies': 0.1, 0.2;" in _told_at({"told_at": [0.1, 0.2]})
+
+
+def test_admission_counts_the_malicious_updates_let_in_and_the_honest_left_out_in_the_attack_window():
+    from dipsen.report.poisoning import admission, report_blocks
+    from dipsen.report.render import to_markdown
+
+    def round_(number, clients, admitted, rejected=()):
+        return {"round": number, "clients": clients, "admitted": admitted, "rejected": [{"client": c} for c in rejected]}
+
+    history = [
+        round_(1, [1, 2, 3, 4], [1, 2, 3]),  # malicious 1 admitted, 4 left out; honest 2 and 3 admitted
+        round_(2, [1, 2, 5, 6], [2, 5], rejected=[6]),  # 6's update was invalid: not counted; malicious 1 left out
+        round_(3, [1, 2, 3, 4], [2]),  # outside a 1-2 window
+        {"round": 4, "clients": [1, 2], "admitted": None, "rejected": []},  # a rule that filters nothing
+    ]
+    assert admission(history, {1, 4}, None) == {"malicious_admitted": 1 / 5, "honest_rejected": 1 / 6}
+    assert admission(history, {1, 4}, "1-2") == {"malicious_admitted": 1 / 3, "honest_rejected": 0.0}
+    assert admission(history, set(), None) == {"malicious_admitted": None, "honest_rejected": 5 / 11}
+    assert admission(history[3:], {1}, None) is None
+
+    records = [
+        {**_record(None, 0.0, "dnc", 0.95), "admission": {"malicious_admitted": None, "honest_rejected": 0.4}},
+        {**_record("alie", 0.2, "dnc", 0.93), "admission": {"malicious_admitted": 0.25, "honest_rejected": 0.35}},
+        {**_record("alie", 0.2, "median", 0.92), "admission": None},
+    ]
+    text = to_markdown(report_blocks({**_backdoor_results(records), "worst_case": []}))
+    assert "| no attack (f = 0) | – / 0.40 |" in text and "| alie, f = 0.2 | 0.25 / 0.35 |" in text

@@ -114,7 +114,7 @@ from ..metrics import evaluate_model, predict_labels
 from ..models import build_model, calibrate_noise, prediction_rule
 from ..partition import partition, summarize
 from .adversarial import RobustMonitor
-from .aggregate import Aggregation, aggregate, min_updates, root_rows, server_counts, validate_report, validate_update
+from .aggregate import Aggregation, aggregate_round, min_updates, root_rows, server_counts, validate_report, validate_update
 from .client import ClientUpdate, LocalTraining, StateDict, client_update
 from .poisoning import adversary
 from .poisoning.backdoor import attack_success_rate, backdoor_trigger, triggered_test_rows
@@ -181,6 +181,9 @@ class RoundResult:
     robust_monitor: str | None = None  # the attack behind robust_accuracy, e.g. "apgd-ce-40, 250 validation rows"
     # a backdoor attack's success rate: the share of triggered test rows not of the target class predicted as it
     attack_success_rate: float | None = None
+    # the clients whose updates a filtering rule (krum, multi-krum, bulyan, dnc, flame, fltrust) admitted into the
+    # new weights; None for the rules that weigh every update, after a pre-aggregation, and in a client-DP run
+    admitted: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -616,7 +619,9 @@ class FederatedTraining:
         need = min_updates(spec.rule, spec.byzantine, spec.pre_aggregation, spec.bucket_size)
         enough = (bool(updates) or spec.noise_multiplier is not None) and len(updates) >= need
         noise_seed = secret_dp.noise_seed() if secret_dp else derive_seed(self.config.seed, _CLIENT_DP, round_)
-        new_state = aggregate([u.state for u in updates], counts, global_state, spec, noise_seed) if enough else global_state
+        new_state, admitted = global_state, None
+        if enough:
+            new_state, admitted = aggregate_round([u.state for u in updates], counts, global_state, spec, noise_seed)
         self.model.load_state_dict(new_state)
         trained = time.perf_counter()
         evaluated = self.evaluates(round_)
@@ -647,6 +652,7 @@ class FederatedTraining:
             client_dp_epsilon=None if self.client_dp is None else self.client_dp.epsilon(round_),
             lr=lr,
             attack_success_rate=success,
+            admitted=None if admitted is None or secret else [valid_clients[i] for i in admitted],
         )
         return new_state, result
 

@@ -24,8 +24,8 @@ against) and the adaptive attacks' worst (those built against them).
 Writes into ``out``: ``options.json`` (what the study was started with), ``runs/NAME`` (one run
 folder per grid point, NAME = ``ATTACK-fF-DEFENCE``, ``none-f0-DEFENCE`` for f = 0),
 ``poisoning.json`` (per run: final and best test accuracy, the rounds to reach
-``target_accuracy`` if one is given, every round's test accuracy and its test rows, the run folder
-relative to ``out``; the worst case per defence and f), ``poisoning.md`` (the worst-case table, then final test accuracy: rows
+``target_accuracy`` if one is given, every round's test accuracy and its test rows, what a filtering
+rule admitted (:func:`admission`), the run folder relative to ``out``; the worst case per defence and f), ``poisoning.md`` (the worst-case table, then final test accuracy: rows
 attack x f, the attack-free row first; columns defences), ``poisoning-heatmap.png`` (defence x
 attack, one panel per f, each defence's worst boxed), ``poisoning.png`` (test accuracy against
 round, one panel per attack at the largest f, one line per defence, the attack-free runs dashed)
@@ -352,9 +352,41 @@ def run_record(run: PoisonRun, folder: Path, target: float | None) -> dict[str, 
         "backdoor_target": run.config.backdoor_target,
         "recall": {c["class"]: c["recall"] for c in final.get("per_class", [])},  # clean, per class
         "rejected_updates": sum(len(r["rejected"]) for r in history),
+        "admission": admission(history, set((info.get("malicious") or {}).get("clients", [])), run.config.backdoor_rounds),
         "seconds": training_seconds(folder),
         "run": str(folder),
     }
+
+
+def admission(history: list[dict], malicious: set[int], window: str | None) -> dict[str, float | None] | None:
+    """What a filtering rule let in, over the rounds it recorded ``admitted`` in (and the attack window's, if any):
+    ``malicious_admitted``, the share of the malicious clients' valid updates it admitted, and ``honest_rejected``,
+    the share of the honest clients' valid updates it left out (None where there were none). None for a run whose
+    rule admits or rejects no update (FedAvg, median, trimmed mean, centered clipping) or that predates the record."""
+    first, last = (1, len(history)) if window is None else map(int, window.split("-"))
+    sent, kept = {True: 0, False: 0}, {True: 0, False: 0}
+    for r in history:
+        if r.get("admitted") is None or r["clients"] is None or not first <= r["round"] <= last:
+            continue
+        refused, admitted = {x["client"] for x in r["rejected"]}, set(r["admitted"])
+        for client in r["clients"]:
+            if client not in refused:
+                sent[client in malicious] += 1
+                kept[client in malicious] += client in admitted
+    if not sent[True] + sent[False]:
+        return None
+    return {
+        "malicious_admitted": kept[True] / sent[True] if sent[True] else None,
+        "honest_rejected": (sent[False] - kept[False]) / sent[False] if sent[False] else None,
+    }
+
+
+def _admission_cell(record: dict) -> str:
+    share = record.get("admission")
+    if share is None:
+        return ""
+    malicious, honest = share["malicious_admitted"], share["honest_rejected"]
+    return f"{'–' if malicious is None else f'{malicious:.2f}'} / {'–' if honest is None else f'{honest:.2f}'}"
 
 
 def _naive(attack: str) -> bool:
@@ -812,6 +844,13 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
             "window (the first tenth of the run, at least 2 rounds, left out)"
         )
         blocks += [Table(headers, rows, caption=caption), Paragraph(f"![attack success rate against round]({SUCCESS_PLOT_FILE})")]
+    if filtered := [r for r in records if r.get("admission") is not None]:
+        headers, rows = table_rows(filtered, _admission_cell)
+        caption = (
+            "the filtering rules' admissions: the share of the malicious clients' valid updates the rule admitted / the "
+            "share of the honest clients' valid updates it left out, over every round (a backdoor's: its attack window)"
+        )
+        blocks.append(Table(headers, rows, caption=caption))
     if options["target_accuracy"] is not None:
         target = options["target_accuracy"]
         headers, rows = table_rows(records, lambda r: "never" if r["rounds_to_target"] is None else str(r["rounds_to_target"]))

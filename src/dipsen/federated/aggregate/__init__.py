@@ -13,7 +13,10 @@ counts (:func:`server_counts`), which then:
    ``bulyan``; :mod:`.clipping`: ``centered-clipping`` (Karimireddy et al. 2021); :mod:`.trust`:
    ``fltrust`` (Cao et al. 2021); :mod:`.dnc`: ``dnc`` (Shejwalkar & Houmansadr 2021); :mod:`.flame`:
    ``flame`` (Nguyen et al. 2022, against backdoors). Each
-   module gives its rule's math, defaults and sources.
+   module gives its rule's math, defaults and sources. The filtering rules (:data:`FILTERING_RULES`)
+   also name the updates they admitted (:func:`aggregate_round`): the engine records them per round
+   (``admitted`` in metrics.jsonl), and the poisoning study turns them into the share of malicious
+   updates each rule let in.
 
 Median, trimmed mean and Bulyan's median are Flower's functions (``flwr.server.strategy.aggregate``);
 the Krum family's selections are ours, from one Gram matrix, and agree with Flower's. All arithmetic
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from ..client import StateDict
-from .base import Aggregation, Rule, Updates, unflatten
+from .base import Admitted, Aggregation, Rule, Updates, unflatten
 from .classical import cap_shares, fedavg, median, server_counts, trim_count, trimmed_mean, weighted_mean
 from .clipping import centered_clipping, clip_update
 from .dnc import dnc
@@ -47,12 +50,14 @@ from .validation import MAX_STEP_NORM_RATIO, validate_report, validate_update
 __all__ = [
     "AGGREGATORS",
     "BYZANTINE_AGGREGATORS",
+    "FILTERING_RULES",
     "MAX_STEP_NORM_RATIO",
     "PRE_AGGREGATIONS",
     "RULES",
     "Aggregation",
     "Updates",
     "aggregate",
+    "aggregate_round",
     "cap_shares",
     "clip_update",
     "fedavg",
@@ -80,6 +85,8 @@ RULES: dict[str, Rule] = {
     "flame": flame,
 }
 AGGREGATORS = tuple(RULES)  # the names, in the registry's order
+# the rules that admit some updates and leave the others out (aggregate_round names those they admitted)
+FILTERING_RULES = ("krum", "multi-krum", "bulyan", "dnc", "flame", "fltrust")
 BYZANTINE_AGGREGATORS = ("krum", "multi-krum", "bulyan", "dnc")  # the rules told f (``byzantine``)
 _PRE: dict[str, Callable[[Updates, Aggregation, int | None], np.ndarray]] = {"bucketing": bucketing, "nnm": nnm}
 PRE_AGGREGATIONS = ("none", *_PRE)
@@ -118,7 +125,20 @@ def aggregate(
     spec: Aggregation,
     noise_seed: int | None = None,
 ) -> StateDict:
-    """The new global weights from the round's valid ``states`` under ``spec``; each key keeps its dtype.
+    """The new global weights from the round's valid ``states`` under ``spec``: :func:`aggregate_round`'s first half."""
+    return aggregate_round(states, counts, global_state, spec, noise_seed)[0]
+
+
+def aggregate_round(
+    states: Sequence[StateDict],
+    counts: Sequence[int],
+    global_state: StateDict,
+    spec: Aggregation,
+    noise_seed: int | None = None,
+) -> tuple[StateDict, list[int] | None]:
+    """The new global weights from the round's valid ``states`` under ``spec`` (each key keeps its dtype), and the
+    indices of the states the rule admitted into them: None where the rule admits or rejects none (FedAvg, median,
+    trimmed mean, centered clipping, client-level DP) or sees mixtures, not states (a pre-aggregation).
 
     ``counts`` are the server's sample counts (:func:`server_counts`). Clip (``spec.clip_norm``),
     pre-aggregate (``spec.pre_aggregation``), then the rule (``spec.rule``, a key of :data:`RULES`):
@@ -137,7 +157,7 @@ def aggregate(
         plain = spec.rule == "fedavg" and spec.pre_aggregation == "none"
         if not plain or spec.clip_norm is None or spec.sampled is None or noise_seed is None:
             raise ValueError("client-level DP needs the fedavg rule, no pre-aggregation, clip_norm, sampled and a noise_seed")
-        return private_mean(states, global_state, spec.clip_norm, spec.sampled, spec.noise_multiplier, noise_seed)
+        return private_mean(states, global_state, spec.clip_norm, spec.sampled, spec.noise_multiplier, noise_seed), None
     if not states:
         raise ValueError("aggregate needs at least one client update")
     if spec.rule not in RULES or spec.pre_aggregation not in PRE_AGGREGATIONS:
@@ -151,9 +171,13 @@ def aggregate(
     if spec.pre_aggregation != "none":
         updates = updates.mixed(_PRE[spec.pre_aggregation](updates, spec, noise_seed))
     result = RULES[spec.rule](updates, spec, noise_seed)
+    named = spec.rule in FILTERING_RULES and spec.pre_aggregation == "none"  # a mixture is no client's update
     if isinstance(result, list):
         chosen = [updates.states[i] for i in result]
         mean = fedavg(chosen, cap_shares([updates.counts[i] for i in result], spec.max_client_weight))
-        return {key: _restore(mean[key].double(), reference) for key, reference in global_state.items()}
-    new = unflatten(np.asarray(result, dtype=np.float64), global_state)
-    return {key: _restore(new[key], reference) for key, reference in global_state.items()}
+        restored = {key: _restore(mean[key].double(), reference) for key, reference in global_state.items()}
+        return restored, result if named else None
+    admitted = result.indices if isinstance(result, Admitted) and named else None
+    weights = result.weights if isinstance(result, Admitted) else result
+    new = unflatten(np.asarray(weights, dtype=np.float64), global_state)
+    return {key: _restore(new[key], reference) for key, reference in global_state.items()}, admitted

@@ -96,6 +96,20 @@ def generator(seed: int | None, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, purpose])
 
 
-# a rule: the round's updates, the settings and the round's seed -> the new weights, flattened, or
-# the indices of the updates to average with the server's (capped) FedAvg weights
-Rule = Callable[[Updates, Aggregation, int | None], np.ndarray | list[int]]
+@dataclass(frozen=True)
+class Admitted:
+    """A filtering rule's new weights (flattened) and the updates it let into them, as indices of the round's updates.
+
+    Krum admits its one pick, Bulyan its n - 2f Krum picks (each coordinate then averages some of them),
+    FLAME its largest cluster, FLTrust the updates of positive trust. The rules that weigh every update
+    (FedAvg, median, trimmed mean, centered clipping) admit or reject none and return plain weights.
+    """
+
+    weights: np.ndarray
+    indices: list[int]
+
+
+# a rule: the round's updates, the settings and the round's seed -> the new weights, flattened; the
+# indices of the updates to average with the server's (capped) FedAvg weights (Multi-Krum, DnC); or
+# the new weights with the updates they admitted (Admitted)
+Rule = Callable[[Updates, Aggregation, int | None], np.ndarray | list[int] | Admitted]

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import DNC, Aggregation, Updates, generator
+from .base import DNC, Admitted, Aggregation, Updates, generator
 
 
-def dnc(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray | list[int]:
-    """The indices of the updates every iteration keeps (see the module), or w if none is kept by all."""
+def dnc(updates: Updates, spec: Aggregation, seed: int | None) -> list[int] | Admitted:
+    """The indices of the updates every iteration keeps (see the module), or w, admitting none, if none is kept by all."""
     steps, rng = updates.steps, generator(seed, DNC)
     n, d = steps.shape
     good = np.ones(n, dtype=bool)
@@ -33,4 +33,4 @@ def dnc(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray | l
         kept = np.zeros(n, dtype=bool)
         kept[np.argsort(scores, kind="stable")[: n - spec.byzantine]] = True
         good &= kept
-    return np.flatnonzero(good).tolist() if good.any() else updates.origin
+    return np.flatnonzero(good).tolist() if good.any() else Admitted(updates.origin, [])

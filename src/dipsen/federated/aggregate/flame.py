@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import FLAME, Aggregation, Updates, generator
+from .base import FLAME, Admitted, Aggregation, Updates, generator
 
 
 def flame_admitted(weights: np.ndarray) -> np.ndarray:
@@ -42,7 +42,7 @@ def flame_admitted(weights: np.ndarray) -> np.ndarray:
     return np.flatnonzero(labels == np.bincount(clusters).argmax())
 
 
-def flame(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray:
+def flame(updates: Updates, spec: Aggregation, seed: int | None) -> Admitted:
     """w + the mean of the admitted steps clipped at the median norm, plus Gaussian noise of std lambda * S (module doc)."""
     steps = updates.steps
     norms = np.linalg.norm(steps, axis=1)
@@ -54,4 +54,4 @@ def flame(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray:
         floating = np.concatenate([np.full(v.numel(), v.is_floating_point()) for v in updates.global_state.values()])
         noise = generator(seed, FLAME).normal(0.0, spec.flame_lambda * bound, size=new.shape)
         new = new + np.where(floating, noise, 0.0)
-    return new
+    return Admitted(new, admitted.tolist())

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Aggregation, Updates
+from .base import Admitted, Aggregation, Updates
 
 
 def squared_distances(rows: np.ndarray) -> np.ndarray:
@@ -50,10 +50,10 @@ def multi_krum_selection(rows: np.ndarray, byzantine: int) -> list[int]:
     return sorted(np.argsort(scores, kind="stable")[: len(rows) - byzantine].tolist())
 
 
-def krum(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray:
+def krum(updates: Updates, spec: Aggregation, seed: int | None) -> Admitted:
     """The update with the lowest Krum score (the first of equals, as Flower's)."""
-    scores = krum_scores(squared_distances(updates.weights), spec.byzantine)
-    return updates.weights[int(np.argmin(scores))]
+    pick = int(np.argmin(krum_scores(squared_distances(updates.weights), spec.byzantine)))
+    return Admitted(updates.weights[pick], [pick])
 
 
 def multi_krum(updates: Updates, spec: Aggregation, seed: int | None) -> list[int]:
@@ -61,7 +61,7 @@ def multi_krum(updates: Updates, spec: Aggregation, seed: int | None) -> list[in
     return multi_krum_selection(updates.weights, spec.byzantine)
 
 
-def bulyan(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray:
+def bulyan(updates: Updates, spec: Aggregation, seed: int | None) -> Admitted:
     """theta = n - 2f Krum picks in turn; per coordinate, the mean of the beta = theta - 2f picks nearest their median."""
     from flwr.server.strategy.aggregate import aggregate_median
 
@@ -75,4 +75,4 @@ def bulyan(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray:
     median_row = aggregate_median([([row], 1) for row in chosen])[0]
     beta = len(picked) - 2 * f
     nearest = np.argpartition(np.abs(median_row - chosen), beta - 1, axis=0)[:beta]
-    return np.take_along_axis(chosen, nearest, axis=0).mean(axis=0)
+    return Admitted(np.take_along_axis(chosen, nearest, axis=0).mean(axis=0), sorted(picked))

@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import torch
 
-from .base import FLTRUST, Aggregation, Updates, flatten, generator
+from .base import FLTRUST, Admitted, Aggregation, Updates, flatten, generator
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def root_rows(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[torch
     return torch.from_numpy(x[keep]), torch.from_numpy(y[keep])
 
 
-def fltrust(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray:
-    """w + the trust-weighted mean of the steps rescaled to the server step's norm (see the module)."""
+def fltrust(updates: Updates, spec: Aggregation, seed: int | None) -> Admitted:
+    """w + the trust-weighted mean of the steps rescaled to the server step's norm (see the module); admitted: TS_i > 0."""
     if spec.server_update is None:
         raise ValueError("fltrust needs the server's own update (Aggregation.server_update)")
     server_seed = int(generator(seed, FLTRUST).integers(2**32))
@@ -48,10 +48,11 @@ def fltrust(updates: Updates, spec: Aggregation, seed: int | None) -> np.ndarray
     steps = updates.steps
     norms, server_norm = np.linalg.norm(steps, axis=1), float(np.linalg.norm(server))
     if server_norm == 0:
-        return updates.origin
+        return Admitted(updates.origin, [])
     # cos = 0 for a zero step (its dot product is 0 too)
     trust = np.maximum(steps @ server / (np.where(norms > 0, norms, 1.0) * server_norm), 0.0)
-    if trust.sum() == 0:
-        return updates.origin
+    admitted = np.flatnonzero(trust > 0).tolist()
+    if not admitted:
+        return Admitted(updates.origin, [])
     scale = np.divide(trust * server_norm, norms, out=np.zeros_like(norms), where=trust > 0)
-    return updates.origin + scale @ steps / trust.sum()
+    return Admitted(updates.origin + scale @ steps / trust.sum(), admitted)
