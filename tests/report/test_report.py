@@ -465,10 +465,10 @@ def test_reproduce_trains_fat_on_mnist_and_ctu13_and_smooths_mnist_at_three_sigm
     }
     attacked, _ = study_configs(("mnist",), False, replace(TINY, eps=0.2))
     assert attacked["mnist/cnn-fat"].adv_eps == 0.2  # trained at the eps the study attacks with
-    # under label skew: the MNIST schedule on a Dirichlet(0.5) partition, with FGSM-RS (PGD-3 collapsed there)
+    # under label skew: the MNIST recipe on a Dirichlet(0.5) partition with CalFAT's loss (plain PGD-3 collapsed there)
     skewed, iid = attacked["mnist/cnn-fat-dirichlet"], attacked["mnist/cnn-fat"]
-    assert (skewed.partition, skewed.dirichlet_alpha, skewed.adv_eps, skewed.adv_train) == ("dirichlet", 0.5, 0.2, "fgsm-rs")
-    assert replace(skewed, partition=iid.partition, adv_train=iid.adv_train, adv_steps=iid.adv_steps) == iid
+    assert (skewed.partition, skewed.dirichlet_alpha, skewed.adv_eps, skewed.adv_loss) == ("dirichlet", 0.5, 0.2, "calfat")
+    assert replace(skewed, partition=iid.partition, adv_loss=iid.adv_loss, adv_mix=iid.adv_mix) == iid
 
 
 def test_summary_shows_socofing_rows_for_both_tasks_with_their_majority_rate(socofing_report):

@@ -134,8 +134,8 @@ def test_a_resumed_study_retrains_and_reattacks_nothing_finished(tmp_path, monke
         and "| MNIST | FAT under label skew (cnn-fat-dirichlet) |" in path.read_text()
     )
     skewed = results["defences"]["cnn-fat-dirichlet"]["datasets"]
-    iid = {k: v for k, v in recorded["datasets"]["mnist"].items() if k != "adv_steps"}
-    assert skewed == {"mnist": {**iid, "adv_train": "fgsm-rs", "partition": "dirichlet", "dirichlet_alpha": 0.5}}
+    iid = {k: v for k, v in recorded["datasets"]["mnist"].items() if k != "adv_mix"}
+    assert skewed == {"mnist": {**iid, "adv_loss": "calfat", "partition": "dirichlet", "dirichlet_alpha": 0.5}}
     saved = {
         label: RunDir.open(out / "runs" / label.replace("/", "-")).read_json(REPRODUCE.STUDY_FILE) for label in results["studies"]
     }

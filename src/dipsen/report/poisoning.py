@@ -25,8 +25,9 @@ Writes into ``out``: ``options.json`` (what the study was started with), ``runs/
 folder per grid point, NAME = ``ATTACK-fF-DEFENCE``, ``none-f0-DEFENCE`` for f = 0),
 ``poisoning.json`` (per run: final and best test accuracy, the rounds to reach
 ``target_accuracy`` if one is given, every round's test accuracy and its test rows, what a filtering
-rule admitted (:func:`admission`), the run folder relative to ``out``; the worst case per defence and f), ``poisoning.md`` (the worst-case table, then final test accuracy: rows
-attack x f, the attack-free row first; columns defences), ``poisoning-heatmap.png`` (defence x
+rule admitted (:func:`admission`), the run folder relative to ``out``; the worst case per defence
+and f), ``poisoning.md`` (the worst-case table, then final test accuracy: rows attack x f, the
+attack-free row first; columns defences; then the filtering rules' admissions), ``poisoning-heatmap.png`` (defence x
 attack, one panel per f, each defence's worst boxed), ``poisoning.png`` (test accuracy against
 round, one panel per attack at the largest f, one line per defence, the attack-free runs dashed)
 and, where the study ran a backdoor, ``poisoning-success.png`` (its attack success rate against

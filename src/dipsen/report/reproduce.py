@@ -6,8 +6,8 @@
    ``socofing-gender/MODEL``). Beside them, the defences of :data:`dipsen.report.defences.DEFENCES` on
    the data sets each names (``DATASET/KEY``): federated adversarial training of the CNN at the study's
    eps (``cnn-fat``), on MNIST with PGD-3 (:data:`dipsen.report.defences.MNIST_FAT`) and on CTU-13 with
-   FGSM-RS, and on MNIST under Dirichlet(0.5) label skew with FGSM-RS on MNIST_FAT's schedule
-   (``cnn-fat-dirichlet``, :data:`dipsen.report.defences.MNIST_FAT_LABEL_SKEW`). Every FAT run has the
+   FGSM-RS, and on MNIST under Dirichlet(0.5) label skew with PGD-3 and CalFAT's calibrated loss on
+   MNIST_FAT's schedule (``cnn-fat-dirichlet``, :data:`dipsen.report.defences.MNIST_FAT_LABEL_SKEW`). Every FAT run has the
    collapse guard on (``robust_collapse`` = :data:`dipsen.report.defences.FAT_COLLAPSE_DROP`; off for
    ``dipsen train``): a run whose robust accuracy collapses stops and ends with its best-robust model.
    Each run keeps the checkpoints the study reads: the final one and the orange-box attack's stale one
