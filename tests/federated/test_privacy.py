@@ -339,13 +339,13 @@ def _released_against_true(mnist, path, monkeypatch, **dp):
     """One DP round: its released step, the true mean of the clipped client steps, and the step as the
     subtraction attack recovers it (released minus the noise regenerated from config.json's seed)."""
     seen = []
-    real = engine.aggregate
+    real = engine.aggregate_round
 
     def spy(states, counts, global_state, spec, noise_seed):
         seen.append(([{k: v.clone() for k, v in s.items()} for s in states], {k: v.clone() for k, v in global_state.items()}))
         return real(states, counts, global_state, spec, noise_seed)
 
-    monkeypatch.setattr(engine, "aggregate", spy)
+    monkeypatch.setattr(engine, "aggregate_round", spy)
     run, _ = _run(mnist, path, rounds=1, **dp)
     states, before = seen[0]
     config = run.config()  # what the attacker reads
