@@ -102,7 +102,8 @@ class Admitted:
 
     Krum admits its one pick, Bulyan its n - 2f Krum picks (each coordinate then averages some of them),
     FLAME its largest cluster, FLTrust the updates of positive trust. The rules that weigh every update
-    (FedAvg, median, trimmed mean, centered clipping) admit or reject none and return plain weights.
+    admit or reject none: the median, trimmed mean and centered clipping return plain weights, FedAvg
+    every index (which :func:`~dipsen.federated.aggregate.aggregate_round` does not report as admitted).
     """
 
     weights: np.ndarray
