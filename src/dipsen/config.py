@@ -389,12 +389,6 @@ class TrainConfig:
                 f"use at least {math.ceil(1000 / seen) / 1000:g}",
                 "trim_fraction",
             )
-        if self.aggregator == "fltrust" and self.lr_schedule != "constant":
-            raise ConfigError(
-                f"aggregator fltrust trains the server's own update at lr: lr_schedule {self.lr_schedule!r} "
-                "is not supported (the round's rate does not reach the aggregator); use lr_schedule constant",
-                "aggregator",
-            )
 
     def _check_client_dp(self) -> None:
         """Client-level DP's settings fit together (see :mod:`dipsen.federated.privacy`); resolves its delta."""

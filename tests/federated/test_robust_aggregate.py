@@ -21,6 +21,7 @@ from dipsen.federated.aggregate import (
     server_counts,
     trim_count,
 )
+from dipsen.federated.schedule import round_lr
 
 
 def _states(*rows) -> list[dict]:
@@ -204,7 +205,6 @@ def test_an_inflated_sample_count_is_capped_at_the_partition_in_the_engine(mnist
             "krum needs m >= 2\\(2f \\+ 3 - 1\\) \\+ 1 = 21",
         ),
         ({"aggregator": "trimmed-mean", "pre_aggregation": "bucketing", "bucket_size": 4}, "trim_fraction", "no update of 5"),
-        ({"aggregator": "fltrust", "lr_schedule": "cyclic"}, "aggregator", "lr_schedule 'cyclic' is not supported"),
         ({"client_dp_noise": 1.0, "clip_norm": 1.0, "pre_aggregation": "nnm"}, "client_dp_noise", "needs pre_aggregation none"),
     ],
 )
@@ -268,20 +268,23 @@ def test_a_median_run_is_deterministic_and_resumes_bit_identically(mnist, tmp_pa
     assert all(torch.equal(_final(short)[k], _final(runs[0])[k]) for k in _final(runs[0]))
 
 
-def test_fltrust_trains_the_server_on_validation_rows_only(mnist, tmp_path, monkeypatch):
+def test_fltrust_trains_the_server_on_validation_rows_only_at_the_rounds_rate(mnist, tmp_path, monkeypatch):
     from dipsen.federated import engine
 
-    cfg = TrainConfig(rounds=1, aggregator="fltrust", fltrust_root_size=10, **TINY).validate()
+    cfg = TrainConfig(rounds=3, aggregator="fltrust", fltrust_root_size=10, lr_schedule="cyclic", lr=0.004, **TINY)
+    cfg = cfg.validate()
     assert cfg.holds_out_validation
     seen = []
     real = engine.client_update
-    monkeypatch.setattr(engine, "client_update", lambda *args: seen.append(args[2]) or real(*args))
+    monkeypatch.setattr(engine, "client_update", lambda *args: seen.append((args[2], args[4].lr)) or real(*args))
     job = FederatedTraining(cfg, mnist)
     run = RunDir.create(tmp_path / "run", cfg)
     train(job, run)
     validation = {row.tobytes() for row in job.x_validation}
-    assert len(seen) == 1 and len(seen[0]) == 10  # one server update per round, on the root rows
-    assert all(row.numpy().tobytes() in validation for row in seen[0])
+    assert len(seen) == 3 and all(len(rows) == 10 for rows, _ in seen)  # one server update per round, on the root rows
+    assert all(row.numpy().tobytes() in validation for rows, _ in seen for row in rows)
+    # the server's step at the rate its clients trained at that round, which the schedule changes every round
+    assert [lr for _, lr in seen] == [r["lr"] for r in run.metrics()] == [round_lr("cyclic", 0.004, r, 3) for r in (1, 2, 3)]
     assert run.read_json("run_info.json")["validation"]["samples"] == cfg.validation_size == 20  # 10% of 200 rows
 
 

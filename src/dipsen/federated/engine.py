@@ -368,14 +368,13 @@ class FederatedTraining:
         if rows is not None:
             self.round_triggered = self._triggered_test_rows(len(dataset.classes), self.x_round, self.y_round)
         self.aggregation = aggregation(config, self.client_dp)
-        if config.aggregator == "fltrust":  # the server trains its own update on root rows of the validation slice
-            # drawn with the validation key of round 0, which no evaluation uses (they start at round 1)
-            root_seed = derive_seed(config.seed, _VALIDATION, 0)
-            x_root, y_root = root_rows(self.x_validation, self.y_validation, config.fltrust_root_size, root_seed)
-            self.aggregation = replace(
-                self.aggregation,
-                server_update=lambda state, seed: client_update(self.model, state, x_root, y_root, self.training, seed).state,
-            )
+        # FLTrust's root set: the server trains its own update on these rows of the validation slice, drawn with
+        # the validation key of round 0, which no evaluation uses (they start at round 1); None for other rules
+        self.root = (
+            root_rows(self.x_validation, self.y_validation, config.fltrust_root_size, derive_seed(config.seed, _VALIDATION, 0))
+            if config.aggregator == "fltrust"
+            else None
+        )
         self.device = resolve_device(config.device)
         torch.manual_seed(derive_seed(config.seed, _INIT))
         self.model = build_model(*self.model_args).to(self.device)  # initialised on the CPU: the same weights on any device
@@ -567,6 +566,12 @@ class FederatedTraining:
         """Whether the client sample and the server's noise come from the OS CSPRNG (client DP; see :mod:`.privacy`)."""
         return self.client_dp is not None and not self.client_dp.seeded
 
+    def _server_update(self, training: LocalTraining) -> Callable[[StateDict, int], StateDict]:
+        """FLTrust's server update: ``training`` from the global weights on the root rows, with the rule's seed."""
+        assert self.root is not None
+        x_root, y_root = self.root
+        return lambda state, seed: client_update(self.model, state, x_root, y_root, training, seed).state
+
     def run_round(self, round_: int, global_state: dict) -> tuple[dict, RoundResult]:
         start = time.perf_counter()
         secret_dp = self.client_dp if self.secret_draws else None
@@ -614,6 +619,8 @@ class FederatedTraining:
             if count < update.num_samples and not secret:
                 log.warning("round %d: client %d claims %d samples, its partition %d", round_, client, update.num_samples, count)
         spec = self.aggregation
+        if self.root is not None:  # FLTrust's server step, trained at the round's rate as its clients train
+            spec = replace(spec, server_update=self._server_update(self.training.at_rate(lr)))
         # too few updates for the rule: the global model stays, and the round fails on required_updates.
         # With client DP even none is aggregated: the noise alone, so that no release tells that none came
         need = min_updates(spec.rule, spec.byzantine, spec.pre_aggregation, spec.bucket_size)
