@@ -14,9 +14,10 @@ Root set (:func:`root_rows`): ``fltrust_root_size`` rows (default 100, the paper
 size) of the validation slice, a seeded choice: held out of the training rows before they are
 partitioned, so they are no client's data and not the test set (an ``fltrust`` run holds the
 slice out, see :attr:`~dipsen.config.TrainConfig.holds_out_validation`). The validation accuracy
-is measured on the whole slice, the root rows included. The server trains at the clients' ``lr``:
-the round's rate of a schedule does not reach the aggregator, so the config asks for
-``lr_schedule = constant``. Sample counts are ignored.
+is measured on the whole slice, the root rows included. The server trains at the round's rate,
+as its clients do (the engine binds the round's :class:`~dipsen.federated.client.LocalTraining`
+into ``server_update`` each round, so a learning-rate schedule applies to g_0 too). Sample counts
+are ignored.
 """
 
 from __future__ import annotations
